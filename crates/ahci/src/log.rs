@@ -1,0 +1,248 @@
+//! General Purpose Logs (ACS-4 §9) and SMART data: what READ LOG (DMA) EXT and SMART READ DATA
+//! return.
+//!
+//! Logs are generated from the drive's description and counters when read, so they can never
+//! disagree with IDENTIFY. The NCQ Command Error log (10h) lives in [`crate::ncq`] because it is
+//! part of NCQ error recovery.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+use crate::drive::{DriveInfo, DriveState};
+use crate::identify;
+
+/// Size of one log page.
+pub const PAGE: usize = 512;
+
+/// Log addresses this device implements.
+pub mod addr {
+    /// General Purpose Log Directory.
+    pub const DIRECTORY: u8 = 0x00;
+    /// NCQ Command Error log.
+    pub const NCQ_ERROR: u8 = 0x10;
+    /// NCQ Send and Receive log.
+    pub const NCQ_SEND_RECV: u8 = 0x13;
+    /// IDENTIFY DEVICE data log.
+    pub const IDENTIFY: u8 = 0x30;
+}
+
+/// IDENTIFY DEVICE data log pages.
+pub mod id_page {
+    /// List of supported pages.
+    pub const LIST: u8 = 0x00;
+    /// Copy of IDENTIFY DEVICE data.
+    pub const COPY: u8 = 0x01;
+    /// Capacity.
+    pub const CAPACITY: u8 = 0x02;
+    /// Number of pages implemented (0 through CAPACITY).
+    pub const COUNT: u16 = 3;
+}
+
+/// Pages in each log this device implements (0 = not implemented).
+pub fn log_pages(log: u8) -> u16 {
+    match log {
+        addr::DIRECTORY | addr::NCQ_ERROR | addr::NCQ_SEND_RECV => 1,
+        addr::IDENTIFY => id_page::COUNT,
+        _ => 0,
+    }
+}
+
+/// The General Purpose Log Directory: version 1, then the page count of every log.
+fn directory() -> Vec<u8> {
+    let mut p = vec![0u8; PAGE];
+    p[0] = 1;
+    for log in 1..=255u8 {
+        let n = log_pages(log);
+        p[usize::from(log) * 2..usize::from(log) * 2 + 2].copy_from_slice(&n.to_le_bytes());
+    }
+    p
+}
+
+/// NCQ Send and Receive log: SEND FPDMA QUEUED with the DATA SET MANAGEMENT subcommand and its
+/// TRIM function (ACS-4 §9.16).
+fn ncq_send_recv(info: &DriveInfo) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE];
+    if info.trim {
+        p[0] = 1; // queued DATA SET MANAGEMENT supported
+        p[4] = 1; // its TRIM function supported
+    }
+    p
+}
+
+/// One IDENTIFY DEVICE data log page header: bit 63 set, revision 1, page number.
+fn id_header(page: u8) -> u64 {
+    (1 << 63) | (u64::from(page) << 16) | 1
+}
+
+fn put_qword(p: &mut [u8], index: usize, v: u64) {
+    p[index * 8..index * 8 + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// One page of the IDENTIFY DEVICE data log.
+fn identify_page(info: &DriveInfo, state: &DriveState, page: u8) -> Vec<u8> {
+    const VALID: u64 = 1 << 63;
+    let mut p = vec![0u8; PAGE];
+    match page {
+        id_page::LIST => {
+            put_qword(&mut p, 0, id_header(page));
+            let pages = [id_page::LIST, id_page::COPY, id_page::CAPACITY];
+            p[8] = pages.len() as u8;
+            p[9..9 + pages.len()].copy_from_slice(&pages);
+        }
+        id_page::COPY => {
+            p = identify::to_bytes(&identify::identify_device(info, state));
+        }
+        id_page::CAPACITY => {
+            put_qword(&mut p, 0, id_header(page));
+            put_qword(&mut p, 1, VALID | info.sectors);
+            // Physical/logical sector size: relationship and logical size supported.
+            put_qword(&mut p, 2, VALID | (1 << 62) | (1 << 61) | (u64::from(info.phys_shift()) << 16));
+            put_qword(&mut p, 3, VALID | u64::from(info.logical / 2));
+            put_qword(&mut p, 4, 0); // nominal buffer size not reported
+        }
+        _ => {}
+    }
+    p
+}
+
+/// READ LOG (DMA) EXT data for `count` pages of `log` starting at `page`, or `None` when the
+/// request names a log or page the device lacks (the command then aborts). Log 10h is handled by
+/// the caller.
+pub fn read_log(info: &DriveInfo, state: &DriveState, log: u8, page: u16, count: u16) -> Option<Vec<u8>> {
+    let size = log_pages(log);
+    if count == 0 || u32::from(page) + u32::from(count) > u32::from(size) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(usize::from(count) * PAGE);
+    for pg in page..page + count {
+        out.extend(match log {
+            addr::DIRECTORY => directory(),
+            addr::NCQ_SEND_RECV => ncq_send_recv(info),
+            addr::IDENTIFY => identify_page(info, state, pg as u8),
+            _ => return None,
+        });
+    }
+    Some(out)
+}
+
+/// Per-drive counters that SMART reports (and that outlive resets).
+#[derive(Debug)]
+pub struct DriveCounters {
+    /// When the drive was created ("power on").
+    pub created: Instant,
+    /// Bytes read by the host.
+    pub read_bytes: AtomicU64,
+    /// Bytes written by the host.
+    pub written_bytes: AtomicU64,
+}
+
+impl Default for DriveCounters {
+    fn default() -> Self {
+        DriveCounters { created: Instant::now(), read_bytes: AtomicU64::new(0), written_bytes: AtomicU64::new(0) }
+    }
+}
+
+/// SMART attribute IDs reported.
+pub mod attr {
+    /// Reallocated Sectors Count.
+    pub const REALLOCATED: u8 = 0x05;
+    /// Power-On Hours.
+    pub const POWER_ON_HOURS: u8 = 0x09;
+    /// Power Cycle Count.
+    pub const POWER_CYCLES: u8 = 0x0c;
+    /// Temperature (Celsius).
+    pub const TEMPERATURE: u8 = 0xc2;
+    /// Total LBAs Written (512-byte units).
+    pub const LBAS_WRITTEN: u8 = 0xf1;
+    /// Total LBAs Read (512-byte units).
+    pub const LBAS_READ: u8 = 0xf2;
+}
+
+/// Fixed temperature reported by the temperature attribute.
+const TEMPERATURE_C: u64 = 35;
+
+/// (id, flags, raw value, threshold) of every attribute, from the counters now.
+fn attributes(c: &DriveCounters) -> [(u8, u16, u64, u8); 6] {
+    let hours = c.created.elapsed().as_secs() / 3600;
+    [
+        (attr::REALLOCATED, 0x0033, 0, 10),
+        (attr::POWER_ON_HOURS, 0x0032, hours, 0),
+        (attr::POWER_CYCLES, 0x0032, 1, 0),
+        (attr::TEMPERATURE, 0x0022, TEMPERATURE_C, 0),
+        (attr::LBAS_WRITTEN, 0x0032, c.written_bytes.load(Relaxed) / 512, 0),
+        (attr::LBAS_READ, 0x0032, c.read_bytes.load(Relaxed) / 512, 0),
+    ]
+}
+
+/// Byte 511 of SMART structures: makes the 512 bytes sum to zero.
+fn smart_checksum(p: &mut [u8]) {
+    let sum = p[..511].iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    p[511] = 0u8.wrapping_sub(sum);
+}
+
+/// SMART data structure revision.
+const SMART_REVISION: u16 = 0x0010;
+
+/// SMART READ DATA: attribute table plus capability bytes (ACS-3 SMART data structure).
+pub fn smart_data(c: &DriveCounters) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE];
+    p[0..2].copy_from_slice(&SMART_REVISION.to_le_bytes());
+    for (i, (id, flags, raw, _)) in attributes(c).into_iter().enumerate() {
+        let e = &mut p[2 + i * 12..2 + (i + 1) * 12];
+        e[0] = id;
+        e[1..3].copy_from_slice(&flags.to_le_bytes());
+        e[3] = 100; // normalised current value
+        e[4] = 100; // worst
+        e[5..11].copy_from_slice(&raw.to_le_bytes()[..6]);
+    }
+    // 362: off-line data collection never started; 363: no self-test run; 367: no off-line
+    // collection or self-tests; 368–369: saves data before power saving, supports autosave;
+    // 370: no error logging.
+    p[368..370].copy_from_slice(&0x0003u16.to_le_bytes());
+    smart_checksum(&mut p);
+    p
+}
+
+/// SMART READ ATTRIBUTE THRESHOLDS (obsolete in ACS but still read by smartctl).
+pub fn smart_thresholds(c: &DriveCounters) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE];
+    p[0..2].copy_from_slice(&SMART_REVISION.to_le_bytes());
+    for (i, (id, _, _, thr)) in attributes(c).into_iter().enumerate() {
+        p[2 + i * 12] = id;
+        p[3 + i * 12] = thr;
+    }
+    smart_checksum(&mut p);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drive::DriveKind;
+
+    #[test]
+    fn directory_and_bounds() {
+        let info = DriveInfo::new(DriveKind::Disk, None, 512, 512);
+        let st = DriveState::new(&info);
+        let d = read_log(&info, &st, 0, 0, 1).unwrap();
+        assert_eq!(&d[0..2], &[1, 0]);
+        assert_eq!(&d[0x20..0x22], &[1, 0]);
+        assert_eq!(&d[0x60..0x62], &[3, 0]);
+        assert!(read_log(&info, &st, 0x30, 2, 2).is_none());
+        assert!(read_log(&info, &st, 0x30, 0, 0).is_none());
+        assert!(read_log(&info, &st, 0x04, 0, 1).is_none());
+        assert_eq!(read_log(&info, &st, 0x30, 0, 3).unwrap().len(), 3 * PAGE);
+    }
+
+    #[test]
+    fn smart_checksums() {
+        let c = DriveCounters::default();
+        c.written_bytes.store(4096, Relaxed);
+        for p in [smart_data(&c), smart_thresholds(&c)] {
+            assert_eq!(p.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+        }
+        let d = smart_data(&c);
+        assert_eq!(d[2 + 4 * 12], attr::LBAS_WRITTEN);
+        assert_eq!(d[2 + 4 * 12 + 5], 8);
+    }
+}

@@ -1,0 +1,142 @@
+//! Controller configuration from bhyve-style options:
+//! `-s 4,nvme,disk.img[,ro][,sectorsz=4096][,disk2.img…],maxq=4,qsz=1024,ser=RHYVE0001,mn=…`.
+//!
+//! Controller keys apply anywhere. Namespace keys (`ro`, `direct`, `nocache`, `sectorsz`/`sectsz`)
+//! apply to the most recent image (a path or `ram=MiB`); each image is a namespace, NSID 1, 2, ….
+
+use block::BackendSpec;
+use pci::{ConfigError, SlotOption, SlotOptions, SlotSpec};
+
+/// Controller-level keys.
+pub const CTRL_KEYS: &[&str] = &["maxq", "qsz", "ioslots", "ser", "mn", "mdts", "eui64", "dsm"];
+/// Namespace-level keys.
+pub const NS_KEYS: &[&str] = &["sectorsz", "sectsz", "ram"];
+/// Namespace flags.
+pub const NS_FLAGS: &[&str] = &["ro", "direct", "nocache"];
+
+/// Validated controller configuration.
+#[derive(Debug, Clone)]
+pub struct CtrlConfig {
+    /// Serial number (≤ 20 ASCII characters).
+    pub serial: String,
+    /// Model number (≤ 40 ASCII characters).
+    pub model: String,
+    /// Firmware revision.
+    pub firmware: String,
+    /// Maximum number of I/O queue pairs.
+    pub maxq: u16,
+    /// Maximum queue entries (CAP.MQES + 1).
+    pub qsz: u32,
+    /// MDTS in units of the minimum page size, as a power of two (0 = no limit).
+    pub mdts: u8,
+    /// IEEE-style base for EUI-64 values (namespace IDs are derived from it).
+    pub eui64_base: u64,
+    /// Dataset Management (deallocate) offered.
+    pub dsm: bool,
+    /// One backend spec per namespace.
+    pub namespaces: Vec<BackendSpec>,
+}
+
+impl CtrlConfig {
+    /// Number of I/O queue pairs offered by default.
+    pub fn io_queues(&self) -> u16 {
+        self.maxq
+    }
+
+    /// Parse a `-s` spec.
+    pub fn from_spec(spec: &SlotSpec) -> Result<Self, ConfigError> {
+        let o = &spec.opts;
+        let dev = o.device().to_string();
+        let mut namespaces: Vec<BackendSpec> = Vec::new();
+        let mut pending_ns_opts: Vec<&SlotOption> = Vec::new();
+        let all_keys: Vec<&str> = CTRL_KEYS.iter().chain(NS_KEYS).copied().collect();
+        for item in &o.items {
+            match (&item.value, item.key.as_str()) {
+                (None, f) if NS_FLAGS.contains(&f) => pending_ns_opts.push(item),
+                (None, path) => namespaces.push(BackendSpec::file(path)),
+                (Some(v), "ram") => {
+                    let mib = pci::registry::parse_number(v, false)
+                        .filter(|m| (1..=1 << 20).contains(m))
+                        .ok_or_else(|| o.bad_value("ram", v, "a size in MiB from 1 to 1048576"))?;
+                    namespaces.push(BackendSpec::ram(mib));
+                }
+                (Some(_), k) if all_keys.contains(&k) => {
+                    if NS_KEYS.contains(&k) {
+                        pending_ns_opts.push(item);
+                    }
+                }
+                (Some(_), k) => {
+                    return Err(ConfigError::UnknownKey {
+                        device: dev,
+                        key: k.to_string(),
+                        valid: all_keys.iter().map(|k| format!("{k}=")).chain(NS_FLAGS.iter().map(|f| f.to_string())).collect::<Vec<_>>().join(", "),
+                    })
+                }
+            }
+            // Namespace options bind to the image named most recently (or the first one).
+            if let Some(ns) = namespaces.last_mut() {
+                for it in pending_ns_opts.drain(..) {
+                    apply_ns_option(o, ns, it)?;
+                }
+            }
+        }
+        if namespaces.is_empty() {
+            return Err(ConfigError::Device {
+                device: dev,
+                msg: "no disk image: give a path (4,nvme,disk.img) or ram=MiB".into(),
+            });
+        }
+        if let Some(ns) = namespaces.first_mut() {
+            for it in pending_ns_opts.drain(..) {
+                apply_ns_option(o, ns, it)?;
+            }
+        }
+        let maxq = o.num("maxq", 1, 64, false)?.unwrap_or(16) as u16;
+        let qsz = o.num("qsz", 2, 65536, false)?.unwrap_or(1024) as u32;
+        o.num("ioslots", 1, 65536, false)?; // bhyve's I/O slot count: accepted, not needed here
+        let mdts = o.num("mdts", 0, 12, false)?.unwrap_or(7) as u8;
+        let serial = o.get("ser").map(str::to_string).unwrap_or_else(|| format!("NVME-{}-{}", spec.slot, spec.func));
+        check_ascii(o, "ser", &serial, 20)?;
+        let model = o.get("mn").unwrap_or("rhyve NVMe").to_string();
+        check_ascii(o, "mn", &model, 40)?;
+        let eui64_base = match o.get("eui64") {
+            Some(v) => pci::registry::parse_number(v, false).ok_or_else(|| o.bad_value("eui64", v, "a 64-bit number"))?,
+            None => 0x5254_0000_0000_0000 | (u64::from(spec.slot) << 16) | (u64::from(spec.func) << 8),
+        };
+        let dsm = !matches!(o.choice("dsm", &["auto", "enable", "disable"])?, Some("disable"));
+        Ok(CtrlConfig {
+            serial,
+            model,
+            firmware: "1.0".into(),
+            maxq,
+            qsz,
+            mdts,
+            eui64_base,
+            dsm,
+            namespaces,
+        })
+    }
+}
+
+fn apply_ns_option(o: &SlotOptions, ns: &mut BackendSpec, it: &SlotOption) -> Result<(), ConfigError> {
+    match (it.key.as_str(), it.value.as_deref()) {
+        ("ro", None) => ns.read_only = true,
+        ("direct", None) | ("nocache", None) => ns.direct = true,
+        ("sectorsz" | "sectsz", Some(v)) => {
+            ns.sector_size = match v {
+                "512" => 512,
+                "4096" => 4096,
+                _ => return Err(o.bad_value(&it.key, v, "use 512 or 4096")),
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn check_ascii(o: &SlotOptions, key: &str, v: &str, max: usize) -> Result<(), ConfigError> {
+    if v.is_empty() || v.len() > max || !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(o.bad_value(key, v, &format!("1 to {max} printable ASCII characters")));
+    }
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! Log page state: the error information ring and the changed-namespace list.
+
+use std::collections::VecDeque;
+
+use crate::spec::{ErrorLogEntry, Sqe, Status};
+
+/// Error Log Page Entries supported (ELPE + 1).
+pub const ERROR_LOG_ENTRIES: usize = 64;
+
+/// Log state.
+#[derive(Debug, Default)]
+pub struct Logs {
+    /// Newest first.
+    pub errors: VecDeque<ErrorLogEntry>,
+    /// Total errors ever logged (the entries' Error Count).
+    pub error_count: u64,
+    /// Namespaces whose attributes changed since the log was last read.
+    pub changed_ns: Vec<u32>,
+}
+
+impl Logs {
+    /// Record a failed command.
+    pub fn record_error(&mut self, sqid: u16, cid: u16, status: Status, sqe: &Sqe) {
+        self.error_count += 1;
+        let lba = match sqe.opcode() {
+            0x01 | 0x02 | 0x05 | 0x08 | 0x0c if sqid != 0 => u64::from(sqe.cdw10) | (u64::from(sqe.cdw11) << 32),
+            _ => 0,
+        };
+        let e = ErrorLogEntry {
+            error_count: self.error_count,
+            sqid,
+            cid,
+            status: status.field() << 1,
+            param_error_location: 0xffff,
+            lba,
+            nsid: sqe.nsid,
+            ..Default::default()
+        };
+        self.errors.push_front(e);
+        self.errors.truncate(ERROR_LOG_ENTRIES);
+    }
+}

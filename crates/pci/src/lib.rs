@@ -1,0 +1,97 @@
+//! rhyve's PCI device framework.
+//!
+//! A device model implements [`PciDevice`]: it answers config-space and BAR accesses (BAR index +
+//! offset, never absolute addresses), reads and writes guest memory through `vm-memory`, and raises
+//! interrupts through an [`InterruptSink`] that the frontend (KVM, UML, unit tests) provides. The
+//! building blocks here — [`config::ConfigSpace`], [`function::PciFunction`] with MSI/MSI-X, the
+//! [`registry`] and the bhyve `slot,emul,conf` parser — are what every model shares.
+#![forbid(unsafe_code)]
+
+pub mod caps;
+pub mod config;
+pub mod function;
+pub mod registry;
+
+use std::sync::Arc;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+pub use config::{BarKind, ConfigSpace};
+pub use function::{InterruptMode, PciFunction};
+pub use registry::{ConfigError, DeviceRegistry, SlotOption, SlotOptions, SlotSpec};
+
+/// Guest memory as every device model sees it. Atomic so a frontend can install or replace the
+/// mapping (UML sends its memory table after the device exists) while models hold a handle.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// One MSI / MSI-X message: the doubleword `data` written to `addr`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsiMessage {
+    /// Message address (LAPIC address on x86; opaque to the device).
+    pub addr: u64,
+    /// Message data.
+    pub data: u32,
+}
+
+/// How a device's interrupts leave it. Implemented by each frontend.
+pub trait InterruptSink: Send + Sync {
+    /// Deliver one MSI or MSI-X message write.
+    fn msi(&self, msg: MsiMessage);
+    /// Set the level of INTx pin `pin` (1 = INTA … 4 = INTD). Frontends without INTx ignore it.
+    fn intx(&self, pin: u8, asserted: bool);
+    /// An MSI-X vector or MSI message was (re)programmed, masked (`None`) or unmasked. Frontends
+    /// that pre-route interrupts (KVM irqfd) update their routes here; the default does nothing.
+    fn route_changed(&self, _vector: u16, _msg: Option<MsiMessage>) {}
+}
+
+/// An interrupt sink that drops everything; for devices created before a frontend exists.
+#[derive(Debug, Default)]
+pub struct NullInterrupts;
+
+impl InterruptSink for NullInterrupts {
+    fn msi(&self, _msg: MsiMessage) {}
+    fn intx(&self, _pin: u8, _asserted: bool) {}
+}
+
+/// What a frontend hands a device constructor.
+#[derive(Clone)]
+pub struct DeviceContext {
+    /// Guest RAM, bounds-checked by `vm-memory`.
+    pub mem: GuestMem,
+    /// Where interrupts go.
+    pub irq: Arc<dyn InterruptSink>,
+    /// Which interrupt mechanisms the frontend can deliver (UML has no INTx).
+    pub intx_supported: bool,
+}
+
+/// A BAR as the frontend needs to know it to place and route it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarInfo {
+    /// BAR index 0–5 (a 64-bit BAR occupies index and index+1; it is reported at the low index).
+    pub index: u8,
+    /// Size in bytes (a power of two).
+    pub size: u64,
+    /// Memory (32/64-bit, prefetchable) or I/O.
+    pub kind: BarKind,
+}
+
+/// A PCI function as seen by a frontend. Accesses are synchronous and must not block on disk I/O.
+pub trait PciDevice: Send {
+    /// The emulation name (`nvme`, `ahci`, …), for logs and stats.
+    fn name(&self) -> &str;
+    /// Read `data.len()` (1, 2, 4 or 8) bytes of config space at `offset` (0..4096).
+    fn config_read(&mut self, offset: u16, data: &mut [u8]);
+    /// Write config space.
+    fn config_write(&mut self, offset: u16, data: &[u8]);
+    /// Read from BAR `bar` at `offset`. Any length; unclaimed bytes read as all-ones.
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]);
+    /// Write to BAR `bar` at `offset`. Any length.
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]);
+    /// The BARs this function implements.
+    fn bars(&self) -> Vec<BarInfo>;
+    /// Quiesce: finish in-flight I/O and flush backends. Called once before the process exits.
+    fn shutdown(&mut self) {}
+    /// Human-readable counters (commands, bytes, interrupts) for `--stats`.
+    fn stats(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
+}

@@ -1,0 +1,246 @@
+//! The `VhostUserBackend` that runs virt-pci commands from the cmd virtqueue (vq 0) against a
+//! `PciDevice` and lets the irq virtqueue (vq 1) drain queued MSIs.
+
+use crate::irq::UmlInterrupts;
+use crate::msg::{self, HDR_LEN, MAX_XFER};
+use log::{debug, error, trace, warn};
+use pci::{GuestMem, PciDevice};
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Backend;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+/// vq 0: driver → device commands.
+pub(crate) const CMD_VQ: u16 = 0;
+/// vq 1: device → driver interrupts.
+pub(crate) const IRQ_VQ: u16 = 1;
+/// virt-pci's ring size (MAX_SUPPORTED_QUEUE_SIZE in virtio_uml.c).
+const QUEUE_SIZE: usize = 256;
+
+type Mem = <GuestMem as GuestAddressSpace>::T;
+
+/// Per-connection command counters.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub commands: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
+pub(crate) struct UmlBackend {
+    name: String,
+    device: Arc<Mutex<dyn PciDevice>>,
+    mem: GuestMem,
+    irq: Arc<UmlInterrupts>,
+    irq_attached: AtomicBool,
+    /// Held, never used: UML reads EOF on this channel as a broken connection and unplugs the
+    /// device, so dropping it (the trait's default) kills the device ~50 ms after setup.
+    backend_req: Mutex<Option<Backend>>,
+    pub(crate) counters: Counters,
+}
+
+impl UmlBackend {
+    pub(crate) fn new(
+        device: Arc<Mutex<dyn PciDevice>>,
+        mem: GuestMem,
+        irq: Arc<UmlInterrupts>,
+    ) -> Self {
+        let name = lock(&device).name().to_string();
+        UmlBackend {
+            name,
+            device,
+            mem,
+            irq,
+            irq_attached: AtomicBool::new(false),
+            backend_req: Mutex::new(None),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Drain the cmd queue in FIFO order. Notifications from UML are suppressed while we work,
+    /// which saves UML a (ptrace-expensive) eventfd write per posted MMIO write.
+    fn process_cmd_queue(&self, vring: &VringRwLock) {
+        let mem = self.mem.memory();
+        let mut completed = 0usize;
+        loop {
+            if let Err(e) = vring.disable_notification() {
+                debug!("{}: cmd vq: disable_notification: {e}", self.name);
+            }
+            loop {
+                let chain = {
+                    let mut st = vring.get_mut();
+                    if !st.get_queue().ready() || !st.is_enabled() {
+                        return;
+                    }
+                    st.get_queue_mut().pop_descriptor_chain(mem.clone())
+                };
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let len = self.run_chain(chain, &mem);
+                if let Err(e) = vring.add_used(head, len) {
+                    error!("{}: cmd vq: add_used({head}): {e}", self.name);
+                }
+                completed += 1;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue, // more arrived while notifications were off
+                Ok(false) => break,
+                Err(e) => {
+                    debug!("{}: cmd vq: enable_notification: {e}", self.name);
+                    break;
+                }
+            }
+        }
+        // Posted writes are freed by UML only when it sees the used ring, so always tell it.
+        if completed > 0 && vring.needs_notification().unwrap_or(true) {
+            if let Err(e) = vring.signal_used_queue() {
+                debug!("{}: cmd vq: signal: {e}", self.name);
+            }
+        }
+    }
+
+    /// Execute one command chain; returns the used length (reply bytes written).
+    fn run_chain(&self, chain: DescriptorChain<Mem>, mem: &Mem) -> u32 {
+        self.counters.commands.fetch_add(1, Ordering::Relaxed);
+        let head = chain.head_index();
+        let reader = Reader::new(&**mem, chain.clone());
+        let writer = Writer::new(&**mem, chain);
+        let (mut reader, mut writer) = match (reader, writer) {
+            (Ok(r), Ok(w)) => (r, w),
+            (Err(e), _) | (_, Err(e)) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                error!("{}: cmd vq: chain {head} unusable: {e}", self.name);
+                return 0;
+            }
+        };
+        // A message is a header plus at most MAX_XFER data bytes; read no further than that.
+        let take = reader.available_bytes().min(HDR_LEN + MAX_XFER);
+        let mut buf = vec![0u8; take];
+        if let Err(e) = reader.read_exact(&mut buf) {
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            error!("{}: cmd vq: reading chain {head}: {e}", self.name);
+            return 0;
+        }
+        let room = writer.available_bytes();
+        match msg::decode(&buf, room) {
+            Ok(cmd) => {
+                trace!("{}: {cmd:?}", self.name);
+                let mut reply = Vec::new();
+                msg::execute(&mut *lock(&self.device), &cmd, &mut reply);
+                if reply.is_empty() {
+                    return 0;
+                }
+                match writer.write_all(&reply) {
+                    Ok(()) => reply.len() as u32,
+                    Err(e) => {
+                        error!("{}: cmd vq: writing reply to chain {head}: {e}", self.name);
+                        0
+                    }
+                }
+            }
+            Err(e) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                let hdr = msg::MsgHeader::parse(&buf);
+                warn!("{}: cmd vq: rejecting {hdr:?}: {e}", self.name);
+                // Whatever UML reads back must be all-ones, like an unclaimed PCI read.
+                let fill = vec![0xffu8; room.min(MAX_XFER)];
+                let _ = writer.write_all(&fill);
+                0
+            }
+        }
+    }
+}
+
+/// A device that panicked mid-access is still the best answer we have; keep serving it.
+pub(crate) fn lock<'a>(
+    dev: &'a Mutex<dyn PciDevice + 'static>,
+) -> std::sync::MutexGuard<'a, dyn PciDevice + 'static> {
+    dev.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VhostUserBackend for UmlBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        2
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        // Nothing else: UML accepts any transport feature offered (packed rings, indirect
+        // descriptors) and IOTLB (ACCESS_PLATFORM) it cannot do.
+        (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // BACKEND_REQ is mandatory in 6.12: without it UML registers the vring IRQs on IRQ 0.
+        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        for r in mem.memory().iter() {
+            debug!(
+                "{}: guest memory {:#x}..{:#x}",
+                self.name,
+                r.start_addr().0,
+                r.start_addr().0 + r.len()
+            );
+        }
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without an exit event the vring worker thread would outlive the connection.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                error!("{}: exit event: {e}", self.name);
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // Never return an error: it would kill the vring worker and wedge UML.
+        if !self.irq_attached.swap(true, Ordering::AcqRel) {
+            if let Some(v) = vrings.get(IRQ_VQ as usize) {
+                self.irq.attach(v);
+            }
+        }
+        match device_event {
+            CMD_VQ => {
+                if let Some(v) = vrings.get(CMD_VQ as usize) {
+                    self.process_cmd_queue(v);
+                }
+            }
+            IRQ_VQ => self.irq.kicked(),
+            other => debug!("{}: unexpected event {other}", self.name),
+        }
+        Ok(())
+    }
+}

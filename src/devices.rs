@@ -1,0 +1,10 @@
+//! The device registry: every emulation rhyve knows, by name and alias.
+
+use pci::DeviceRegistry;
+
+/// All built-in devices.
+pub fn registry() -> DeviceRegistry {
+    let mut r = DeviceRegistry::new();
+    r.register(nvme::NAME, &[], nvme::create);
+    r
+}

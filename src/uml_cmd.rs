@@ -1,0 +1,155 @@
+//! `rhyve uml`: one listening socket per `-s` device, then serve until UML goes away.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use pci::{PciDevice, SlotSpec};
+
+/// Arguments of `rhyve uml`.
+#[derive(Args)]
+pub struct UmlArgs {
+    /// Directory for the vhost-user sockets (`DIR/slot<N>.sock`); created if missing.
+    #[arg(long)]
+    socket_dir: PathBuf,
+    /// A device, bhyve syntax: `slot[:func],emul[,conf]`, e.g. `4,nvme,disk.img,ser=RHYVE0001`.
+    #[arg(short = 's', long = "slot", required = true)]
+    slots: Vec<String>,
+    /// The CONFIG_UML_PCI_OVER_VIRTIO_DEVICE_ID the UML kernel was built with.
+    #[arg(long, default_value_t = 1234)]
+    device_id: u32,
+    /// Print per-device counters on exit.
+    #[arg(long)]
+    stats: bool,
+}
+
+struct Served {
+    spec: SlotSpec,
+    device: Arc<Mutex<dyn PciDevice>>,
+    server: uml::UmlDevice,
+}
+
+/// Run the UML device server.
+pub fn run(a: UmlArgs) -> Result<()> {
+    let registry = crate::devices::registry();
+    let mut specs = Vec::new();
+    let mut taken = HashSet::new();
+    for s in &a.slots {
+        let spec = SlotSpec::parse(s)?;
+        if !taken.insert((spec.bus, spec.slot, spec.func)) {
+            bail!(pci::ConfigError::SlotTaken(spec.address()));
+        }
+        if spec.func != 0 || spec.bus != 0 {
+            bail!("slot {}: UML's virt-pci has only bus 0, function 0", spec.address());
+        }
+        specs.push(spec);
+    }
+    if specs.len() > 8 {
+        bail!("{} devices given: UML's virt-pci supports at most 8", specs.len());
+    }
+    std::fs::create_dir_all(&a.socket_dir)
+        .with_context(|| format!("cannot create socket directory {}", a.socket_dir.display()))?;
+    let mut served = Vec::new();
+    let mut kernel_args = Vec::new();
+    for spec in specs {
+        let ctx = uml::UmlContext::new();
+        let dev = registry.create(&spec, &ctx.device_context())?;
+        let device: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(BoxedDevice(dev)));
+        let path = a.socket_dir.join(format!("slot{}.sock", spec.slot));
+        let _ = std::fs::remove_file(&path);
+        let listener =
+            UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        let server = uml::UmlDevice::new(listener, device.clone(), ctx.mem.clone(), ctx.irq.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        kernel_args.push(format!("virtio_uml.device={}:{}", path.display(), a.device_id));
+        served.push(Served { spec, device, server });
+    }
+    let stops: Vec<_> = served.iter().map(|s| s.server.stop_handle()).collect();
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ready")?;
+        writeln!(out, "{}", kernel_args.join(" "))?;
+        out.flush()?;
+    }
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+        .context("cannot install signal handlers")?;
+    let sig_stops = stops.clone();
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            log::info!("signal {sig}: stopping");
+            for s in &sig_stops {
+                s.stop();
+            }
+        }
+    });
+    let mut threads = Vec::new();
+    let mut devices = Vec::new();
+    for s in served {
+        let name = format!("uml-slot{}", s.spec.slot);
+        devices.push((s.spec, s.device));
+        let server = s.server;
+        threads.push(std::thread::Builder::new().name(name).spawn(move || server.run())?);
+    }
+    let mut first_err = None;
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_err.get_or_insert_with(|| anyhow::anyhow!("{e}"));
+            }
+            Err(_) => {
+                first_err.get_or_insert_with(|| anyhow::anyhow!("a device server thread panicked"));
+            }
+        }
+        // One device gone means UML is gone (or stopping): stop the rest too.
+        for s in &stops {
+            s.stop();
+        }
+    }
+    for (spec, dev) in &devices {
+        let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+        d.shutdown();
+        if a.stats {
+            let stats: Vec<String> = d.stats().iter().map(|(k, v)| format!("{k}={v}")).collect();
+            eprintln!("rhyve: slot {} {}: {}", spec.slot, d.name(), stats.join(" "));
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Adapts a boxed device to the sized type `Arc<Mutex<_>>` needs.
+struct BoxedDevice(Box<dyn PciDevice>);
+
+impl PciDevice for BoxedDevice {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        self.0.config_read(offset, data)
+    }
+    fn config_write(&mut self, offset: u16, data: &[u8]) {
+        self.0.config_write(offset, data)
+    }
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        self.0.bar_read(bar, offset, data)
+    }
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        self.0.bar_write(bar, offset, data)
+    }
+    fn bars(&self) -> Vec<pci::BarInfo> {
+        self.0.bars()
+    }
+    fn shutdown(&mut self) {
+        self.0.shutdown()
+    }
+    fn stats(&self) -> Vec<(String, u64)> {
+        self.0.stats()
+    }
+}
