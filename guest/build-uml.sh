@@ -31,6 +31,7 @@ FRAGMENT=$here/uml.config
 # Kernel patches, applied in this order. Adding one here changes the cache key.
 PATCHES=(
     "$here/uml-set-mem-table.patch"
+    "$here/uml-virt-pci-irqsave.patch"
 )
 SELF=$here/$(basename "${BASH_SOURCE[0]}")
 CACHE=${RHYVE_CACHE:-$HOME/.cache/rhyve}

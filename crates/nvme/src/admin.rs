@@ -40,6 +40,7 @@ impl Shared {
                 Outcome::Deferred
             }
             admin_op::FORMAT_NVM => self.format(st, sqe),
+            admin_op::DOORBELL_BUFFER_CONFIG => self.doorbell_buffer_config(st, sqe),
             _ => Outcome::status(Status::INVALID_OPCODE),
         }
     }
@@ -447,6 +448,7 @@ impl Shared {
             admin_op::SET_FEATURES,
             admin_op::GET_FEATURES,
             admin_op::ASYNC_EVENT_REQUEST,
+            admin_op::DOORBELL_BUFFER_CONFIG,
         ] {
             acs[usize::from(op)] = CSUPP;
         }
@@ -526,7 +528,10 @@ impl Shared {
         if offset >= log.len() as u64 {
             return Outcome::status(Status::INVALID_FIELD);
         }
-        if len > 16 << 20 {
+        // MDTS bounds every data transfer, admin commands included (Base 2.0 Identify Controller
+        // MDTS: "a command that exceeds this transfer size is aborted with Invalid Field").
+        let max = if self.cfg.mdts == 0 { 16 << 20 } else { 4096u64 << self.cfg.mdts };
+        if len > max {
             return Outcome::status(Status::INVALID_FIELD);
         }
         let mut out = vec![0u8; len as usize];
@@ -542,6 +547,25 @@ impl Shared {
             }
         }
         Outcome::status(s)
+    }
+
+    /// Doorbell Buffer Config (§5.8): the host keeps I/O queue doorbells in memory and rings
+    /// MMIO only when our EventIdx asks.
+    fn doorbell_buffer_config(&self, st: &mut State, sqe: &Sqe) -> Outcome {
+        let (db, ei) = (sqe.dptr[0], sqe.dptr[1]);
+        let page = Self::page_size(st);
+        let len = 8 * (usize::from(self.cfg.maxq) + 1);
+        let mem = self.mem.memory();
+        if db & (page - 1) != 0 || ei & (page - 1) != 0 || db == 0 || ei == 0 {
+            return Outcome::status(Status::INVALID_FIELD);
+        }
+        if !mem.check_range(GuestAddress(db), len, Permissions::ReadWrite)
+            || !mem.check_range(GuestAddress(ei), len, Permissions::ReadWrite)
+        {
+            return Outcome::status(Status::INVALID_FIELD);
+        }
+        st.dbbuf = Some((db, ei));
+        Outcome::status(Status::SUCCESS)
     }
 
     fn format(&self, st: &mut State, sqe: &Sqe) -> Outcome {

@@ -69,6 +69,8 @@ pub struct State {
     pub held_aborts: Vec<HeldAbort>,
     /// Host-set timestamp (ms) and when it was set.
     pub timestamp: Option<(u64, Instant)>,
+    /// Doorbell Buffer Config: (shadow doorbell base, EventIdx base), I/O queues only.
+    pub dbbuf: Option<(u64, u64)>,
 }
 
 /// Everything the controller shares between the MMIO path and I/O jobs.
@@ -212,9 +214,12 @@ impl Shared {
         st.cc = if old & cc::EN != 0 { (old & !(cc::EN | (cc::SHN_MASK << cc::SHN_SHIFT))) | (new & (cc::EN | (cc::SHN_MASK << cc::SHN_SHIFT))) } else { new };
         let shn_old = (old >> cc::SHN_SHIFT) & cc::SHN_MASK;
         let shn_new = (new >> cc::SHN_SHIFT) & cc::SHN_MASK;
+        if shn_new == 0 && shn_old != 0 {
+            st.csts &= !csts::SHST_MASK; // the host withdrew the shutdown notification
+        }
         if old & cc::EN != 0 && new & cc::EN == 0 {
             drop(st);
-            self.reset();
+            self.reset(new);
             return;
         }
         if old & cc::EN == 0 && new & cc::EN != 0 {
@@ -263,7 +268,8 @@ impl Shared {
     }
 
     /// Controller reset (CC.EN 1→0): abandon queues, wait for in-flight jobs, clear state.
-    pub fn reset(&self) {
+    /// `cc` is the value the host wrote (EN clear); it stays in CC.
+    pub fn reset(&self, new_cc: u32) {
         {
             let mut st = self.lock();
             st.generation += 1;
@@ -274,12 +280,13 @@ impl Shared {
         let mut st = self.lock();
         st.sqs.iter_mut().for_each(|q| *q = None);
         st.cqs.iter_mut().for_each(|q| *q = None);
-        st.cc = 0;
+        st.cc = new_cc & !cc::EN;
         st.csts &= csts::SHST_MASK; // keep the shutdown status across a reset (§3.6.2)
         st.intms = 0;
         st.aer_cids.clear();
         st.inflight_cmds.clear();
         st.held_aborts.clear();
+        st.dbbuf = None;
         st.features.reset_volatile(self.cfg.io_queues());
         drop(st);
         self.lock_pci().set_intx(false);
@@ -354,15 +361,43 @@ impl Shared {
         self.raise_owed(&mut st);
     }
 
-    /// Fetch and start every command the host has queued on `qid`.
+    /// Fetch and start every command the host has queued on `qid`. With shadow doorbells the
+    /// tail is (re)read from the host's buffer and the EventIdx tells the host whether its next
+    /// submission needs an MMIO doorbell: not while commands are in flight (each completion
+    /// looks again), yes once the queue is idle.
     pub fn process_sq(&self, st: &mut State, qid: u16) {
         let mem = self.mem.memory();
+        let shadow = st.dbbuf.filter(|_| qid != 0);
+        loop {
+            if let Some((db, _)) = shadow {
+                let Some(sq) = st.sqs.get_mut(usize::from(qid)).and_then(|q| q.as_mut()) else { return };
+                if let Some(t) = read_u32(&*mem, db + u64::from(qid) * 8).filter(|&t| t < sq.size) {
+                    sq.tail = t;
+                }
+            }
+            self.drain_sq(st, qid, &*mem);
+            let Some((db, ei)) = shadow else { return };
+            if st.csts & csts::CFS != 0 {
+                return;
+            }
+            let Some(sq) = st.sqs.get(usize::from(qid)).and_then(|q| q.as_ref()) else { return };
+            let event = if sq.inflight > 0 { (sq.tail + sq.size - 1) % sq.size } else { sq.tail };
+            let _ = write_u32(&*mem, ei + u64::from(qid) * 8, event);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            // The host may have queued more after our last read but before seeing the EventIdx.
+            if read_u32(&*mem, db + u64::from(qid) * 8) == Some(sq.tail) {
+                return;
+            }
+        }
+    }
+
+    fn drain_sq<M: vm_memory::GuestMemory>(&self, st: &mut State, qid: u16, mem: &M) {
         loop {
             let Some(sq) = st.sqs.get_mut(usize::from(qid)).and_then(|q| q.as_mut()) else { return };
             if !sq.has_work() || sq.delete_cid.is_some() {
                 return;
             }
-            let Ok(sqe) = sq.fetch(&*mem) else {
+            let Ok(sqe) = sq.fetch(mem) else {
                 self.fatal(st, "cannot read submission queue entry");
                 return;
             };
@@ -394,8 +429,35 @@ impl Shared {
         let Some(sq) = st.sqs.get(usize::from(sqid)).and_then(|q| q.as_ref()) else { return };
         let (cqid, head) = (usize::from(sq.cqid), sq.head);
         let mem = self.mem.memory();
+        let shadow = st.dbbuf.filter(|_| cqid != 0);
+        let intx = self.lock_pci().mode() == InterruptMode::Intx;
         let Some(cq) = st.cqs.get_mut(cqid).and_then(|q| q.as_mut()) else { return };
-        if cq.post(&*mem, make_cqe(sqid, head, cid, status, dw0)).is_err() {
+        let mut ok = true;
+        if let Some((db, _)) = shadow {
+            // The host's CQ head lives in its shadow buffer; it rings the MMIO doorbell only
+            // when the EventIdx asks for it.
+            ok &= sync_shadow_head(cq, &*mem, db + cqid as u64 * 8 + 4);
+        }
+        ok &= cq.post(&*mem, make_cqe(sqid, head, cid, status, dw0)).is_ok();
+        if let Some((db, ei)) = shadow {
+            // Ask for a head doorbell only when completions wait for space or INTx must follow
+            // the head; otherwise each post re-reads the shadow head.
+            loop {
+                let want_ring = intx || !cq.overflow.is_empty();
+                let event = if want_ring { cq.head } else { (cq.head + cq.size - 1) % cq.size };
+                let _ = write_u32(&*mem, ei + cqid as u64 * 8 + 4, event);
+                std::sync::atomic::fence(Ordering::SeqCst);
+                if !want_ring {
+                    break;
+                }
+                let before = cq.head;
+                ok &= sync_shadow_head(cq, &*mem, db + cqid as u64 * 8 + 4);
+                if cq.head == before {
+                    break;
+                }
+            }
+        }
+        if !ok {
             self.fatal(st, "cannot write completion queue entry");
         }
     }
@@ -497,7 +559,44 @@ impl Shared {
         if let Some(del_cid) = deleted {
             st.sqs[usize::from(sqid)] = None;
             self.post(&mut st, 0, del_cid, Status::SUCCESS, 0);
+        } else if st.dbbuf.is_some() && sqid != 0 {
+            // Shadow doorbells: submissions made while we were busy did not ring.
+            self.process_sq(&mut st, sqid);
         }
         self.raise_owed(&mut st);
     }
+
+    /// A frontend saw a doorbell write without its value (ioeventfd): re-read the shadow
+    /// doorbells of queue `qid` and process. Without Doorbell Buffer Config this does nothing.
+    pub fn kick(&self, qid: u16) {
+        let mut st = self.lock();
+        if st.dbbuf.is_none() || qid == 0 || st.csts & csts::RDY == 0 {
+            return;
+        }
+        self.process_sq(&mut st, qid);
+        self.raise_owed(&mut st);
+    }
+}
+
+fn read_u32<M: vm_memory::GuestMemory>(mem: &M, addr: u64) -> Option<u32> {
+    let mut b = [0u8; 4];
+    vm_memory::Bytes::read_slice(mem, &mut b, vm_memory::GuestAddress(addr)).ok()?;
+    Some(u32::from_le_bytes(b))
+}
+
+fn write_u32<M: vm_memory::GuestMemory>(mem: &M, addr: u64, v: u32) -> Option<()> {
+    vm_memory::Bytes::write_slice(mem, &v.to_le_bytes(), vm_memory::GuestAddress(addr)).ok()
+}
+
+/// Adopt the host's shadow CQ head if it is a legal value, and fill freed slots. Returns false
+/// only if writing the CQ failed.
+fn sync_shadow_head<M: vm_memory::GuestMemory>(cq: &mut CompQueue, mem: &M, addr: u64) -> bool {
+    let Some(h) = read_u32(mem, addr).filter(|&h| h < cq.size) else { return true };
+    let outstanding = (cq.tail + cq.size - cq.head) % cq.size;
+    let advance = (h + cq.size - cq.head) % cq.size;
+    if advance == 0 || advance > outstanding {
+        return true;
+    }
+    cq.head = h;
+    cq.drain_overflow(mem).is_ok()
 }

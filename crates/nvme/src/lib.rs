@@ -89,6 +89,7 @@ impl NvmeController {
             inflight_cmds: Vec::new(),
             held_aborts: Vec::new(),
             timestamp: None,
+            dbbuf: None,
         };
         let name = format!("nvme-{}", cfg.serial);
         let shared = Arc::new_cyclic(|me| Shared {
@@ -102,6 +103,18 @@ impl NvmeController {
             me: me.clone(),
         });
         NvmeController { shared, bar0_size }
+    }
+
+    /// A doorbell of I/O queue `qid` was written but the frontend did not see the value
+    /// (ioeventfd): with shadow doorbells configured, re-read them and process.
+    pub fn kick(&self, qid: u16) {
+        self.shared.kick(qid);
+    }
+
+    /// True once the host has configured shadow doorbells, so doorbell values are in memory and a
+    /// frontend may turn I/O queue doorbell writes into value-less kicks.
+    pub fn shadow_doorbells(&self) -> bool {
+        self.shared.lock().dbbuf.is_some()
     }
 
     /// The controller configuration.

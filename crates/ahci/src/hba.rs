@@ -1,0 +1,193 @@
+//! The HBA: generic host control registers (AHCI 1.3.1 §3.1), the ABAR register decoder, HBA
+//! reset, and interrupt aggregation from ports to MSI or INTx.
+//!
+//! Interrupts follow §10.6: a port's bit in IS is set while any of its enabled PxIS bits is set,
+//! and each 0→1 transition of such a bit sends an MSI message (the port's own vector when the
+//! guest granted one per port, otherwise vector 0). INTx is a level: asserted while GHC.IE is
+//! set and IS is non-zero. Recomputing after every IS/PxIS write re-raises a port whose
+//! condition is still pending, so no completion is ever lost between the two clears.
+
+use std::sync::Mutex;
+
+use pci::{InterruptMode, PciFunction};
+
+use crate::port::{Effects, Port};
+use crate::regs::{cap, ghc, hba as reg};
+
+/// HBA global state plus its ports.
+#[derive(Debug)]
+pub struct Hba {
+    /// CAP (fixed at creation).
+    pub cap: u32,
+    /// GHC bits IE (AE is fixed; HR and MRSM are derived).
+    pub ghc: u32,
+    /// IS.
+    pub is: u32,
+    /// The ports, index = port number.
+    pub ports: Vec<Port>,
+    /// GHC.HR: a reset waits for in-flight jobs before the links come up again.
+    pub reset_pending: bool,
+    /// Current INTx level.
+    pub intx: bool,
+    /// Interrupt messages sent plus INTx assertions.
+    pub interrupts: u64,
+}
+
+/// Number of command slots per port.
+pub const SLOTS: u32 = 32;
+
+impl Hba {
+    /// An HBA with `ports`, just out of reset.
+    pub fn new(ports: Vec<Port>) -> Self {
+        let np = ports.len() as u32;
+        let cap = cap::S64A
+            | cap::SNCQ
+            | cap::SSNTF
+            | cap::SALP
+            | cap::SAL
+            | cap::SCLO
+            | (cap::ISS_GEN3 << cap::ISS_SHIFT)
+            | cap::SAM
+            | cap::PMD
+            | cap::SSC
+            | cap::PSC
+            | ((SLOTS - 1) << cap::NCS_SHIFT)
+            | ((np - 1) & cap::NP_MASK);
+        Hba { cap, ghc: 0, is: 0, ports, reset_pending: false, intx: false, interrupts: 0 }
+    }
+
+    /// Interface speed the links train to.
+    pub fn iss(&self) -> u32 {
+        (self.cap >> cap::ISS_SHIFT) & 0xf
+    }
+
+    /// Ports Implemented.
+    pub fn pi(&self) -> u32 {
+        ((1u64 << self.ports.len()) - 1) as u32
+    }
+
+    /// The guest granted one MSI vector per port.
+    fn per_port_vectors(&self, f: &PciFunction) -> bool {
+        f.mode() == InterruptMode::Msi && f.msi_vectors() >= self.ports.len()
+    }
+
+    /// GHC.MRSM: more than one but fewer than needed vectors were granted, so the HBA reverted
+    /// to a single message.
+    fn mrsm(&self, f: &PciFunction) -> bool {
+        f.mode() == InterruptMode::Msi && f.msi_vectors() > 1 && f.msi_vectors() < self.ports.len()
+    }
+
+    /// Read the global register at `off` (below the port blocks).
+    pub fn read_global(&self, off: u64, func: &Mutex<PciFunction>) -> u32 {
+        match off {
+            reg::CAP => self.cap,
+            reg::GHC => {
+                let mut v = ghc::AE | (self.ghc & ghc::IE);
+                if self.reset_pending {
+                    v |= ghc::HR;
+                }
+                if self.mrsm(&lock(func)) {
+                    v |= ghc::MRSM;
+                }
+                v
+            }
+            reg::IS => self.is,
+            reg::PI => self.pi(),
+            reg::VS => reg::VERSION_1_3_1,
+            _ => 0, // CCC, EM, CAP2 (no extended capabilities), BOHC, reserved
+        }
+    }
+
+    /// Global register write. Returns true when an HBA reset was requested.
+    pub fn write_global(&mut self, off: u64, val: u32, mask: u32, func: &Mutex<PciFunction>) -> bool {
+        let v = val & mask;
+        match off {
+            reg::GHC => {
+                if v & ghc::HR != 0 {
+                    return true;
+                }
+                let was = self.ghc & ghc::IE != 0;
+                self.ghc = (self.ghc & !mask) | (v & ghc::IE);
+                if !was && self.ghc & ghc::IE != 0 && self.is != 0 {
+                    // Conditions that arrived while interrupts were off are signalled now.
+                    let bits = self.is;
+                    self.send(&mut lock(func), bits);
+                }
+                self.update_irq(func);
+            }
+            reg::IS => {
+                self.is &= !v;
+                self.update_irq(func);
+            }
+            _ => {}
+        }
+        false
+    }
+
+    /// HBA reset: every port resets; GHC.HR reads 1 until in-flight jobs finish.
+    pub fn reset(&mut self, func: &Mutex<PciFunction>) {
+        for p in &mut self.ports {
+            p.hba_reset();
+        }
+        self.ghc = 0;
+        self.is = 0;
+        self.reset_pending = true;
+        self.update_irq(func);
+    }
+
+    /// Route a port register write; `port` and `off` are already decoded.
+    pub fn write_port(&mut self, port: usize, off: u64, val: u32, mask: u32) -> Effects {
+        let cap = self.cap;
+        self.ports[port].write(off, val, mask, cap)
+    }
+
+    /// Send interrupt messages for the ports in `bits` that just became pending.
+    fn send(&mut self, f: &mut PciFunction, bits: u32) {
+        match f.mode() {
+            InterruptMode::Intx => {}
+            _ if self.per_port_vectors(f) => {
+                for p in 0..self.ports.len() {
+                    if bits & (1 << p) != 0 && f.trigger(p as u16) {
+                        self.interrupts += 1;
+                    }
+                }
+            }
+            _ => {
+                if f.trigger(0) {
+                    self.interrupts += 1;
+                }
+            }
+        }
+    }
+
+    /// Recompute IS from the ports, signal new conditions, and drive INTx.
+    pub fn update_irq(&mut self, func: &Mutex<PciFunction>) {
+        let mut newly = 0u32;
+        for (i, p) in self.ports.iter().enumerate() {
+            let bit = 1u32 << i;
+            if p.pending_irq() != 0 && self.is & bit == 0 {
+                self.is |= bit;
+                newly |= bit;
+            }
+        }
+        let enabled = self.ghc & ghc::IE != 0;
+        let mut f = lock(func);
+        if enabled && newly != 0 {
+            self.send(&mut f, newly);
+        }
+        let level = enabled && self.is != 0;
+        if level != self.intx {
+            self.intx = level;
+            f.set_intx(level);
+            if level && f.mode() == InterruptMode::Intx && f.cfg.interrupt_pin() != 0 {
+                self.interrupts += 1;
+            }
+        }
+    }
+}
+
+/// Lock a mutex, recovering the data if a panicking thread poisoned it (device state stays
+/// consistent because every critical section leaves it valid).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

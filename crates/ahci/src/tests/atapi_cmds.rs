@@ -1,0 +1,1 @@
+//! ATAPI CD-ROM commands.

@@ -1,0 +1,9 @@
+//! In-process tests: a driver modelled on Linux's ahci/libata runs every command and error path
+//! against the controller over real guest memory.
+
+mod ata_cmds;
+mod atapi_cmds;
+mod bad_input;
+mod config;
+mod hba_regs;
+mod ncq;

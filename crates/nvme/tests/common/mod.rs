@@ -1,0 +1,792 @@
+//! An in-process NVMe host for the integration tests: it drives an [`NvmeController`] only through
+//! the [`PciDevice`] trait and guest memory, the way the Linux nvme driver does.
+//!
+//! Guest memory layout (64 MiB):
+//! * `0x10000` admin SQ, `0x11000` admin CQ;
+//! * `0x100000..0x400000` I/O queues (bump-allocated, page aligned);
+//! * `DATA..DATA_END` data buffers, PRP lists and SGL segments. This region starts filled with an
+//!   address-dependent pattern and has a shadow copy: tests declare what the controller should
+//!   write ([`TestDriver::expect`]) and [`TestDriver::check_mem`] proves every other byte is
+//!   untouched.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use block::{BackendInfo, BlockBackend, BlockError, Ram};
+use nvme::config::CtrlConfig;
+use nvme::namespace::Namespace;
+use nvme::spec::{Cqe, Sqe};
+use nvme::NvmeController;
+use pci::{DeviceContext, GuestMem, InterruptSink, MsiMessage, PciDevice, SlotSpec};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+
+pub const MEM_SIZE: u64 = 64 << 20;
+pub const ASQ: u64 = 0x10000;
+pub const ACQ: u64 = 0x11000;
+pub const ADMIN_ENTRIES: u32 = 64;
+pub const QUEUE_AREA: u64 = 0x10_0000;
+pub const DATA: u64 = 0x40_0000;
+pub const DATA_END: u64 = 0xc0_0000;
+pub const PAGE: u64 = 4096;
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// MSI-X message data used for vector `v`.
+pub fn msix_data(v: u16) -> u32 {
+    0x1000 + u32::from(v)
+}
+/// MSI base data (multi-message MSI replaces the low bits with the vector).
+pub const MSI_DATA: u16 = 0x40;
+
+/// The canary pattern for a guest address.
+pub fn pattern(addr: u64) -> u8 {
+    ((addr.wrapping_mul(0x9e37_79b9) >> 13) as u8) ^ 0xa5
+}
+
+/// Records every interrupt the controller raises.
+#[derive(Default)]
+pub struct Recorder {
+    pub msis: Mutex<Vec<MsiMessage>>,
+    pub intx: Mutex<Vec<(u8, bool)>>,
+}
+
+impl InterruptSink for Recorder {
+    fn msi(&self, msg: MsiMessage) {
+        self.msis.lock().unwrap().push(msg);
+    }
+    fn intx(&self, pin: u8, asserted: bool) {
+        self.intx.lock().unwrap().push((pin, asserted));
+    }
+}
+
+impl Recorder {
+    /// Messages carrying `data`.
+    pub fn count(&self, data: u32) -> usize {
+        self.msis.lock().unwrap().iter().filter(|m| m.data == data).count()
+    }
+    pub fn total(&self) -> usize {
+        self.msis.lock().unwrap().len()
+    }
+    /// Current INTx level (last edge reported).
+    pub fn intx_level(&self) -> bool {
+        self.intx.lock().unwrap().last().is_some_and(|e| e.1)
+    }
+}
+
+/// A RAM disk with test hooks: reads can be held at a gate, reads can fail, flushes are counted.
+pub struct TestBackend {
+    pub ram: Ram,
+    gate: Mutex<(bool, usize)>, // (closed, readers waiting)
+    cv: Condvar,
+    pub fail_reads: AtomicBool,
+    pub flushes: AtomicU64,
+    pub discards: AtomicU64,
+    pub reads: AtomicUsize,
+}
+
+impl TestBackend {
+    pub fn new(bytes: u64, sector: u32) -> Arc<Self> {
+        Arc::new(TestBackend {
+            ram: Ram::new(bytes, sector).unwrap(),
+            gate: Mutex::new((false, 0)),
+            cv: Condvar::new(),
+            fail_reads: AtomicBool::new(false),
+            flushes: AtomicU64::new(0),
+            discards: AtomicU64::new(0),
+            reads: AtomicUsize::new(0),
+        })
+    }
+    /// Make reads block until [`TestBackend::release`].
+    pub fn hold(&self) {
+        self.gate.lock().unwrap().0 = true;
+    }
+    pub fn release(&self) {
+        self.gate.lock().unwrap().0 = false;
+        self.cv.notify_all();
+    }
+    /// Wait until `n` reads are parked at the gate.
+    pub fn wait_parked(&self, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        let mut g = self.gate.lock().unwrap();
+        while g.1 < n {
+            let left = deadline.checked_duration_since(Instant::now()).expect("reads never reached the gate");
+            g = self.cv.wait_timeout(g, left).unwrap().0;
+        }
+    }
+}
+
+impl BlockBackend for TestBackend {
+    fn info(&self) -> BackendInfo {
+        self.ram.info()
+    }
+    fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> block::Result<()> {
+        {
+            let mut g = self.gate.lock().unwrap();
+            if g.0 {
+                g.1 += 1;
+                self.cv.notify_all();
+                while g.0 {
+                    g = self.cv.wait(g).unwrap();
+                }
+                g.1 -= 1;
+            }
+        }
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        if self.fail_reads.load(Ordering::SeqCst) {
+            return Err(BlockError::Io(std::io::Error::other("injected media error")));
+        }
+        self.ram.read_vectored(offset, bufs)
+    }
+    fn write_vectored(&self, offset: u64, bufs: &[IoSlice<'_>]) -> block::Result<()> {
+        self.ram.write_vectored(offset, bufs)
+    }
+    fn flush(&self) -> block::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.ram.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> block::Result<()> {
+        self.discards.fetch_add(1, Ordering::SeqCst);
+        self.ram.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> block::Result<()> {
+        self.ram.write_zeroes(offset, len)
+    }
+}
+
+/// A temporary file removed on drop.
+pub struct TempFile(pub PathBuf);
+
+impl TempFile {
+    pub fn new(tag: &str, contents: &[u8]) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "rhyve-nvme-test-{}-{}-{tag}.img",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::write(&p, contents).unwrap();
+        TempFile(p)
+    }
+    pub fn read(&self) -> Vec<u8> {
+        std::fs::read(&self.0).unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Parsed completion status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct St {
+    pub sct: u8,
+    pub sc: u8,
+    pub dnr: bool,
+}
+
+pub fn status(c: &Cqe) -> St {
+    let f = c.status >> 1;
+    St { sc: f as u8, sct: ((f >> 8) & 7) as u8, dnr: f & (1 << 14) != 0 }
+}
+
+/// Assert a completion's (SCT, SC); errors must also set DNR.
+#[track_caller]
+pub fn assert_status(c: &Cqe, sct: u8, sc: u8) {
+    let s = status(c);
+    assert_eq!((s.sct, s.sc), (sct, sc), "completion {c:x?}: want SCT {sct:#x} SC {sc:#x}");
+    if sct != 0 || sc != 0 {
+        assert!(s.dnr, "error completion without DNR: {c:x?}");
+    }
+}
+
+#[track_caller]
+pub fn assert_ok(c: &Cqe) {
+    assert_status(c, 0, 0);
+}
+
+/// A submission queue entry with opcode and NSID.
+pub fn sqe(opcode: u8, nsid: u32) -> Sqe {
+    Sqe { cdw0: u32::from(opcode), nsid, ..Default::default() }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct HostSq {
+    pub base: u64,
+    pub size: u32,
+    pub tail: u32,
+    pub cqid: u16,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct HostCq {
+    pub base: u64,
+    pub size: u32,
+    pub head: u32,
+    pub phase: bool,
+}
+
+/// The in-process host.
+pub struct TestDriver {
+    pub dev: Box<dyn PciDevice>,
+    pub mem: GuestMem,
+    pub irq: Arc<Recorder>,
+    pub sqs: HashMap<u16, HostSq>,
+    pub cqs: HashMap<u16, HostCq>,
+    next_cid: u16,
+    next_queue: u64,
+    next_buf: u64,
+    shadow: Vec<u8>,
+    /// Completions that arrived for other CIDs while waiting for a specific one.
+    stash: Vec<(u16, Cqe)>,
+    /// Ring the CQ head doorbell as soon as an entry is consumed (default); when false the test
+    /// rings it with [`TestDriver::ring_cq_head`].
+    pub auto_ring: bool,
+}
+
+fn context(intx: bool) -> (DeviceContext, GuestMem, Arc<Recorder>) {
+    let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    let mem = GuestMem::new(mmap);
+    let irq = Arc::new(Recorder::default());
+    let ctx = DeviceContext { mem: mem.clone(), irq: irq.clone(), intx_supported: intx };
+    (ctx, mem, irq)
+}
+
+impl TestDriver {
+    /// A controller built by the registry constructor from `-s` text, e.g.
+    /// `"4,nvme,ram=16,ser=TESTSER1"`. Not yet enabled.
+    pub fn from_spec(spec: &str) -> Self {
+        Self::from_spec_intx(spec, true)
+    }
+
+    pub fn from_spec_intx(spec: &str, intx: bool) -> Self {
+        let (ctx, mem, irq) = context(intx);
+        let dev = nvme::create(&SlotSpec::parse(spec).unwrap(), &ctx).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        Self::wrap(dev, mem, irq)
+    }
+
+    /// A controller over the given backends (NSID 1, 2, …); `spec` gives the controller options
+    /// (its image list is ignored).
+    pub fn with_backends(spec: &str, backends: Vec<Arc<dyn BlockBackend>>) -> Self {
+        let (ctx, mem, irq) = context(true);
+        let cfg = CtrlConfig::from_spec(&SlotSpec::parse(spec).unwrap()).unwrap();
+        let ns = backends.into_iter().enumerate().map(|(i, b)| Namespace::new(i as u32 + 1, b)).collect();
+        let dev = Box::new(NvmeController::new(cfg, &ctx, ns));
+        Self::wrap(dev, mem, irq)
+    }
+
+    fn wrap(dev: Box<dyn PciDevice>, mem: GuestMem, irq: Arc<Recorder>) -> Self {
+        let shadow: Vec<u8> = (DATA..DATA_END).map(pattern).collect();
+        mem.memory().write_slice(&shadow, GuestAddress(DATA)).unwrap();
+        TestDriver {
+            dev,
+            mem,
+            irq,
+            sqs: HashMap::new(),
+            cqs: HashMap::new(),
+            next_cid: 0x100,
+            next_queue: QUEUE_AREA,
+            next_buf: DATA + 0x10_0000,
+            shadow,
+            stash: Vec::new(),
+            auto_ring: true,
+        }
+    }
+
+    /// The usual bring-up: MSI-X on, controller enabled, I/O queue pair 1 (64 entries) created.
+    pub fn ready(spec: &str) -> Self {
+        let mut d = Self::from_spec(spec);
+        d.bring_up();
+        d
+    }
+
+    pub fn bring_up(&mut self) {
+        self.pci_enable();
+        self.enable_msix();
+        self.enable();
+        self.create_pair(1, 64);
+    }
+
+    // ---- config space and registers ----
+
+    pub fn cfg_read(&mut self, off: u16, len: usize) -> u32 {
+        let mut b = [0u8; 4];
+        self.dev.config_read(off, &mut b[..len]);
+        u32::from_le_bytes(b)
+    }
+
+    pub fn cfg_write(&mut self, off: u16, len: usize, val: u32) {
+        self.dev.config_write(off, &val.to_le_bytes()[..len]);
+    }
+
+    /// Offset of capability `id` (walking the list from 0x34).
+    pub fn find_cap(&mut self, id: u8) -> Option<u16> {
+        let mut p = self.cfg_read(0x34, 1) as u16;
+        let mut n = 0;
+        while p != 0 && n < 48 {
+            if self.cfg_read(p, 1) as u8 == id {
+                return Some(p);
+            }
+            p = self.cfg_read(p + 1, 1) as u16;
+            n += 1;
+        }
+        None
+    }
+
+    /// Memory space + bus master.
+    pub fn pci_enable(&mut self) {
+        self.cfg_write(4, 2, 0x6);
+    }
+
+    /// Program every MSI-X vector (data = [`msix_data`]), unmask it and enable MSI-X.
+    pub fn enable_msix(&mut self) {
+        let cap = self.find_cap(0x11).expect("no MSI-X capability");
+        let n = (self.cfg_read(cap + 2, 2) & 0x7ff) + 1;
+        for v in 0..n as u64 {
+            self.bar_write32(4, v * 16, 0xfee0_0000);
+            self.bar_write32(4, v * 16 + 4, 0);
+            self.bar_write32(4, v * 16 + 8, msix_data(v as u16));
+            self.bar_write32(4, v * 16 + 12, 0);
+        }
+        self.cfg_write(cap + 2, 2, 1 << 15);
+    }
+
+    /// Enable MSI with `2^mme` messages.
+    pub fn enable_msi(&mut self, mme: u16) {
+        let cap = self.find_cap(0x05).expect("no MSI capability");
+        self.cfg_write(cap + 4, 4, 0xfee0_0000);
+        self.cfg_write(cap + 8, 4, 0);
+        self.cfg_write(cap + 12, 2, u32::from(MSI_DATA));
+        self.cfg_write(cap + 2, 2, 1 | (u32::from(mme) << 4));
+    }
+
+    pub fn bar_read32(&mut self, bar: u8, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.dev.bar_read(bar, off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    pub fn bar_read64(&mut self, bar: u8, off: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.dev.bar_read(bar, off, &mut b);
+        u64::from_le_bytes(b)
+    }
+
+    pub fn bar_write32(&mut self, bar: u8, off: u64, v: u32) {
+        self.dev.bar_write(bar, off, &v.to_le_bytes());
+    }
+
+    pub fn bar_write64(&mut self, bar: u8, off: u64, v: u64) {
+        self.dev.bar_write(bar, off, &v.to_le_bytes());
+    }
+
+    pub fn reg(&mut self, off: u64) -> u32 {
+        self.bar_read32(0, off)
+    }
+
+    pub fn set_reg(&mut self, off: u64, v: u32) {
+        self.bar_write32(0, off, v);
+    }
+
+    pub fn csts(&mut self) -> u32 {
+        self.reg(0x1c)
+    }
+
+    /// Poll CSTS until `(csts & mask) == want`.
+    pub fn wait_csts(&mut self, mask: u32, want: u32) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let c = self.csts();
+            if c & mask == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "CSTS {c:#x}: timed out waiting for {want:#x} under mask {mask:#x}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Program AQA/ASQ/ACQ and set CC.EN with 4 KiB pages and 64/16-byte entries.
+    pub fn enable(&mut self) {
+        self.enable_with_cc(0x0046_0001);
+        assert_eq!(self.csts() & 3, 1, "controller did not become ready");
+    }
+
+    pub fn enable_with_cc(&mut self, cc: u32) {
+        // Clear the admin CQ so stale entries from a previous life cannot look valid.
+        self.mem.memory().write_slice(&[0u8; 16 * ADMIN_ENTRIES as usize], GuestAddress(ACQ)).unwrap();
+        self.set_reg(0x24, ((ADMIN_ENTRIES - 1) << 16) | (ADMIN_ENTRIES - 1));
+        self.bar_write64(0, 0x28, ASQ);
+        self.bar_write64(0, 0x30, ACQ);
+        self.sqs.insert(0, HostSq { base: ASQ, size: ADMIN_ENTRIES, tail: 0, cqid: 0 });
+        self.cqs.insert(0, HostCq { base: ACQ, size: ADMIN_ENTRIES, head: 0, phase: true });
+        self.set_reg(0x14, cc);
+        if cc & 1 != 0 {
+            // Ready or fatal.
+            let deadline = Instant::now() + WAIT;
+            while self.csts() & 3 == 0 {
+                assert!(Instant::now() < deadline, "controller neither ready nor fatal");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// CC.EN 1→0 and wait for CSTS.RDY=0; forget host queue state.
+    pub fn disable(&mut self) {
+        let cc = self.reg(0x14);
+        self.set_reg(0x14, cc & !1);
+        self.wait_csts(1, 0);
+        self.sqs.clear();
+        self.cqs.clear();
+        self.stash.clear();
+    }
+
+    // ---- guest memory ----
+
+    pub fn write_mem(&mut self, addr: u64, data: &[u8]) {
+        self.mem.memory().write_slice(data, GuestAddress(addr)).unwrap();
+        self.expect(addr, data);
+    }
+
+    pub fn read_mem(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.memory().read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    /// Zero guest memory outside the DATA region (queues placed by hand).
+    pub fn mem_zero(&mut self, addr: u64, len: usize) {
+        self.mem.memory().write_slice(&vec![0u8; len], GuestAddress(addr)).unwrap();
+    }
+
+    pub fn write_u64(&mut self, addr: u64, v: u64) {
+        self.write_mem(addr, &v.to_le_bytes());
+    }
+
+    /// Declare that the controller is expected to have written `data` at `addr` (DATA region).
+    pub fn expect(&mut self, addr: u64, data: &[u8]) {
+        if addr >= DATA && addr + data.len() as u64 <= DATA_END {
+            let o = (addr - DATA) as usize;
+            self.shadow[o..o + data.len()].copy_from_slice(data);
+        }
+    }
+
+    /// Every byte of the DATA region equals what the test wrote or declared.
+    #[track_caller]
+    pub fn check_mem(&self) {
+        let now = self.read_mem(DATA, (DATA_END - DATA) as usize);
+        if now != self.shadow {
+            let i = now.iter().zip(&self.shadow).position(|(a, b)| a != b).unwrap();
+            let n = now.iter().zip(&self.shadow).filter(|(a, b)| a != b).count();
+            panic!(
+                "guest memory changed outside the expected buffers: first at {:#x} (got {:#04x}, want {:#04x}), {n} bytes differ",
+                DATA + i as u64,
+                now[i],
+                self.shadow[i]
+            );
+        }
+    }
+
+    /// A fresh page-aligned buffer of `len` bytes in the DATA region, still holding the pattern.
+    pub fn alloc(&mut self, len: u64) -> u64 {
+        let a = self.next_buf;
+        self.next_buf = (a + len).div_ceil(PAGE) * PAGE + PAGE; // leave a canary page between buffers
+        assert!(self.next_buf <= DATA_END, "test data region exhausted");
+        a
+    }
+
+    /// A page-aligned queue area of `len` bytes (outside the DATA region), zeroed.
+    pub fn alloc_queue(&mut self, len: u64) -> u64 {
+        let a = self.next_queue;
+        self.next_queue = (a + len).div_ceil(PAGE) * PAGE;
+        assert!(self.next_queue <= DATA, "queue area exhausted");
+        self.mem.memory().write_slice(&vec![0u8; len as usize], GuestAddress(a)).unwrap();
+        a
+    }
+
+    // ---- submission and completion ----
+
+    /// Put `sqe` on SQ `qid` with a fresh CID (returned) and ring the tail doorbell.
+    pub fn submit(&mut self, qid: u16, mut sqe: Sqe) -> u16 {
+        let cid = self.next_cid;
+        self.next_cid = self.next_cid.wrapping_add(1).max(0x100);
+        sqe.cdw0 = (sqe.cdw0 & 0xffff) | (u32::from(cid) << 16);
+        self.submit_raw(qid, sqe);
+        cid
+    }
+
+    /// Put `sqe` on SQ `qid` as is and ring the doorbell.
+    pub fn submit_raw(&mut self, qid: u16, sqe: Sqe) {
+        let q = self.sqs.get_mut(&qid).expect("no such host SQ");
+        let addr = q.base + u64::from(q.tail) * 64;
+        q.tail = (q.tail + 1) % q.size;
+        let tail = q.tail;
+        self.mem.memory().write_slice(zerocopy::IntoBytes::as_bytes(&sqe), GuestAddress(addr)).unwrap();
+        self.bar_write32(0, 0x1000 + 8 * u64::from(qid), tail);
+    }
+
+    /// The next completion on CQ `cqid`, or None after `timeout`.
+    pub fn poll_cq(&mut self, cqid: u16, timeout: Duration) -> Option<Cqe> {
+        let deadline = Instant::now() + timeout;
+        let q = *self.cqs.get(&cqid).expect("no such host CQ");
+        let addr = q.base + u64::from(q.head) * 16;
+        loop {
+            let mem = self.mem.memory();
+            let dw3: u32 = mem.read_obj(GuestAddress(addr + 12)).unwrap();
+            if (dw3 >> 16) & 1 == u32::from(q.phase) {
+                std::sync::atomic::fence(Ordering::Acquire);
+                let mut b = [0u8; 16];
+                mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+                let cqe = <Cqe as zerocopy::FromBytes>::read_from_bytes(&b).unwrap();
+                drop(mem);
+                let q = self.cqs.get_mut(&cqid).unwrap();
+                q.head = (q.head + 1) % q.size;
+                if q.head == 0 {
+                    q.phase = !q.phase;
+                }
+                if self.auto_ring {
+                    self.ring_cq_head(cqid);
+                }
+                return Some(cqe);
+            }
+            drop(mem);
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Tell the controller every entry consumed so far on CQ `cqid` is free.
+    pub fn ring_cq_head(&mut self, cqid: u16) {
+        let head = self.cqs[&cqid].head;
+        self.bar_write32(0, 0x1000 + 8 * u64::from(cqid) + 4, head);
+    }
+
+    /// The next completion on CQ `cqid`; panics after [`WAIT`].
+    #[track_caller]
+    pub fn wait_cq(&mut self, cqid: u16) -> Cqe {
+        self.poll_cq(cqid, WAIT).unwrap_or_else(|| panic!("no completion on CQ {cqid} within {WAIT:?}"))
+    }
+
+    /// The completion for `cid` submitted on SQ `sqid` (others are stashed for later).
+    #[track_caller]
+    pub fn wait_cid(&mut self, sqid: u16, cid: u16) -> Cqe {
+        if let Some(p) = self.stash.iter().position(|(s, c)| *s == sqid && c.cid == cid) {
+            return self.stash.remove(p).1;
+        }
+        let cqid = self.sqs[&sqid].cqid;
+        loop {
+            let c = self.wait_cq(cqid);
+            if c.sq_id == sqid && c.cid == cid {
+                return c;
+            }
+            self.stash.push((c.sq_id, c));
+        }
+    }
+
+    /// Submit on SQ `qid` and wait for that command's completion; checks SQID and CID.
+    #[track_caller]
+    pub fn cmd(&mut self, qid: u16, sqe: Sqe) -> Cqe {
+        let cid = self.submit(qid, sqe);
+        let c = self.wait_cid(qid, cid);
+        assert_eq!((c.sq_id, c.cid), (qid, cid));
+        c
+    }
+
+    #[track_caller]
+    pub fn admin(&mut self, sqe: Sqe) -> Cqe {
+        self.cmd(0, sqe)
+    }
+
+    #[track_caller]
+    pub fn io(&mut self, qid: u16, sqe: Sqe) -> Cqe {
+        self.cmd(qid, sqe)
+    }
+
+    /// Nothing more arrives on CQ `cqid` for a short while.
+    #[track_caller]
+    pub fn assert_cq_empty(&mut self, cqid: u16) {
+        if let Some(c) = self.poll_cq(cqid, Duration::from_millis(50)) {
+            panic!("unexpected completion on CQ {cqid}: {c:x?}");
+        }
+    }
+
+    // ---- admin helpers ----
+
+    pub fn create_cq_cmd(&mut self, qid: u16, size: u32, base: u64, cdw11: u32) -> Cqe {
+        let mut s = sqe(0x05, 0);
+        s.dptr[0] = base;
+        s.cdw10 = ((size - 1) << 16) | u32::from(qid);
+        s.cdw11 = cdw11;
+        self.admin(s)
+    }
+
+    pub fn create_sq_cmd(&mut self, qid: u16, size: u32, base: u64, cqid: u16, cdw11_low: u32) -> Cqe {
+        let mut s = sqe(0x01, 0);
+        s.dptr[0] = base;
+        s.cdw10 = ((size - 1) << 16) | u32::from(qid);
+        s.cdw11 = (u32::from(cqid) << 16) | cdw11_low;
+        self.admin(s)
+    }
+
+    /// Create CQ `qid` (vector `qid`, interrupts on) and SQ `qid` on it.
+    pub fn create_pair(&mut self, qid: u16, size: u32) {
+        let cqb = self.alloc_queue(u64::from(size) * 16);
+        assert_ok(&self.create_cq_cmd(qid, size, cqb, 0x3 | (u32::from(qid) << 16)));
+        self.cqs.insert(qid, HostCq { base: cqb, size, head: 0, phase: true });
+        let sqb = self.alloc_queue(u64::from(size) * 64);
+        assert_ok(&self.create_sq_cmd(qid, size, sqb, qid, 1));
+        self.sqs.insert(qid, HostSq { base: sqb, size, tail: 0, cqid: qid });
+    }
+
+    pub fn delete_sq(&mut self, qid: u16) -> Cqe {
+        let mut s = sqe(0x00, 0);
+        s.cdw10 = u32::from(qid);
+        let c = self.admin(s);
+        if status(&c).sc == 0 && status(&c).sct == 0 {
+            self.sqs.remove(&qid);
+        }
+        c
+    }
+
+    pub fn delete_cq(&mut self, qid: u16) -> Cqe {
+        let mut s = sqe(0x04, 0);
+        s.cdw10 = u32::from(qid);
+        let c = self.admin(s);
+        if status(&c).sc == 0 && status(&c).sct == 0 {
+            self.cqs.remove(&qid);
+        }
+        c
+    }
+
+    /// Identify into a fresh 4 KiB buffer; returns the completion and the data on success.
+    pub fn identify(&mut self, cns: u8, nsid: u32, cdw11: u32) -> (Cqe, Vec<u8>) {
+        let buf = self.alloc(4096);
+        let mut s = sqe(0x06, nsid);
+        s.dptr[0] = buf;
+        s.cdw10 = u32::from(cns);
+        s.cdw11 = cdw11;
+        let c = self.admin(s);
+        let data = self.read_mem(buf, 4096);
+        if status(&c) == (St { sct: 0, sc: 0, dnr: false }) {
+            self.expect(buf, &data);
+        }
+        self.check_mem();
+        (c, data)
+    }
+
+    /// Identify that must succeed.
+    #[track_caller]
+    pub fn identify_ok(&mut self, cns: u8, nsid: u32) -> Vec<u8> {
+        let (c, d) = self.identify(cns, nsid, 0);
+        assert_ok(&c);
+        d
+    }
+
+    pub fn get_features(&mut self, fid: u8, sel: u32, nsid: u32, cdw11: u32) -> Cqe {
+        let mut s = sqe(0x0a, nsid);
+        s.cdw10 = u32::from(fid) | (sel << 8);
+        s.cdw11 = cdw11;
+        self.admin(s)
+    }
+
+    pub fn set_features(&mut self, fid: u8, cdw11: u32) -> Cqe {
+        let mut s = sqe(0x09, 0);
+        s.cdw10 = u32::from(fid);
+        s.cdw11 = cdw11;
+        self.admin(s)
+    }
+
+    /// Get Log Page of `len` bytes (a multiple of 4) at `offset` into a fresh buffer.
+    pub fn get_log(&mut self, lid: u8, nsid: u32, len: u32, offset: u64, rae: bool) -> (Cqe, Vec<u8>) {
+        let buf = self.alloc(u64::from(len));
+        let mut s = sqe(0x02, nsid);
+        s.dptr[0] = buf;
+        let numd = len / 4 - 1;
+        if u64::from(len) > PAGE {
+            assert!(u64::from(len) <= 2 * PAGE, "use a PRP list");
+            s.dptr[1] = buf + PAGE;
+        }
+        s.cdw10 = u32::from(lid) | (u32::from(rae) << 15) | ((numd & 0xffff) << 16);
+        s.cdw11 = numd >> 16;
+        s.cdw12 = offset as u32;
+        s.cdw13 = (offset >> 32) as u32;
+        let c = self.admin(s);
+        let data = self.read_mem(buf, len as usize);
+        if status(&c).sc == 0 && status(&c).sct == 0 {
+            self.expect(buf, &data);
+        }
+        self.check_mem();
+        (c, data)
+    }
+
+    // ---- I/O helpers ----
+
+    /// An NVM read/write/compare/verify SQE with PRPs.
+    pub fn rw(opcode: u8, nsid: u32, slba: u64, nlb: u32, prp1: u64, prp2: u64) -> Sqe {
+        let mut s = sqe(opcode, nsid);
+        s.dptr = [prp1, prp2];
+        s.cdw10 = slba as u32;
+        s.cdw11 = (slba >> 32) as u32;
+        s.cdw12 = nlb - 1;
+        s
+    }
+
+    /// Write `data` to `nsid` at `slba` through a fresh buffer (PRP list as needed); asserts success.
+    #[track_caller]
+    pub fn write_blocks(&mut self, qid: u16, nsid: u32, slba: u64, lba: u64, data: &[u8]) {
+        let (prp1, prp2) = self.prp_buffer(data);
+        let c = self.io(qid, Self::rw(0x01, nsid, slba, (data.len() as u64 / lba) as u32, prp1, prp2));
+        assert_ok(&c);
+        self.check_mem();
+    }
+
+    /// Read `nlb` blocks through a fresh buffer; asserts success and returns the data.
+    #[track_caller]
+    pub fn read_blocks(&mut self, qid: u16, nsid: u32, slba: u64, nlb: u32, lba: u64) -> Vec<u8> {
+        let len = u64::from(nlb) * lba;
+        let buf = self.alloc(len);
+        let (prp2, _) = self.prp_for(buf, len);
+        let c = self.io(qid, Self::rw(0x02, nsid, slba, nlb, buf, prp2));
+        assert_ok(&c);
+        let data = self.read_mem(buf, len as usize);
+        self.expect(buf, &data);
+        self.check_mem();
+        data
+    }
+
+    /// Place `data` in a fresh page-aligned buffer; returns (PRP1, PRP2) describing it.
+    pub fn prp_buffer(&mut self, data: &[u8]) -> (u64, u64) {
+        let buf = self.alloc(data.len() as u64);
+        self.write_mem(buf, data);
+        let (prp2, _) = self.prp_for(buf, data.len() as u64);
+        (buf, prp2)
+    }
+
+    /// PRP2 for a contiguous page-aligned buffer: none, the second page, or a PRP list (built in
+    /// a fresh page). Returns (PRP2, list address if any).
+    pub fn prp_for(&mut self, buf: u64, len: u64) -> (u64, Option<u64>) {
+        let pages = len.div_ceil(PAGE);
+        match pages {
+            0 | 1 => (0, None),
+            2 => (buf + PAGE, None),
+            _ => {
+                assert!(pages - 1 <= 512, "single list page only");
+                let list = self.alloc(PAGE);
+                let entries: Vec<u8> = (1..pages).flat_map(|i| (buf + i * PAGE).to_le_bytes()).collect();
+                self.write_mem(list, &entries);
+                (list, Some(list))
+            }
+        }
+    }
+}
+
+/// Deterministic test data.
+pub fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 9) as u8)).collect()
+}
