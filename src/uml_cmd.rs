@@ -31,6 +31,7 @@ struct Served {
     spec: SlotSpec,
     device: Arc<Mutex<dyn PciDevice>>,
     server: uml::UmlDevice,
+    irq: Arc<uml::UmlInterrupts>,
 }
 
 /// Run the UML device server.
@@ -58,7 +59,7 @@ pub fn run(a: UmlArgs) -> Result<()> {
     for spec in specs {
         let ctx = uml::UmlContext::new();
         let dev = registry.create(&spec, &ctx.device_context())?;
-        let device: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(BoxedDevice(dev)));
+        let device: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(dev));
         let path = a.socket_dir.join(format!("slot{}.sock", spec.slot));
         let _ = std::fs::remove_file(&path);
         let listener =
@@ -66,7 +67,7 @@ pub fn run(a: UmlArgs) -> Result<()> {
         let server = uml::UmlDevice::new(listener, device.clone(), ctx.mem.clone(), ctx.irq.clone())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         kernel_args.push(format!("virtio_uml.device={}:{}", path.display(), a.device_id));
-        served.push(Served { spec, device, server });
+        served.push(Served { spec, device, server, irq: ctx.irq.clone() });
     }
     let stops: Vec<_> = served.iter().map(|s| s.server.stop_handle()).collect();
     {
@@ -90,7 +91,7 @@ pub fn run(a: UmlArgs) -> Result<()> {
     let mut devices = Vec::new();
     for s in served {
         let name = format!("uml-slot{}", s.spec.slot);
-        devices.push((s.spec, s.device));
+        devices.push((s.spec, s.device, s.server.counters(), s.irq));
         let server = s.server;
         threads.push(std::thread::Builder::new().name(name).spawn(move || server.run())?);
     }
@@ -110,46 +111,17 @@ pub fn run(a: UmlArgs) -> Result<()> {
             s.stop();
         }
     }
-    for (spec, dev) in &devices {
+    for (spec, dev, access, irq) in &devices {
         let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
         d.shutdown();
         if a.stats {
-            let stats: Vec<String> = d.stats().iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let all = d.stats().into_iter().chain(access.snapshot()).chain(irq.stats());
+            let stats: Vec<String> = all.map(|(k, v)| format!("{k}={v}")).collect();
             eprintln!("rhyve: slot {} {}: {}", spec.slot, d.name(), stats.join(" "));
         }
     }
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),
-    }
-}
-
-/// Adapts a boxed device to the sized type `Arc<Mutex<_>>` needs.
-struct BoxedDevice(Box<dyn PciDevice>);
-
-impl PciDevice for BoxedDevice {
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        self.0.config_read(offset, data)
-    }
-    fn config_write(&mut self, offset: u16, data: &[u8]) {
-        self.0.config_write(offset, data)
-    }
-    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
-        self.0.bar_read(bar, offset, data)
-    }
-    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
-        self.0.bar_write(bar, offset, data)
-    }
-    fn bars(&self) -> Vec<pci::BarInfo> {
-        self.0.bars()
-    }
-    fn shutdown(&mut self) {
-        self.0.shutdown()
-    }
-    fn stats(&self) -> Vec<(String, u64)> {
-        self.0.stats()
     }
 }

@@ -320,8 +320,8 @@ mod tests {
         assert_eq!(bytes.len(), IDENTIFY_BYTES);
         assert_eq!(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         assert_eq!(words[255] & 0xff, 0xa5);
-        assert_eq!(&bytes[20..24], b"ESR1"); // byte-swapped "SER1"
-        assert_eq!(&bytes[54..62], b"oMed lX ");
+        assert_eq!(&bytes[20..24], b"ES1R"); // "SER1", first character of each pair in the high byte
+        assert_eq!(&bytes[54..62], b"oMed l X");
         assert_eq!(words[106], 0x6003);
         assert_eq!(words[60..62], [0xffff, 0x0fff]);
         assert_eq!(words[100..104], [0, 0x4000, 0, 0]);

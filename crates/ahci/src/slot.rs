@@ -370,7 +370,8 @@ fn report(mem: &Mem, p: &mut Port, f: &Fetched, proto: Proto, tf: &TaskFile, mov
             // SDB updates the status bits it carries and the error register.
             p.tfd = (p.tfd & 0x88) | u32::from(tf.status & 0x77) | (u32::from(tf.error) << 8);
             if failed {
-                p.dev.ncq_error = Some(NcqError { tag, tf: *tf });
+                // The log keeps the command that started the error condition.
+                p.dev.ncq_error.get_or_insert(NcqError { tag, tf: *tf });
                 p.fatal(pxis::TFES, f.slot);
             } else {
                 p.sact &= !(1 << tag);

@@ -542,7 +542,8 @@ fn queues_of_65536_entries() {
     assert_eq!(d.bar_read64(0, 0) & 0xffff, 0xffff);
     // Queues outside the standard areas: 1 MiB CQ at 16 MiB, 4 MiB SQ at 20 MiB.
     let (cqb, sqb) = (16 << 20, 20 << 20);
-    d.mem_zero(cqb, 1 << 20);
+    d.allow(cqb, 1 << 20);
+    d.allow(sqb, 4 << 20);
     assert_ok(&d.create_cq_cmd(1, 65536, cqb, 3 | (1 << 16)));
     d.cqs.insert(1, HostCq { base: cqb, size: 65536, head: 0, phase: true });
     assert_ok(&d.create_sq_cmd(1, 65536, sqb, 1, 1));
@@ -719,4 +720,29 @@ fn commands_on_many_namespaces_stay_apart() {
     for ns in 1..=4u32 {
         assert_eq!(d.read_blocks(1, ns, 5, 2, 512), data(1024, ns as u8));
     }
+}
+
+#[test]
+fn format_raises_a_namespace_notice_only_when_the_namespace_changes() {
+    let mut d = TestDriver::ready(SPEC);
+    assert_ok(&d.set_features(0x0b, 1 << 8));
+    let aer = d.submit(0, sqe(0x0c, 0));
+    let mut f = sqe(0x80, 1);
+    f.cdw10 = 0; // already LBA format 0
+    assert_ok(&d.admin(f));
+    d.assert_cq_empty(0);
+    let (_, l) = d.get_log(0x04, 0, 4096, 0, false);
+    assert_eq!(u32_at(&l, 0), 0, "nothing changed");
+    // Notices disabled: a real change is logged but not announced.
+    assert_ok(&d.set_features(0x0b, 0));
+    f.cdw10 = 1;
+    assert_ok(&d.admin(f));
+    d.assert_cq_empty(0);
+    let (_, l) = d.get_log(0x04, 0, 4096, 0, false);
+    assert_eq!(u32_at(&l, 0), 1);
+    // Enabled again: a change is announced.
+    assert_ok(&d.set_features(0x0b, 1 << 8));
+    f.cdw10 = 0;
+    assert_ok(&d.admin(f));
+    assert_eq!(d.wait_cid(0, aer).dw0, 0x04_00_02);
 }

@@ -145,7 +145,7 @@ fn reset_clears_queues_and_features() {
     assert_ok(&d.set_features(0x06, 0)); // volatile write cache off
     assert_ok(&d.set_features(0x08, 0x0a05));
     d.disable();
-    assert_eq!(d.reg(0x14), 0);
+    assert_eq!(d.reg(0x14), 0x0046_0000, "CC keeps what the host wrote, EN clear");
     assert_eq!(d.csts(), 0);
     // Doorbells after reset go nowhere.
     d.bar_write32(0, 0x1000 + 8, 1);
@@ -375,4 +375,59 @@ fn reset_with_io_in_flight_drops_its_completion() {
     assert_eq!(cqe, vec![0u8; 16], "no completion written to the queue of a reset controller");
     d.enable();
     assert_ok(&d.identify(1, 0, 0).0);
+}
+
+#[test]
+fn completion_queue_with_interrupts_disabled_raises_none() {
+    let mut d = TestDriver::ready(SPEC);
+    let cqb = d.alloc_queue(16 * 16);
+    assert_ok(&d.create_cq_cmd(3, 16, cqb, 0x1 | (3 << 16))); // PC, IEN clear
+    d.cqs.insert(3, HostCq { base: cqb, size: 16, head: 0, phase: true });
+    let sqb = d.alloc_queue(16 * 64);
+    assert_ok(&d.create_sq_cmd(3, 16, sqb, 3, 1));
+    d.sqs.insert(3, HostSq { base: sqb, size: 16, tail: 0, cqid: 3 });
+    let before = d.irq.total();
+    for _ in 0..3 {
+        d.read_blocks(3, 1, 0, 8, 512);
+    }
+    assert_eq!(d.irq.total(), before, "polled queue: no messages");
+    d.read_blocks(1, 1, 0, 8, 512);
+    assert_eq!(d.irq.count(msix_data(1)), 1);
+}
+
+#[test]
+fn admin_queues_outside_ram_fail_the_controller_not_the_process() {
+    let mut d = TestDriver::from_spec(SPEC);
+    d.pci_enable();
+    d.set_reg(0x24, 0x003f_003f);
+    d.bar_write64(0, 0x28, MEM_SIZE + 0x10000);
+    d.bar_write64(0, 0x30, ACQ);
+    d.set_reg(0x14, 0x0046_0001);
+    assert_eq!(d.csts() & 1, 1);
+    d.bar_write32(0, 0x1000, 1); // the SQE cannot be fetched
+    assert_eq!(d.csts() & 2, 2, "CFS");
+    d.bar_write32(0, 0x1000, 2); // ignored from now on
+    d.set_reg(0x14, 0);
+    assert_eq!(d.csts(), 0);
+    // Completion queue outside RAM: the Identify runs, its CQE cannot be written.
+    d.set_reg(0x24, 0x003f_003f);
+    d.bar_write64(0, 0x28, ASQ);
+    d.bar_write64(0, 0x30, MEM_SIZE - 0x100);
+    d.sqs.insert(0, HostSq { base: ASQ, size: 64, tail: 0, cqid: 0 });
+    d.set_reg(0x14, 0x0046_0001);
+    let buf = d.alloc(4096);
+    let mut s = sqe(0x06, 0);
+    s.cdw10 = 1;
+    s.dptr[0] = buf;
+    for _ in 0..17 {
+        d.submit_raw(0, s); // the 17th entry lies past the end of RAM
+    }
+    d.wait_csts(2, 2);
+    let id = d.read_mem(buf, 4096);
+    d.expect(buf, &id);
+    d.check_mem();
+    d.disable();
+    d.enable();
+    assert_ok(&d.identify(1, 0, 0).0);
+    d.allow(MEM_SIZE - 0x100, 0x100);
 }

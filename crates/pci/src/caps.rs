@@ -73,7 +73,7 @@ pub fn add_msix(
     pba_offset: u32,
 ) -> usize {
     assert!((1..=2048).contains(&table_size));
-    assert!(table_offset % 8 == 0 && pba_offset % 8 == 0);
+    assert!(table_offset.is_multiple_of(8) && pba_offset.is_multiple_of(8));
     let off = cfg.add_capability(cap_id::MSIX, msix::LEN);
     cfg.write_u16(off + msix::CONTROL, table_size - 1);
     cfg.set_wmask_u16(off + msix::CONTROL, msix::CTRL_ENABLE | msix::CTRL_FUNCTION_MASK);

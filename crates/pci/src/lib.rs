@@ -95,3 +95,32 @@ pub trait PciDevice: Send {
         Vec::new()
     }
 }
+
+/// A boxed device is a device: lets a registry-built `Box<dyn PciDevice>` go straight into an
+/// `Arc<Mutex<dyn PciDevice>>` that frontends share between threads.
+impl<T: PciDevice + ?Sized> PciDevice for Box<T> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        (**self).config_read(offset, data)
+    }
+    fn config_write(&mut self, offset: u16, data: &[u8]) {
+        (**self).config_write(offset, data)
+    }
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        (**self).bar_read(bar, offset, data)
+    }
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        (**self).bar_write(bar, offset, data)
+    }
+    fn bars(&self) -> Vec<BarInfo> {
+        (**self).bars()
+    }
+    fn shutdown(&mut self) {
+        (**self).shutdown()
+    }
+    fn stats(&self) -> Vec<(String, u64)> {
+        (**self).stats()
+    }
+}

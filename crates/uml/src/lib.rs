@@ -23,6 +23,7 @@ mod irq;
 pub mod msg;
 mod shim;
 
+pub use backend::Counters;
 pub use irq::UmlInterrupts;
 
 use backend::UmlBackend;
@@ -168,6 +169,7 @@ pub struct UmlDevice {
     mem: GuestMem,
     irq: Arc<UmlInterrupts>,
     stop: StopHandle,
+    counters: Arc<Counters>,
 }
 
 impl UmlDevice {
@@ -185,7 +187,13 @@ impl UmlDevice {
             mem,
             irq,
             stop: StopHandle::new().map_err(Error::Setup)?,
+            counters: Arc::default(),
         })
+    }
+
+    /// Access counters (config/MMIO reads and writes), live while serving and after.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
     }
 
     /// A handle that makes [`UmlDevice::run`] return.
@@ -207,6 +215,7 @@ impl UmlDevice {
             self.device.clone(),
             self.mem.clone(),
             self.irq.clone(),
+            self.counters.clone(),
         ));
         let mut daemon = VhostUserDaemon::new(format!("uml-{name}"), backend.clone(), self.mem)
             .map_err(Error::VhostUser)?;

@@ -136,6 +136,7 @@ fn pio_sectors_and_multiple() {
     assert_eq!(w[59], 0x0104);
     ok(&d.exec(0, 3, &Cmd::ata(cmd::READ_MULTIPLE).lba(8).count(6).buf(BUF + MIB, 3072)));
     assert_eq!(d.pio_setup(0).transfer_count.get(), 1024);
+    d.write_mem(BUF, &data); // IDENTIFY above used the buffer
     ok(&d.exec(0, 4, &Cmd::ata(cmd::WRITE_MULTIPLE_EXT).lba(20).count(4).buf(BUF, 2048).write()));
     ok(&d.exec(0, 4, &Cmd::ata(cmd::WRITE_MULTIPLE_FUA_EXT).lba(20).count(4).buf(BUF, 2048).write()));
     ok(&d.exec(0, 4, &Cmd::ata(cmd::READ_MULTIPLE_EXT).lba(20).count(4).buf(BUF + MIB, 2048)));

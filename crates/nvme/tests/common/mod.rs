@@ -247,6 +247,49 @@ pub struct TestDriver {
     /// Ring the CQ head doorbell as soon as an entry is consumed (default); when false the test
     /// rings it with [`TestDriver::ring_cq_head`].
     pub auto_ring: bool,
+    /// Guest ranges outside the standard areas that the test placed structures in.
+    extra: Vec<(u64, u64)>,
+}
+
+impl Drop for TestDriver {
+    /// Every test ends by proving the controller wrote nowhere outside the admin queues, the I/O
+    /// queue area, the DATA region and ranges the test declared with [`TestDriver::allow`]: all
+    /// other guest memory must still be zero.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let mut allowed = vec![
+            (ASQ, u64::from(ADMIN_ENTRIES) * 64),
+            (ACQ, u64::from(ADMIN_ENTRIES) * 16),
+            (QUEUE_AREA, self.next_queue - QUEUE_AREA),
+            (DATA, DATA_END - DATA),
+        ];
+        allowed.extend(&self.extra);
+        allowed.sort();
+        let mut pos = 0u64;
+        let mut gaps = Vec::new();
+        for (a, l) in allowed {
+            if a > pos {
+                gaps.push((pos, a - pos));
+            }
+            pos = pos.max(a + l);
+        }
+        gaps.push((pos, MEM_SIZE - pos));
+        for (a, l) in gaps {
+            let m = self.read_mem(a, l as usize);
+            if let Some(i) = m.iter().position(|&b| b != 0) {
+                panic!("stray write to guest memory at {:#x} (outside every buffer and queue)", a + i as u64);
+            }
+        }
+    }
+}
+
+impl TestDriver {
+    /// Declare a guest range the test uses outside the standard areas.
+    pub fn allow(&mut self, addr: u64, len: u64) {
+        self.extra.push((addr, len));
+    }
 }
 
 fn context(intx: bool) -> (DeviceContext, GuestMem, Arc<Recorder>) {
@@ -295,6 +338,7 @@ impl TestDriver {
             shadow,
             stash: Vec::new(),
             auto_ring: true,
+            extra: Vec::new(),
         }
     }
 
@@ -543,6 +587,9 @@ impl TestDriver {
                 mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
                 let cqe = <Cqe as zerocopy::FromBytes>::read_from_bytes(&b).unwrap();
                 drop(mem);
+                // The controller posts a CQE and raises its interrupt under one lock; any
+                // register access waits for that, so interrupt assertions after this are exact.
+                let _ = self.csts();
                 let q = self.cqs.get_mut(&cqid).unwrap();
                 q.head = (q.head + 1) % q.size;
                 if q.head == 0 {
@@ -611,6 +658,9 @@ impl TestDriver {
     /// Nothing more arrives on CQ `cqid` for a short while.
     #[track_caller]
     pub fn assert_cq_empty(&mut self, cqid: u16) {
+        if let Some((_, c)) = self.stash.iter().find(|(s, _)| self.sqs.get(s).is_some_and(|q| q.cqid == cqid)) {
+            panic!("unexpected completion on CQ {cqid} (arrived earlier): {c:x?}");
+        }
         if let Some(c) = self.poll_cq(cqid, Duration::from_millis(50)) {
             panic!("unexpected completion on CQ {cqid}: {c:x?}");
         }
