@@ -32,6 +32,7 @@ FRAGMENT=$here/uml.config
 PATCHES=(
     "$here/uml-set-mem-table.patch"
     "$here/uml-virt-pci-irqsave.patch"
+    "$here/uml-no-exit-unplug.patch"
 )
 SELF=$here/$(basename "${BASH_SOURCE[0]}")
 CACHE=${RHYVE_CACHE:-$HOME/.cache/rhyve}

@@ -6,5 +6,6 @@ use pci::DeviceRegistry;
 pub fn registry() -> DeviceRegistry {
     let mut r = DeviceRegistry::new();
     r.register(nvme::NAME, &[], nvme::create);
+    r.register(ahci::NAME, ahci::ALIASES, ahci::create);
     r
 }

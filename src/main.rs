@@ -4,6 +4,7 @@
 //! nvme and ahci drivers run against the device models.
 
 mod devices;
+mod run_cmd;
 mod uml_cmd;
 
 use std::process::ExitCode;
@@ -21,6 +22,8 @@ struct Cli {
 enum Cmd {
     /// Serve PCI devices to User-Mode Linux (virtio-pcidev over vhost-user).
     Uml(uml_cmd::UmlArgs),
+    /// Run a KVM virtual machine with rhyve's devices.
+    Run(run_cmd::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Uml(a) => uml_cmd::run(a),
+        Cmd::Run(a) => run_cmd::run(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -197,12 +197,22 @@ pub const DEVICE_LBA: u8 = 0x40;
 
 /// Outputs of a successful command.
 pub fn ok() -> TaskFile {
-    TaskFile { status: status::GOOD, device: DEVICE_LBA, ..Default::default() }
+    TaskFile {
+        status: status::GOOD,
+        device: DEVICE_LBA,
+        ..Default::default()
+    }
 }
 
 /// Outputs of a failed command with `error` bits, naming `lba`.
 pub fn fail(error: u8, lba: u64) -> TaskFile {
-    TaskFile { status: status::FAILED, error, lba, device: DEVICE_LBA, ..Default::default() }
+    TaskFile {
+        status: status::FAILED,
+        error,
+        lba,
+        device: DEVICE_LBA,
+        ..Default::default()
+    }
 }
 
 /// Outputs of an aborted command.
@@ -214,7 +224,11 @@ pub fn abort() -> TaskFile {
 pub fn signature(info: &DriveInfo) -> TaskFile {
     let sig = info.signature();
     TaskFile {
-        status: if info.kind == DriveKind::Disk { status::GOOD } else { 0 },
+        status: if info.kind == DriveKind::Disk {
+            status::GOOD
+        } else {
+            0
+        },
         error: error::DIAG_PASSED,
         count: (sig & 0xff) as u16,
         lba: u64::from(sig >> 8),
@@ -226,12 +240,22 @@ pub fn signature(info: &DriveInfo) -> TaskFile {
 pub fn is_queued(command: u8) -> bool {
     matches!(
         command,
-        cmd::READ_FPDMA | cmd::WRITE_FPDMA | cmd::NCQ_NON_DATA | cmd::SEND_FPDMA | cmd::RECEIVE_FPDMA
+        cmd::READ_FPDMA
+            | cmd::WRITE_FPDMA
+            | cmd::NCQ_NON_DATA
+            | cmd::SEND_FPDMA
+            | cmd::RECEIVE_FPDMA
     )
 }
 
 /// Decode a non-queued command for a disk or for the ATA side of a packet device.
-pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, acmd: &[u8; 16], slot: u8) -> Plan {
+pub fn prepare(
+    info: &DriveInfo,
+    st: &mut DriveState,
+    fis: &H2dRegisterFis,
+    acmd: &[u8; 16],
+    slot: u8,
+) -> Plan {
     if info.kind == DriveKind::Cdrom {
         return prepare_packet_device(info, st, fis, acmd);
     }
@@ -241,23 +265,40 @@ pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, acmd
     let nd = |tf| Plan::done(tf, Proto::NonData);
     let sector = info.logical;
     match fis.command {
-        cmd::IDENTIFY => data_in(identify::to_bytes(&identify::identify_device(info, st)), pio_in(IDENTIFY_BYTES as u32)),
+        cmd::IDENTIFY => data_in(
+            identify::to_bytes(&identify::identify_device(info, st)),
+            pio_in(IDENTIFY_BYTES as u32),
+        ),
         cmd::READ_DMA | cmd::READ_DMA_EXT => rw(info, st, fis, false, false, Proto::Dma),
         cmd::WRITE_DMA | cmd::WRITE_DMA_EXT => rw(info, st, fis, true, false, Proto::Dma),
         cmd::WRITE_DMA_FUA_EXT => rw(info, st, fis, true, true, Proto::Dma),
-        cmd::READ_SECTORS | cmd::READ_SECTORS_EXT => rw(info, st, fis, false, false, pio_in(sector)),
+        cmd::READ_SECTORS | cmd::READ_SECTORS_EXT => {
+            rw(info, st, fis, false, false, pio_in(sector))
+        }
         cmd::WRITE_SECTORS | cmd::WRITE_SECTORS_EXT => {
             rw(info, st, fis, true, false, Proto::PioOut { block: sector })
         }
-        cmd::READ_MULTIPLE | cmd::READ_MULTIPLE_EXT | cmd::WRITE_MULTIPLE | cmd::WRITE_MULTIPLE_EXT
+        cmd::READ_MULTIPLE
+        | cmd::READ_MULTIPLE_EXT
+        | cmd::WRITE_MULTIPLE
+        | cmd::WRITE_MULTIPLE_EXT
         | cmd::WRITE_MULTIPLE_FUA_EXT => {
             if st.multiple == 0 {
                 return nd(abort());
             }
             let block = sector * u32::from(st.multiple);
             match fis.command {
-                cmd::READ_MULTIPLE | cmd::READ_MULTIPLE_EXT => rw(info, st, fis, false, false, pio_in(block)),
-                c => rw(info, st, fis, true, c == cmd::WRITE_MULTIPLE_FUA_EXT, Proto::PioOut { block }),
+                cmd::READ_MULTIPLE | cmd::READ_MULTIPLE_EXT => {
+                    rw(info, st, fis, false, false, pio_in(block))
+                }
+                c => rw(
+                    info,
+                    st,
+                    fis,
+                    true,
+                    c == cmd::WRITE_MULTIPLE_FUA_EXT,
+                    Proto::PioOut { block },
+                ),
             }
         }
         cmd::READ_VERIFY | cmd::READ_VERIFY_EXT => match range(info, fis) {
@@ -265,10 +306,16 @@ pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, acmd
             Ok((lba, count)) => {
                 st.power = PowerMode::Active;
                 let (offset, len) = (lba * u64::from(sector), count * u64::from(sector));
-                Plan { action: Action::Verify { offset, len, lba }, proto: Proto::NonData }
+                Plan {
+                    action: Action::Verify { offset, len, lba },
+                    proto: Proto::NonData,
+                }
             }
         },
-        cmd::FLUSH_CACHE | cmd::FLUSH_CACHE_EXT => Plan { action: Action::Flush, proto: Proto::NonData },
+        cmd::FLUSH_CACHE | cmd::FLUSH_CACHE_EXT => Plan {
+            action: Action::Flush,
+            proto: Proto::NonData,
+        },
         cmd::DSM => dsm(info, fis),
         cmd::READ_LOG_EXT | cmd::READ_LOG_DMA_EXT => read_log(info, st, fis),
         cmd::WRITE_LOG_EXT | cmd::WRITE_LOG_DMA_EXT => nd(abort()), // every log here is read-only
@@ -283,7 +330,10 @@ pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, acmd
             }
         }
         cmd::SMART => smart_cmd(info, st, fis),
-        cmd::CHECK_POWER_MODE => nd(TaskFile { count: u16::from(st.power.code()), ..ok() }),
+        cmd::CHECK_POWER_MODE => nd(TaskFile {
+            count: u16::from(st.power.code()),
+            ..ok()
+        }),
         cmd::IDLE | cmd::IDLE_IMMEDIATE => {
             st.power = PowerMode::Idle;
             nd(ok())
@@ -291,13 +341,23 @@ pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, acmd
         cmd::STANDBY | cmd::STANDBY_IMMEDIATE => {
             // The cache is written to the medium before the device spins down.
             st.power = PowerMode::Standby;
-            Plan { action: Action::Flush, proto: Proto::NonData }
+            Plan {
+                action: Action::Flush,
+                proto: Proto::NonData,
+            }
         }
         cmd::READ_NATIVE_MAX => {
             let max = info.sectors.saturating_sub(1).min(0x0fff_ffff);
-            nd(TaskFile { lba: max & 0xff_ffff, device: DEVICE_LBA | (max >> 24) as u8, ..ok() })
+            nd(TaskFile {
+                lba: max & 0xff_ffff,
+                device: DEVICE_LBA | (max >> 24) as u8,
+                ..ok()
+            })
         }
-        cmd::READ_NATIVE_MAX_EXT => nd(TaskFile { lba: info.sectors.saturating_sub(1), ..ok() }),
+        cmd::READ_NATIVE_MAX_EXT => nd(TaskFile {
+            lba: info.sectors.saturating_sub(1),
+            ..ok()
+        }),
         cmd::EXEC_DIAGNOSTIC => nd(signature(info)),
         _ => nd(abort()), // NOP, DEVICE RESET (disk), PACKET (disk), unknown
     }
@@ -308,7 +368,10 @@ fn pio_in(block: u32) -> Proto {
 }
 
 fn data_in(data: Vec<u8>, proto: Proto) -> Plan {
-    Plan { action: Action::DataIn { data, tf: ok() }, proto }
+    Plan {
+        action: Action::DataIn { data, tf: ok() },
+        proto,
+    }
 }
 
 /// Is the command a 48-bit one (EXT)? Decides LBA and Count widths.
@@ -328,15 +391,21 @@ fn is_ext(command: u8) -> bool {
 /// LBA and sector count of a read/write/verify command, or IDNF when it leaves the medium.
 fn range(info: &DriveInfo, fis: &H2dRegisterFis) -> Result<(u64, u64), TaskFile> {
     let (lba, count) = if is_ext(fis.command) {
-        (fis.lba48(), match fis.count16() {
-            0 => 65536,
-            n => u64::from(n),
-        })
+        (
+            fis.lba48(),
+            match fis.count16() {
+                0 => 65536,
+                n => u64::from(n),
+            },
+        )
     } else {
-        (fis.lba28(), match fis.count {
-            0 => 256,
-            n => u64::from(n),
-        })
+        (
+            fis.lba28(),
+            match fis.count {
+                0 => 256,
+                n => u64::from(n),
+            },
+        )
     };
     check_range(info, lba, count)?;
     Ok((lba, count))
@@ -351,7 +420,14 @@ pub fn check_range(info: &DriveInfo, lba: u64, count: u64) -> Result<(), TaskFil
 }
 
 /// A read or write of the medium.
-fn rw(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, write: bool, fua: bool, proto: Proto) -> Plan {
+fn rw(
+    info: &DriveInfo,
+    st: &mut DriveState,
+    fis: &H2dRegisterFis,
+    write: bool,
+    fua: bool,
+    proto: Proto,
+) -> Plan {
     let (lba, count) = match range(info, fis) {
         Ok(r) => r,
         Err(tf) => return Plan::done(tf, proto),
@@ -363,7 +439,12 @@ fn rw(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, write: bool, 
     let sector = u64::from(info.logical);
     let (offset, len) = (lba * sector, count * sector);
     let action = if write {
-        Action::Write { offset, len, lba, flush: fua || !st.wce }
+        Action::Write {
+            offset,
+            len,
+            lba,
+            flush: fua || !st.wce,
+        }
     } else {
         Action::Read { offset, len, lba }
     };
@@ -376,12 +457,21 @@ fn dsm(info: &DriveInfo, fis: &H2dRegisterFis) -> Plan {
     if fis.features & 1 == 0 || !info.trim || blocks == 0 || blocks > DSM_MAX_BLOCKS {
         return Plan::done(abort(), Proto::Dma);
     }
-    Plan { action: Action::Trim { len: u64::from(blocks) * 512 }, proto: Proto::Dma }
+    Plan {
+        action: Action::Trim {
+            len: u64::from(blocks) * 512,
+        },
+        proto: Proto::Dma,
+    }
 }
 
 /// READ LOG EXT / READ LOG DMA EXT.
 fn read_log(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis) -> Plan {
-    let proto = if fis.command == cmd::READ_LOG_DMA_EXT { Proto::Dma } else { pio_in(log::PAGE as u32) };
+    let proto = if fis.command == cmd::READ_LOG_DMA_EXT {
+        Proto::Dma
+    } else {
+        pio_in(log::PAGE as u32)
+    };
     let log_addr = fis.lba0;
     let page = u16::from_le_bytes([fis.lba1, fis.lba4]);
     let count = fis.count16();
@@ -405,7 +495,10 @@ fn set_features(st: &mut DriveState, fis: &H2dRegisterFis) -> Plan {
         feature::DISABLE_WRITE_CACHE => {
             // Cached data becomes durable before write-through mode takes effect.
             st.wce = false;
-            return Plan { action: Action::Flush, proto: Proto::NonData };
+            return Plan {
+                action: Action::Flush,
+                proto: Proto::NonData,
+            };
         }
         feature::SET_TRANSFER_MODE => {
             let mode = fis.count;
@@ -418,7 +511,8 @@ fn set_features(st: &mut DriveState, fis: &H2dRegisterFis) -> Plan {
         feature::ENABLE_LOOK_AHEAD => st.look_ahead = true,
         feature::DISABLE_LOOK_AHEAD => st.look_ahead = false,
         feature::ENABLE_REVERT | feature::DISABLE_REVERT => {}
-        feature::ENABLE_SATA_FEATURE if matches!(fis.count, feature::SATA_IN_ORDER | feature::SATA_SSP) => {}
+        feature::ENABLE_SATA_FEATURE
+            if matches!(fis.count, feature::SATA_IN_ORDER | feature::SATA_SSP) => {}
         _ => return nd(abort()),
     }
     nd(ok())
@@ -456,9 +550,10 @@ fn smart_cmd(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis) -> Pla
             nd(ok())
         }
         // No threshold is ever exceeded: report the "good" key in LBA 23:8.
-        smart::RETURN_STATUS => {
-            nd(TaskFile { lba: u64::from(smart::LBA_MID) << 8 | u64::from(smart::LBA_HIGH) << 16, ..ok() })
-        }
+        smart::RETURN_STATUS => nd(TaskFile {
+            lba: u64::from(smart::LBA_MID) << 8 | u64::from(smart::LBA_HIGH) << 16,
+            ..ok()
+        }),
         _ => nd(abort()),
     }
 }
@@ -466,14 +561,24 @@ fn smart_cmd(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis) -> Pla
 /// ATA commands a PACKET device accepts (ACS-4 §4.3): IDENTIFY PACKET DEVICE, PACKET, DEVICE
 /// RESET, EXECUTE DEVICE DIAGNOSTIC, power management and SET FEATURES; IDENTIFY DEVICE aborts
 /// with the PACKET signature so the host learns what it is talking to.
-fn prepare_packet_device(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, acmd: &[u8; 16]) -> Plan {
+fn prepare_packet_device(
+    info: &DriveInfo,
+    st: &mut DriveState,
+    fis: &H2dRegisterFis,
+    acmd: &[u8; 16],
+) -> Plan {
     let nd = |tf| Plan::done(tf, Proto::NonData);
     match fis.command {
         cmd::PACKET => atapi::prepare(info, st, fis, acmd),
-        cmd::IDENTIFY_PACKET => {
-            data_in(identify::to_bytes(&identify::identify_packet_device(info, st)), pio_in(IDENTIFY_BYTES as u32))
-        }
-        cmd::IDENTIFY => nd(TaskFile { status: status::FAILED, error: error::ABRT, ..signature(info) }),
+        cmd::IDENTIFY_PACKET => data_in(
+            identify::to_bytes(&identify::identify_packet_device(info, st)),
+            pio_in(IDENTIFY_BYTES as u32),
+        ),
+        cmd::IDENTIFY => nd(TaskFile {
+            status: status::FAILED,
+            error: error::ABRT,
+            ..signature(info)
+        }),
         cmd::DEVICE_RESET => {
             st.reset();
             st.atapi.reset();
@@ -481,7 +586,10 @@ fn prepare_packet_device(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegiste
         }
         cmd::EXEC_DIAGNOSTIC => nd(signature(info)),
         cmd::SET_FEATURES => set_features(st, fis),
-        cmd::CHECK_POWER_MODE => nd(TaskFile { count: u16::from(st.power.code()), ..ok() }),
+        cmd::CHECK_POWER_MODE => nd(TaskFile {
+            count: u16::from(st.power.code()),
+            ..ok()
+        }),
         cmd::IDLE_IMMEDIATE => {
             st.power = PowerMode::Idle;
             nd(ok())

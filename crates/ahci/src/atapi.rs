@@ -167,13 +167,21 @@ impl AtapiState {
     }
 
     fn not_present(&self) -> Sense {
-        Sense::new(key::NOT_READY, asc::MEDIUM_NOT_PRESENT, if self.tray_open { 2 } else { 1 })
+        Sense::new(
+            key::NOT_READY,
+            asc::MEDIUM_NOT_PRESENT,
+            if self.tray_open { 2 } else { 1 },
+        )
     }
 }
 
 /// Outputs of a PACKET command that completed with GOOD status.
 pub fn good() -> TaskFile {
-    TaskFile { status: crate::ata::status::GOOD, count: REASON_COMPLETE, ..Default::default() }
+    TaskFile {
+        status: crate::ata::status::GOOD,
+        count: REASON_COMPLETE,
+        ..Default::default()
+    }
 }
 
 /// CHECK CONDITION: remember `sense` and report its key in the Error register.
@@ -203,7 +211,11 @@ fn be32(b: &[u8]) -> u32 {
 /// LBA to MSF (minute, second, frame), counting the 2-second pregap.
 fn msf(lba: u64) -> [u8; 3] {
     let f = lba + 150;
-    [(f / (75 * 60)).min(255) as u8, ((f / 75) % 60) as u8, (f % 75) as u8]
+    [
+        (f / (75 * 60)).min(255) as u8,
+        ((f / 75) % 60) as u8,
+        (f % 75) as u8,
+    ]
 }
 
 /// A TOC address field: MSF (0, M, S, F) or a big-endian LBA.
@@ -217,21 +229,34 @@ fn toc_addr(lba: u64, use_msf: bool) -> [u8; 4] {
 }
 
 /// Decode a PACKET command.
-pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, cdb: &[u8; 16]) -> Plan {
-    let proto = Proto::Packet { dma: fis.features & 1 != 0 };
+pub fn prepare(
+    info: &DriveInfo,
+    st: &mut DriveState,
+    fis: &H2dRegisterFis,
+    cdb: &[u8; 16],
+) -> Plan {
+    let proto = Proto::Packet {
+        dma: fis.features & 1 != 0,
+    };
     let opcode = cdb[0];
     let fail = |st: &mut DriveState, s: Sense| Plan::done(check_condition(st, s), proto);
-    let illegal = |st: &mut DriveState, asc_: u8| fail(st, Sense::new(key::ILLEGAL_REQUEST, asc_, 0));
+    let illegal =
+        |st: &mut DriveState, asc_: u8| fail(st, Sense::new(key::ILLEGAL_REQUEST, asc_, 0));
     let reply = |data: Vec<u8>, alloc: usize| {
         let mut data = data;
         data.truncate(alloc);
-        Plan { action: Action::DataIn { data, tf: good() }, proto }
+        Plan {
+            action: Action::DataIn { data, tf: good() },
+            proto,
+        }
     };
 
     // A pending unit attention fails the first command that may report one (MMC-6 §4.1.6.1);
     // REQUEST SENSE reports it as data instead.
-    let reports_ua =
-        !matches!(opcode, op::INQUIRY | op::REQUEST_SENSE | op::GET_CONFIGURATION | op::GET_EVENT_STATUS);
+    let reports_ua = !matches!(
+        opcode,
+        op::INQUIRY | op::REQUEST_SENSE | op::GET_CONFIGURATION | op::GET_EVENT_STATUS
+    );
     if reports_ua {
         if let Some(ua) = st.atapi.unit_attention.take() {
             return fail(st, ua);
@@ -242,7 +267,12 @@ pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, cdb:
     }
     let needs_medium = matches!(
         opcode,
-        op::TEST_UNIT_READY | op::READ_CAPACITY | op::READ_10 | op::READ_12 | op::READ_TOC | op::READ_DISC_INFO
+        op::TEST_UNIT_READY
+            | op::READ_CAPACITY
+            | op::READ_10
+            | op::READ_12
+            | op::READ_TOC
+            | op::READ_DISC_INFO
     );
     if needs_medium && !st.atapi.loaded {
         let s = st.atapi.not_present();
@@ -286,12 +316,16 @@ pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, cdb:
                 if a.has_image && !a.loaded {
                     a.loaded = true;
                     a.event = media_event::NEW_MEDIA;
-                    a.unit_attention = Some(Sense::new(key::UNIT_ATTENTION, asc::MEDIUM_CHANGED, 0));
+                    a.unit_attention =
+                        Some(Sense::new(key::UNIT_ATTENTION, asc::MEDIUM_CHANGED, 0));
                 }
                 a.tray_open = false;
             } else {
                 if a.locked {
-                    return fail(st, Sense::new(key::ILLEGAL_REQUEST, asc::REMOVAL_PREVENTED, 2));
+                    return fail(
+                        st,
+                        Sense::new(key::ILLEGAL_REQUEST, asc::REMOVAL_PREVENTED, 2),
+                    );
                 }
                 if a.loaded {
                     a.event = media_event::MEDIA_REMOVAL;
@@ -306,13 +340,19 @@ pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, cdb:
             Plan::done(good(), proto)
         }
         op::READ_CAPACITY => {
-            let mut d = (blocks.saturating_sub(1).min(u64::from(u32::MAX)) as u32).to_be_bytes().to_vec();
+            let mut d = (blocks.saturating_sub(1).min(u64::from(u32::MAX)) as u32)
+                .to_be_bytes()
+                .to_vec();
             d.extend(CD_BLOCK.to_be_bytes());
             reply(d, 8)
         }
         op::READ_10 | op::READ_12 => {
             let lba = u64::from(be32(&cdb[2..6]));
-            let n = if opcode == op::READ_10 { u64::from(be16(&cdb[7..9])) } else { u64::from(be32(&cdb[6..10])) };
+            let n = if opcode == op::READ_10 {
+                u64::from(be16(&cdb[7..9]))
+            } else {
+                u64::from(be32(&cdb[6..10]))
+            };
             if lba + n > blocks {
                 return illegal(st, asc::LBA_OUT_OF_RANGE);
             }
@@ -320,7 +360,14 @@ pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, cdb:
                 return Plan::done(good(), proto);
             }
             let b = u64::from(CD_BLOCK);
-            Plan { action: Action::Read { offset: lba * b, len: n * b, lba }, proto }
+            Plan {
+                action: Action::Read {
+                    offset: lba * b,
+                    len: n * b,
+                    lba,
+                },
+                proto,
+            }
         }
         op::READ_TOC => {
             let use_msf = cdb[1] & 2 != 0;
@@ -348,7 +395,10 @@ pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, cdb:
             if rt == 3 {
                 return illegal(st, asc::INVALID_FIELD);
             }
-            reply(get_configuration(st, blocks, rt, be16(&cdb[2..4])), usize::from(be16(&cdb[7..9])))
+            reply(
+                get_configuration(st, blocks, rt, be16(&cdb[2..4])),
+                usize::from(be16(&cdb[7..9])),
+            )
         }
         op::GET_EVENT_STATUS => {
             if cdb[1] & 1 == 0 {
@@ -432,7 +482,12 @@ fn read_toc(blocks: u64, format: u8, track: u8, use_msf: bool) -> Option<Vec<u8>
         2 => {
             let lo = msf(blocks);
             let t1 = msf(0);
-            for (point, p) in [(0xa0, [1, 0x00, 0]), (0xa1, [1, 0, 0]), (0xa2, lo), (0x01, t1)] {
+            for (point, p) in [
+                (0xa0, [1, 0x00, 0]),
+                (0xa1, [1, 0, 0]),
+                (0xa2, lo),
+                (0x01, t1),
+            ] {
                 d.extend([1, ADR_CONTROL, 0, point, 0, 0, 0, 0]);
                 d.extend(p);
             }

@@ -50,13 +50,26 @@ pub fn parse(spec: &SlotSpec) -> Result<Vec<PortConfig>, ConfigError> {
     let items = &spec.opts.items;
     let ports = match dev {
         "ahci-hd" | "ahci-cd" => {
-            let kind = if dev == "ahci-hd" { DriveKind::Disk } else { DriveKind::Cdrom };
-            let flags = if kind == DriveKind::Disk { HD_FLAGS } else { CD_FLAGS };
-            let path = items.iter().position(|o| o.value.is_none() && !flags.contains(&o.key.as_str()));
+            let kind = if dev == "ahci-hd" {
+                DriveKind::Disk
+            } else {
+                DriveKind::Cdrom
+            };
+            let flags = if kind == DriveKind::Disk {
+                HD_FLAGS
+            } else {
+                CD_FLAGS
+            };
+            let path = items
+                .iter()
+                .position(|o| o.value.is_none() && !flags.contains(&o.key.as_str()));
             let mut opts = items.clone();
             let path = path.map(|i| opts.remove(i).key);
             if path.is_none() && kind == DriveKind::Disk {
-                return Err(device_err(dev, "no disk image given (ahci-hd,PATH[,options])"));
+                return Err(device_err(
+                    dev,
+                    "no disk image given (ahci-hd,PATH[,options])",
+                ));
             }
             vec![PortConfig { kind, path, opts }]
         }
@@ -76,7 +89,11 @@ pub fn parse(spec: &SlotSpec) -> Result<Vec<PortConfig>, ConfigError> {
                         if path.is_none() && kind == DriveKind::Disk {
                             return Err(device_err(dev, "hd: needs an image path (hd:PATH)"));
                         }
-                        ports.push(PortConfig { kind, path, opts: Vec::new() });
+                        ports.push(PortConfig {
+                            kind,
+                            path,
+                            opts: Vec::new(),
+                        });
                     }
                     (None, Some(p)) => p.opts.push(o.clone()),
                     (None, None) => {
@@ -95,7 +112,13 @@ pub fn parse(spec: &SlotSpec) -> Result<Vec<PortConfig>, ConfigError> {
         }
     };
     if ports.len() > MAX_PORTS {
-        return Err(device_err(dev, &format!("{} ports given; an AHCI HBA has at most {MAX_PORTS}", ports.len())));
+        return Err(device_err(
+            dev,
+            &format!(
+                "{} ports given; an AHCI HBA has at most {MAX_PORTS}",
+                ports.len()
+            ),
+        ));
     }
     for p in &ports {
         let (keys, flags) = key_set(p.kind);
@@ -112,19 +135,26 @@ fn key_set(kind: DriveKind) -> (&'static [&'static str], &'static [&'static str]
 }
 
 fn device_err(dev: &str, msg: &str) -> ConfigError {
-    ConfigError::Device { device: dev.to_string(), msg: msg.to_string() }
+    ConfigError::Device {
+        device: dev.to_string(),
+        msg: msg.to_string(),
+    }
 }
 
 /// FNV-1a, for stable default serial numbers and WWNs.
 fn fnv(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Sector sizes from `sectorsz=` / `sectorsize=` (last one wins).
 fn sector_sizes(o: &SlotOptions) -> Result<(u32, u32), ConfigError> {
     let mut sizes = (512, 512);
     for item in &o.items {
-        let Some(v) = item.value.as_deref() else { continue };
+        let Some(v) = item.value.as_deref() else {
+            continue;
+        };
         match item.key.as_str() {
             "sectorsz" => {
                 let n = match v {
@@ -135,7 +165,13 @@ fn sector_sizes(o: &SlotOptions) -> Result<(u32, u32), ConfigError> {
                 sizes = (n, n);
             }
             "sectorsize" => {
-                let bad = || o.bad_value("sectorsize", v, "use 512 or 4096, optionally /PHYSICAL (a power of two up to 32768)");
+                let bad = || {
+                    o.bad_value(
+                        "sectorsize",
+                        v,
+                        "use 512 or 4096, optionally /PHYSICAL (a power of two up to 32768)",
+                    )
+                };
                 let (l, p) = v.split_once('/').unwrap_or((v, v));
                 let l: u32 = l.parse().map_err(|_| bad())?;
                 let p: u32 = p.parse().map_err(|_| bad())?;
@@ -154,8 +190,14 @@ fn sector_sizes(o: &SlotOptions) -> Result<(u32, u32), ConfigError> {
 fn ata_string(o: &SlotOptions, key: &str, max: usize) -> Result<Option<String>, ConfigError> {
     match o.get(key) {
         None => Ok(None),
-        Some(v) if v.len() <= max && v.bytes().all(|c| c.is_ascii_graphic() || c == b' ') => Ok(Some(v.to_string())),
-        Some(v) => Err(o.bad_value(key, v, &format!("use at most {max} printable ASCII characters"))),
+        Some(v) if v.len() <= max && v.bytes().all(|c| c.is_ascii_graphic() || c == b' ') => {
+            Ok(Some(v.to_string()))
+        }
+        Some(v) => Err(o.bad_value(
+            key,
+            v,
+            &format!("use at most {max} printable ASCII characters"),
+        )),
     }
 }
 
@@ -176,10 +218,18 @@ pub fn open(dev: &str, index: usize, port: &PortConfig) -> Result<DriveInfo, Con
                 direct: o.flag("nocache") || o.flag("direct"),
                 sector_size: if cd { 512 } else { logical },
             };
-            let be = block::open(&spec).map_err(|e| device_err(dev, &format!("port {index}: {e}")))?;
-            let min = if cd { u64::from(CD_BLOCK) } else { u64::from(logical) };
+            let be =
+                block::open(&spec).map_err(|e| device_err(dev, &format!("port {index}: {e}")))?;
+            let min = if cd {
+                u64::from(CD_BLOCK)
+            } else {
+                u64::from(logical)
+            };
             if be.info().capacity < min {
-                return Err(device_err(dev, &format!("port {index}: {path} is smaller than one {min}-byte sector")));
+                return Err(device_err(
+                    dev,
+                    &format!("port {index}: {path} is smaller than one {min}-byte sector"),
+                ));
             }
             Some(be)
         }
@@ -187,9 +237,21 @@ pub fn open(dev: &str, index: usize, port: &PortConfig) -> Result<DriveInfo, Con
     let mut info = DriveInfo::new(port.kind, backend, logical, physical);
     let h = fnv(format!("{}:{index}", port.path.as_deref().unwrap_or("")).as_bytes());
     info.serial = serial.unwrap_or_else(|| {
-        format!("RHYVE-{:04X}-{:04X}-{:04X}", (h >> 32) & 0xffff, (h >> 16) & 0xffff, h & 0xffff)
+        format!(
+            "RHYVE-{:04X}-{:04X}-{:04X}",
+            (h >> 32) & 0xffff,
+            (h >> 16) & 0xffff,
+            h & 0xffff
+        )
     });
-    info.model = model.unwrap_or_else(|| if cd { "RHYVE SATA DVD-ROM" } else { "RHYVE SATA DISK" }.to_string());
+    info.model = model.unwrap_or_else(|| {
+        if cd {
+            "RHYVE SATA DVD-ROM"
+        } else {
+            "RHYVE SATA DISK"
+        }
+        .to_string()
+    });
     info.firmware = env!("CARGO_PKG_VERSION").to_string();
     // NAA 5 (IEEE registered) layout; the company and vendor bits are derived from the serial
     // number, so they are stable but not an assigned OUI.

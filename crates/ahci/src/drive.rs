@@ -3,7 +3,7 @@
 //! sense and tray state).
 //!
 //! The immutable half ([`DriveInfo`]) is shared with I/O jobs without locking; the mutable half
-//! ([`DriveState`]) lives in the port under the device lock, and jobs take what they need from it
+//! (`DriveState`) lives in the port under the device lock, and jobs take what they need from it
 //! when they start.
 
 use std::sync::Arc;
@@ -71,9 +71,22 @@ pub const CD_BLOCK: u32 = 2048;
 
 impl DriveInfo {
     /// Describes a drive over `backend`, deriving capacity and TRIM support from it.
-    pub fn new(kind: DriveKind, backend: Option<Arc<dyn BlockBackend>>, logical: u32, physical: u32) -> Self {
-        let logical = if kind == DriveKind::Cdrom { CD_BLOCK } else { logical };
-        let physical = if kind == DriveKind::Cdrom { CD_BLOCK } else { physical.max(logical) };
+    pub fn new(
+        kind: DriveKind,
+        backend: Option<Arc<dyn BlockBackend>>,
+        logical: u32,
+        physical: u32,
+    ) -> Self {
+        let logical = if kind == DriveKind::Cdrom {
+            CD_BLOCK
+        } else {
+            logical
+        };
+        let physical = if kind == DriveKind::Cdrom {
+            CD_BLOCK
+        } else {
+            physical.max(logical)
+        };
         let info = backend.as_ref().map(|b| b.info());
         let read_only = kind == DriveKind::Cdrom || info.is_some_and(|i| i.read_only);
         DriveInfo {
@@ -109,7 +122,7 @@ impl DriveInfo {
 
 /// ATA power modes (ACS-4 §4.15) as CHECK POWER MODE reports them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PowerMode {
+pub(crate) enum PowerMode {
     /// Active or idle: FFh.
     Active,
     /// Idle (after IDLE / IDLE IMMEDIATE): 80h.
@@ -130,11 +143,11 @@ impl PowerMode {
 }
 
 /// Transfer mode selected with SET FEATURES 03h, encoded as its Count value.
-pub const XFER_UDMA6: u8 = 0x46;
+pub(crate) const XFER_UDMA6: u8 = 0x46;
 
 /// Settings and conditions a guest changes with commands.
 #[derive(Debug)]
-pub struct DriveState {
+pub(crate) struct DriveState {
     /// Volatile write cache enabled.
     pub wce: bool,
     /// Read look-ahead enabled.
@@ -158,7 +171,7 @@ pub struct DriveState {
 }
 
 /// Largest READ/WRITE MULTIPLE block (IDENTIFY word 47).
-pub const MAX_MULTIPLE: u8 = 16;
+pub(crate) const MAX_MULTIPLE: u8 = 16;
 
 impl DriveState {
     /// Power-on defaults for `info`.

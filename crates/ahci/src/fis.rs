@@ -43,7 +43,19 @@ pub const CONTROL_SRST: u8 = 1 << 2;
 
 /// Register FIS, host to device: the command (or device control) the host sends.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
 pub struct H2dRegisterFis {
     /// [`fis_type::REG_H2D`].
     pub fis_type: u8,
@@ -84,11 +96,22 @@ pub struct H2dRegisterFis {
 impl H2dRegisterFis {
     /// The 48-bit LBA.
     pub fn lba48(&self) -> u64 {
-        u64::from_le_bytes([self.lba0, self.lba1, self.lba2, self.lba3, self.lba4, self.lba5, 0, 0])
+        u64::from_le_bytes([
+            self.lba0, self.lba1, self.lba2, self.lba3, self.lba4, self.lba5, 0, 0,
+        ])
     }
     /// The 28-bit LBA (bits 27:24 come from the Device register).
     pub fn lba28(&self) -> u64 {
-        u64::from_le_bytes([self.lba0, self.lba1, self.lba2, self.device & 0x0f, 0, 0, 0, 0])
+        u64::from_le_bytes([
+            self.lba0,
+            self.lba1,
+            self.lba2,
+            self.device & 0x0f,
+            0,
+            0,
+            0,
+            0,
+        ])
     }
     /// Count 15:0.
     pub fn count16(&self) -> u16 {
@@ -106,7 +129,19 @@ impl H2dRegisterFis {
 
 /// Register FIS, device to host: command status and register outputs.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
 pub struct D2hRegisterFis {
     /// [`fis_type::REG_D2H`].
     pub fis_type: u8,
@@ -142,7 +177,19 @@ pub struct D2hRegisterFis {
 
 /// PIO Setup FIS, device to host: announces a PIO data block and the status after it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
 pub struct PioSetupFis {
     /// [`fis_type::PIO_SETUP`].
     pub fis_type: u8,
@@ -184,7 +231,19 @@ pub struct PioSetupFis {
 
 /// DMA Setup FIS: announces a first-party DMA transfer (sent by the device for NCQ).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
 pub struct DmaSetupFis {
     /// [`fis_type::DMA_SETUP`].
     pub fis_type: u8,
@@ -208,7 +267,19 @@ pub struct DmaSetupFis {
 
 /// Set Device Bits FIS: NCQ completions (SActive bits) and asynchronous notification.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
 pub struct SetDeviceBitsFis {
     /// [`fis_type::SET_DEVICE_BITS`].
     pub fis_type: u8,
@@ -224,7 +295,19 @@ pub struct SetDeviceBitsFis {
 
 /// Command header: one of 32 entries in a port's command list.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
 pub struct CommandHeader {
     /// DW0 bits 15:0: CFL, A, W, P, R, B, C, PMP.
     pub flags: U16,
@@ -275,7 +358,19 @@ impl CommandHeader {
 
 /// Physical Region Descriptor: one scatter/gather element of a command's data buffer.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
 pub struct PrdtEntry {
     /// Data Base Address (bit 0 reserved: word aligned).
     pub dba: U32,
@@ -411,7 +506,13 @@ impl TaskFile {
     }
 
     /// A PIO Setup FIS announcing `bytes` of data with these outputs and ending status.
-    pub fn pio_setup(&self, start_status: u8, bytes: u16, to_host: bool, interrupt: bool) -> PioSetupFis {
+    pub fn pio_setup(
+        &self,
+        start_status: u8,
+        bytes: u16,
+        to_host: bool,
+        interrupt: bool,
+    ) -> PioSetupFis {
         let d = self.d2h(false);
         PioSetupFis {
             fis_type: fis_type::PIO_SETUP,
@@ -458,10 +559,22 @@ mod tests {
 
     #[test]
     fn outputs_to_fis() {
-        let tf = TaskFile { status: 0x51, error: 0x10, count: 0x0203, lba: 0x0a0b_0c0d_0e0f, device: 0x40 };
+        let tf = TaskFile {
+            status: 0x51,
+            error: 0x10,
+            count: 0x0203,
+            lba: 0x0a0b_0c0d_0e0f,
+            device: 0x40,
+        };
         let d = tf.d2h(true);
-        assert_eq!(d.as_bytes()[..14], [0x34, 0x40, 0x51, 0x10, 0x0f, 0x0e, 0x0d, 0x40, 0x0c, 0x0b, 0x0a, 0, 3, 2]);
+        assert_eq!(
+            d.as_bytes()[..14],
+            [0x34, 0x40, 0x51, 0x10, 0x0f, 0x0e, 0x0d, 0x40, 0x0c, 0x0b, 0x0a, 0, 3, 2]
+        );
         let p = tf.pio_setup(0x58, 512, true, true);
-        assert_eq!((p.flags, p.status, p.e_status, p.transfer_count.get()), (0x60, 0x58, 0x51, 512));
+        assert_eq!(
+            (p.flags, p.status, p.e_status, p.transfer_count.get()),
+            (0x60, 0x58, 0x51, 512)
+        );
     }
 }

@@ -53,7 +53,15 @@ impl Hba {
             | cap::PSC
             | ((SLOTS - 1) << cap::NCS_SHIFT)
             | ((np - 1) & cap::NP_MASK);
-        Hba { cap, ghc: 0, is: 0, ports, reset_pending: false, intx: false, interrupts: 0 }
+        Hba {
+            cap,
+            ghc: 0,
+            is: 0,
+            ports,
+            reset_pending: false,
+            intx: false,
+            interrupts: 0,
+        }
     }
 
     /// Interface speed the links train to.
@@ -99,7 +107,13 @@ impl Hba {
     }
 
     /// Global register write. Returns true when an HBA reset was requested.
-    pub fn write_global(&mut self, off: u64, val: u32, mask: u32, func: &Mutex<PciFunction>) -> bool {
+    pub fn write_global(
+        &mut self,
+        off: u64,
+        val: u32,
+        mask: u32,
+        func: &Mutex<PciFunction>,
+    ) -> bool {
         let v = val & mask;
         match off {
             reg::GHC => {

@@ -123,6 +123,7 @@ mod bit {
     pub const WORDS_119_120_VALID: u16 = 1 << 15;
     // word 84/87
     pub const WWN: u16 = 1 << 8;
+    pub const FUA: u16 = 1 << 6;
     pub const GPL: u16 = 1 << 5;
     // word 119/120
     pub const READ_LOG_DMA: u16 = 1 << 3;
@@ -146,7 +147,11 @@ mod bit {
 fn put_string(words: &mut [u16], start: usize, nwords: usize, s: &str) {
     let mut bytes = vec![b' '; nwords * 2];
     for (d, c) in bytes.iter_mut().zip(s.bytes()) {
-        *d = if c.is_ascii_graphic() || c == b' ' { c } else { b' ' };
+        *d = if c.is_ascii_graphic() || c == b' ' {
+            c
+        } else {
+            b' '
+        };
     }
     for i in 0..nwords {
         words[start + i] = u16::from_be_bytes([bytes[2 * i], bytes[2 * i + 1]]);
@@ -167,8 +172,16 @@ fn put_u64(words: &mut [u16], start: usize, v: u64) {
 /// Transfer-mode words 63 and 88 for the selected mode.
 fn transfer_words(words: &mut [u16], state: &DriveState) {
     let mode = state.xfer_mode;
-    let mwdma_sel = if mode & 0xf8 == 0x20 { 1u16 << (8 + (mode & 7)) } else { 0 };
-    let udma_sel = if mode & 0xf8 == 0x40 { 1u16 << (8 + (mode & 7)) } else { 0 };
+    let mwdma_sel = if mode & 0xf8 == 0x20 {
+        1u16 << (8 + (mode & 7))
+    } else {
+        0
+    };
+    let udma_sel = if mode & 0xf8 == 0x40 {
+        1u16 << (8 + (mode & 7))
+    } else {
+        0
+    };
     words[w::MWDMA] = 0x0007 | mwdma_sel;
     words[w::PIO_MODES] = 0x0003;
     words[w::MWDMA_MIN_CYCLE] = 120;
@@ -198,7 +211,10 @@ fn common(words: &mut [u16], info: &DriveInfo, state: &DriveState) {
 /// Word 255: signature A5h and a checksum making the 512 bytes sum to zero.
 fn seal(words: &mut [u16; IDENTIFY_WORDS]) {
     words[w::INTEGRITY] = bit::INTEGRITY_SIGNATURE;
-    let sum = words.iter().flat_map(|w| w.to_le_bytes()).fold(0u8, |a, b| a.wrapping_add(b));
+    let sum = words
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .fold(0u8, |a, b| a.wrapping_add(b));
     words[w::INTEGRITY] |= u16::from(0u8.wrapping_sub(sum)) << 8;
 }
 
@@ -223,7 +239,11 @@ pub fn identify_device(info: &DriveInfo, state: &DriveState) -> [u16; IDENTIFY_W
 
     words[w::MAX_MULTIPLE] = 0x8000 | u16::from(MAX_MULTIPLE);
     words[w::TRUSTED] = bit::VALID;
-    words[w::MULTIPLE] = if state.multiple != 0 { bit::MULTIPLE_VALID | u16::from(state.multiple) } else { 0 };
+    words[w::MULTIPLE] = if state.multiple != 0 {
+        bit::MULTIPLE_VALID | u16::from(state.multiple)
+    } else {
+        0
+    };
     put_u32(&mut words, w::LBA28, sectors.min(LBA28_MAX) as u32);
 
     let mut add = bit::EXT_SECTORS_SUPPORTED;
@@ -232,14 +252,18 @@ pub fn identify_device(info: &DriveInfo, state: &DriveState) -> [u16; IDENTIFY_W
     }
     words[w::ADDITIONAL_SUPPORTED] = add;
     words[w::QUEUE_DEPTH] = NCQ_DEPTH - 1;
-    words[w::SATA_CAP] =
-        bit::SATA_GEN1 | bit::SATA_GEN2 | bit::SATA_GEN3 | bit::SATA_NCQ | bit::SATA_HIPM | bit::SATA_READ_LOG_DMA;
+    words[w::SATA_CAP] = bit::SATA_GEN1
+        | bit::SATA_GEN2
+        | bit::SATA_GEN3
+        | bit::SATA_NCQ
+        | bit::SATA_HIPM
+        | bit::SATA_READ_LOG_DMA;
     words[w::SATA_CAP2] |= bit::SATA_SEND_RECV_FPDMA;
 
     let supported = bit::LOOK_AHEAD | bit::WRITE_CACHE | bit::POWER_MGMT | bit::SMART;
     words[w::CMD_SET_SUPPORTED] = supported;
     words[w::CMD_SET_SUPPORTED2] = bit::VALID | bit::FLUSH_EXT | bit::FLUSH | bit::LBA48;
-    words[w::CMD_SET_SUPPORTED_EXT] = bit::VALID | bit::WWN | bit::GPL;
+    words[w::CMD_SET_SUPPORTED_EXT] = bit::VALID | bit::WWN | bit::FUA | bit::GPL;
     let mut enabled = bit::POWER_MGMT;
     if state.look_ahead {
         enabled |= bit::LOOK_AHEAD;
@@ -251,8 +275,9 @@ pub fn identify_device(info: &DriveInfo, state: &DriveState) -> [u16; IDENTIFY_W
         enabled |= bit::SMART;
     }
     words[w::CMD_SET_ENABLED] = enabled;
-    words[w::CMD_SET_ENABLED2] = bit::WORDS_119_120_VALID | bit::FLUSH_EXT | bit::FLUSH | bit::LBA48;
-    words[w::CMD_SET_DEFAULT] = bit::VALID | bit::WWN | bit::GPL;
+    words[w::CMD_SET_ENABLED2] =
+        bit::WORDS_119_120_VALID | bit::FLUSH_EXT | bit::FLUSH | bit::LBA48;
+    words[w::CMD_SET_DEFAULT] = bit::VALID | bit::WWN | bit::FUA | bit::GPL;
 
     put_u64(&mut words, w::LBA48, sectors);
     words[w::DSM_MAX] = if info.trim { DSM_MAX_BLOCKS } else { 0 };
@@ -284,7 +309,8 @@ pub fn identify_packet_device(info: &DriveInfo, state: &DriveState) -> [u16; IDE
     let mut words = [0u16; IDENTIFY_WORDS];
     common(&mut words, info, state);
     // ATAPI, CD-ROM device type, removable, 50 µs DRQ, 12-byte command packets.
-    words[w::GENERAL_CONFIG] = bit::ATAPI_DEVICE | bit::ATAPI_CDROM | bit::REMOVABLE | bit::DRQ_50US;
+    words[w::GENERAL_CONFIG] =
+        bit::ATAPI_DEVICE | bit::ATAPI_CDROM | bit::REMOVABLE | bit::DRQ_50US;
     words[w::SATA_CAP] = bit::SATA_GEN1 | bit::SATA_GEN2 | bit::SATA_GEN3 | bit::SATA_HIPM;
     let set = bit::NOP | bit::DEVICE_RESET | bit::PACKET | bit::POWER_MGMT;
     words[w::CMD_SET_SUPPORTED] = set;

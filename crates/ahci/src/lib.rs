@@ -42,7 +42,10 @@ use std::sync::{Arc, Mutex};
 
 use block::Executor;
 use pci::config::BarKind;
-use pci::{caps, BarInfo, ConfigError, ConfigSpace, DeviceContext, GuestMem, PciDevice, PciFunction, SlotSpec};
+use pci::{
+    caps, BarInfo, ConfigError, ConfigSpace, DeviceContext, GuestMem, PciDevice, PciFunction,
+    SlotSpec,
+};
 
 pub use drive::{DriveInfo, DriveKind};
 
@@ -99,7 +102,9 @@ pub struct Ahci {
 
 impl std::fmt::Debug for Ahci {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ahci").field("ports", &self.shared.drives).finish()
+        f.debug_struct("Ahci")
+            .field("ports", &self.shared.drives)
+            .finish()
     }
 }
 
@@ -120,7 +125,10 @@ impl Ahci {
     /// # Panics
     /// If `drives` is empty or has more than 32 entries (a caller bug; [`create`] checks).
     pub fn new(drives: Vec<DriveInfo>, ctx: &DeviceContext) -> Ahci {
-        assert!((1..=hreg::MAX_PORTS).contains(&drives.len()), "AHCI needs 1 to 32 ports");
+        assert!(
+            (1..=hreg::MAX_PORTS).contains(&drives.len()),
+            "AHCI needs 1 to 32 ports"
+        );
         let n = drives.len();
         let drives: Vec<Arc<DriveInfo>> = drives.into_iter().map(Arc::new).collect();
         let ports = drives.iter().map(|d| Port::new(Arc::clone(d))).collect();
@@ -130,8 +138,16 @@ impl Ahci {
         if ctx.intx_supported {
             cfg.set_interrupt_pin(1);
         }
-        let bar_size = (hreg::PORT_BASE + n as u64 * hreg::PORT_STRIDE).next_power_of_two().max(0x1000);
-        cfg.add_bar(usize::from(ABAR), BarKind::Mem32 { prefetchable: false }, bar_size);
+        let bar_size = (hreg::PORT_BASE + n as u64 * hreg::PORT_STRIDE)
+            .next_power_of_two()
+            .max(0x1000);
+        cfg.add_bar(
+            usize::from(ABAR),
+            BarKind::Mem32 {
+                prefetchable: false,
+            },
+            bar_size,
+        );
         let log2_vectors = n.next_power_of_two().trailing_zeros() as u8;
         let msi = caps::add_msi(&mut cfg, log2_vectors);
         caps::add_pm(&mut cfg);
@@ -232,7 +248,9 @@ impl PciDevice for Ahci {
         // Gather the bytes into (dword, value, byte-mask) writes, applied in address order.
         let mut writes: Vec<(u64, u32, u32)> = Vec::new();
         for (i, &b) in data.iter().enumerate() {
-            let Some(off) = offset.checked_add(i as u64).filter(|o| *o < self.bar_size) else { continue };
+            let Some(off) = offset.checked_add(i as u64).filter(|o| *o < self.bar_size) else {
+                continue;
+            };
             let (dw, shift) = (off & !3, (off & 3) * 8);
             match writes.last_mut() {
                 Some((d, v, m)) if *d == dw => {
@@ -250,12 +268,24 @@ impl PciDevice for Ahci {
     }
 
     fn bars(&self) -> Vec<BarInfo> {
-        vec![BarInfo { index: ABAR, size: self.bar_size, kind: BarKind::Mem32 { prefetchable: false } }]
+        vec![BarInfo {
+            index: ABAR,
+            size: self.bar_size,
+            kind: BarKind::Mem32 {
+                prefetchable: false,
+            },
+        }]
     }
 
     fn shutdown(&mut self) {
         self.shared.exec.wait_idle();
-        for be in self.shared.drives.iter().filter(|d| !d.read_only).filter_map(|d| d.backend.as_ref()) {
+        for be in self
+            .shared
+            .drives
+            .iter()
+            .filter(|d| !d.read_only)
+            .filter_map(|d| d.backend.as_ref())
+        {
             if let Err(e) = be.flush() {
                 ::log::warn!("ahci: flush at shutdown failed: {e}");
             }

@@ -96,7 +96,11 @@ fn identify_page(info: &DriveInfo, state: &DriveState, page: u8) -> Vec<u8> {
             put_qword(&mut p, 0, id_header(page));
             put_qword(&mut p, 1, VALID | info.sectors);
             // Physical/logical sector size: relationship and logical size supported.
-            put_qword(&mut p, 2, VALID | (1 << 62) | (1 << 61) | (u64::from(info.phys_shift()) << 16));
+            put_qword(
+                &mut p,
+                2,
+                VALID | (1 << 62) | (1 << 61) | (u64::from(info.phys_shift()) << 16),
+            );
             put_qword(&mut p, 3, VALID | u64::from(info.logical / 2));
             put_qword(&mut p, 4, 0); // nominal buffer size not reported
         }
@@ -108,7 +112,13 @@ fn identify_page(info: &DriveInfo, state: &DriveState, page: u8) -> Vec<u8> {
 /// READ LOG (DMA) EXT data for `count` pages of `log` starting at `page`, or `None` when the
 /// request names a log or page the device lacks (the command then aborts). Log 10h is handled by
 /// the caller.
-pub fn read_log(info: &DriveInfo, state: &DriveState, log: u8, page: u16, count: u16) -> Option<Vec<u8>> {
+pub fn read_log(
+    info: &DriveInfo,
+    state: &DriveState,
+    log: u8,
+    page: u16,
+    count: u16,
+) -> Option<Vec<u8>> {
     let size = log_pages(log);
     if count == 0 || u32::from(page) + u32::from(count) > u32::from(size) {
         return None;
@@ -138,7 +148,11 @@ pub struct DriveCounters {
 
 impl Default for DriveCounters {
     fn default() -> Self {
-        DriveCounters { created: Instant::now(), read_bytes: AtomicU64::new(0), written_bytes: AtomicU64::new(0) }
+        DriveCounters {
+            created: Instant::now(),
+            read_bytes: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(0),
+        }
     }
 }
 
@@ -169,7 +183,12 @@ fn attributes(c: &DriveCounters) -> [(u8, u16, u64, u8); 6] {
         (attr::POWER_ON_HOURS, 0x0032, hours, 0),
         (attr::POWER_CYCLES, 0x0032, 1, 0),
         (attr::TEMPERATURE, 0x0022, TEMPERATURE_C, 0),
-        (attr::LBAS_WRITTEN, 0x0032, c.written_bytes.load(Relaxed) / 512, 0),
+        (
+            attr::LBAS_WRITTEN,
+            0x0032,
+            c.written_bytes.load(Relaxed) / 512,
+            0,
+        ),
         (attr::LBAS_READ, 0x0032, c.read_bytes.load(Relaxed) / 512, 0),
     ]
 }

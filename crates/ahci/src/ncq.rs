@@ -62,7 +62,12 @@ pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, slot
             let sector = u64::from(info.logical);
             let (offset, len) = (lba * sector, count * sector);
             let action = if write {
-                Action::Write { offset, len, lba, flush: fis.device & DEVICE_FUA != 0 || !st.wce }
+                Action::Write {
+                    offset,
+                    len,
+                    lba,
+                    flush: fis.device & DEVICE_FUA != 0 || !st.wce,
+                }
             } else {
                 Action::Read { offset, len, lba }
             };
@@ -74,7 +79,12 @@ pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, slot
             if !queued_trim || !info.trim || blocks == 0 || blocks > DSM_MAX_BLOCKS {
                 return abort();
             }
-            Plan { action: Action::Trim { len: u64::from(blocks) * 512 }, proto }
+            Plan {
+                action: Action::Trim {
+                    len: u64::from(blocks) * 512,
+                },
+                proto,
+            }
         }
         _ => abort(), // NCQ NON-DATA and RECEIVE FPDMA QUEUED are not offered
     }
@@ -108,7 +118,10 @@ mod tests {
 
     #[test]
     fn error_log_layout() {
-        let e = NcqError { tag: 7, tf: ata::fail(error::IDNF, 0x0102_0304_0506) };
+        let e = NcqError {
+            tag: 7,
+            tf: ata::fail(error::IDNF, 0x0102_0304_0506),
+        };
         let p = error_log(Some(&e));
         assert_eq!(p[0], 7);
         assert_eq!((p[2], p[3]), (0x41, 0x10));

@@ -100,7 +100,10 @@ impl Plan {
     /// A command that completes at once with `tf`, reported as `proto` (a failed data command
     /// is still reported in its own protocol, e.g. an NCQ error through Set Device Bits).
     pub fn done(tf: TaskFile, proto: Proto) -> Self {
-        Plan { action: Action::Done(tf), proto }
+        Plan {
+            action: Action::Done(tf),
+            proto,
+        }
     }
 
     /// Bytes the data phase moves to (`true`) or from (`false`) the host, if any.

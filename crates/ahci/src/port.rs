@@ -15,7 +15,7 @@ use crate::ata;
 use crate::drive::{DriveInfo, DriveState};
 use crate::fis::{rx, TaskFile};
 use crate::prdt::{write_guest, GuestFault, Mem};
-use crate::regs::{cap, port as reg, pxcmd, pxis, serr, sctl, ssts, tfd};
+use crate::regs::{cap, port as reg, pxcmd, pxis, sctl, serr, ssts, tfd};
 
 /// PxTFD while the device is resetting: BSY.
 const TFD_RESETTING: u32 = ata::status::BSY as u32;
@@ -181,10 +181,20 @@ impl Port {
         match off {
             // The command list may not move while the engine runs, nor the FIS area while FIS
             // reception is on (AHCI 1.3.1 §3.3.1, §3.3.3).
-            reg::CLB if !self.cr() => self.clb = (self.clb & !0xffff_ffff) | u64::from(merge(self.clb as u32) & reg::CLB_MASK),
-            reg::CLBU if !self.cr() => self.clb = (self.clb & 0xffff_ffff) | (u64::from(merge((self.clb >> 32) as u32)) << 32),
-            reg::FB if self.cmd & pxcmd::FRE == 0 => self.fb = (self.fb & !0xffff_ffff) | u64::from(merge(self.fb as u32) & reg::FB_MASK),
-            reg::FBU if self.cmd & pxcmd::FRE == 0 => self.fb = (self.fb & 0xffff_ffff) | (u64::from(merge((self.fb >> 32) as u32)) << 32),
+            reg::CLB if !self.cr() => {
+                self.clb =
+                    (self.clb & !0xffff_ffff) | u64::from(merge(self.clb as u32) & reg::CLB_MASK)
+            }
+            reg::CLBU if !self.cr() => {
+                self.clb =
+                    (self.clb & 0xffff_ffff) | (u64::from(merge((self.clb >> 32) as u32)) << 32)
+            }
+            reg::FB if self.cmd & pxcmd::FRE == 0 => {
+                self.fb = (self.fb & !0xffff_ffff) | u64::from(merge(self.fb as u32) & reg::FB_MASK)
+            }
+            reg::FBU if self.cmd & pxcmd::FRE == 0 => {
+                self.fb = (self.fb & 0xffff_ffff) | (u64::from(merge((self.fb >> 32) as u32)) << 32)
+            }
             reg::IS => self.is &= !(v & pxis::RW1C),
             reg::IE => self.ie = merge(self.ie) & pxis::IE_MASK,
             reg::CMD => fx = self.write_cmd(merge(self.cmd_value()), hba_cap),
@@ -240,8 +250,16 @@ impl Port {
         let allowed = (self.sctl >> sctl::IPM_SHIFT) & 0xf;
         let ipm = match icc {
             pxcmd::ICC_ACTIVE => ssts::IPM_ACTIVE,
-            pxcmd::ICC_PARTIAL if hba_cap & cap::PSC != 0 && allowed & sctl::IPM_NO_PARTIAL == 0 => ssts::IPM_PARTIAL,
-            pxcmd::ICC_SLUMBER if hba_cap & cap::SSC != 0 && allowed & sctl::IPM_NO_SLUMBER == 0 => ssts::IPM_SLUMBER,
+            pxcmd::ICC_PARTIAL
+                if hba_cap & cap::PSC != 0 && allowed & sctl::IPM_NO_PARTIAL == 0 =>
+            {
+                ssts::IPM_PARTIAL
+            }
+            pxcmd::ICC_SLUMBER
+                if hba_cap & cap::SSC != 0 && allowed & sctl::IPM_NO_SLUMBER == 0 =>
+            {
+                ssts::IPM_SLUMBER
+            }
             _ => return, // idle/no-op, DevSleep (not offered), reserved, or refused by PxSCTL.IPM
         };
         self.set_ipm(ipm);
@@ -273,7 +291,10 @@ impl Port {
             }
             (sctl::DET_COMRESET | sctl::DET_DISABLE, sctl::DET_NONE) => {
                 self.link_pending = true;
-                return Effects { settle: true, ..Default::default() };
+                return Effects {
+                    settle: true,
+                    ..Default::default()
+                };
             }
             _ => {}
         }
@@ -315,8 +336,13 @@ impl Port {
             return;
         }
         let limit = (self.sctl >> sctl::SPD_SHIFT) & 0xf;
-        let spd = if limit != 0 && limit < iss { limit } else { iss };
-        self.ssts = ssts::DET_PRESENT | (spd << ssts::SPD_SHIFT) | (ssts::IPM_ACTIVE << ssts::IPM_SHIFT);
+        let spd = if limit != 0 && limit < iss {
+            limit
+        } else {
+            iss
+        };
+        self.ssts =
+            ssts::DET_PRESENT | (spd << ssts::SPD_SHIFT) | (ssts::IPM_ACTIVE << ssts::IPM_SHIFT);
         self.serr |= serr::DIAG_X | serr::DIAG_N;
         self.dev.reset();
         let tf = ata::signature(&self.info);

@@ -32,7 +32,8 @@ pub struct GuestFault;
 /// Read `buf.len()` bytes of guest memory at `addr`, failing without side effects when any part
 /// lies outside guest RAM.
 pub fn read_guest(mem: &Mem, addr: u64, buf: &mut [u8]) -> Result<(), GuestFault> {
-    mem.read_slice(buf, GuestAddress(addr)).map_err(|_| GuestFault)
+    mem.read_slice(buf, GuestAddress(addr))
+        .map_err(|_| GuestFault)
 }
 
 /// Write `buf` to guest memory at `addr` only if all of it lies inside guest RAM (a plain
@@ -41,13 +42,17 @@ pub fn write_guest(mem: &Mem, addr: u64, buf: &[u8]) -> Result<(), GuestFault> {
     if !in_ram(mem, addr, buf.len() as u64) {
         return Err(GuestFault);
     }
-    mem.write_slice(buf, GuestAddress(addr)).map_err(|_| GuestFault)
+    mem.write_slice(buf, GuestAddress(addr))
+        .map_err(|_| GuestFault)
 }
 
 /// True if `[addr, addr + len)` is entirely guest RAM.
 pub fn in_ram(mem: &Mem, addr: u64, len: u64) -> bool {
-    let Ok(len) = usize::try_from(len) else { return false };
-    addr.checked_add(len as u64).is_some() && GuestMemoryBackend::check_range(mem, GuestAddress(addr), len)
+    let Ok(len) = usize::try_from(len) else {
+        return false;
+    };
+    addr.checked_add(len as u64).is_some()
+        && GuestMemoryBackend::check_range(mem, GuestAddress(addr), len)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -118,7 +123,11 @@ impl Sg {
 
     /// Visit the next `len` bytes of the list as (guest address, offset into the caller's buffer,
     /// length) pieces.
-    fn walk(&mut self, len: usize, mut f: impl FnMut(u64, usize, usize) -> Result<(), GuestFault>) -> Result<(), GuestFault> {
+    fn walk(
+        &mut self,
+        len: usize,
+        mut f: impl FnMut(u64, usize, usize) -> Result<(), GuestFault>,
+    ) -> Result<(), GuestFault> {
         let mut done = 0usize;
         while done < len {
             let seg = *self.segs.get(self.idx).ok_or(GuestFault)?;
@@ -137,13 +146,17 @@ impl Sg {
 
     /// Copy `data` to the next bytes of the list (device to host).
     pub fn write(&mut self, mem: &Mem, data: &[u8]) -> Result<(), GuestFault> {
-        self.walk(data.len(), |addr, at, n| write_guest(mem, addr, &data[at..at + n]))
+        self.walk(data.len(), |addr, at, n| {
+            write_guest(mem, addr, &data[at..at + n])
+        })
     }
 
     /// Fill `buf` from the next bytes of the list (host to device).
     pub fn read(&mut self, mem: &Mem, buf: &mut [u8]) -> Result<(), GuestFault> {
         let len = buf.len();
-        self.walk(len, |addr, at, n| read_guest(mem, addr, &mut buf[at..at + n]))
+        self.walk(len, |addr, at, n| {
+            read_guest(mem, addr, &mut buf[at..at + n])
+        })
     }
 }
 
@@ -163,7 +176,11 @@ mod tests {
     #[test]
     fn load_validates_and_walks() {
         let mem = Mem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let t = [entry(0x1000, 6, false), entry(0x2000, 10, true), entry(0xdead_0000, 16, false)];
+        let t = [
+            entry(0x1000, 6, false),
+            entry(0x2000, 10, true),
+            entry(0xdead_0000, 16, false),
+        ];
         let bytes: Vec<u8> = t.iter().flat_map(|e| e.as_bytes().to_vec()).collect();
         mem.write_slice(&bytes, GuestAddress(0x100)).unwrap();
         // The third (bad) entry is never needed for 12 bytes.
@@ -174,12 +191,22 @@ mod tests {
         mem.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
         assert_eq!(b, [1, 1, 1, 1, 1, 1, 0, 0]);
         assert_eq!(sg.moved(), 12);
-        assert_eq!(Sg::load(&mem, 0x100, 3, 20).unwrap_err(), PrdtFault::OutsideRam);
+        assert_eq!(
+            Sg::load(&mem, 0x100, 3, 20).unwrap_err(),
+            PrdtFault::OutsideRam
+        );
         assert_eq!(Sg::load(&mem, 0x100, 2, 20).unwrap_err(), PrdtFault::Short);
-        assert_eq!(Sg::load(&mem, 0xfff8, 2, 4).unwrap_err(), PrdtFault::OutsideRam);
+        assert_eq!(
+            Sg::load(&mem, 0xfff8, 2, 4).unwrap_err(),
+            PrdtFault::OutsideRam
+        );
         let mut bad = entry(0x1000, 2, false);
         bad.dbc.set(bad.dbc.get() | 1 << 22);
-        mem.write_slice(bad.as_bytes(), GuestAddress(0x100)).unwrap();
-        assert_eq!(Sg::load(&mem, 0x100, 1, 2).unwrap_err(), PrdtFault::Malformed);
+        mem.write_slice(bad.as_bytes(), GuestAddress(0x100))
+            .unwrap();
+        assert_eq!(
+            Sg::load(&mem, 0x100, 1, 2).unwrap_err(),
+            PrdtFault::Malformed
+        );
     }
 }

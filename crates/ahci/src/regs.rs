@@ -2,7 +2,7 @@
 //! the model implements named once here so the state machines read like the specification.
 //!
 //! Offsets are relative to ABAR (BAR5). All registers are 32 bits wide; the guest may access
-//! them with any width, which [`crate::hba`] splits into dword reads and masked dword writes.
+//! them with any width, which the `hba` module splits into dword reads and masked dword writes.
 
 /// Generic host control registers (AHCI 1.3.1 §3.1).
 pub mod hba {
@@ -167,20 +167,8 @@ pub mod pxis {
     /// Cold Port Detect.
     pub const CPDS: u32 = 1 << 31;
     /// Bits software clears by writing 1.
-    pub const RW1C: u32 = DHRS
-        | PSS
-        | DSS
-        | SDBS
-        | DPS
-        | DMPS
-        | IPMS
-        | OFS
-        | INFS
-        | IFS
-        | HBDS
-        | HBFS
-        | TFES
-        | CPDS;
+    pub const RW1C: u32 =
+        DHRS | PSS | DSS | SDBS | DPS | DMPS | IPMS | OFS | INFS | IFS | HBDS | HBFS | TFES | CPDS;
     /// Bits PxIE can enable.
     pub const IE_MASK: u32 = RW1C | UFS | PCS | PRCS;
     /// Errors after which the port stops processing the command list until PxCMD.ST is cleared.

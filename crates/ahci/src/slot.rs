@@ -18,8 +18,8 @@ use crate::ata::{self, status};
 use crate::atapi;
 use crate::drive::{DriveInfo, DriveKind};
 use crate::fis::{
-    fis_type, header, rx, table, CommandHeader, DmaSetupFis, H2dRegisterFis, SetDeviceBitsFis, TaskFile,
-    CONTROL_SRST, FIS_A, FIS_D, FIS_I,
+    fis_type, header, rx, table, CommandHeader, DmaSetupFis, H2dRegisterFis, SetDeviceBitsFis,
+    TaskFile, CONTROL_SRST, FIS_A, FIS_D, FIS_I,
 };
 use crate::hba::{lock, Hba};
 use crate::ncq::NcqError;
@@ -52,7 +52,10 @@ pub fn kick(shared: &Arc<Shared>, hba: &mut Hba, pidx: usize) {
         if pending == 0 {
             return;
         }
-        let slot = (0..32u8).map(|i| (p.next_slot + i) % 32).find(|s| pending & (1 << s) != 0).unwrap_or(0);
+        let slot = (0..32u8)
+            .map(|i| (p.next_slot + i) % 32)
+            .find(|s| pending & (1 << s) != 0)
+            .unwrap_or(0);
         let f = match fetch(&mem, p, slot) {
             Ok(f) => f,
             Err((bit, serr_bits)) => {
@@ -63,6 +66,9 @@ pub fn kick(shared: &Arc<Shared>, hba: &mut Hba, pidx: usize) {
         };
         if f.queued {
             accept_queued(&mem, p, &f);
+            if p.halted {
+                return; // the FIS area is unusable: fatal error already flagged
+            }
         } else if p.queued != 0 {
             return; // a non-queued command waits for the queue to drain
         } else {
@@ -72,8 +78,13 @@ pub fn kick(shared: &Arc<Shared>, hba: &mut Hba, pidx: usize) {
         p.next_slot = (slot + 1) % 32;
         p.in_flight += 1;
         p.set_ipm(ssts::IPM_ACTIVE); // issuing a command wakes the link
-        let sh = Arc::clone(shared);
-        shared.exec.submit(Box::new(move || run(&sh, pidx, f)));
+        let job = Job {
+            shared: Arc::clone(shared),
+            pidx,
+            f,
+            armed: true,
+        };
+        shared.exec.submit(Box::new(move || run(job)));
     }
 }
 
@@ -93,7 +104,14 @@ fn fetch(mem: &Mem, p: &Port, slot: u8) -> Result<Fetched, (u32, u32)> {
         return Err((pxis::IFS, serr::ERR_P | serr::DIAG_H));
     }
     let queued = fis.is_command() && p.info.kind == DriveKind::Disk && ata::is_queued(fis.command);
-    Ok(Fetched { slot, header, header_addr, fis, queued, generation: p.generation })
+    Ok(Fetched {
+        slot,
+        header,
+        header_addr,
+        fis,
+        queued,
+        generation: p.generation,
+    })
 }
 
 /// A queued command is accepted at once: the device releases the bus with a D2H Register FIS
@@ -102,7 +120,11 @@ fn accept_queued(mem: &Mem, p: &mut Port, f: &Fetched) {
     let bit = 1u32 << f.slot;
     p.ci &= !bit;
     p.queued |= bit;
-    let tf = TaskFile { status: status::DRDY, device: ata::DEVICE_LBA, ..Default::default() };
+    let tf = TaskFile {
+        status: status::DRDY,
+        device: ata::DEVICE_LBA,
+        ..Default::default()
+    };
     p.set_tfd(&tf);
     let write = f.fis.command != ata::cmd::READ_FPDMA;
     let mut ds = DmaSetupFis {
@@ -111,7 +133,9 @@ fn accept_queued(mem: &Mem, p: &mut Port, f: &Fetched) {
         ..Default::default()
     };
     ds.buffer_id_lo.set(u32::from(f.slot));
-    if p.post(mem, rx::RFIS, tf.d2h(false).as_bytes()).is_err() || p.post(mem, rx::DSFIS, ds.as_bytes()).is_err() {
+    if p.post(mem, rx::RFIS, tf.d2h(false).as_bytes()).is_err()
+        || p.post(mem, rx::DSFIS, ds.as_bytes()).is_err()
+    {
         p.fatal(pxis::HBFS, f.slot);
     }
 }
@@ -136,12 +160,39 @@ pub fn settle(shared: &Arc<Shared>, hba: &mut Hba) {
     }
 }
 
+/// One command's job. It completes exactly once: through [`Job::finish`], or, should the job
+/// ever panic, by its drop, which retires it without reporting anything (so PxCMD.CR and HBA
+/// reset never wait forever for it).
+struct Job {
+    shared: Arc<Shared>,
+    pidx: usize,
+    f: Fetched,
+    armed: bool,
+}
+
+impl Job {
+    fn finish(mut self, done: Option<(Plan, IoResult, Option<Sg>)>) {
+        self.armed = false;
+        finish(&self.shared, self.pidx, &self.f, done);
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if self.armed {
+            finish(&self.shared, self.pidx, &self.f, None);
+        }
+    }
+}
+
 /// The I/O job of one command.
-fn run(shared: &Arc<Shared>, pidx: usize, f: Fetched) {
+fn run(job: Job) {
+    let (shared, pidx, f) = (&job.shared, job.pidx, job.f);
     let mem = shared.mem.memory();
     let info = Arc::clone(&shared.drives[pidx]);
     let mut acmd = [0u8; table::ACMD_LEN];
-    let packet = info.kind == DriveKind::Cdrom && f.fis.is_command() && f.fis.command == ata::cmd::PACKET;
+    let packet =
+        info.kind == DriveKind::Cdrom && f.fis.is_command() && f.fis.command == ata::cmd::PACKET;
     let acmd_ok = !packet || read_guest(&mem, f.header.ctba() + table::ACMD, &mut acmd).is_ok();
 
     let plan = {
@@ -149,16 +200,20 @@ fn run(shared: &Arc<Shared>, pidx: usize, f: Fetched) {
         let p = &mut hba.ports[pidx];
         if p.generation != f.generation {
             drop(hba);
-            return finish(shared, pidx, &f, None);
+            return job.finish(None);
         }
         if !acmd_ok {
             drop(hba);
-            return finish(shared, pidx, &f, Some((Plan::done(ata::ok(), Proto::NonData), IoResult::HostFault(pxis::HBFS), None)));
+            return job.finish(Some((
+                Plan::done(ata::ok(), Proto::NonData),
+                IoResult::HostFault(pxis::HBFS),
+                None,
+            )));
         }
         if !f.fis.is_command() {
             device_control(&mem, p, &f);
             drop(hba);
-            return finish(shared, pidx, &f, None);
+            return job.finish(None);
         }
         ata::prepare(&info, &mut p.dev, &f.fis, &acmd, f.slot)
     };
@@ -166,7 +221,12 @@ fn run(shared: &Arc<Shared>, pidx: usize, f: Fetched) {
     let mut sg = None;
     let mut result = IoResult::Ok;
     if let Some((len, to_host)) = plan.transfer() {
-        match Sg::load(&mem, f.header.ctba() + table::PRDT, f.header.prdtl.get(), len) {
+        match Sg::load(
+            &mem,
+            f.header.ctba() + table::PRDT,
+            f.header.prdtl.get(),
+            len,
+        ) {
             Ok(s) => sg = Some(s),
             Err(PrdtFault::Short) if to_host => result = IoResult::HostFault(pxis::OFS),
             Err(_) => result = IoResult::HostFault(pxis::HBFS),
@@ -174,9 +234,16 @@ fn run(shared: &Arc<Shared>, pidx: usize, f: Fetched) {
     }
     if result == IoResult::Ok {
         let mut none = Sg::default();
-        result = execute(shared, &info, &mem, &plan.action, sg.as_mut().unwrap_or(&mut none));
+        result = execute(
+            shared,
+            &info,
+            &mem,
+            &plan.action,
+            sg.as_mut().unwrap_or(&mut none),
+        );
     }
-    finish(shared, pidx, &f, Some((plan, result, sg)));
+    drop(mem);
+    job.finish(Some((plan, result, sg)));
 }
 
 /// A Register H2D FIS with C clear updates the Device Control register: SRST asserted resets the
@@ -206,10 +273,11 @@ fn device_control(mem: &Mem, p: &mut Port, f: &Fetched) {
 fn execute(shared: &Shared, info: &DriveInfo, mem: &Mem, action: &Action, sg: &mut Sg) -> IoResult {
     let host = IoResult::HostFault(pxis::HBFS);
     let lba_at = |off: u64| off / u64::from(info.logical);
-    let Some(be) = info.backend.as_ref() else {
+    let Some(be) = info.backend.as_deref() else {
+        // No medium: decoding refuses medium access before it gets here.
         return match action {
-            Action::Done(_) | Action::Flush => IoResult::Ok,
             Action::DataIn { data, .. } => sg.write(mem, data).map_or(host, |_| IoResult::Ok),
+            Action::Done(_) | Action::Flush => IoResult::Ok,
             _ => IoResult::ReadError { lba: 0 },
         };
     };
@@ -222,8 +290,14 @@ fn execute(shared: &Shared, info: &DriveInfo, mem: &Mem, action: &Action, sg: &m
             let mut pos = 0;
             while pos < *len {
                 let n = (*len - pos).min(CHUNK) as usize;
-                if be.read_vectored(offset + pos, &mut [IoSliceMut::new(&mut buf[..n])]).is_err() {
-                    return IoResult::ReadError { lba: lba_at(offset + pos) };
+                let chunk = &mut buf[..n];
+                if be
+                    .read_vectored(offset + pos, &mut [IoSliceMut::new(chunk)])
+                    .is_err()
+                {
+                    return IoResult::ReadError {
+                        lba: lba_at(offset + pos),
+                    };
                 }
                 if to_host {
                     if sg.write(mem, &buf[..n]).is_err() {
@@ -236,7 +310,9 @@ fn execute(shared: &Shared, info: &DriveInfo, mem: &Mem, action: &Action, sg: &m
             }
             IoResult::Ok
         }
-        Action::Write { offset, len, flush, .. } => {
+        Action::Write {
+            offset, len, flush, ..
+        } => {
             let mut buf = vec![0u8; (*len).min(CHUNK) as usize];
             let mut pos = 0;
             while pos < *len {
@@ -244,15 +320,22 @@ fn execute(shared: &Shared, info: &DriveInfo, mem: &Mem, action: &Action, sg: &m
                 if sg.read(mem, &mut buf[..n]).is_err() {
                     return host;
                 }
-                if be.write_vectored(offset + pos, &[IoSlice::new(&buf[..n])]).is_err() {
-                    return IoResult::WriteError { lba: lba_at(offset + pos) };
+                if be
+                    .write_vectored(offset + pos, &[IoSlice::new(&buf[..n])])
+                    .is_err()
+                {
+                    return IoResult::WriteError {
+                        lba: lba_at(offset + pos),
+                    };
                 }
                 shared.stats.written_bytes.fetch_add(n as u64, Relaxed);
                 info.counters.written_bytes.fetch_add(n as u64, Relaxed);
                 pos += n as u64;
             }
             if *flush && be.flush().is_err() {
-                return IoResult::WriteError { lba: lba_at(*offset) };
+                return IoResult::WriteError {
+                    lba: lba_at(*offset),
+                };
             }
             IoResult::Ok
         }
@@ -268,7 +351,7 @@ fn execute(shared: &Shared, info: &DriveInfo, mem: &Mem, action: &Action, sg: &m
             if sg.read(mem, &mut list).is_err() {
                 return host;
             }
-            trim(info, be.as_ref(), &list)
+            trim(info, be, &list)
         }
     }
 }
@@ -314,11 +397,16 @@ fn outcome(info: &DriveInfo, p: &mut Port, plan: &Plan, result: IoResult) -> Tas
 
 /// Complete a job under the lock: report the command (unless it was abandoned), then start what
 /// can start next and signal interrupts.
-fn finish(shared: &Arc<Shared>, pidx: usize, f: &Fetched, done: Option<(Plan, IoResult, Option<Sg>)>) {
+fn finish(
+    shared: &Arc<Shared>,
+    pidx: usize,
+    f: &Fetched,
+    done: Option<(Plan, IoResult, Option<Sg>)>,
+) {
     let mem = shared.mem.memory();
     let mut hba = lock(&shared.state);
     let p = &mut hba.ports[pidx];
-    p.in_flight -= 1;
+    p.in_flight = p.in_flight.saturating_sub(1);
     let live = p.generation == f.generation;
     if live {
         if f.queued {
@@ -349,7 +437,15 @@ fn finish(shared: &Arc<Shared>, pidx: usize, f: &Fetched, done: Option<(Plan, Io
 
 /// Post the FISes that report a finished command and update the port registers (AHCI 1.3.1
 /// §5.3: RegFIS, PIO, SDB states). A failed command leaves its PxCI bit set and halts the port.
-fn report(mem: &Mem, p: &mut Port, f: &Fetched, proto: Proto, tf: &TaskFile, moved: u64, prd_irq: bool) {
+fn report(
+    mem: &Mem,
+    p: &mut Port,
+    f: &Fetched,
+    proto: Proto,
+    tf: &TaskFile,
+    moved: u64,
+    prd_irq: bool,
+) {
     let bit = 1u32 << f.slot;
     let failed = tf.status & status::ERR != 0;
     let mut ok = true;
@@ -387,13 +483,23 @@ fn report(mem: &Mem, p: &mut Port, f: &Fetched, proto: Proto, tf: &TaskFile, mov
             match proto {
                 Proto::PioIn { block } if !failed => {
                     let start = status::DRDY | status::DSC | status::DRQ;
-                    post(p, rx::PSFIS, tf.pio_setup(start, last_block(block), true, true).as_bytes());
+                    post(
+                        p,
+                        rx::PSFIS,
+                        tf.pio_setup(start, last_block(block), true, true)
+                            .as_bytes(),
+                    );
                     done_bit = pxis::PSS;
                 }
                 Proto::PioOut { block } => {
                     if moved > 0 {
                         let start = status::DRDY | status::DSC | status::DRQ;
-                        post(p, rx::PSFIS, tf.pio_setup(start, last_block(block), false, false).as_bytes());
+                        post(
+                            p,
+                            rx::PSFIS,
+                            tf.pio_setup(start, last_block(block), false, false)
+                                .as_bytes(),
+                        );
                     }
                     post(p, rx::RFIS, tf.d2h(true).as_bytes());
                 }

@@ -25,6 +25,10 @@ use crate::Ahci;
 
 /// Guest RAM: 16 MiB at address 0.
 pub const RAM: u64 = 16 << 20;
+/// A second, small RAM region above 4 GiB (exercises the upper address registers).
+pub const HIGH: u64 = 0x1_0000_0000;
+/// Size of the high region.
+pub const HIGH_LEN: u64 = 1 << 20;
 /// An address just past guest RAM.
 pub const OUTSIDE: u64 = RAM + 0x1000;
 /// Start of the data buffer area.
@@ -124,7 +128,9 @@ impl BlockBackend for TestBackend {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         if let Some((a, b)) = *self.fail_reads.lock().unwrap() {
             if offset < b && offset + len > a {
-                return Err(block::BlockError::Io(std::io::Error::other("injected read error")));
+                return Err(block::BlockError::Io(std::io::Error::other(
+                    "injected read error",
+                )));
             }
         }
         let r = self.inner.read_vectored(offset, bufs);
@@ -190,7 +196,14 @@ impl Cmd {
             device: 0x40,
             ..Default::default()
         };
-        Cmd { fis, acmd: [0; 16], prdt: Vec::new(), flags: 0, cfl: 5, ncq: false }
+        Cmd {
+            fis,
+            acmd: [0; 16],
+            prdt: Vec::new(),
+            flags: 0,
+            cfl: 5,
+            ncq: false,
+        }
     }
     /// A 48-bit LBA (also sets the 28-bit fields).
     pub fn lba(mut self, lba: u64) -> Cmd {
@@ -244,7 +257,10 @@ impl Cmd {
     }
     /// READ/WRITE FPDMA QUEUED of `count` sectors at `lba` with `tag`.
     pub fn fpdma(command: u8, tag: u8, lba: u64, count: u16) -> Cmd {
-        let mut c = Cmd::ata(command).lba(lba).features(count).count(u16::from(tag) << 3);
+        let mut c = Cmd::ata(command)
+            .lba(lba)
+            .features(count)
+            .count(u16::from(tag) << 3);
         c.ncq = true;
         c
     }
@@ -276,7 +292,7 @@ impl Done {
 
 /// The driver.
 pub struct Driver {
-    pub dev: Ahci,
+    pub dev: Box<dyn PciDevice>,
     pub mem: GuestMemoryMmap,
     pub irq: Arc<Rec>,
 }
@@ -288,24 +304,52 @@ impl Driver {
     }
 
     pub fn with_intx(drives: Vec<DriveInfo>, intx_supported: bool) -> Driver {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+        Self::build_with(|ctx| Ok(Box::new(Ahci::new(drives, ctx))), intx_supported).unwrap()
+    }
+
+    /// A controller from a `-s` specification, e.g. `5,ahci,hd:disk.img`.
+    pub fn from_spec(spec: &str) -> Result<Driver, pci::ConfigError> {
+        let spec = pci::SlotSpec::parse(spec)?;
+        Self::build_with(|ctx| crate::create(&spec, ctx), true)
+    }
+
+    fn build_with(
+        make: impl FnOnce(&DeviceContext) -> Result<Box<dyn PciDevice>, pci::ConfigError>,
+        intx_supported: bool,
+    ) -> Result<Driver, pci::ConfigError> {
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), RAM as usize),
+            (GuestAddress(HIGH), HIGH_LEN as usize),
+        ])
+        .unwrap();
         let irq = Arc::new(Rec::default());
-        let ctx = DeviceContext { mem: GuestMem::new(mem.clone()), irq: irq.clone(), intx_supported };
-        let dev = Ahci::new(drives, &ctx);
+        let ctx = DeviceContext {
+            mem: GuestMem::new(mem.clone()),
+            irq: irq.clone(),
+            intx_supported,
+        };
+        let dev = make(&ctx)?;
         let mut d = Driver { dev, mem, irq };
-        d.cfg_w16(pci::config::reg::COMMAND, pci::config::cmd::MEMORY_SPACE | pci::config::cmd::BUS_MASTER);
-        d
+        d.cfg_w16(
+            pci::config::reg::COMMAND,
+            pci::config::cmd::MEMORY_SPACE | pci::config::cmd::BUS_MASTER,
+        );
+        Ok(d)
     }
 
     /// A controller with ports already reset and started, the way Linux leaves them.
     pub fn started(drives: Vec<DriveInfo>) -> Driver {
-        let n = drives.len();
-        let mut d = Driver::new(drives);
-        d.hba_reset();
+        Driver::new(drives).start()
+    }
+
+    /// Reset the HBA and start every port.
+    pub fn start(mut self) -> Driver {
+        self.hba_reset();
+        let n = (self.r32(hba::CAP) & 0x1f) as usize + 1;
         for p in 0..n {
-            d.port_start(p);
+            self.port_start(p);
         }
-        d
+        self
     }
 
     /// The controller's counters by name.
@@ -415,7 +459,9 @@ impl Driver {
         self.pw(p, preg::FBU, (fb >> 32) as u32);
         let c = self.pr(p, preg::CMD);
         self.pw(p, preg::CMD, c | pxcmd::FRE);
-        self.wait("link up", |d| d.pr(p, preg::SSTS) & 0xf == 3 && d.pr(p, preg::TFD) & 0x88 == 0);
+        self.wait("link up", |d| {
+            d.pr(p, preg::SSTS) & 0xf == 3 && d.pr(p, preg::TFD) & 0x88 == 0
+        });
         self.pw(p, preg::SERR, u32::MAX);
         self.pw(p, preg::IS, u32::MAX);
         self.w32(hba::IS, u32::MAX);
@@ -430,7 +476,9 @@ impl Driver {
         self.pw(p, preg::SCTL, s | 1);
         std::thread::sleep(Duration::from_millis(1));
         self.pw(p, preg::SCTL, s);
-        self.wait("link up after COMRESET", |d| d.pr(p, preg::SSTS) & 0xf == 3 && d.pr(p, preg::TFD) & 0x80 == 0);
+        self.wait("link up after COMRESET", |d| {
+            d.pr(p, preg::SSTS) & 0xf == 3 && d.pr(p, preg::TFD) & 0x80 == 0
+        });
     }
 
     /// Write the command header and table for `slot` (does not issue it).
@@ -446,7 +494,11 @@ impl Driver {
         cfis[..20].copy_from_slice(cmd.fis.as_bytes());
         self.write_mem(t, &cfis);
         self.write_mem(t + 0x40, &cmd.acmd);
-        let prdt: Vec<u8> = cmd.prdt.iter().flat_map(|e| e.as_bytes().to_vec()).collect();
+        let prdt: Vec<u8> = cmd
+            .prdt
+            .iter()
+            .flat_map(|e| e.as_bytes().to_vec())
+            .collect();
         self.write_mem(t + 0x80, &prdt);
     }
 
@@ -463,7 +515,8 @@ impl Driver {
     pub fn wait_slot(&mut self, p: usize, slot: u8) -> Done {
         let bit = 1u32 << slot;
         self.wait("command completion", |d| {
-            (d.pr(p, preg::CI) | d.pr(p, preg::SACT)) & bit == 0 || d.pr(p, preg::IS) & pxis::FATAL != 0
+            (d.pr(p, preg::CI) | d.pr(p, preg::SACT)) & bit == 0
+                || d.pr(p, preg::IS) & pxis::FATAL != 0
         });
         self.snapshot(p)
     }
@@ -558,7 +611,11 @@ impl Driver {
 /// The canary pattern for all of guest RAM.
 pub fn canary() -> &'static [u8] {
     static PATTERN: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    PATTERN.get_or_init(|| (0..RAM).map(|a| (a ^ (a >> 7) ^ (a >> 13)) as u8 ^ 0x5a).collect())
+    PATTERN.get_or_init(|| {
+        (0..RAM)
+            .map(|a| (a ^ (a >> 7) ^ (a >> 13)) as u8 ^ 0x5a)
+            .collect()
+    })
 }
 
 /// A deterministic byte pattern for disk data.

@@ -58,7 +58,7 @@ impl Shared {
         }
     }
 
-    fn from_host(&self, st: &State, sqe: &Sqe, len: usize) -> Result<Vec<u8>, Status> {
+    fn data_from_host(&self, st: &State, sqe: &Sqe, len: usize) -> Result<Vec<u8>, Status> {
         let mem = self.mem.memory();
         let segs = prp::map_prp(&*mem, sqe.dptr[0], sqe.dptr[1], len as u64, Self::page_size(st))?;
         let mut buf = vec![0; len];
@@ -392,7 +392,7 @@ impl Shared {
             }
             fid::WRITE_ATOMICITY => ft.write_atomicity = v & 1,
             fid::ASYNC_EVENT_CONFIG => ft.async_event_config = v & AEC_SUPPORTED,
-            fid::TIMESTAMP => match self.from_host(st, sqe, 8) {
+            fid::TIMESTAMP => match self.data_from_host(st, sqe, 8) {
                 Ok(b) => {
                     let mut ms = [0u8; 8];
                     ms[..6].copy_from_slice(&b[..6]);
@@ -589,16 +589,20 @@ impl Shared {
         if targets.iter().any(|&i| st.namespaces[i].read_only) {
             return Outcome::status(Status::NS_WRITE_PROTECTED);
         }
+        let mut any_changed = false;
         for &i in &targets {
             let ns = &mut st.namespaces[i];
             let changed = ns.flbas != lbaf as u8;
             ns.flbas = lbaf as u8;
             let nsid = ns.nsid;
+            any_changed |= changed;
             if changed && !st.logs.changed_ns.contains(&nsid) {
                 st.logs.changed_ns.push(nsid);
             }
         }
-        if st.features.async_event_config & (1 << 8) != 0 {
+        // Namespace Attribute Notices announce a changed Identify Namespace; a format that keeps
+        // the LBA format changes nothing the host could re-read.
+        if any_changed && st.features.async_event_config & (1 << 8) != 0 {
             self.async_event(st, aer::TYPE_NOTICE, aer::NOTICE_NS_ATTR_CHANGED, lid::CHANGED_NAMESPACES);
         }
         if ses == 0 {

@@ -340,7 +340,13 @@ impl Shared {
                 return;
             }
             cq.head = val;
-            if cq.drain_overflow(&*mem).is_err() {
+            let mut ok = cq.drain_overflow(&*mem).is_ok();
+            if let Some((db, ei)) = st.dbbuf.filter(|_| qid != 0) {
+                let intx = self.lock_pci().mode() == InterruptMode::Intx;
+                let cq = st.cqs[qid].as_mut().expect("checked above");
+                ok &= cq_event_idx(cq, &*mem, db, ei, qid, intx);
+            }
+            if !ok {
                 self.fatal(&mut st, "cannot write completion queue");
                 return;
             }
@@ -440,22 +446,7 @@ impl Shared {
         }
         ok &= cq.post(&*mem, make_cqe(sqid, head, cid, status, dw0)).is_ok();
         if let Some((db, ei)) = shadow {
-            // Ask for a head doorbell only when completions wait for space or INTx must follow
-            // the head; otherwise each post re-reads the shadow head.
-            loop {
-                let want_ring = intx || !cq.overflow.is_empty();
-                let event = if want_ring { cq.head } else { (cq.head + cq.size - 1) % cq.size };
-                let _ = write_u32(&*mem, ei + cqid as u64 * 8 + 4, event);
-                std::sync::atomic::fence(Ordering::SeqCst);
-                if !want_ring {
-                    break;
-                }
-                let before = cq.head;
-                ok &= sync_shadow_head(cq, &*mem, db + cqid as u64 * 8 + 4);
-                if cq.head == before {
-                    break;
-                }
-            }
+            ok &= cq_event_idx(cq, &*mem, db, ei, cqid, intx);
         }
         if !ok {
             self.fatal(st, "cannot write completion queue entry");
@@ -586,6 +577,30 @@ fn read_u32<M: vm_memory::GuestMemory>(mem: &M, addr: u64) -> Option<u32> {
 
 fn write_u32<M: vm_memory::GuestMemory>(mem: &M, addr: u64, v: u32) -> Option<()> {
     vm_memory::Bytes::write_slice(mem, &v.to_le_bytes(), vm_memory::GuestAddress(addr)).ok()
+}
+
+/// Tell a host using shadow doorbells whether its next CQ head update needs an MMIO doorbell:
+/// only when completions wait for space (or INTx must follow the head); otherwise every post
+/// re-reads the shadow head. Returns false only if writing the CQ failed.
+fn cq_event_idx<M: vm_memory::GuestMemory>(cq: &mut CompQueue, mem: &M, db: u64, ei: u64, cqid: usize, intx: bool) -> bool {
+    let (head_slot, event_slot) = (db + cqid as u64 * 8 + 4, ei + cqid as u64 * 8 + 4);
+    loop {
+        let want_ring = intx || !cq.overflow.is_empty();
+        let event = if want_ring { cq.head } else { (cq.head + cq.size - 1) % cq.size };
+        let _ = write_u32(mem, event_slot, event);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !want_ring {
+            return true;
+        }
+        // The host may have moved the head before it could see the new EventIdx.
+        let before = cq.head;
+        if !sync_shadow_head(cq, mem, head_slot) {
+            return false;
+        }
+        if cq.head == before {
+            return true;
+        }
+    }
 }
 
 /// Adopt the host's shadow CQ head if it is a legal value, and fill freed slots. Returns false

@@ -54,7 +54,7 @@ pub struct NvmeController {
 impl NvmeController {
     /// Build a controller from parsed configuration and opened namespaces.
     pub fn new(cfg: CtrlConfig, ctx: &DeviceContext, namespaces: Vec<Namespace>) -> Self {
-        let vectors = u16::from(cfg.maxq) + 1;
+        let vectors = cfg.maxq + 1;
         let bar0_size = (reg_space(cfg.maxq)).next_power_of_two().max(0x4000);
         let mut cs = ConfigSpace::new(PCI_VENDOR_ID, PCI_DEVICE_ID, 0x01, 0x08, 0x02, 0);
         cs.set_subsystem(PCI_VENDOR_ID, PCI_DEVICE_ID);

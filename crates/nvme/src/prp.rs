@@ -130,7 +130,7 @@ pub fn map_sgl<M: GuestMemory>(mem: &M, sgl1: SglDescriptor, len: u64, host_to_c
             if (styp != sgl::SEGMENT && styp != sgl::LAST_SEGMENT) || sub != 0 {
                 return Err(Status::SGL_TYPE_INVALID);
             }
-            if seg.len == 0 || seg.len % 16 != 0 {
+            if seg.len == 0 || !seg.len.is_multiple_of(16) {
                 return Err(Status::INVALID_SGL_SEGMENT);
             }
             let n = (seg.len / 16) as usize;

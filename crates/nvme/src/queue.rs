@@ -11,6 +11,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::spec::{Cqe, Sqe, Status};
 
+/// Queue memory named by the host could not be read or written (it is not guest RAM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueMemFault;
+
 /// A submission queue.
 #[derive(Debug)]
 pub struct SubQueue {
@@ -37,9 +41,9 @@ impl SubQueue {
     }
 
     /// Fetch the entry at `head` and advance it.
-    pub fn fetch<M: GuestMemory>(&mut self, mem: &M) -> Result<Sqe, ()> {
+    pub fn fetch<M: GuestMemory>(&mut self, mem: &M) -> Result<Sqe, QueueMemFault> {
         let addr = self.base.wrapping_add(u64::from(self.head) * 64);
-        let sqe: Sqe = crate::prp::read_struct(mem, addr).ok_or(())?;
+        let sqe: Sqe = crate::prp::read_struct(mem, addr).ok_or(QueueMemFault)?;
         self.head = (self.head + 1) % self.size;
         Ok(sqe)
     }
@@ -99,7 +103,7 @@ impl CompQueue {
     }
 
     /// Post `cqe` (its phase bit is set here), or queue it while the CQ is full.
-    pub fn post<M: GuestMemory>(&mut self, mem: &M, cqe: Cqe) -> Result<(), ()> {
+    pub fn post<M: GuestMemory>(&mut self, mem: &M, cqe: Cqe) -> Result<(), QueueMemFault> {
         if self.full() || !self.overflow.is_empty() {
             self.overflow.push_back(cqe);
             return Ok(());
@@ -107,15 +111,15 @@ impl CompQueue {
         self.write(mem, cqe)
     }
 
-    fn write<M: GuestMemory>(&mut self, mem: &M, mut cqe: Cqe) -> Result<(), ()> {
+    fn write<M: GuestMemory>(&mut self, mem: &M, mut cqe: Cqe) -> Result<(), QueueMemFault> {
         cqe.status = (cqe.status & !1) | u16::from(self.phase);
         let addr = self.base.wrapping_add(u64::from(self.tail) * 16);
         // Write DW0-DW2 first and the DW3 (CID + status with phase) last: a host polling the phase
         // bit must never see a new phase with stale contents.
         let bytes = zerocopy::IntoBytes::as_bytes(&cqe);
-        mem.write_slice(&bytes[..12], GuestAddress(addr)).map_err(|_| ())?;
+        mem.write_slice(&bytes[..12], GuestAddress(addr)).map_err(|_| QueueMemFault)?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        mem.write_slice(&bytes[12..], GuestAddress(addr + 12)).map_err(|_| ())?;
+        mem.write_slice(&bytes[12..], GuestAddress(addr + 12)).map_err(|_| QueueMemFault)?;
         self.tail = (self.tail + 1) % self.size;
         if self.tail == 0 {
             self.phase = !self.phase;
@@ -125,7 +129,7 @@ impl CompQueue {
     }
 
     /// The host moved the head: post waiting completions into the freed slots.
-    pub fn drain_overflow<M: GuestMemory>(&mut self, mem: &M) -> Result<(), ()> {
+    pub fn drain_overflow<M: GuestMemory>(&mut self, mem: &M) -> Result<(), QueueMemFault> {
         while !self.full() {
             let Some(c) = self.overflow.pop_front() else { break };
             self.write(mem, c)?;

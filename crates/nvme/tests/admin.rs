@@ -44,14 +44,26 @@ fn identify_controller_into_buffer_straddling_a_page() {
     assert_eq!(u16_at(&id, 0), 0xfb5d, "VID");
     assert_eq!(u16_at(&id, 2), 0xfb5d, "SSVID");
     assert_eq!(&id[4..24], b"TESTSER1            ", "SN, space padded");
-    assert_eq!(&id[24..64], format!("{:<40}", "rhyve NVMe").as_bytes(), "MN");
+    assert_eq!(
+        &id[24..64],
+        format!("{:<40}", "rhyve NVMe").as_bytes(),
+        "MN"
+    );
     assert_eq!(&id[64..72], b"1.0     ", "FR");
     assert_eq!(id[77], 7, "MDTS");
     assert_eq!(u16_at(&id, 78), 1, "CNTLID");
     assert_eq!(u32_at(&id, 80), 0x0002_0000, "VER");
-    assert_eq!(u32_at(&id, 92) & (1 << 8), 1 << 8, "OAES namespace attribute notices");
+    assert_eq!(
+        u32_at(&id, 92) & (1 << 8),
+        1 << 8,
+        "OAES namespace attribute notices"
+    );
     assert_eq!(id[111], 1, "CNTRLTYPE I/O controller");
-    assert_eq!(u16_at(&id, 256), (1 << 1) | (1 << 8), "OACS: Format NVM, Doorbell Buffer Config");
+    assert_eq!(
+        u16_at(&id, 256),
+        (1 << 1) | (1 << 8),
+        "OACS: Format NVM, Doorbell Buffer Config"
+    );
     assert_eq!(id[258], 3, "ACL");
     assert_eq!(id[259], 3, "AERL");
     assert_eq!(id[261] & 0b110, 0b110, "LPA: effects log, extended data");
@@ -60,7 +72,11 @@ fn identify_controller_into_buffer_straddling_a_page() {
     assert_eq!(id[512], 0x66, "SQES");
     assert_eq!(id[513], 0x44, "CQES");
     assert_eq!(u32_at(&id, 516), 2, "NN");
-    assert_eq!(u16_at(&id, 520), 0b1101_1101, "ONCS: compare, DSM, WZ, save/select, timestamp, verify");
+    assert_eq!(
+        u16_at(&id, 520),
+        0b1101_1101,
+        "ONCS: compare, DSM, WZ, save/select, timestamp, verify"
+    );
     assert_eq!(id[525], 0x7, "VWC present, flush broadcast supported");
     assert_eq!(u32_at(&id, 536), 0x1 | (1 << 16), "SGLS");
     assert!(id[768..].starts_with(b"nqn.2026-11.io.rhyve:nvme:TESTSER1\0"));
@@ -81,7 +97,11 @@ fn identify_namespaces_lists_and_descriptors() {
     assert_eq!((u16_at(&ns1, 132), ns1[134]), (0, 12), "LBAF1 4096");
     let ns2 = d.identify_ok(0x00, 2);
     assert_eq!(u64_at(&ns2, 0), NS2_BLOCKS);
-    assert_ne!(&ns1[104..128], &ns2[104..128], "NGUID/EUI64 differ per namespace");
+    assert_ne!(
+        &ns1[104..128],
+        &ns2[104..128],
+        "NGUID/EUI64 differ per namespace"
+    );
 
     for nsid in [0, 3, 0xffff_fffe, 0xffff_ffff] {
         let (c, _) = d.identify(0x00, nsid, 0);
@@ -103,9 +123,17 @@ fn identify_namespaces_lists_and_descriptors() {
     // Namespace identification descriptors: EUI-64, NGUID, UUID, CSI.
     let desc = d.identify_ok(0x03, 1);
     assert_eq!(&desc[0..4], &[1, 8, 0, 0]);
-    assert_eq!(&desc[4..12], &ns1[120..128], "EUI-64 matches Identify Namespace");
+    assert_eq!(
+        &desc[4..12],
+        &ns1[120..128],
+        "EUI-64 matches Identify Namespace"
+    );
     assert_eq!(&desc[12..16], &[2, 16, 0, 0]);
-    assert_eq!(&desc[16..32], &ns1[104..120], "NGUID matches Identify Namespace");
+    assert_eq!(
+        &desc[16..32],
+        &ns1[104..120],
+        "NGUID matches Identify Namespace"
+    );
     assert_eq!(&desc[32..36], &[3, 16, 0, 0]);
     let uuid = &desc[36..52];
     assert_eq!(uuid[6] >> 4, 8, "UUID version 8");
@@ -160,7 +188,11 @@ fn identify_bad_data_pointers() {
     assert_status(&d.admin(id(MEM_SIZE - 8, MEM_SIZE)), 0, 0x04);
     assert_status(&d.admin(id(buf + PAGE - 8, MEM_SIZE)), 0, 0x04);
     d.check_mem();
-    assert_eq!(d.read_mem(MEM_SIZE - 8, 8), vec![0u8; 8], "nothing written at the end of RAM");
+    assert_eq!(
+        d.read_mem(MEM_SIZE - 8, 8),
+        vec![0u8; 8],
+        "nothing written at the end of RAM"
+    );
     // Admin commands must use PRPs: PSDT != 0 is an invalid field, as is a fused admin command.
     let mut s = id(buf, 0);
     s.cdw0 |= 1 << 14;
@@ -178,15 +210,15 @@ fn identify_bad_data_pointers() {
 
 /// (FID, a non-default value to set, what Get returns after setting it, default).
 const FEATURES: &[(u8, u32, u32, u32)] = &[
-    (0x01, 0x0302_0103, 0x0302_0103, 0),          // arbitration
-    (0x02, 0x20, 0x20, 0),                        // power management: PS 0, workload hint 1
-    (0x04, 0x0000_0150, 0x0000_0150, 343),        // temperature threshold (composite, over)
-    (0x05, 0x0000_0005, 0x0000_0005, 0),          // error recovery: TLER
-    (0x06, 0, 0, 1),                              // volatile write cache off
-    (0x08, 0x0000_0a05, 0x0000_0a05, 0),          // interrupt coalescing
+    (0x01, 0x0302_0103, 0x0302_0103, 0),           // arbitration
+    (0x02, 0x20, 0x20, 0),                         // power management: PS 0, workload hint 1
+    (0x04, 0x0000_0150, 0x0000_0150, 343),         // temperature threshold (composite, over)
+    (0x05, 0x0000_0005, 0x0000_0005, 0),           // error recovery: TLER
+    (0x06, 0, 0, 1),                               // volatile write cache off
+    (0x08, 0x0000_0a05, 0x0000_0a05, 0),           // interrupt coalescing
     (0x09, 0x0001_0002, 0x0001_0002, 0x0000_0002), // vector 2 coalescing disable (get cdw11=2)
-    (0x0a, 1, 1, 0),                              // write atomicity normal
-    (0x0b, 0x0000_0102, 0x0000_0102, 0),          // async event config
+    (0x0a, 1, 1, 0),                               // write atomicity normal
+    (0x0b, 0x0000_0102, 0x0000_0102, 0),           // async event config
 ];
 
 #[test]
@@ -199,13 +231,29 @@ fn features_current_default_saved_and_capabilities() {
         assert_ok(&cur);
         assert_eq!(cur.dw0, default, "FID {fid:#x} current before set");
         assert_ok(&d.set_features(fid, set));
-        assert_eq!(d.get_features(fid, 0, nsid, cdw11).dw0, got, "FID {fid:#x} current after set");
-        assert_eq!(d.get_features(fid, 1, nsid, cdw11).dw0, default, "FID {fid:#x} default");
-        assert_eq!(d.get_features(fid, 2, nsid, cdw11).dw0, default, "FID {fid:#x} saved = default");
+        assert_eq!(
+            d.get_features(fid, 0, nsid, cdw11).dw0,
+            got,
+            "FID {fid:#x} current after set"
+        );
+        assert_eq!(
+            d.get_features(fid, 1, nsid, cdw11).dw0,
+            default,
+            "FID {fid:#x} default"
+        );
+        assert_eq!(
+            d.get_features(fid, 2, nsid, cdw11).dw0,
+            default,
+            "FID {fid:#x} saved = default"
+        );
         let caps = d.get_features(fid, 3, nsid, cdw11);
         assert_ok(&caps);
         let ns_specific = u32::from(fid == 0x05) << 1;
-        assert_eq!(caps.dw0, 0b100 | ns_specific, "FID {fid:#x}: changeable, not saveable");
+        assert_eq!(
+            caps.dw0,
+            0b100 | ns_specific,
+            "FID {fid:#x}: changeable, not saveable"
+        );
         // Save is not supported for any feature.
         let mut s = sqe(0x09, 0);
         s.cdw10 = u32::from(fid) | (1 << 31);
@@ -288,6 +336,14 @@ fn timestamp_feature_round_trip() {
     let (c, v) = get(&mut d);
     assert_ok(&c);
     assert_eq!((v[6] >> 1) & 7, 0, "origin: reset");
+    assert_eq!(
+        d.get_features(0x0e, 3, 0, 0).dw0,
+        0b100,
+        "changeable, not saveable"
+    );
+    let mut s = sqe(0x09, 0);
+    s.cdw10 = 0x0e | (1 << 31);
+    assert_status(&d.admin(s), 1, 0x0d);
     let set_ms: u64 = 1_700_000_000_000;
     let src = d.alloc(8);
     let mut b = set_ms.to_le_bytes();
@@ -302,7 +358,10 @@ fn timestamp_feature_round_trip() {
     let mut ms = [0u8; 8];
     ms[..6].copy_from_slice(&v[..6]);
     let now = u64::from_le_bytes(ms);
-    assert!(now >= set_ms && now < set_ms + 600_000, "timestamp {now} continues from {set_ms}");
+    assert!(
+        now >= set_ms && now < set_ms + 600_000,
+        "timestamp {now} continues from {set_ms}"
+    );
     assert_eq!((v[6] >> 1) & 7, 1, "origin: set by host");
     // A bad data pointer fails the set.
     let mut s = sqe(0x09, 0);
@@ -321,7 +380,10 @@ fn temperature_threshold_raises_smart_event() {
     assert_ok(&d.set_features(0x04, 300)); // over-temperature threshold below 308 K
     let c = d.wait_cid(0, aer);
     assert_ok(&c);
-    assert_eq!(c.dw0, 0x02_01_01, "SMART event, temperature threshold, log 02h");
+    assert_eq!(
+        c.dw0, 0x02_01_01,
+        "SMART event, temperature threshold, log 02h"
+    );
     let (c, smart) = d.get_log(0x02, 0, 512, 0, false);
     assert_ok(&c);
     assert_eq!(smart[0] & 0b10, 0b10, "critical warning: temperature");
@@ -380,16 +442,26 @@ fn smart_log_counts_io() {
     d.read_blocks(1, 1, 0, 1000, 512);
     d.read_blocks(1, 1, 0, 1, 512);
     // A failing read: unrecovered read error, counted as a media error, not as a read.
-    be.fail_reads.store(true, std::sync::atomic::Ordering::SeqCst);
+    be.fail_reads
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let buf = d.alloc(512);
     let c = d.io(1, TestDriver::rw(0x02, 1, 77, 1, buf, 0));
     assert_status(&c, 2, 0x81);
-    be.fail_reads.store(false, std::sync::atomic::Ordering::SeqCst);
+    be.fail_reads
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     d.check_mem();
     let (c, s) = d.get_log(0x02, 0, 512, 0, false);
     assert_ok(&c);
-    assert_eq!(u128_at(&s, 32), 3, "2001 units of 512 B read = 3 thousand (rounded up)");
-    assert_eq!(u128_at(&s, 48), 1, "24 units written = 1 thousand (rounded up)");
+    assert_eq!(
+        u128_at(&s, 32),
+        3,
+        "2001 units of 512 B read = 3 thousand (rounded up)"
+    );
+    assert_eq!(
+        u128_at(&s, 48),
+        1,
+        "24 units written = 1 thousand (rounded up)"
+    );
     assert_eq!(u128_at(&s, 64), 3, "host read commands");
     assert_eq!(u128_at(&s, 80), 3, "host write commands");
     assert_eq!(u128_at(&s, 160), 1, "media errors");
@@ -416,7 +488,11 @@ fn firmware_slot_effects_and_invalid_log_pages() {
     for op in [0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0a, 0x0c] {
         assert_eq!(acs(op) & 1, 1, "admin {op:#x} supported");
     }
-    assert_eq!(acs(0x80), 0x1_0007, "Format: CSUPP, LBCC, NCC, CSE namespace");
+    assert_eq!(
+        acs(0x80),
+        0x1_0007,
+        "Format: CSUPP, LBCC, NCC, CSE namespace"
+    );
     assert_eq!(acs(0x03), 0);
     assert_eq!(acs(0x18), 0, "Keep Alive not implemented");
     assert_eq!(iocs(0x01), 0b11, "Write changes LBA content");
@@ -487,7 +563,15 @@ fn create_and_delete_queue_validation() {
     assert_status(&d.create_cq_cmd(1, 16, MEM_SIZE, 3), 0, 0x02); // outside RAM
     assert_ok(&d.create_cq_cmd(1, 256, cqb, 3 | (4 << 16)));
     assert_status(&d.create_cq_cmd(1, 16, cqb, 3), 1, 0x01); // exists
-    d.cqs.insert(1, HostCq { base: cqb, size: 256, head: 0, phase: true });
+    d.cqs.insert(
+        1,
+        HostCq {
+            base: cqb,
+            size: 256,
+            head: 0,
+            phase: true,
+        },
+    );
     // Create I/O SQ errors.
     let sqb = d.alloc_queue(256 * 64);
     assert_status(&d.create_sq_cmd(0, 16, sqb, 1, 1), 1, 0x01);
@@ -501,12 +585,28 @@ fn create_and_delete_queue_validation() {
     assert_status(&d.create_sq_cmd(1, 16, sqb + 64, 1, 1), 0, 0x13);
     assert_status(&d.create_sq_cmd(1, 256, MEM_SIZE - PAGE, 1, 1), 0, 0x02); // runs off RAM
     assert_ok(&d.create_sq_cmd(1, 256, sqb, 1, 1));
-    d.sqs.insert(1, HostSq { base: sqb, size: 256, tail: 0, cqid: 1 });
+    d.sqs.insert(
+        1,
+        HostSq {
+            base: sqb,
+            size: 256,
+            tail: 0,
+            cqid: 1,
+        },
+    );
     assert_status(&d.create_sq_cmd(1, 16, sqb, 1, 1), 1, 0x01);
     // A second SQ on the same CQ.
     let sqb2 = d.alloc_queue(16 * 64);
     assert_ok(&d.create_sq_cmd(2, 16, sqb2, 1, 1));
-    d.sqs.insert(2, HostSq { base: sqb2, size: 16, tail: 0, cqid: 1 });
+    d.sqs.insert(
+        2,
+        HostSq {
+            base: sqb2,
+            size: 16,
+            tail: 0,
+            cqid: 1,
+        },
+    );
     d.read_blocks(1, 1, 0, 1, 512);
     d.read_blocks(2, 1, 0, 1, 512);
     assert_eq!(d.irq.count(msix_data(4)), 2, "CQ 1 uses vector 4");
@@ -545,9 +645,25 @@ fn queues_of_65536_entries() {
     d.allow(cqb, 1 << 20);
     d.allow(sqb, 4 << 20);
     assert_ok(&d.create_cq_cmd(1, 65536, cqb, 3 | (1 << 16)));
-    d.cqs.insert(1, HostCq { base: cqb, size: 65536, head: 0, phase: true });
+    d.cqs.insert(
+        1,
+        HostCq {
+            base: cqb,
+            size: 65536,
+            head: 0,
+            phase: true,
+        },
+    );
     assert_ok(&d.create_sq_cmd(1, 65536, sqb, 1, 1));
-    d.sqs.insert(1, HostSq { base: sqb, size: 65536, tail: 0, cqid: 1 });
+    d.sqs.insert(
+        1,
+        HostSq {
+            base: sqb,
+            size: 65536,
+            tail: 0,
+            cqid: 1,
+        },
+    );
     let w = data(512, 0x42);
     d.write_blocks(1, 1, 3, 512, &w);
     assert_eq!(d.read_blocks(1, 1, 3, 1, 512), w);
@@ -591,10 +707,16 @@ fn abort_and_asynchronous_event_limits() {
     // Five reads held in the backend.
     be.hold();
     let bufs: Vec<u64> = (0..5).map(|_| d.alloc(512)).collect();
-    let reads: Vec<u16> = bufs.iter().map(|&b| d.submit(1, TestDriver::rw(0x02, 1, 0, 1, b, 0))).collect();
+    let reads: Vec<u16> = bufs
+        .iter()
+        .map(|&b| d.submit(1, TestDriver::rw(0x02, 1, 0, 1, b, 0)))
+        .collect();
     be.wait_parked(4); // four executor threads; the fifth waits in the executor queue
-    // Four Aborts are held (ACL = 3) until their targets complete; the fifth exceeds the limit.
-    let aborts: Vec<u16> = reads[..4].iter().map(|&r| d.submit(0, abort(1, r))).collect();
+                       // Four Aborts are held (ACL = 3) until their targets complete; the fifth exceeds the limit.
+    let aborts: Vec<u16> = reads[..4]
+        .iter()
+        .map(|&r| d.submit(0, abort(1, r)))
+        .collect();
     d.assert_cq_empty(0);
     assert_status(&d.admin(abort(1, reads[4])), 1, 0x03);
     d.assert_cq_empty(1);
@@ -606,7 +728,11 @@ fn abort_and_asynchronous_event_limits() {
     for &a in &aborts {
         let c = d.wait_cid(0, a);
         assert_ok(&c);
-        assert_eq!(c.dw0 & 1, 1, "in-flight commands complete normally: not aborted");
+        assert_eq!(
+            c.dw0 & 1,
+            1,
+            "in-flight commands complete normally: not aborted"
+        );
     }
     d.check_mem();
     // The three remaining AERs still work: trigger a notice via Format (AEC bit 8 set).
@@ -615,7 +741,10 @@ fn abort_and_asynchronous_event_limits() {
     f.cdw10 = 1; // LBA format 1 (4096)
     assert_ok(&d.admin(f));
     let c = d.wait_cid(0, aers[0]);
-    assert_eq!(c.dw0, 0x04_00_02, "notice, namespace attribute changed, log 04h");
+    assert_eq!(
+        c.dw0, 0x04_00_02,
+        "notice, namespace attribute changed, log 04h"
+    );
 }
 
 #[test]
@@ -657,7 +786,11 @@ fn format_lba_formats_and_errors() {
     let ns = d.identify_ok(0x00, 1);
     assert_eq!(ns[26], 1, "FLBAS: 4096");
     assert_eq!(u64_at(&ns, 0), (16 << 20) / 4096);
-    assert_eq!(u64_at(&d.identify_ok(0x00, 2), 0), NS2_BLOCKS, "namespace 2 unchanged");
+    assert_eq!(
+        u64_at(&d.identify_ok(0x00, 2), 0),
+        NS2_BLOCKS,
+        "namespace 2 unchanged"
+    );
     // 4096-byte LBAs now: LBA 4095 is the last.
     let w2 = data(4096, 6);
     d.write_blocks(1, 1, 4095, 4096, &w2);
@@ -694,8 +827,15 @@ fn format_with_user_data_erase_zeroes_the_namespace() {
     s.cdw10 = 1 << 9; // SES = 1, LBA format 0
     assert_ok(&d.admin(s));
     assert_eq!(d.read_blocks(1, 1, 0, 16, 512), vec![0u8; 8192]);
-    assert_eq!(d.read_blocks(1, 1, NS1_BLOCKS - 16, 16, 512), vec![0u8; 8192]);
-    assert_eq!(d.read_blocks(1, 2, 0, 16, 512), w, "other namespace untouched");
+    assert_eq!(
+        d.read_blocks(1, 1, NS1_BLOCKS - 16, 16, 512),
+        vec![0u8; 8192]
+    );
+    assert_eq!(
+        d.read_blocks(1, 2, 0, 16, 512),
+        w,
+        "other namespace untouched"
+    );
 }
 
 #[test]

@@ -90,13 +90,13 @@ fn read_write_with_every_prp_layout() {
     let mut d = TestDriver::ready(SPEC);
     // (blocks, offset into the first page, offset of the PRP list in its page)
     let layouts: &[(u32, u64, u64)] = &[
-        (1, 0, 0),         // PRP1 only
-        (1, 0xe00, 0),     // PRP1 only, ends exactly at the page end
-        (8, 0x200, 0),     // PRP1 + PRP2 as second page
-        (16, 0, 0),        // exactly two pages
-        (32, 0x800, 0),    // PRP list, first page partial
-        (128, 0, 0xff0),   // list pointer with offset: two slots, then a chained list page
-        (1024, 0x4, 0x8),  // MDTS-sized, dword offset
+        (1, 0, 0),        // PRP1 only
+        (1, 0xe00, 0),    // PRP1 only, ends exactly at the page end
+        (8, 0x200, 0),    // PRP1 + PRP2 as second page
+        (16, 0, 0),       // exactly two pages
+        (32, 0x800, 0),   // PRP list, first page partial
+        (128, 0, 0xff0),  // list pointer with offset: two slots, then a chained list page
+        (1024, 0x4, 0x8), // MDTS-sized, dword offset
     ];
     for (i, &(nlb, off, list_off)) in layouts.iter().enumerate() {
         let len = nlb as usize * 512;
@@ -151,13 +151,31 @@ fn prp_errors_leave_memory_and_disk_untouched() {
     let chain = d.alloc(PAGE);
     let cases: Vec<(&str, u64, u64, u32, u8)> = vec![
         ("PRP1 not dword aligned", pages[0] + 2, pages[1], 16, 0x13),
-        ("PRP2 entry with offset", pages[0], pages[1] + 0x200, 16, 0x13),
+        (
+            "PRP2 entry with offset",
+            pages[0],
+            pages[1] + 0x200,
+            16,
+            0x13,
+        ),
         ("list entry with offset", pages[0], list, 24, 0x13),
-        ("list pointer not qword aligned", pages[0], list + 4, 24, 0x13),
+        (
+            "list pointer not qword aligned",
+            pages[0],
+            list + 4,
+            24,
+            0x13,
+        ),
         ("PRP1 outside RAM", MEM_SIZE, pages[1], 16, 0x04),
         ("PRP2 outside RAM", pages[0], MEM_SIZE + PAGE, 16, 0x04),
         ("list outside RAM", pages[0], MEM_SIZE, 24, 0x04),
-        ("PRP1 in RAM, PRP2 beyond its end", MEM_SIZE - 512, MEM_SIZE, 2, 0x04),
+        (
+            "PRP1 in RAM, PRP2 beyond its end",
+            MEM_SIZE - 512,
+            MEM_SIZE,
+            2,
+            0x04,
+        ),
     ];
     for (what, prp1, prp2, nlb, sc) in cases {
         for op in [0x01u8, 0x02, 0x05] {
@@ -171,31 +189,54 @@ fn prp_errors_leave_memory_and_disk_untouched() {
     let l2 = d.alloc(PAGE);
     d.write_u64(l2, pages[1]);
     d.write_u64(l2 + 8, MEM_SIZE + 0x10000);
-    assert_status(&d.io(1, TestDriver::rw(0x02, 1, 0, 24, pages[0], l2)), 0, 0x04);
-    let entries: Vec<u8> = (0..511u64).flat_map(|i| (pages[0] + (i % 2) * PAGE).to_le_bytes()).collect();
+    assert_status(
+        &d.io(1, TestDriver::rw(0x02, 1, 0, 24, pages[0], l2)),
+        0,
+        0x04,
+    );
+    let entries: Vec<u8> = (0..511u64)
+        .flat_map(|i| (pages[0] + (i % 2) * PAGE).to_le_bytes())
+        .collect();
     d.write_mem(chain, &entries);
     d.write_u64(chain + 511 * 8, l2 + 8); // chain pointer not page aligned
-    assert_status(&d.io(1, TestDriver::rw(0x02, 1, 0, 513 * 8, pages[0], chain)), 0, 0x02); // > MDTS
+    assert_status(
+        &d.io(1, TestDriver::rw(0x02, 1, 0, 513 * 8, pages[0], chain)),
+        0,
+        0x02,
+    ); // > MDTS
     let mut big = TestDriver::ready("4,nvme,ram=16,mdts=0,ser=TESTSER1");
     let p = scattered_pages(&mut big, 2);
     let chain = big.alloc(PAGE);
-    let entries: Vec<u8> = (0..511u64).flat_map(|i| p[(i % 2) as usize].to_le_bytes()).collect();
+    let entries: Vec<u8> = (0..511u64)
+        .flat_map(|i| p[(i % 2) as usize].to_le_bytes())
+        .collect();
     big.write_mem(chain, &entries);
     let next = big.alloc(PAGE);
     big.write_u64(chain + 511 * 8, next + 8);
-    assert_status(&big.io(1, TestDriver::rw(0x02, 1, 0, 514 * 8, p[0], chain)), 0, 0x13);
+    assert_status(
+        &big.io(1, TestDriver::rw(0x02, 1, 0, 514 * 8, p[0], chain)),
+        0,
+        0x13,
+    );
     // A list whose pointer sits in the last slot of a page and chains to the last slot of
     // another page forever: refused, never a hang.
     let a = big.alloc(PAGE);
     let b = big.alloc(PAGE);
     big.write_u64(a + PAGE - 8, b + PAGE - 8);
     big.write_u64(b + PAGE - 8, a + PAGE - 8);
-    assert_status(&big.io(1, TestDriver::rw(0x02, 1, 0, 64, p[0], a + PAGE - 8)), 0, 0x13);
+    assert_status(
+        &big.io(1, TestDriver::rw(0x02, 1, 0, 64, p[0], a + PAGE - 8)),
+        0,
+        0x13,
+    );
     big.check_mem();
     // Nothing reached the disk.
     assert_eq!(d.read_blocks(1, 1, 0, 16, 512), old);
     d.check_mem();
 }
+
+/// (what, descriptors placed in the segment page, SGL1 in the SQE, opcode, expected SC).
+type SglCase = (&'static str, Vec<[u8; 16]>, [u8; 16], u8, u8);
 
 fn sgl_desc(addr: u64, len: u32, typ: u8, sub: u8) -> [u8; 16] {
     let mut b = [0u8; 16];
@@ -273,14 +314,44 @@ fn sgl_errors() {
         }
     };
     let db = |a: u64, l: u32| sgl_desc(a, l, 0, 0);
-    let cases: Vec<(&str, Vec<[u8; 16]>, [u8; 16], u8, u8)> = vec![
+    let cases: Vec<SglCase> = vec![
         ("too short", vec![], db(buf, 1024), 0x01, 0x0f),
         ("too long", vec![], db(buf, 4096), 0x02, 0x0f),
-        ("bit bucket in a write", vec![], sgl_desc(0, 2048, 1, 0), 0x01, 0x11),
-        ("bit bucket in a compare", vec![], sgl_desc(0, 2048, 1, 0), 0x05, 0x11),
-        ("reserved descriptor type", vec![], sgl_desc(buf, 2048, 0x5, 0), 0x02, 0x11),
-        ("data block with offset subtype", vec![], sgl_desc(buf, 2048, 0, 1), 0x02, 0x11),
-        ("segment length not a multiple of 16", vec![db(buf, 2048)], sgl_desc(seg, 24, 2, 0), 0x02, 0x0d),
+        (
+            "bit bucket in a write",
+            vec![],
+            sgl_desc(0, 2048, 1, 0),
+            0x01,
+            0x11,
+        ),
+        (
+            "bit bucket in a compare",
+            vec![],
+            sgl_desc(0, 2048, 1, 0),
+            0x05,
+            0x11,
+        ),
+        (
+            "reserved descriptor type",
+            vec![],
+            sgl_desc(buf, 2048, 0x5, 0),
+            0x02,
+            0x11,
+        ),
+        (
+            "data block with offset subtype",
+            vec![],
+            sgl_desc(buf, 2048, 0, 1),
+            0x02,
+            0x11,
+        ),
+        (
+            "segment length not a multiple of 16",
+            vec![db(buf, 2048)],
+            sgl_desc(seg, 24, 2, 0),
+            0x02,
+            0x0d,
+        ),
         ("empty segment", vec![], sgl_desc(seg, 0, 3, 0), 0x02, 0x0d),
         (
             "segment descriptor before the end of a segment",
@@ -289,12 +360,48 @@ fn sgl_errors() {
             0x02,
             0x0d,
         ),
-        ("segment inside a last segment", vec![db(buf, 1024), sgl_desc(seg, 16, 3, 0)], sgl_desc(seg, 32, 3, 0), 0x02, 0x0d),
-        ("segment without a next segment", vec![db(buf, 2048)], sgl_desc(seg, 16, 2, 0), 0x02, 0x0d),
-        ("segment chaining to itself", vec![sgl_desc(seg, 16, 2, 0)], sgl_desc(seg, 16, 2, 0), 0x02, 0x0e),
-        ("data block outside RAM", vec![], db(MEM_SIZE - 1024, 2048), 0x02, 0x04),
-        ("segment outside RAM", vec![], sgl_desc(MEM_SIZE, 16, 3, 0), 0x02, 0x04),
-        ("write from outside RAM", vec![], db(MEM_SIZE + PAGE, 2048), 0x01, 0x04),
+        (
+            "segment inside a last segment",
+            vec![db(buf, 1024), sgl_desc(seg, 16, 3, 0)],
+            sgl_desc(seg, 32, 3, 0),
+            0x02,
+            0x0d,
+        ),
+        (
+            "segment without a next segment",
+            vec![db(buf, 2048)],
+            sgl_desc(seg, 16, 2, 0),
+            0x02,
+            0x0d,
+        ),
+        (
+            "segment chaining to itself",
+            vec![sgl_desc(seg, 16, 2, 0)],
+            sgl_desc(seg, 16, 2, 0),
+            0x02,
+            0x0e,
+        ),
+        (
+            "data block outside RAM",
+            vec![],
+            db(MEM_SIZE - 1024, 2048),
+            0x02,
+            0x04,
+        ),
+        (
+            "segment outside RAM",
+            vec![],
+            sgl_desc(MEM_SIZE, 16, 3, 0),
+            0x02,
+            0x04,
+        ),
+        (
+            "write from outside RAM",
+            vec![],
+            db(MEM_SIZE + PAGE, 2048),
+            0x01,
+            0x04,
+        ),
     ];
     for (what, descs, sgl1, op, sc) in cases {
         put(&mut d, &descs);
@@ -307,7 +414,11 @@ fn sgl_errors() {
     let mut s = sgl_sqe(0x02, 0, 4, db(buf, 2048));
     s.cdw0 ^= 3 << 14;
     assert_status(&d.io(1, s), 0, 0x02);
-    assert_eq!(d.read_blocks(1, 1, 0, 4, 512), old, "no write reached the disk");
+    assert_eq!(
+        d.read_blocks(1, 1, 0, 4, 512),
+        old,
+        "no write reached the disk"
+    );
     assert_eq!(d.read_mem(MEM_SIZE - 1024, 1024), vec![0u8; 1024]);
 }
 
@@ -325,7 +436,13 @@ fn mdts_lba_range_namespace_and_opcode_errors() {
     d.read_blocks(1, 1, 0, 1024, 512);
     // LBA range.
     let buf = d.alloc(1024);
-    for (slba, nlb) in [(BLOCKS, 1), (BLOCKS - 1, 2), (u64::MAX, 2), (u64::MAX - 1, 1), (1 << 40, 1)] {
+    for (slba, nlb) in [
+        (BLOCKS, 1),
+        (BLOCKS - 1, 2),
+        (u64::MAX, 2),
+        (u64::MAX - 1, 1),
+        (1 << 40, 1),
+    ] {
         for op in [0x01u8, 0x02, 0x05, 0x08, 0x0c] {
             let c = d.io(1, TestDriver::rw(op, 1, slba, nlb, buf, 0));
             assert_status(&c, 0, 0x80);
@@ -362,7 +479,11 @@ fn flush_write_zeroes_and_fua() {
     assert_ok(&d.io(1, TestDriver::rw(0x00, 1, 0, 1, 0, 0)));
     assert_eq!((flushes(&a), flushes(&b)), (1, 0));
     assert_ok(&d.io(1, TestDriver::rw(0x00, 0xffff_ffff, 0, 1, 0, 0)));
-    assert_eq!((flushes(&a), flushes(&b)), (2, 1), "broadcast flush reaches every namespace");
+    assert_eq!(
+        (flushes(&a), flushes(&b)),
+        (2, 1),
+        "broadcast flush reaches every namespace"
+    );
     // FUA write flushes; plain writes with the volatile cache on do not.
     let w = data(4096, 1);
     d.write_blocks(1, 1, 0, 512, &w);
@@ -428,7 +549,11 @@ fn dataset_management_deallocates() {
     d.check_mem();
     // With dsm=disable the command is not offered.
     let mut nod = TestDriver::ready("4,nvme,ram=1,dsm=disable,ser=TESTSER1");
-    assert_eq!(u16_from(&nod.identify_ok(0x01, 0), 520) & (1 << 2), 0, "ONCS DSM clear");
+    assert_eq!(
+        u16_from(&nod.identify_ok(0x01, 0), 520) & (1 << 2),
+        0,
+        "ONCS DSM clear"
+    );
     let buf = nod.alloc(16);
     let mut s = sqe(0x09, 1);
     s.dptr[0] = buf;
@@ -485,7 +610,11 @@ fn read_only_image_is_write_protected() {
     d.check_mem();
     assert_eq!(img.read(), contents, "image unchanged");
     let (_, smart) = d.get_log(0x02, 0, 512, 0, false);
-    assert_eq!(smart[0] & (1 << 3), 1 << 3, "critical warning: read-only media");
+    assert_eq!(
+        smart[0] & (1 << 3),
+        1 << 3,
+        "critical warning: read-only media"
+    );
 }
 
 #[test]
@@ -499,14 +628,21 @@ fn file_backend_sees_the_guest_bytes() {
     ));
     assert_eq!(d.identify_ok(0x00, 1)[26], 0);
     let ns2 = d.identify_ok(0x00, 2);
-    assert_eq!((ns2[26], u64::from_le_bytes(ns2[..8].try_into().unwrap())), (1, 256), "4 KiB LBAs");
+    assert_eq!(
+        (ns2[26], u64::from_le_bytes(ns2[..8].try_into().unwrap())),
+        (1, 256),
+        "4 KiB LBAs"
+    );
     let w = data(3 * 4096, 0xd1);
     d.write_blocks(1, 1, 10, 512, &w);
     d.write_blocks(1, 2, 3, 4096, &w);
     assert_ok(&d.io(1, TestDriver::rw(0x00, 0xffff_ffff, 0, 1, 0, 0)));
     let f = img.read();
     assert_eq!(&f[5120..5120 + w.len()], &w[..]);
-    assert!(f[..5120].iter().chain(&f[5120 + w.len()..]).all(|&b| b == 0));
+    assert!(f[..5120]
+        .iter()
+        .chain(&f[5120 + w.len()..])
+        .all(|&b| b == 0));
     let f = img4k.read();
     assert_eq!(&f[12288..12288 + w.len()], &w[..]);
     assert!(f[..12288].iter().all(|&b| b == 0));
@@ -528,10 +664,26 @@ fn many_outstanding_commands_overflow_a_small_cq() {
     // CQ of 4 entries (3 usable) behind an SQ of 32.
     let cqb = d.alloc_queue(4 * 16);
     assert_ok(&d.create_cq_cmd(2, 4, cqb, 0x3 | (2 << 16)));
-    d.cqs.insert(2, HostCq { base: cqb, size: 4, head: 0, phase: true });
+    d.cqs.insert(
+        2,
+        HostCq {
+            base: cqb,
+            size: 4,
+            head: 0,
+            phase: true,
+        },
+    );
     let sqb = d.alloc_queue(32 * 64);
     assert_ok(&d.create_sq_cmd(2, 32, sqb, 2, 1));
-    d.sqs.insert(2, HostSq { base: sqb, size: 32, tail: 0, cqid: 2 });
+    d.sqs.insert(
+        2,
+        HostSq {
+            base: sqb,
+            size: 32,
+            tail: 0,
+            cqid: 2,
+        },
+    );
     let mut cids = Vec::new();
     for i in 0..24u64 {
         let (p1, p2) = d.prp_buffer(&data(1024, i as u8));
@@ -552,7 +704,11 @@ fn many_outstanding_commands_overflow_a_small_cq() {
     }
     let (c, smart) = d.get_log(0x02, 0, 512, 0, false);
     assert_ok(&c);
-    assert_eq!(u128::from_le_bytes(smart[80..96].try_into().unwrap()), 24, "host write commands");
+    assert_eq!(
+        u128::from_le_bytes(smart[80..96].try_into().unwrap()),
+        24,
+        "host write commands"
+    );
     let stats = d.dev.stats();
     let get = |k: &str| stats.iter().find(|(n, _)| n == k).map(|(_, v)| *v).unwrap();
     assert_eq!(get("write_commands"), 24);

@@ -25,7 +25,11 @@ fn pci_identity_capabilities_and_bars() {
         assert!(d.find_cap(id).is_some(), "capability {id:#x} missing");
     }
     let msix = d.find_cap(0x11).unwrap();
-    assert_eq!((d.cfg_read(msix + 2, 2) & 0x7ff) + 1, 17, "one vector per queue pair (maxq=16) + admin");
+    assert_eq!(
+        (d.cfg_read(msix + 2, 2) & 0x7ff) + 1,
+        17,
+        "one vector per queue pair (maxq=16) + admin"
+    );
     assert_eq!(d.cfg_read(msix + 4, 4), 4, "table in BAR4 at 0");
     assert_eq!(d.cfg_read(msix + 8, 4), 0x1004, "PBA in BAR4 at 0x1000");
     let bars = d.dev.bars();
@@ -34,7 +38,11 @@ fn pci_identity_capabilities_and_bars() {
     assert_eq!((bars[1].index, bars[1].size), (4, 0x2000));
 
     let mut no_intx = TestDriver::from_spec_intx(SPEC, false);
-    assert_eq!(no_intx.cfg_read(0x3d, 1), 0, "no interrupt pin without INTx");
+    assert_eq!(
+        no_intx.cfg_read(0x3d, 1),
+        0,
+        "no interrupt pin without INTx"
+    );
 }
 
 #[test]
@@ -73,7 +81,11 @@ fn admin_queue_registers_and_enable() {
     d.set_reg(0x24, 0x0fff_0fff | 0xf000_f000);
     assert_eq!(d.reg(0x24), 0x0fff_0fff, "AQA reserved bits read 0");
     d.bar_write64(0, 0x28, 0x1234_5678_9abc_dfff);
-    assert_eq!(d.bar_read64(0, 0x28), 0x1234_5678_9abc_d000, "ASQ low 12 bits reserved");
+    assert_eq!(
+        d.bar_read64(0, 0x28),
+        0x1234_5678_9abc_d000,
+        "ASQ low 12 bits reserved"
+    );
     d.bar_write64(0, 0x30, 0x0000_0001_0000_1000);
     assert_eq!(d.bar_read64(0, 0x30), 0x0000_0001_0000_1000);
     // Partial (16-bit) writes merge into the register.
@@ -89,7 +101,10 @@ fn admin_queue_registers_and_enable() {
     assert_eq!(d.reg(0x14), 0x0046_0001, "MPS is locked while enabled");
     let id = d.identify_ok(1, 0);
     assert_eq!(&id[4..12], b"TESTSER1");
-    assert!(d.irq.count(msix_data(0)) == 0, "MSI-X not enabled: no messages");
+    assert!(
+        d.irq.count(msix_data(0)) == 0,
+        "MSI-X not enabled: no messages"
+    );
 }
 
 #[test]
@@ -130,13 +145,17 @@ fn doorbell_before_ready_is_ignored() {
     d.enable();
     d.assert_cq_empty(0);
     d.check_mem(); // the early Identify never ran
-    // The controller's SQ tail is still 0: the next command is taken from slot 0 after we
-    // ring tail 1 — our host state starts at tail 0 as well.
+                   // The controller's SQ tail is still 0: the next command is taken from slot 0 after we
+                   // ring tail 1 — our host state starts at tail 0 as well.
     let (c, id) = d.identify(1, 0, 0);
     assert_ok(&c);
     assert_eq!(c.sq_head, 1);
     assert_eq!(&id[4..12], b"TESTSER1");
-    assert_eq!(d.irq.count(msix_data(0)), 1, "admin completion raised vector 0");
+    assert_eq!(
+        d.irq.count(msix_data(0)),
+        1,
+        "admin completion raised vector 0"
+    );
 }
 
 #[test]
@@ -145,13 +164,25 @@ fn reset_clears_queues_and_features() {
     assert_ok(&d.set_features(0x06, 0)); // volatile write cache off
     assert_ok(&d.set_features(0x08, 0x0a05));
     d.disable();
-    assert_eq!(d.reg(0x14), 0x0046_0000, "CC keeps what the host wrote, EN clear");
+    assert_eq!(
+        d.reg(0x14),
+        0x0046_0000,
+        "CC keeps what the host wrote, EN clear"
+    );
     assert_eq!(d.csts(), 0);
     // Doorbells after reset go nowhere.
     d.bar_write32(0, 0x1000 + 8, 1);
     d.enable();
-    assert_eq!(d.get_features(0x06, 0, 0, 0).dw0, 1, "VWC back to its default");
-    assert_eq!(d.get_features(0x08, 0, 0, 0).dw0, 0, "coalescing back to its default");
+    assert_eq!(
+        d.get_features(0x06, 0, 0, 0).dw0,
+        1,
+        "VWC back to its default"
+    );
+    assert_eq!(
+        d.get_features(0x08, 0, 0, 0).dw0,
+        0,
+        "coalescing back to its default"
+    );
     // I/O queue 1 is gone: deleting it fails, re-creating it works.
     assert_status(&d.delete_sq(1), 1, 0x01);
     assert_status(&d.delete_cq(1), 1, 0x01);
@@ -173,14 +204,21 @@ fn shutdown_notification_flushes_then_reports_complete() {
     let cc = d.reg(0x14);
     d.set_reg(0x14, cc | (1 << 14)); // SHN = normal shutdown
     d.wait_csts(0xc, 0x8); // SHST = complete
-    assert!(be.flushes.load(Ordering::SeqCst) > before, "shutdown flushed the backend");
+    assert!(
+        be.flushes.load(Ordering::SeqCst) > before,
+        "shutdown flushed the backend"
+    );
     assert_eq!(d.csts() & 1, 1, "still ready");
     // Reset after shutdown: SHST survives the reset, a new enable clears it.
     d.disable();
     d.enable();
     assert_eq!(d.csts(), 1);
     d.create_pair(1, 16);
-    assert_eq!(d.read_blocks(1, 1, 8, 8, 512), w, "data survived shutdown and reset");
+    assert_eq!(
+        d.read_blocks(1, 1, 8, 8, 512),
+        w,
+        "data survived shutdown and reset"
+    );
 }
 
 #[test]
@@ -192,7 +230,10 @@ fn doorbells_for_absent_queues_raise_an_error_event() {
     d.bar_write32(0, 0x1000 + 8 * 5, 1);
     let c = d.wait_cid(0, aer);
     assert_ok(&c);
-    assert_eq!(c.dw0, 0x01_00_00, "error event, Invalid Doorbell Register, log page 01h");
+    assert_eq!(
+        c.dw0, 0x01_00_00,
+        "error event, Invalid Doorbell Register, log page 01h"
+    );
     // While the error log has not been read, further error events stay masked.
     let aer2 = d.submit(0, sqe(0x0c, 0));
     d.bar_write32(0, 0x1000 + 8 * 7 + 4, 0); // CQ 7 head: absent
@@ -215,7 +256,10 @@ fn out_of_range_doorbell_values_raise_an_event_and_are_ignored() {
     // SQ 1 has 64 entries: tail 64 is out of range.
     d.bar_write32(0, 0x1000 + 8, 64);
     let c = d.wait_cid(0, aer);
-    assert_eq!(c.dw0, 0x01_01_00, "error event, Invalid Doorbell Write Value");
+    assert_eq!(
+        c.dw0, 0x01_01_00,
+        "error event, Invalid Doorbell Write Value"
+    );
     assert_ok(&d.get_log(0x01, 0, 64, 0, false).0);
     // CQ 1 head beyond what the controller posted (nothing posted yet).
     let aer = d.submit(0, sqe(0x0c, 0));
@@ -244,14 +288,22 @@ fn msix_vector_per_queue_masking_and_pba() {
     d.read_blocks(2, 1, 0, 1, 512);
     assert_eq!(d.irq.count(msix_data(1)), 1);
     assert_eq!(d.irq.count(msix_data(2)), 2);
-    assert_eq!(d.irq.count(msix_data(0)), admin_before, "I/O completions do not use vector 0");
+    assert_eq!(
+        d.irq.count(msix_data(0)),
+        admin_before,
+        "I/O completions do not use vector 0"
+    );
     // Mask vector 1: the completion is posted, the message waits in the PBA.
     d.bar_write32(4, 16 + 12, 1);
     d.read_blocks(1, 1, 0, 1, 512);
     assert_eq!(d.irq.count(msix_data(1)), 1);
     assert_eq!(d.bar_read32(4, 0x1000) & 0b10, 0b10, "PBA bit 1 pending");
     d.bar_write32(4, 16 + 12, 0);
-    assert_eq!(d.irq.count(msix_data(1)), 2, "unmasking delivered the pending message");
+    assert_eq!(
+        d.irq.count(msix_data(1)),
+        2,
+        "unmasking delivered the pending message"
+    );
     assert_eq!(d.bar_read32(4, 0x1000) & 0b10, 0);
     // INTMS/INTMC are not used with MSI-X.
     d.set_reg(0x0c, 0xffff_ffff);
@@ -310,7 +362,10 @@ fn intx_level_follows_unconsumed_entries_and_intms() {
     assert!(!d.irq.intx_level());
     let (c, _) = d.identify(1, 0, 0);
     assert_ok(&c);
-    assert!(d.irq.intx_level(), "INTA asserted while the admin CQ holds an entry");
+    assert!(
+        d.irq.intx_level(),
+        "INTA asserted while the admin CQ holds an entry"
+    );
     assert_eq!(d.cfg_read(6, 2) & (1 << 3), 1 << 3, "Interrupt Status bit");
     d.ring_cq_head(0);
     assert!(!d.irq.intx_level(), "deasserted once the host consumed it");
@@ -319,7 +374,10 @@ fn intx_level_follows_unconsumed_entries_and_intms() {
     assert_ok(&d.identify(1, 0, 0).0);
     assert!(!d.irq.intx_level());
     d.set_reg(0x10, 1);
-    assert!(d.irq.intx_level(), "INTMC re-asserts for the unconsumed entry");
+    assert!(
+        d.irq.intx_level(),
+        "INTMC re-asserts for the unconsumed entry"
+    );
     d.ring_cq_head(0);
     assert!(!d.irq.intx_level());
     assert_eq!(d.irq.total(), 0, "no MSI messages in INTx mode");
@@ -329,10 +387,26 @@ fn intx_level_follows_unconsumed_entries_and_intms() {
     assert_status(&d.create_cq_cmd(1, 16, cqb, 0x3 | (1 << 16)), 1, 0x08);
     assert_ok(&d.create_cq_cmd(1, 16, cqb, 0x3));
     // I/O completions assert INTx too.
-    d.cqs.insert(1, HostCq { base: cqb, size: 16, head: 0, phase: true });
+    d.cqs.insert(
+        1,
+        HostCq {
+            base: cqb,
+            size: 16,
+            head: 0,
+            phase: true,
+        },
+    );
     let sqb = d.alloc_queue(16 * 64);
     assert_ok(&d.create_sq_cmd(1, 16, sqb, 1, 1));
-    d.sqs.insert(1, HostSq { base: sqb, size: 16, tail: 0, cqid: 1 });
+    d.sqs.insert(
+        1,
+        HostSq {
+            base: sqb,
+            size: 16,
+            tail: 0,
+            cqid: 1,
+        },
+    );
     d.auto_ring = false;
     let cid = d.submit(1, TestDriver::rw(0x00, 1, 0, 1, 0, 0));
     let c = d.wait_cid(1, cid);
@@ -372,7 +446,11 @@ fn reset_with_io_in_flight_drops_its_completion() {
     d.expect(buf, &vec![0u8; 4096]);
     d.check_mem();
     let cqe = d.read_mem(cq1.base, 16);
-    assert_eq!(cqe, vec![0u8; 16], "no completion written to the queue of a reset controller");
+    assert_eq!(
+        cqe,
+        vec![0u8; 16],
+        "no completion written to the queue of a reset controller"
+    );
     d.enable();
     assert_ok(&d.identify(1, 0, 0).0);
 }
@@ -382,10 +460,26 @@ fn completion_queue_with_interrupts_disabled_raises_none() {
     let mut d = TestDriver::ready(SPEC);
     let cqb = d.alloc_queue(16 * 16);
     assert_ok(&d.create_cq_cmd(3, 16, cqb, 0x1 | (3 << 16))); // PC, IEN clear
-    d.cqs.insert(3, HostCq { base: cqb, size: 16, head: 0, phase: true });
+    d.cqs.insert(
+        3,
+        HostCq {
+            base: cqb,
+            size: 16,
+            head: 0,
+            phase: true,
+        },
+    );
     let sqb = d.alloc_queue(16 * 64);
     assert_ok(&d.create_sq_cmd(3, 16, sqb, 3, 1));
-    d.sqs.insert(3, HostSq { base: sqb, size: 16, tail: 0, cqid: 3 });
+    d.sqs.insert(
+        3,
+        HostSq {
+            base: sqb,
+            size: 16,
+            tail: 0,
+            cqid: 3,
+        },
+    );
     let before = d.irq.total();
     for _ in 0..3 {
         d.read_blocks(3, 1, 0, 8, 512);
@@ -409,25 +503,46 @@ fn admin_queues_outside_ram_fail_the_controller_not_the_process() {
     d.bar_write32(0, 0x1000, 2); // ignored from now on
     d.set_reg(0x14, 0);
     assert_eq!(d.csts(), 0);
-    // Completion queue outside RAM: the Identify runs, its CQE cannot be written.
-    d.set_reg(0x24, 0x003f_003f);
+    // Admin CQ of 4096 entries in the last page of RAM: entry 256 lies past the end. The
+    // Identifies run; the first CQE that cannot be written fails the controller.
+    d.set_reg(0x24, 0x0fff_003f);
     d.bar_write64(0, 0x28, ASQ);
-    d.bar_write64(0, 0x30, MEM_SIZE - 0x100);
-    d.sqs.insert(0, HostSq { base: ASQ, size: 64, tail: 0, cqid: 0 });
+    d.bar_write64(0, 0x30, MEM_SIZE - PAGE);
+    d.allow(MEM_SIZE - PAGE, PAGE);
+    d.sqs.insert(
+        0,
+        HostSq {
+            base: ASQ,
+            size: 64,
+            tail: 0,
+            cqid: 0,
+        },
+    );
     d.set_reg(0x14, 0x0046_0001);
+    assert_eq!(d.csts(), 1);
     let buf = d.alloc(4096);
     let mut s = sqe(0x06, 0);
     s.cdw10 = 1;
     s.dptr[0] = buf;
-    for _ in 0..17 {
-        d.submit_raw(0, s); // the 17th entry lies past the end of RAM
+    for _ in 0..256 {
+        d.submit_raw(0, s);
     }
-    d.wait_csts(2, 2);
+    assert_eq!(d.csts(), 1, "256 completions fit");
+    let last = d.read_mem(MEM_SIZE - 16, 16);
+    assert_eq!(
+        (
+            last[14] & 1,
+            status(&<nvme::spec::Cqe as zerocopy::FromBytes>::read_from_bytes(&last[..]).unwrap())
+                .sc
+        ),
+        (1, 0)
+    );
+    d.submit_raw(0, s);
+    assert_eq!(d.csts() & 2, 2, "CFS once a CQE cannot be written");
     let id = d.read_mem(buf, 4096);
     d.expect(buf, &id);
     d.check_mem();
     d.disable();
     d.enable();
     assert_ok(&d.identify(1, 0, 0).0);
-    d.allow(MEM_SIZE - 0x100, 0x100);
 }

@@ -66,8 +66,17 @@ impl Bus {
     }
 
     /// Claim `[base, base + len)` for `dev`.
-    pub fn insert(&self, base: u64, len: u64, dev: Arc<dyn BusDevice>, tag: usize) -> Result<(), BusError> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::Invalid { base, len })?;
+    pub fn insert(
+        &self,
+        base: u64,
+        len: u64,
+        dev: Arc<dyn BusDevice>,
+        tag: usize,
+    ) -> Result<(), BusError> {
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::Invalid { base, len })?;
         let mut map = self.ranges.write().unwrap_or_else(|e| e.into_inner());
         let clash = map
             .range(..end)
@@ -75,21 +84,41 @@ impl Bus {
             .filter(|(_, r)| r.base + r.len > base)
             .map(|(_, r)| (r.base, r.len));
         if let Some((other, other_len)) = clash {
-            return Err(BusError::Overlap { base, len, other, other_len });
+            return Err(BusError::Overlap {
+                base,
+                len,
+                other,
+                other_len,
+            });
         }
-        map.insert(base, Range { base, len, dev, tag });
+        map.insert(
+            base,
+            Range {
+                base,
+                len,
+                dev,
+                tag,
+            },
+        );
         Ok(())
     }
 
     /// Release the range that starts at `base`; returns whether one was there.
     pub fn remove(&self, base: u64) -> bool {
-        self.ranges.write().unwrap_or_else(|e| e.into_inner()).remove(&base).is_some()
+        self.ranges
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&base)
+            .is_some()
     }
 
     /// The range containing `addr`, if any.
     pub fn find(&self, addr: u64) -> Option<Range> {
         let map = self.ranges.read().unwrap_or_else(|e| e.into_inner());
-        map.range(..=addr).next_back().filter(|(_, r)| addr - r.base < r.len).map(|(_, r)| r.clone())
+        map.range(..=addr)
+            .next_back()
+            .filter(|(_, r)| addr - r.base < r.len)
+            .map(|(_, r)| r.clone())
     }
 
     /// Dispatch a read. Returns the range's tag, or `None` if nothing claims `addr` (then `data`
@@ -137,10 +166,22 @@ mod tests {
         let a = Arc::new(Rec::default());
         bus.insert(0x1000, 0x100, a.clone(), 1).unwrap();
         bus.insert(0x1100, 0x100, a.clone(), 2).unwrap();
-        assert!(matches!(bus.insert(0x10ff, 2, a.clone(), 3), Err(BusError::Overlap { other: 0x1000, .. })));
-        assert!(matches!(bus.insert(0x0f00, 0x101, a.clone(), 3), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(0x0, 0, a.clone(), 3), Err(BusError::Invalid { .. })));
-        assert!(matches!(bus.insert(u64::MAX, 2, a.clone(), 3), Err(BusError::Invalid { .. })));
+        assert!(matches!(
+            bus.insert(0x10ff, 2, a.clone(), 3),
+            Err(BusError::Overlap { other: 0x1100, .. })
+        ));
+        assert!(matches!(
+            bus.insert(0x0f00, 0x101, a.clone(), 3),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(0x0, 0, a.clone(), 3),
+            Err(BusError::Invalid { .. })
+        ));
+        assert!(matches!(
+            bus.insert(u64::MAX, 2, a.clone(), 3),
+            Err(BusError::Invalid { .. })
+        ));
         let mut d = [0u8; 2];
         assert_eq!(bus.read(0x1105, &mut d), Some(2));
         assert_eq!(d, [5, 5]);

@@ -11,7 +11,7 @@
 //! These two methods are the proposal for default methods on `pci::PciDevice`; until the device
 //! crates implement them, [`Plain`] adapts any `PciDevice` with "no doorbells".
 
-use pci::{BarInfo, PciDevice};
+use pci::{BarInfo, ConfigError, DeviceContext, DeviceRegistry, PciDevice, SlotSpec};
 
 /// The value a datamatch registration matches; its width is the access width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -98,3 +98,40 @@ impl PciDevice for Plain {
 }
 
 impl VmmDevice for Plain {}
+
+/// Builds the devices of `-s` specs for the VMM.
+pub trait DeviceFactory {
+    /// Build the device for `spec`.
+    fn create(
+        &self,
+        spec: &SlotSpec,
+        ctx: &DeviceContext,
+    ) -> Result<Box<dyn VmmDevice>, ConfigError>;
+}
+
+impl DeviceFactory for DeviceRegistry {
+    fn create(
+        &self,
+        spec: &SlotSpec,
+        ctx: &DeviceContext,
+    ) -> Result<Box<dyn VmmDevice>, ConfigError> {
+        Ok(Box::new(Plain(DeviceRegistry::create(self, spec, ctx)?)))
+    }
+}
+
+/// The registry's devices, with doorbell-capable adapters where a model offers kicks
+/// ([`crate::doorbells`]).
+pub struct KvmDevices(pub DeviceRegistry);
+
+impl DeviceFactory for KvmDevices {
+    fn create(
+        &self,
+        spec: &SlotSpec,
+        ctx: &DeviceContext,
+    ) -> Result<Box<dyn VmmDevice>, ConfigError> {
+        match self.0.canonical(&spec.emul) {
+            Some(nvme::NAME) => crate::doorbells::create_nvme(spec, ctx),
+            _ => DeviceFactory::create(&self.0, spec, ctx),
+        }
+    }
+}

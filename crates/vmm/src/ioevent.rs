@@ -66,8 +66,18 @@ impl IoEvents {
     pub fn new(vm: Arc<VmFd>) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_KEY))?;
-        Ok(IoEvents { vm, epoll, state: Mutex::new(State::default()), stop, stopping: AtomicBool::new(false) })
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP_KEY),
+        )?;
+        Ok(IoEvents {
+            vm,
+            epoll,
+            state: Mutex::new(State::default()),
+            stop,
+            stopping: AtomicBool::new(false),
+        })
     }
 
     fn kvm_register(&self, r: &Resolved, fd: &EventFd) -> Result<(), kvm_ioctls::Error> {
@@ -107,7 +117,11 @@ impl IoEvents {
             if let Err(e) = self.kvm_unregister(&r.what, &r.fd) {
                 log::warn!("unregistering ioeventfd at {:#x}: {e}", r.what.addr);
             }
-            let _ = self.epoll.ctl(ControlOperation::Delete, r.fd.as_raw_fd(), EpollEvent::default());
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                r.fd.as_raw_fd(),
+                EpollEvent::default(),
+            );
         }
         for w in wanted {
             if st.regs.values().any(|r| r.device == device && r.what == *w) {
@@ -121,24 +135,43 @@ impl IoEvents {
                 }
             };
             if let Err(e) = self.kvm_register(w, &fd) {
-                log::warn!("KVM_IOEVENTFD at {:#x}: {e}; that write stays a userspace exit", w.addr);
+                log::warn!(
+                    "KVM_IOEVENTFD at {:#x}: {e}; that write stays a userspace exit",
+                    w.addr
+                );
                 continue;
             }
             let key = st.next_key;
             st.next_key += 1;
-            if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, key)) {
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, key),
+            ) {
                 log::warn!("epoll add for ioeventfd at {:#x}: {e}", w.addr);
                 let _ = self.kvm_unregister(w, &fd);
                 continue;
             }
-            st.regs.insert(key, Reg { device, what: *w, fd });
+            st.regs.insert(
+                key,
+                Reg {
+                    device,
+                    what: *w,
+                    fd,
+                },
+            );
         }
     }
 
     /// Registrations of `device` now in force.
     pub fn registered(&self, device: usize) -> Vec<Resolved> {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<Resolved> = st.regs.values().filter(|r| r.device == device).map(|r| r.what).collect();
+        let mut v: Vec<Resolved> = st
+            .regs
+            .values()
+            .filter(|r| r.device == device)
+            .map(|r| r.what)
+            .collect();
         v.sort_by_key(|r| (r.addr, r.token));
         v
     }
@@ -163,7 +196,9 @@ impl IoEvents {
                 }
                 let hit = {
                     let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.regs.get(&key).and_then(|r| r.fd.read().ok().map(|_| (r.device, r.what.token)))
+                    st.regs
+                        .get(&key)
+                        .and_then(|r| r.fd.read().ok().map(|_| (r.device, r.what.token)))
                 };
                 if let Some((device, token)) = hit {
                     kick(device, token);

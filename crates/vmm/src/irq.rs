@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip, kvm_irq_routing_msi,
-    kvm_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
+    kvm_irq_routing_msi, kvm_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
 use pci::{InterruptSink, MsiMessage};
@@ -53,7 +53,9 @@ fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
     kvm_irq_routing_entry {
         gsi,
         type_: KVM_IRQ_ROUTING_IRQCHIP,
-        u: kvm_irq_routing_entry__bindgen_ty_1 { irqchip: kvm_irq_routing_irqchip { irqchip: chip, pin } },
+        u: kvm_irq_routing_entry__bindgen_ty_1 {
+            irqchip: kvm_irq_routing_irqchip { irqchip: chip, pin },
+        },
         ..Default::default()
     }
 }
@@ -91,7 +93,11 @@ impl IrqRouter {
     pub fn new(vm: Arc<VmFd>) -> Result<Self, IrqError> {
         let r = IrqRouter {
             vm,
-            state: Mutex::new(RouterState { msi_routes: BTreeMap::new(), free: Vec::new(), next: IOAPIC_PINS }),
+            state: Mutex::new(RouterState {
+                msi_routes: BTreeMap::new(),
+                free: Vec::new(),
+                next: IOAPIC_PINS,
+            }),
         };
         r.commit(&r.state.lock().unwrap_or_else(|e| e.into_inner()))?;
         Ok(r)
@@ -107,13 +113,19 @@ impl IrqRouter {
         for gsi in 0..IOAPIC_PINS {
             entries.push(irqchip_entry(gsi, KVM_IRQCHIP_IOAPIC, gsi));
             if gsi < 16 {
-                let chip = if gsi < 8 { KVM_IRQCHIP_PIC_MASTER } else { KVM_IRQCHIP_PIC_SLAVE };
+                let chip = if gsi < 8 {
+                    KVM_IRQCHIP_PIC_MASTER
+                } else {
+                    KVM_IRQCHIP_PIC_SLAVE
+                };
                 entries.push(irqchip_entry(gsi, chip, gsi % 8));
             }
         }
         entries.extend(st.msi_routes.iter().map(|(&gsi, &m)| msi_entry(gsi, m)));
         let table = KvmIrqRouting::from_entries(&entries).map_err(|_| IrqError::NoGsi)?;
-        self.vm.set_gsi_routing(&table).map_err(|e| IrqError::Kvm("KVM_SET_GSI_ROUTING", e))
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(|e| IrqError::Kvm("KVM_SET_GSI_ROUTING", e))
     }
 
     /// Allocate a GSI routed to `msg`.
@@ -147,7 +159,12 @@ impl IrqRouter {
 
     /// Deliver `msg` once without a route.
     pub fn signal_msi(&self, msg: MsiMessage) {
-        let m = kvm_msi { address_lo: msg.addr as u32, address_hi: (msg.addr >> 32) as u32, data: msg.data, ..Default::default() };
+        let m = kvm_msi {
+            address_lo: msg.addr as u32,
+            address_hi: (msg.addr >> 32) as u32,
+            data: msg.data,
+            ..Default::default()
+        };
         if let Err(e) = self.vm.signal_msi(m) {
             log::warn!("KVM_SIGNAL_MSI {:#x}/{:#x}: {e}", msg.addr, msg.data);
         }
@@ -193,7 +210,12 @@ pub struct DeviceIrq {
 impl DeviceIrq {
     /// The sink for the function at PCI device number `device`.
     pub fn new(router: Arc<IrqRouter>, device: u8) -> Self {
-        DeviceIrq { router, device, vectors: Mutex::new(BTreeMap::new()), counters: IrqCounters::default() }
+        DeviceIrq {
+            router,
+            device,
+            vectors: Mutex::new(BTreeMap::new()),
+            counters: IrqCounters::default(),
+        }
     }
 
     fn set_route(&self, vector: u16, msg: MsiMessage) -> Result<(), IrqError> {
@@ -208,9 +230,19 @@ impl DeviceIrq {
         }
         let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(IrqError::EventFd)?;
         let gsi = self.router.add_msi(msg)?;
-        self.router.vm().register_irqfd(&fd, gsi).map_err(|e| IrqError::Kvm("KVM_IRQFD", e))?;
+        self.router
+            .vm()
+            .register_irqfd(&fd, gsi)
+            .map_err(|e| IrqError::Kvm("KVM_IRQFD", e))?;
         self.counters.route_updates.fetch_add(1, Ordering::Relaxed);
-        v.insert(vector, Vector { gsi, fd, live: Some(msg) });
+        v.insert(
+            vector,
+            Vector {
+                gsi,
+                fd,
+                live: Some(msg),
+            },
+        );
         Ok(())
     }
 }
@@ -241,11 +273,19 @@ impl InterruptSink for DeviceIrq {
         match msg {
             Some(m) => {
                 if let Err(e) = self.set_route(vector, m) {
-                    log::warn!("device {}: MSI vector {vector}: {e}; using KVM_SIGNAL_MSI", self.device);
+                    log::warn!(
+                        "device {}: MSI vector {vector}: {e}; using KVM_SIGNAL_MSI",
+                        self.device
+                    );
                 }
             }
             None => {
-                if let Some(e) = self.vectors.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&vector) {
+                if let Some(e) = self
+                    .vectors
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(&vector)
+                {
                     e.live = None;
                 }
             }

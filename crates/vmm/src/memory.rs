@@ -17,7 +17,7 @@ use std::os::fd::FromRawFd;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Start of the 32-bit PCI hole (end of low RAM).
 pub const PCI_HOLE_START: u64 = 0xC000_0000;
@@ -75,7 +75,7 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
 
 /// Allocate `size` bytes of guest RAM in a memfd and map it at the addresses of [`ram_ranges`].
 pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
-    if size < MIN_RAM || size % 4096 != 0 {
+    if size < MIN_RAM || !size.is_multiple_of(4096) {
         return Err(MemoryError::BadSize(size));
     }
     let name = c"rhyve-guest-ram";
@@ -94,7 +94,8 @@ pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
         regions.push((GuestAddress(base), len as usize, Some(fo)));
         offset += len;
     }
-    let mem = GuestMemoryMmap::from_ranges_with_files(&regions).map_err(|e| MemoryError::Mmap(e.to_string()))?;
+    let mem = GuestMemoryMmap::from_ranges_with_files(&regions)
+        .map_err(|e| MemoryError::Mmap(e.to_string()))?;
     Ok((mem, file))
 }
 
@@ -126,7 +127,10 @@ mod tests {
         assert_eq!(ram_ranges(1 << 30), vec![(0, 1 << 30)]);
         assert_eq!(ram_ranges(4 << 30), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
         assert!(matches!(create(1 << 20), Err(MemoryError::BadSize(_))));
-        assert!(matches!(create((32 << 20) + 1), Err(MemoryError::BadSize(_))));
+        assert!(matches!(
+            create((32 << 20) + 1),
+            Err(MemoryError::BadSize(_))
+        ));
         let (m, f) = create(32 << 20).unwrap();
         m.write_obj(0x1234_5678u32, GuestAddress(0x1000)).unwrap();
         assert_eq!(f.metadata().unwrap().len(), 32 << 20);

@@ -106,10 +106,15 @@ impl PciSlot {
                     let low = Self::read_cfg32(&mut **dev, off);
                     let (addr, on) = match b.kind {
                         BarKind::Io => (u64::from(low & !3), command & cmd::IO_SPACE != 0),
-                        BarKind::Mem32 { .. } => (u64::from(low & !0xf), command & cmd::MEMORY_SPACE != 0),
+                        BarKind::Mem32 { .. } => {
+                            (u64::from(low & !0xf), command & cmd::MEMORY_SPACE != 0)
+                        }
                         BarKind::Mem64 { .. } => {
                             let high = Self::read_cfg32(&mut **dev, off + 4);
-                            (u64::from(low & !0xf) | (u64::from(high) << 32), command & cmd::MEMORY_SPACE != 0)
+                            (
+                                u64::from(low & !0xf) | (u64::from(high) << 32),
+                                command & cmd::MEMORY_SPACE != 0,
+                            )
                         }
                     };
                     (on && addr != 0).then_some(addr)
@@ -121,15 +126,27 @@ impl PciSlot {
             if st.mapped[i] == want[i] {
                 continue;
             }
-            let bus = if b.kind == BarKind::Io { &self.env.pio } else { &self.env.mmio };
+            let bus = if b.kind == BarKind::Io {
+                &self.env.pio
+            } else {
+                &self.env.mmio
+            };
             if let Some(old) = st.mapped[i].take() {
                 bus.remove(old);
             }
             if let Some(base) = want[i] {
-                let handler = Arc::new(BarHandler { slot: Arc::downgrade(self), bar: b.index });
+                let handler = Arc::new(BarHandler {
+                    slot: Arc::downgrade(self),
+                    bar: b.index,
+                });
                 match bus.insert(base, b.size, handler, self.tags[i]) {
                     Ok(()) => st.mapped[i] = Some(base),
-                    Err(e) => log::warn!("{} {}: BAR{} not decoded: {e}", self.address(), self.name, b.index),
+                    Err(e) => log::warn!(
+                        "{} {}: BAR{} not decoded: {e}",
+                        self.address(),
+                        self.name,
+                        b.index
+                    ),
                 }
             }
         }
@@ -141,8 +158,12 @@ impl PciSlot {
         let events = self.lock().ioevents();
         let mut resolved = Vec::new();
         for ev in &events {
-            let Some(i) = self.bars.iter().position(|b| b.index == ev.bar) else { continue };
-            let (Some(base), b) = (st.mapped[i], &self.bars[i]) else { continue };
+            let Some(i) = self.bars.iter().position(|b| b.index == ev.bar) else {
+                continue;
+            };
+            let (Some(base), b) = (st.mapped[i], &self.bars[i]) else {
+                continue;
+            };
             if ev.offset >= b.size {
                 continue;
             }
@@ -222,7 +243,12 @@ pub struct PciHost {
 impl PciHost {
     /// An empty bus 0.
     pub fn new(env: Arc<HostEnv>, exit: ExitSender) -> Self {
-        PciHost { functions: vec![None; FUNCTIONS], env, cf8: AtomicU32::new(0), exit }
+        PciHost {
+            functions: vec![None; FUNCTIONS],
+            env,
+            cf8: AtomicU32::new(0),
+            exit,
+        }
     }
 
     /// Whether `device.function` is taken.
@@ -231,13 +257,23 @@ impl PciHost {
     }
 
     /// Plug a function in at `device.function`; `irq` is the sink the device was built with.
-    pub fn add(&mut self, device: u8, function: u8, dev: Box<dyn VmmDevice>, irq: Option<Arc<DeviceIrq>>) -> Arc<PciSlot> {
+    pub fn add(
+        &mut self,
+        device: u8,
+        function: u8,
+        dev: Box<dyn VmmDevice>,
+        irq: Option<Arc<DeviceIrq>>,
+    ) -> Arc<PciSlot> {
         let index = usize::from(device) * 8 + usize::from(function);
         let name = dev.name().to_string();
         let bars = dev.bars();
         let tags = bars
             .iter()
-            .map(|b| self.env.stats.bucket(&format!("slot{device}.{function} {name} bar{}", b.index)))
+            .map(|b| {
+                self.env
+                    .stats
+                    .bucket(&format!("slot{device}.{function} {name} bar{}", b.index))
+            })
             .collect();
         let slot = Arc::new(PciSlot {
             index,
@@ -267,8 +303,10 @@ impl PciHost {
     /// Place every BAR as firmware would (memory BARs in the 32-bit window, largest first; I/O
     /// BARs in the I/O window), program the interrupt line, and enable decoding.
     pub fn assign_resources(&self) -> Result<(), String> {
-        let mut want: Vec<(Arc<PciSlot>, BarInfo)> =
-            self.slots().flat_map(|s| s.bars.iter().map(move |b| (s.clone(), *b))).collect();
+        let mut want: Vec<(Arc<PciSlot>, BarInfo)> = self
+            .slots()
+            .flat_map(|s| s.bars.iter().map(move |b| (s.clone(), *b)))
+            .collect();
         want.sort_by_key(|(s, b)| (std::cmp::Reverse(b.size), s.index, b.index));
         let (mut mem, mut io) = (PCI_MMIO32_START, PCI_IO_START);
         for (slot, b) in &want {
@@ -285,13 +323,18 @@ impl PciHost {
                     slot.name,
                     b.index,
                     b.size,
-                    if b.kind == BarKind::Io { "I/O" } else { "memory" }
+                    if b.kind == BarKind::Io {
+                        "I/O"
+                    } else {
+                        "memory"
+                    }
                 ));
             }
             *next = base + b.size;
             let mut dev = slot.lock();
             let off = (reg::BAR0 + usize::from(b.index) * 4) as u16;
-            let low = PciSlot::read_cfg32(&mut **dev, off.into()) & if b.kind == BarKind::Io { 3 } else { 0xf };
+            let low = PciSlot::read_cfg32(&mut **dev, off.into())
+                & if b.kind == BarKind::Io { 3 } else { 0xf };
             dev.config_write(off, &((base as u32) | low).to_le_bytes());
             if matches!(b.kind, BarKind::Mem64 { .. }) {
                 dev.config_write(off + 4, &((base >> 32) as u32).to_le_bytes());
@@ -303,10 +346,16 @@ impl PciHost {
                 let mut pin = [0u8];
                 dev.config_read(reg::INTERRUPT_PIN as u16, &mut pin);
                 if pin[0] != 0 {
-                    dev.config_write(reg::INTERRUPT_LINE as u16, &[intx_gsi(slot.device_no(), pin[0]) as u8]);
+                    dev.config_write(
+                        reg::INTERRUPT_LINE as u16,
+                        &[intx_gsi(slot.device_no(), pin[0]) as u8],
+                    );
                 }
                 let command = PciSlot::read_cfg32(&mut **dev, reg::COMMAND) as u16;
-                dev.config_write(reg::COMMAND as u16, &(command | cmd::IO_SPACE | cmd::MEMORY_SPACE).to_le_bytes());
+                dev.config_write(
+                    reg::COMMAND as u16,
+                    &(command | cmd::IO_SPACE | cmd::MEMORY_SPACE).to_le_bytes(),
+                );
             }
             slot.refresh();
         }
@@ -314,7 +363,11 @@ impl PciHost {
     }
 
     fn config_access(&self, bus: u8, devfn: usize, offset: u16, data: &mut [u8], write: bool) {
-        let slot = if bus == 0 { self.functions.get(devfn).and_then(|s| s.as_ref()) } else { None };
+        let slot = if bus == 0 {
+            self.functions.get(devfn).and_then(|s| s.as_ref())
+        } else {
+            None
+        };
         match (slot, write) {
             (Some(s), false) => s.config_read(offset, data),
             (Some(s), true) => s.config_write(offset, data),
@@ -339,7 +392,11 @@ impl BusDevice for ConfigAddress {
         if offset == 0 && data.len() == 4 {
             data.copy_from_slice(&self.0.cf8.load(Ordering::Relaxed).to_le_bytes());
         } else {
-            data.fill(if offset == 1 && data.len() == 1 { 0 } else { 0xff });
+            data.fill(if offset == 1 && data.len() == 1 {
+                0
+            } else {
+                0xff
+            });
         }
     }
 
@@ -399,7 +456,8 @@ impl Ecam {
             return;
         }
         for (i, chunk) in data.chunks_mut(4).enumerate() {
-            self.0.config_access(bus, devfn, reg + 4 * i as u16, chunk, write);
+            self.0
+                .config_access(bus, devfn, reg + 4 * i as u16, chunk, write);
         }
     }
 }

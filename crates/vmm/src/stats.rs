@@ -51,7 +51,10 @@ impl Default for Stats {
 impl Stats {
     /// Counters with only the `unclaimed` bucket.
     pub fn new() -> Self {
-        let s = Stats { kinds: Default::default(), buckets: RwLock::new(Vec::new()) };
+        let s = Stats {
+            kinds: Default::default(),
+            buckets: RwLock::new(Vec::new()),
+        };
         s.bucket("unclaimed");
         s
     }
@@ -62,7 +65,11 @@ impl Stats {
         if let Some(i) = b.iter().position(|x| x.name == name) {
             return i;
         }
-        b.push(Bucket { name: name.to_string(), reads: AtomicU64::new(0), writes: AtomicU64::new(0) });
+        b.push(Bucket {
+            name: name.to_string(),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        });
         b.len() - 1
     }
 
@@ -87,7 +94,13 @@ impl Stats {
             kinds: std::array::from_fn(|i| self.kinds[i].load(Ordering::Relaxed)),
             buckets: b
                 .iter()
-                .map(|x| (x.name.clone(), x.reads.load(Ordering::Relaxed), x.writes.load(Ordering::Relaxed)))
+                .map(|x| {
+                    (
+                        x.name.clone(),
+                        x.reads.load(Ordering::Relaxed),
+                        x.writes.load(Ordering::Relaxed),
+                    )
+                })
                 .collect(),
         }
     }
@@ -107,6 +120,11 @@ impl Snapshot {
         self.kinds[k as usize]
     }
 
+    /// Set the count of one kind (for building expected values).
+    pub fn set_kind(&mut self, k: ExitKind, v: u64) {
+        self.kinds[k as usize] = v;
+    }
+
     /// All userspace exits.
     pub fn total(&self) -> u64 {
         self.kinds.iter().sum()
@@ -114,7 +132,10 @@ impl Snapshot {
 
     /// (reads, writes) of the bucket called `name` (0, 0 if it does not exist).
     pub fn bucket(&self, name: &str) -> (u64, u64) {
-        self.buckets.iter().find(|b| b.0 == name).map_or((0, 0), |b| (b.1, b.2))
+        self.buckets
+            .iter()
+            .find(|b| b.0 == name)
+            .map_or((0, 0), |b| (b.1, b.2))
     }
 
     /// `self - earlier`, bucket by bucket.

@@ -12,7 +12,10 @@ const MIB: u64 = 1 << 20;
 
 fn drv(logical: u32, physical: u32) -> (Driver, Arc<TestBackend>) {
     let be = TestBackend::new(8 * MIB, logical);
-    (Driver::started(vec![disk(be.clone(), logical, physical)]), be)
+    (
+        Driver::started(vec![disk(be.clone(), logical, physical)]),
+        be,
+    )
 }
 
 fn ok(d: &crate::testdrv::Done) {
@@ -27,20 +30,46 @@ fn aborted(d: &crate::testdrv::Done, err: u8) {
 
 #[test]
 fn identify_device_word_map() {
-    for (logical, physical, w106) in [(512, 512, 0x4000u16), (512, 4096, 0x6003), (4096, 4096, 0x5000)] {
+    for (logical, physical, w106) in [
+        (512, 512, 0x4000u16),
+        (512, 4096, 0x6003),
+        (4096, 4096, 0x5000),
+    ] {
         let (mut d, _) = drv(logical, physical);
         let (done, w) = d.identify(0, cmd::IDENTIFY);
         ok(&done);
-        assert_ne!(done.is & pxis::PSS, 0, "PIO data-in ends with a PIO Setup FIS");
+        assert_ne!(
+            done.is & pxis::PSS,
+            0,
+            "PIO data-in ends with a PIO Setup FIS"
+        );
         let ps = d.pio_setup(0);
-        assert_eq!((ps.fis_type, ps.flags & 0x60, ps.e_status, ps.transfer_count.get()), (0x5f, 0x60, 0x50, 512));
+        assert_eq!(
+            (
+                ps.fis_type,
+                ps.flags & 0x60,
+                ps.e_status,
+                ps.transfer_count.get()
+            ),
+            (0x5f, 0x60, 0x50, 512)
+        );
         assert_eq!(d.prdbc(0, 0), 512);
         let sectors = 8 * MIB / u64::from(logical);
         let bytes = d.read_mem(BUF, 512);
-        assert_eq!(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "checksum");
+        assert_eq!(
+            bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)),
+            0,
+            "checksum"
+        );
         assert_eq!(w[255] & 0xff, 0xa5);
         let string = |a: usize, n: usize| -> String {
-            w[a..a + n].iter().flat_map(|x| x.to_be_bytes()).map(char::from).collect::<String>().trim_end().to_string()
+            w[a..a + n]
+                .iter()
+                .flat_map(|x| x.to_be_bytes())
+                .map(char::from)
+                .collect::<String>()
+                .trim_end()
+                .to_string()
         };
         assert_eq!(string(10, 10), "RHYVE-TEST-0001");
         assert_eq!(string(27, 20), "RHYVE TEST DISK");
@@ -57,7 +86,7 @@ fn identify_device_word_map() {
         assert_eq!(w[80], 0x0fe0);
         assert_eq!(w[82] & 0x0029, 0x0029, "SMART, PM, write cache");
         assert_eq!(w[83] & 0xf400, 0x7400, "LBA48, FLUSH (EXT)");
-        assert_eq!(w[84] & 0xc120, 0x4120, "WWN, GPL");
+        assert_eq!(w[84] & 0xc160, 0x4160, "WWN, FUA, GPL");
         assert_eq!(w[85] & 0x0021, 0x0021, "write cache and SMART enabled");
         assert_eq!(w[86] & 0xb400, 0xb400);
         assert_eq!(w[88], 0x407f, "UDMA6 selected");
@@ -84,23 +113,48 @@ fn dma_write_then_read_back() {
     let data = pattern(1, 4096);
     d.write_mem(BUF, &data);
     // Two PRD entries of uneven (even-byte) sizes, the second with the I bit.
-    let c = Cmd::ata(cmd::WRITE_DMA_EXT).lba(100).count(8).write().prd_raw(BUF, 1023).prd_raw(BUF + 1024, 3071 | 1 << 31);
+    let c = Cmd::ata(cmd::WRITE_DMA_EXT)
+        .lba(100)
+        .count(8)
+        .write()
+        .prd_raw(BUF, 1023)
+        .prd_raw(BUF + 1024, 3071 | 1 << 31);
     let done = d.exec(0, 5, &c);
     ok(&done);
     assert_ne!(done.is & pxis::DHRS, 0);
-    assert_ne!(done.is & pxis::DPS, 0, "the I bit reports a processed descriptor");
+    assert_ne!(
+        done.is & pxis::DPS,
+        0,
+        "the I bit reports a processed descriptor"
+    );
     assert_eq!(d.d2h(0).status, 0x50);
     assert_eq!(d.prdbc(0, 5), 4096);
     let mut disk_bytes = vec![0u8; 4096];
-    be.read_vectored(100 * 512, &mut [std::io::IoSliceMut::new(&mut disk_bytes)]).unwrap();
+    be.read_vectored(100 * 512, &mut [std::io::IoSliceMut::new(&mut disk_bytes)])
+        .unwrap();
     assert_eq!(disk_bytes, data);
     // 28-bit READ DMA into another buffer.
-    let done = d.exec(0, 6, &Cmd::ata(cmd::READ_DMA).lba(100).count(8).buf(BUF + MIB, 4096));
+    let done = d.exec(
+        0,
+        6,
+        &Cmd::ata(cmd::READ_DMA)
+            .lba(100)
+            .count(8)
+            .buf(BUF + MIB, 4096),
+    );
     ok(&done);
     assert_eq!(d.read_mem(BUF + MIB, 4096), data);
     assert_eq!(done.is & pxis::DPS, 0);
     // FUA write.
-    ok(&d.exec(0, 7, &Cmd::ata(cmd::WRITE_DMA_FUA_EXT).lba(0).count(1).buf(BUF, 512).write()));
+    ok(&d.exec(
+        0,
+        7,
+        &Cmd::ata(cmd::WRITE_DMA_FUA_EXT)
+            .lba(0)
+            .count(1)
+            .buf(BUF, 512)
+            .write(),
+    ));
     let st = d.dev_stats();
     assert!(st["written_bytes"] >= 4608 && st["read_bytes"] >= 4096 && st["commands"] >= 3);
 }
@@ -110,10 +164,35 @@ fn dma_4kn_sectors() {
     let (mut d, _) = drv(4096, 4096);
     let data = pattern(2, 8192);
     d.write_mem(BUF, &data);
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::WRITE_DMA_EXT).lba(3).count(2).buf(BUF, 8192).write()));
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::READ_DMA_EXT).lba(3).count(2).buf(BUF + MIB, 8192)));
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::WRITE_DMA_EXT)
+            .lba(3)
+            .count(2)
+            .buf(BUF, 8192)
+            .write(),
+    ));
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::READ_DMA_EXT)
+            .lba(3)
+            .count(2)
+            .buf(BUF + MIB, 8192),
+    ));
     assert_eq!(d.read_mem(BUF + MIB, 8192), data);
-    aborted(&d.exec(0, 0, &Cmd::ata(cmd::READ_DMA_EXT).lba(2047).count(2).buf(BUF, 8192)), error::IDNF);
+    aborted(
+        &d.exec(
+            0,
+            0,
+            &Cmd::ata(cmd::READ_DMA_EXT)
+                .lba(2047)
+                .count(2)
+                .buf(BUF, 8192),
+        ),
+        error::IDNF,
+    );
 }
 
 #[test]
@@ -121,10 +200,25 @@ fn pio_sectors_and_multiple() {
     let (mut d, _) = drv(512, 512);
     let data = pattern(3, 2048);
     d.write_mem(BUF, &data);
-    let done = d.exec(0, 0, &Cmd::ata(cmd::WRITE_SECTORS).lba(8).count(4).buf(BUF, 2048).write());
+    let done = d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::WRITE_SECTORS)
+            .lba(8)
+            .count(4)
+            .buf(BUF, 2048)
+            .write(),
+    );
     ok(&done);
     assert_ne!(done.is & pxis::DHRS, 0, "PIO data-out ends with a D2H FIS");
-    let done = d.exec(0, 1, &Cmd::ata(cmd::READ_SECTORS_EXT).lba(8).count(4).buf(BUF + MIB, 2048));
+    let done = d.exec(
+        0,
+        1,
+        &Cmd::ata(cmd::READ_SECTORS_EXT)
+            .lba(8)
+            .count(4)
+            .buf(BUF + MIB, 2048),
+    );
     ok(&done);
     assert_ne!(done.is & pxis::PSS, 0);
     assert_eq!(done.is & pxis::DHRS, 0, "PIO data-in has no D2H FIS");
@@ -134,20 +228,63 @@ fn pio_sectors_and_multiple() {
     ok(&d.exec(0, 2, &Cmd::ata(cmd::SET_MULTIPLE).count(4)));
     let (_, w) = d.identify(0, cmd::IDENTIFY);
     assert_eq!(w[59], 0x0104);
-    ok(&d.exec(0, 3, &Cmd::ata(cmd::READ_MULTIPLE).lba(8).count(6).buf(BUF + MIB, 3072)));
+    ok(&d.exec(
+        0,
+        3,
+        &Cmd::ata(cmd::READ_MULTIPLE)
+            .lba(8)
+            .count(6)
+            .buf(BUF + MIB, 3072),
+    ));
     assert_eq!(d.pio_setup(0).transfer_count.get(), 1024);
     d.write_mem(BUF, &data); // IDENTIFY above used the buffer
-    ok(&d.exec(0, 4, &Cmd::ata(cmd::WRITE_MULTIPLE_EXT).lba(20).count(4).buf(BUF, 2048).write()));
-    ok(&d.exec(0, 4, &Cmd::ata(cmd::WRITE_MULTIPLE_FUA_EXT).lba(20).count(4).buf(BUF, 2048).write()));
-    ok(&d.exec(0, 4, &Cmd::ata(cmd::READ_MULTIPLE_EXT).lba(20).count(4).buf(BUF + MIB, 2048)));
+    ok(&d.exec(
+        0,
+        4,
+        &Cmd::ata(cmd::WRITE_MULTIPLE_EXT)
+            .lba(20)
+            .count(4)
+            .buf(BUF, 2048)
+            .write(),
+    ));
+    ok(&d.exec(
+        0,
+        4,
+        &Cmd::ata(cmd::WRITE_MULTIPLE_FUA_EXT)
+            .lba(20)
+            .count(4)
+            .buf(BUF, 2048)
+            .write(),
+    ));
+    ok(&d.exec(
+        0,
+        4,
+        &Cmd::ata(cmd::READ_MULTIPLE_EXT)
+            .lba(20)
+            .count(4)
+            .buf(BUF + MIB, 2048),
+    ));
     assert_eq!(d.read_mem(BUF + MIB, 2048), data);
     // Not a power of two / too big: aborted; 0 disables READ MULTIPLE.
-    aborted(&d.exec(0, 5, &Cmd::ata(cmd::SET_MULTIPLE).count(3)), error::ABRT);
+    aborted(
+        &d.exec(0, 5, &Cmd::ata(cmd::SET_MULTIPLE).count(3)),
+        error::ABRT,
+    );
     d.recover(0);
-    aborted(&d.exec(0, 5, &Cmd::ata(cmd::SET_MULTIPLE).count(32)), error::ABRT);
+    aborted(
+        &d.exec(0, 5, &Cmd::ata(cmd::SET_MULTIPLE).count(32)),
+        error::ABRT,
+    );
     d.recover(0);
     ok(&d.exec(0, 5, &Cmd::ata(cmd::SET_MULTIPLE).count(0)));
-    aborted(&d.exec(0, 6, &Cmd::ata(cmd::READ_MULTIPLE).lba(0).count(1).buf(BUF, 512)), error::ABRT);
+    aborted(
+        &d.exec(
+            0,
+            6,
+            &Cmd::ata(cmd::READ_MULTIPLE).lba(0).count(1).buf(BUF, 512),
+        ),
+        error::ABRT,
+    );
 }
 
 #[test]
@@ -155,27 +292,70 @@ fn flush_and_set_features() {
     let (mut d, _) = drv(512, 512);
     ok(&d.exec(0, 0, &Cmd::ata(cmd::FLUSH_CACHE)));
     ok(&d.exec(0, 0, &Cmd::ata(cmd::FLUSH_CACHE_EXT)));
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::SET_FEATURES).features(feature::DISABLE_WRITE_CACHE.into())));
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::SET_FEATURES).features(feature::DISABLE_WRITE_CACHE.into()),
+    ));
     let (_, w) = d.identify(0, cmd::IDENTIFY);
     assert_eq!(w[85] & 0x20, 0, "write cache disabled");
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::SET_FEATURES).features(feature::ENABLE_WRITE_CACHE.into())));
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::SET_FEATURES).features(feature::DISABLE_LOOK_AHEAD.into())));
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::SET_FEATURES).features(feature::SET_TRANSFER_MODE.into()).count(0x45)));
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::SET_FEATURES).features(feature::ENABLE_WRITE_CACHE.into()),
+    ));
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::SET_FEATURES).features(feature::DISABLE_LOOK_AHEAD.into()),
+    ));
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::SET_FEATURES)
+            .features(feature::SET_TRANSFER_MODE.into())
+            .count(0x45),
+    ));
     let (_, w) = d.identify(0, cmd::IDENTIFY);
     assert_eq!(w[85] & 0x60, 0x20, "write cache on, look-ahead off");
     assert_eq!((w[88], w[63]), (0x207f, 0x0007), "UDMA5");
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::SET_FEATURES).features(feature::SET_TRANSFER_MODE.into()).count(0x22)));
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::SET_FEATURES)
+            .features(feature::SET_TRANSFER_MODE.into())
+            .count(0x22),
+    ));
     let (_, w) = d.identify(0, cmd::IDENTIFY);
     assert_eq!((w[88], w[63]), (0x007f, 0x0407), "MWDMA2");
-    for (f, c) in [(feature::SET_TRANSFER_MODE, 0x47u16), (0x99, 0), (feature::ENABLE_SATA_FEATURE, 0x03)] {
-        aborted(&d.exec(0, 0, &Cmd::ata(cmd::SET_FEATURES).features(f.into()).count(c)), error::ABRT);
+    for (f, c) in [
+        (feature::SET_TRANSFER_MODE, 0x47u16),
+        (0x99, 0),
+        (feature::ENABLE_SATA_FEATURE, 0x03),
+    ] {
+        aborted(
+            &d.exec(
+                0,
+                0,
+                &Cmd::ata(cmd::SET_FEATURES).features(f.into()).count(c),
+            ),
+            error::ABRT,
+        );
         d.recover(0);
     }
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::SET_FEATURES).features(feature::ENABLE_SATA_FEATURE.into()).count(6)));
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::SET_FEATURES)
+            .features(feature::ENABLE_SATA_FEATURE.into())
+            .count(6),
+    ));
 }
 
 fn read_log(d: &mut Driver, command: u8, log: u8, page: u16, count: u16) -> crate::testdrv::Done {
-    let mut c = Cmd::ata(command).count(count).buf(BUF, u64::from(count.max(1)) * 512);
+    let mut c = Cmd::ata(command)
+        .count(count)
+        .buf(BUF, u64::from(count.max(1)) * 512);
     c.fis.lba0 = log;
     c.fis.lba1 = page as u8;
     c.fis.lba4 = (page >> 8) as u8;
@@ -189,7 +369,11 @@ fn general_purpose_logs() {
         ok(&read_log(&mut d, command, 0x00, 0, 1));
         let dir = d.read_mem(BUF, 512);
         assert_eq!(&dir[0..2], &[1, 0], "GPL version 1");
-        assert_eq!((dir[0x20], dir[0x26], dir[0x60]), (1, 1, 3), "logs 10h, 13h, 30h");
+        assert_eq!(
+            (dir[0x20], dir[0x26], dir[0x60]),
+            (1, 1, 3),
+            "logs 10h, 13h, 30h"
+        );
         ok(&read_log(&mut d, command, 0x13, 0, 1));
         let l = d.read_mem(BUF, 8);
         assert_eq!((l[0], l[4]), (1, 1), "queued DSM with TRIM");
@@ -197,7 +381,10 @@ fn general_purpose_logs() {
         let l = d.read_mem(BUF, 1536);
         assert_eq!(&l[8..12], &[3, 0, 1, 2], "identify log page list");
         let (_, w) = d.identify(0, cmd::IDENTIFY);
-        let copy: Vec<u16> = l[512..1024].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let copy: Vec<u16> = l[512..1024]
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
         assert_eq!(copy, w.to_vec(), "page 1 is IDENTIFY data");
         let cap = u64::from_le_bytes(l[1024 + 8..1024 + 16].try_into().unwrap());
         assert_eq!(cap, 1 << 63 | (8 * MIB / 512));
@@ -206,11 +393,27 @@ fn general_purpose_logs() {
     }
     let pio = read_log(&mut d, cmd::READ_LOG_EXT, 0x30, 2, 1);
     assert_ne!(pio.is & pxis::PSS, 0);
-    for (log, page, count) in [(0x04u8, 0u16, 1u16), (0x30, 3, 1), (0x30, 2, 2), (0x00, 0, 0), (0x10, 1, 1)] {
-        aborted(&read_log(&mut d, cmd::READ_LOG_EXT, log, page, count), error::ABRT);
+    for (log, page, count) in [
+        (0x04u8, 0u16, 1u16),
+        (0x30, 3, 1),
+        (0x30, 2, 2),
+        (0x00, 0, 0),
+        (0x10, 1, 1),
+    ] {
+        aborted(
+            &read_log(&mut d, cmd::READ_LOG_EXT, log, page, count),
+            error::ABRT,
+        );
         d.recover(0);
     }
-    aborted(&d.exec(0, 0, &Cmd::ata(cmd::WRITE_LOG_EXT).count(1).buf(BUF, 512).write()), error::ABRT);
+    aborted(
+        &d.exec(
+            0,
+            0,
+            &Cmd::ata(cmd::WRITE_LOG_EXT).count(1).buf(BUF, 512).write(),
+        ),
+        error::ABRT,
+    );
 }
 
 fn smart_cmd(sub: u8) -> Cmd {
@@ -223,7 +426,15 @@ fn smart_cmd(sub: u8) -> Cmd {
 #[test]
 fn smart_operations() {
     let (mut d, _) = drv(512, 512);
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::WRITE_DMA_EXT).lba(0).count(16).buf(BUF, 8192).write()));
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::WRITE_DMA_EXT)
+            .lba(0)
+            .count(16)
+            .buf(BUF, 8192)
+            .write(),
+    ));
     ok(&d.exec(0, 0, &smart_cmd(smart::RETURN_STATUS)));
     let f = d.d2h(0);
     assert_eq!((f.lba1, f.lba2), (0x4f, 0xc2), "no threshold exceeded");
@@ -232,13 +443,28 @@ fn smart_operations() {
     let data = d.read_mem(BUF, 512);
     assert_eq!(data.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
     let written = data[2..362].chunks(12).find(|a| a[0] == 0xf1).unwrap();
-    assert_eq!(u64::from_le_bytes([written[5], written[6], written[7], written[8], written[9], written[10], 0, 0]), 16);
+    assert_eq!(
+        u64::from_le_bytes([
+            written[5],
+            written[6],
+            written[7],
+            written[8],
+            written[9],
+            written[10],
+            0,
+            0
+        ]),
+        16
+    );
     ok(&d.exec(0, 0, &smart_cmd(smart::READ_THRESHOLDS).buf(BUF, 512)));
     ok(&d.exec(0, 0, &smart_cmd(smart::AUTOSAVE).count(0xf1)));
     ok(&d.exec(0, 0, &smart_cmd(smart::DISABLE)));
     let (_, w) = d.identify(0, cmd::IDENTIFY);
     assert_eq!(w[85] & 1, 0);
-    aborted(&d.exec(0, 0, &smart_cmd(smart::READ_DATA).buf(BUF, 512)), error::ABRT);
+    aborted(
+        &d.exec(0, 0, &smart_cmd(smart::READ_DATA).buf(BUF, 512)),
+        error::ABRT,
+    );
     d.recover(0);
     ok(&d.exec(0, 0, &smart_cmd(smart::ENABLE)));
     ok(&d.exec(0, 0, &smart_cmd(smart::READ_DATA).buf(BUF, 512)));
@@ -261,7 +487,11 @@ fn power_modes() {
     assert_eq!(mode(&mut d), 0x80);
     ok(&d.exec(0, 0, &Cmd::ata(cmd::STANDBY_IMMEDIATE)));
     assert_eq!(mode(&mut d), 0x00);
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::READ_DMA_EXT).lba(0).count(1).buf(BUF, 512)));
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::READ_DMA_EXT).lba(0).count(1).buf(BUF, 512),
+    ));
     assert_eq!(mode(&mut d), 0xff, "media access spins up");
     ok(&d.exec(0, 0, &Cmd::ata(cmd::STANDBY).count(10)));
     assert_eq!(mode(&mut d), 0x00);
@@ -274,16 +504,33 @@ fn verify_native_max_diagnostics() {
     let (mut d, _) = drv(512, 512);
     let sectors = 8 * MIB / 512;
     ok(&d.exec(0, 0, &Cmd::ata(cmd::READ_VERIFY).lba(0).count(0)));
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::READ_VERIFY_EXT).lba(sectors - 10).count(10)));
-    aborted(&d.exec(0, 0, &Cmd::ata(cmd::READ_VERIFY_EXT).lba(sectors - 10).count(11)), error::IDNF);
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::READ_VERIFY_EXT).lba(sectors - 10).count(10),
+    ));
+    aborted(
+        &d.exec(
+            0,
+            0,
+            &Cmd::ata(cmd::READ_VERIFY_EXT).lba(sectors - 10).count(11),
+        ),
+        error::IDNF,
+    );
     assert_eq!(d.d2h(0).lba0, (sectors - 10) as u8, "IDNF names the LBA");
     d.recover(0);
     ok(&d.exec(0, 0, &Cmd::ata(cmd::READ_NATIVE_MAX_EXT)));
     let f = d.d2h(0);
-    assert_eq!(u64::from_le_bytes([f.lba0, f.lba1, f.lba2, f.lba3, f.lba4, f.lba5, 0, 0]), sectors - 1);
+    assert_eq!(
+        u64::from_le_bytes([f.lba0, f.lba1, f.lba2, f.lba3, f.lba4, f.lba5, 0, 0]),
+        sectors - 1
+    );
     ok(&d.exec(0, 0, &Cmd::ata(cmd::READ_NATIVE_MAX)));
     let f = d.d2h(0);
-    assert_eq!(u64::from_le_bytes([f.lba0, f.lba1, f.lba2, f.device & 0xf, 0, 0, 0, 0]), sectors - 1);
+    assert_eq!(
+        u64::from_le_bytes([f.lba0, f.lba1, f.lba2, f.device & 0xf, 0, 0, 0, 0]),
+        sectors - 1
+    );
     ok(&d.exec(0, 0, &Cmd::ata(cmd::EXEC_DIAGNOSTIC)));
     let f = d.d2h(0);
     assert_eq!((f.error, f.count, f.lba0, f.lba1, f.lba2), (1, 1, 1, 0, 0));
@@ -298,15 +545,36 @@ fn data_set_management_trim() {
     let (mut d, be) = drv(512, 512);
     let sectors = 8 * MIB / 512;
     d.write_mem(BUF, &pattern(4, 64 * 512));
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::WRITE_DMA_EXT).lba(0).count(64).buf(BUF, 64 * 512).write()));
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::WRITE_DMA_EXT)
+            .lba(0)
+            .count(64)
+            .buf(BUF, 64 * 512)
+            .write(),
+    ));
     let mut list = vec![0u8; 512];
     list[0..8].copy_from_slice(&trim_entry(8, 8));
     list[8..16].copy_from_slice(&trim_entry(32, 0)); // padding
     list[16..24].copy_from_slice(&trim_entry(40, 4));
     d.write_mem(BUF + MIB, &list);
-    let trim = |blocks: u16| Cmd::ata(cmd::DSM).features(1).count(blocks).buf(BUF + MIB, 512).write();
+    let trim = |blocks: u16| {
+        Cmd::ata(cmd::DSM)
+            .features(1)
+            .count(blocks)
+            .buf(BUF + MIB, 512)
+            .write()
+    };
     ok(&d.exec(0, 0, &trim(1)));
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::READ_DMA_EXT).lba(0).count(64).buf(BUF + 2 * MIB, 64 * 512)));
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::READ_DMA_EXT)
+            .lba(0)
+            .count(64)
+            .buf(BUF + 2 * MIB, 64 * 512),
+    ));
     let back = d.read_mem(BUF + 2 * MIB, 64 * 512);
     let orig = pattern(4, 64 * 512);
     for s in 0..64usize {
@@ -324,10 +592,15 @@ fn data_set_management_trim() {
     aborted(&d.exec(0, 0, &trim(1)), error::ABRT);
     d.recover(0);
     let mut first = vec![0u8; 512];
-    be.read_vectored(0, &mut [std::io::IoSliceMut::new(&mut first)]).unwrap();
+    be.read_vectored(0, &mut [std::io::IoSliceMut::new(&mut first)])
+        .unwrap();
     assert_eq!(first, orig[..512]);
     // TRIM bit clear, too many blocks, zero blocks.
-    for c in [Cmd::ata(cmd::DSM).count(1).buf(BUF + MIB, 512).write(), trim(9), trim(0)] {
+    for c in [
+        Cmd::ata(cmd::DSM).count(1).buf(BUF + MIB, 512).write(),
+        trim(9),
+        trim(0),
+    ] {
         aborted(&d.exec(0, 0, &c), error::ABRT);
         d.recover(0);
     }
@@ -336,7 +609,15 @@ fn data_set_management_trim() {
 #[test]
 fn unknown_and_nop_abort_and_halt_until_restart() {
     let (mut d, _) = drv(512, 512);
-    for command in [0x00u8, 0x01, 0xfe, cmd::PACKET, cmd::IDENTIFY_PACKET, cmd::DEVICE_RESET, cmd::NCQ_NON_DATA + 0x10] {
+    for command in [
+        0x00u8,
+        0x01,
+        0xfe,
+        cmd::PACKET,
+        cmd::IDENTIFY_PACKET,
+        cmd::DEVICE_RESET,
+        cmd::NCQ_NON_DATA + 0x10,
+    ] {
         let done = d.exec(0, 2, &Cmd::ata(command));
         aborted(&done, error::ABRT);
         assert_eq!(done.ci, 1 << 2, "failed slot stays in PxCI");
@@ -356,7 +637,11 @@ fn unknown_and_nop_abort_and_halt_until_restart() {
 fn read_error_reports_unc_with_lba() {
     let (mut d, be) = drv(512, 512);
     *be.fail_reads.lock().unwrap() = Some((100 * 512, 101 * 512));
-    let done = d.exec(0, 0, &Cmd::ata(cmd::READ_DMA_EXT).lba(100).count(4).buf(BUF, 2048));
+    let done = d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::READ_DMA_EXT).lba(100).count(4).buf(BUF, 2048),
+    );
     aborted(&done, error::UNC);
     assert_eq!(d.d2h(0).lba0, 100);
     assert!(d.dev_stats()["errors"] >= 1);
@@ -366,7 +651,18 @@ fn read_error_reports_unc_with_lba() {
 fn read_only_disk_refuses_writes() {
     let be = Arc::new(block::Ram::new(MIB, 512).unwrap().with_read_only(true));
     let mut d = Driver::started(vec![disk(be, 512, 512)]);
-    aborted(&d.exec(0, 0, &Cmd::ata(cmd::WRITE_DMA_EXT).lba(0).count(1).buf(BUF, 512).write()), error::ABRT);
+    aborted(
+        &d.exec(
+            0,
+            0,
+            &Cmd::ata(cmd::WRITE_DMA_EXT)
+                .lba(0)
+                .count(1)
+                .buf(BUF, 512)
+                .write(),
+        ),
+        error::ABRT,
+    );
     d.recover(0);
     let (_, w) = d.identify(0, cmd::IDENTIFY);
     assert_eq!(w[169] & 1, 0, "no TRIM on a read-only disk");
@@ -381,7 +677,15 @@ fn write_through_drive_reports_cache_disabled() {
     let (_, w) = d.identify(0, cmd::IDENTIFY);
     assert_eq!(w[82] & 0x20, 0x20);
     assert_eq!(w[85] & 0x20, 0);
-    ok(&d.exec(0, 0, &Cmd::ata(cmd::WRITE_DMA_EXT).lba(0).count(1).buf(BUF, 512).write()));
+    ok(&d.exec(
+        0,
+        0,
+        &Cmd::ata(cmd::WRITE_DMA_EXT)
+            .lba(0)
+            .count(1)
+            .buf(BUF, 512)
+            .write(),
+    ));
 }
 
 #[test]

@@ -15,7 +15,8 @@ const BLOCKS: u64 = 1000;
 
 fn setup() -> (Driver, Arc<TestBackend>) {
     let be = TestBackend::new(BLOCKS * 2048, 512);
-    be.write_vectored(0, &[IoSlice::new(&pattern(21, (BLOCKS * 2048) as usize))]).unwrap();
+    be.write_vectored(0, &[IoSlice::new(&pattern(21, (BLOCKS * 2048) as usize))])
+        .unwrap();
     let mut d = Driver::started(vec![cdrom(Some(be.clone()))]);
     // Consume the power-on unit attention.
     let (done, _) = packet(&mut d, &[op::TEST_UNIT_READY], 0, true);
@@ -39,7 +40,12 @@ fn packet(d: &mut Driver, cdb: &[u8], alloc: u64, dma: bool) -> (Done, Vec<u8>) 
 
 fn good(d: &mut Driver, cdb: &[u8], alloc: u64) -> Vec<u8> {
     let (done, data) = packet(d, cdb, alloc, true);
-    assert_eq!(done.is & pxis::FATAL, 0, "{cdb:02x?}: {done:?} sense {:?}", sense(d));
+    assert_eq!(
+        done.is & pxis::FATAL,
+        0,
+        "{cdb:02x?}: {done:?} sense {:?}",
+        sense(d)
+    );
     assert_eq!(done.status(), 0x50);
     assert_eq!(d.d2h(0).count, 3, "interrupt reason: command complete");
     data
@@ -49,7 +55,11 @@ fn good(d: &mut Driver, cdb: &[u8], alloc: u64) -> Vec<u8> {
 fn check(d: &mut Driver, cdb: &[u8], alloc: u64, want: (u8, u8, u8)) {
     let (done, _) = packet(d, cdb, alloc, true);
     assert!(done.failed(), "{cdb:02x?} should fail: {done:?}");
-    assert_eq!((done.status(), done.error()), (0x41, want.0 << 4), "{cdb:02x?}");
+    assert_eq!(
+        (done.status(), done.error()),
+        (0x41, want.0 << 4),
+        "{cdb:02x?}"
+    );
     d.recover(0);
     assert_eq!(sense(d), want, "{cdb:02x?}");
 }
@@ -76,7 +86,10 @@ fn signature_identify_and_ata_side() {
     let (done, _) = d.identify(0, cmd::IDENTIFY);
     assert!(done.failed());
     let f = d.d2h(0);
-    assert_eq!((f.status & 1, f.error, f.count, f.lba0, f.lba1, f.lba2), (1, error::ABRT, 1, 1, 0x14, 0xeb));
+    assert_eq!(
+        (f.status & 1, f.error, f.count, f.lba0, f.lba1, f.lba2),
+        (1, error::ABRT, 1, 1, 0x14, 0xeb)
+    );
     d.recover(0);
     let (done, w) = d.identify(0, cmd::IDENTIFY_PACKET);
     assert!(!done.failed());
@@ -84,7 +97,10 @@ fn signature_identify_and_ata_side() {
     assert_eq!(w[0], 0x85c0, "ATAPI CD-ROM, removable, 12-byte packets");
     assert_eq!(w[82] & 0x4210, 0x4210, "NOP, DEVICE RESET, PACKET");
     assert_eq!(w[75], 0);
-    let sum = w.iter().flat_map(|x| x.to_le_bytes()).fold(0u8, |a, b| a.wrapping_add(b));
+    let sum = w
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .fold(0u8, |a, b| a.wrapping_add(b));
     assert_eq!(sum, 0);
     for c in [cmd::DEVICE_RESET, cmd::EXEC_DIAGNOSTIC] {
         let done = d.exec(0, 0, &Cmd::ata(c));
@@ -94,9 +110,18 @@ fn signature_identify_and_ata_side() {
     }
     assert!(!d.exec(0, 0, &Cmd::ata(cmd::CHECK_POWER_MODE)).failed());
     assert!(!d.exec(0, 0, &Cmd::ata(cmd::IDLE_IMMEDIATE)).failed());
-    for c in [cmd::READ_DMA_EXT, cmd::FLUSH_CACHE, cmd::NOP, cmd::READ_FPDMA, cmd::SMART] {
+    for c in [
+        cmd::READ_DMA_EXT,
+        cmd::FLUSH_CACHE,
+        cmd::NOP,
+        cmd::READ_FPDMA,
+        cmd::SMART,
+    ] {
         let done = d.exec(0, 0, &Cmd::ata(c).count(1).buf(BUF, 512));
-        assert!(done.failed() && done.error() == error::ABRT, "{c:#x}: {done:?}");
+        assert!(
+            done.failed() && done.error() == error::ABRT,
+            "{c:#x}: {done:?}"
+        );
         d.recover(0);
     }
 }
@@ -107,7 +132,12 @@ fn unit_attention_and_sense_lifecycle() {
     let mut d = Driver::started(vec![cdrom(Some(be))]);
     // INQUIRY does not report the power-on unit attention.
     good(&mut d, &[op::INQUIRY, 0, 0, 0, 36, 0], 36);
-    check(&mut d, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], 0, (6, 0x29, 0));
+    check(
+        &mut d,
+        &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0],
+        0,
+        (6, 0x29, 0),
+    );
     good(&mut d, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], 0);
     assert_eq!(sense(&mut d), (0, 0, 0));
 }
@@ -122,11 +152,24 @@ fn inquiry_and_vpd() {
     assert_eq!(&s[16..32], b"RHYVE TEST DVD  ");
     let s = good(&mut d, &[op::INQUIRY, 0, 0, 0, 5, 0], 5);
     assert_eq!(s.len(), 5, "allocation length truncates");
-    assert_eq!(good(&mut d, &[op::INQUIRY, 1, 0x00, 0, 255, 0], 255), vec![5, 0, 0, 2, 0, 0x80]);
+    assert_eq!(
+        good(&mut d, &[op::INQUIRY, 1, 0x00, 0, 255, 0], 255),
+        vec![5, 0, 0, 2, 0, 0x80]
+    );
     let s = good(&mut d, &[op::INQUIRY, 1, 0x80, 0, 255, 0], 255);
     assert_eq!(&s[4..], b"RHYVE-TEST-CD01");
-    check(&mut d, &[op::INQUIRY, 1, 0x83, 0, 255, 0], 255, (5, 0x24, 0));
-    check(&mut d, &[op::INQUIRY, 0, 0x80, 0, 255, 0], 255, (5, 0x24, 0));
+    check(
+        &mut d,
+        &[op::INQUIRY, 1, 0x83, 0, 255, 0],
+        255,
+        (5, 0x24, 0),
+    );
+    check(
+        &mut d,
+        &[op::INQUIRY, 0, 0x80, 0, 255, 0],
+        255,
+        (5, 0x24, 0),
+    );
 }
 
 #[test]
@@ -141,7 +184,10 @@ fn capacity_and_reads_by_dma_and_pio() {
     r12[0] = op::READ_12;
     r12[2..6].copy_from_slice(&(BLOCKS as u32 - 2).to_be_bytes());
     r12[6..10].copy_from_slice(&2u32.to_be_bytes());
-    assert_eq!(good(&mut d, &r12, 4096), image[(BLOCKS as usize - 2) * 2048..]);
+    assert_eq!(
+        good(&mut d, &r12, 4096),
+        image[(BLOCKS as usize - 2) * 2048..]
+    );
     // PIO: PIO Setup FIS for the data, then the D2H FIS.
     let (done, data) = packet(&mut d, &cdb10(op::READ_10, 0, 1), 2048, false);
     assert!(!done.failed());
@@ -149,7 +195,12 @@ fn capacity_and_reads_by_dma_and_pio() {
     assert_eq!(d.pio_setup(0).transfer_count.get(), 2048);
     assert_eq!(data, image[..2048]);
     assert_eq!(good(&mut d, &cdb10(op::READ_10, 5, 0), 0), Vec::<u8>::new());
-    check(&mut d, &cdb10(op::READ_10, BLOCKS as u32 - 1, 2), 4096, (5, 0x21, 0));
+    check(
+        &mut d,
+        &cdb10(op::READ_10, BLOCKS as u32 - 1, 2),
+        4096,
+        (5, 0x21, 0),
+    );
     r12[2..6].copy_from_slice(&u32::MAX.to_be_bytes());
     check(&mut d, &r12, 4096, (5, 0x21, 0));
 }
@@ -173,7 +224,11 @@ fn read_toc_formats() {
     assert_eq!(&t[12..20], &[0, 0x14, 0xaa, 0, 0, 0, 0x03, 0xe8]);
     let t = good(&mut d, &toc(0, true, 1), 1024);
     assert_eq!(&t[8..12], &[0, 0, 2, 0], "track 1 at 00:02:00");
-    assert_eq!(&t[16..20], &[0, 0, 15, 25], "lead-out at LBA 1000 = 00:15:25");
+    assert_eq!(
+        &t[16..20],
+        &[0, 0, 15, 25],
+        "lead-out at LBA 1000 = 00:15:25"
+    );
     assert_eq!(good(&mut d, &toc(0, false, 0xaa), 1024).len(), 12);
     let s = good(&mut d, &toc(1, false, 0), 1024);
     assert_eq!(s, vec![0, 10, 1, 1, 0, 0x14, 1, 0, 0, 0, 0, 0]);
@@ -184,7 +239,11 @@ fn read_toc_formats() {
     assert_eq!(&f[4 + 22 + 3..4 + 22 + 11], &[0xa2, 0, 0, 0, 0, 0, 15, 25]);
     let mut short = toc(0, false, 0);
     short[7..9].copy_from_slice(&4u16.to_be_bytes());
-    assert_eq!(good(&mut d, &short, 4), vec![0, 18, 1, 1], "allocation length");
+    assert_eq!(
+        good(&mut d, &short, 4),
+        vec![0, 18, 1, 1],
+        "allocation length"
+    );
     check(&mut d, &toc(3, false, 0), 1024, (5, 0x24, 0));
     check(&mut d, &toc(0, false, 2), 1024, (5, 0x24, 0));
 }
@@ -241,14 +300,27 @@ fn features(r: &[u8]) -> Vec<(u16, u8)> {
 fn get_configuration_and_profiles() {
     let (mut d, _) = setup();
     let r = good(&mut d, &get_config(0, 0), 1024);
-    assert_eq!(u32::from_be_bytes(r[..4].try_into().unwrap()) as usize, r.len() - 4);
+    assert_eq!(
+        u32::from_be_bytes(r[..4].try_into().unwrap()) as usize,
+        r.len() - 4
+    );
     assert_eq!(&r[6..8], &[0, 8], "current profile CD-ROM");
     let f = features(&r);
-    assert_eq!(f.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1, 2, 3, 0x10, 0x1e, 0x1f, 0x100]);
-    assert_eq!(&r[12..20], &[0, 0x10, 0, 0, 0, 0x08, 1, 0], "profile list: DVD-ROM, CD-ROM (current)");
+    assert_eq!(
+        f.iter().map(|x| x.0).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 0x10, 0x1e, 0x1f, 0x100]
+    );
+    assert_eq!(
+        &r[12..20],
+        &[0, 0x10, 0, 0, 0, 0x08, 1, 0],
+        "profile list: DVD-ROM, CD-ROM (current)"
+    );
     let cur = features(&good(&mut d, &get_config(1, 0), 1024));
     assert!(cur.iter().all(|&(_, c)| c == 1));
-    assert!(!cur.iter().any(|&(code, _)| code == 0x1f), "DVD Read is not current for a CD");
+    assert!(
+        !cur.iter().any(|&(code, _)| code == 0x1f),
+        "DVD Read is not current for a CD"
+    );
     let one = features(&good(&mut d, &get_config(2, 3), 1024));
     assert_eq!(one, vec![(3, 1)]);
     check(&mut d, &get_config(3, 0), 1024, (5, 0x24, 0));
@@ -264,30 +336,63 @@ fn gesn(polled: bool) -> [u8; 10] {
 }
 
 fn start_stop(loej: bool, start: bool) -> [u8; 6] {
-    [op::START_STOP_UNIT, 0, 0, 0, (u8::from(loej) << 1) | u8::from(start), 0]
+    [
+        op::START_STOP_UNIT,
+        0,
+        0,
+        0,
+        (u8::from(loej) << 1) | u8::from(start),
+        0,
+    ]
 }
 
 #[test]
 fn eject_prevent_load_events() {
     let (mut d, _) = setup();
-    assert_eq!(good(&mut d, &gesn(true), 8), vec![0, 6, 4, 0x10, 0, 2, 0, 0], "no change, medium present");
+    assert_eq!(
+        good(&mut d, &gesn(true), 8),
+        vec![0, 6, 4, 0x10, 0, 2, 0, 0],
+        "no change, medium present"
+    );
     check(&mut d, &gesn(false), 8, (5, 0x24, 0));
     good(&mut d, &[op::PREVENT_ALLOW, 0, 0, 0, 1, 0], 0);
     check(&mut d, &start_stop(true, false), 0, (5, 0x53, 2));
     good(&mut d, &[op::PREVENT_ALLOW, 0, 0, 0, 0, 0], 0);
     good(&mut d, &start_stop(true, false), 0);
-    assert_eq!(good(&mut d, &gesn(true), 8)[4..6], [3, 1], "media removal, tray open");
+    assert_eq!(
+        good(&mut d, &gesn(true), 8)[4..6],
+        [3, 1],
+        "media removal, tray open"
+    );
     assert_eq!(good(&mut d, &gesn(true), 8)[4..6], [0, 1]);
-    check(&mut d, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], 0, (2, 0x3a, 2));
+    check(
+        &mut d,
+        &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0],
+        0,
+        (2, 0x3a, 2),
+    );
     check(&mut d, &cdb10(op::READ_CAPACITY, 0, 0), 8, (2, 0x3a, 2));
     check(&mut d, &cdb10(op::READ_10, 0, 1), 2048, (2, 0x3a, 2));
     let mut ms = [0u8; 10];
     ms[0] = op::MECHANISM_STATUS;
     ms[8..10].copy_from_slice(&8u16.to_be_bytes());
-    assert_eq!(good(&mut d, &ms, 8), vec![0, 0x10, 0, 0, 0, 0, 0, 0], "door open");
+    assert_eq!(
+        good(&mut d, &ms, 8),
+        vec![0, 0x10, 0, 0, 0, 0, 0, 0],
+        "door open"
+    );
     good(&mut d, &start_stop(true, true), 0);
-    assert_eq!(good(&mut d, &gesn(true), 8)[4..6], [2, 2], "new media, present");
-    check(&mut d, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], 0, (6, 0x28, 0));
+    assert_eq!(
+        good(&mut d, &gesn(true), 8)[4..6],
+        [2, 2],
+        "new media, present"
+    );
+    check(
+        &mut d,
+        &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0],
+        0,
+        (6, 0x28, 0),
+    );
     good(&mut d, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], 0);
     assert_eq!(good(&mut d, &ms, 8)[1], 0);
     good(&mut d, &start_stop(false, true), 0);
@@ -305,19 +410,39 @@ fn disc_information_and_unknown_opcodes() {
     c[1] = 1;
     check(&mut d, &c, 34, (5, 0x24, 0));
     for opcode in [0x55u8, 0xbb, 0xad, 0xff] {
-        check(&mut d, &[opcode, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, (5, 0x20, 0));
+        check(
+            &mut d,
+            &[opcode, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            0,
+            (5, 0x20, 0),
+        );
     }
 }
 
 #[test]
 fn empty_tray() {
     let mut d = Driver::started(vec![cdrom(None)]);
-    check(&mut d, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], 0, (6, 0x29, 0));
-    check(&mut d, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], 0, (2, 0x3a, 1));
+    check(
+        &mut d,
+        &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0],
+        0,
+        (6, 0x29, 0),
+    );
+    check(
+        &mut d,
+        &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0],
+        0,
+        (2, 0x3a, 1),
+    );
     let r = good(&mut d, &get_config(0, 0), 1024);
     assert_eq!(&r[6..8], &[0, 0], "no current profile");
     good(&mut d, &start_stop(true, true), 0);
-    check(&mut d, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], 0, (2, 0x3a, 1));
+    check(
+        &mut d,
+        &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0],
+        0,
+        (2, 0x3a, 1),
+    );
 }
 
 #[test]

@@ -27,7 +27,11 @@ fn setup() -> (Driver, Arc<TestBackend>) {
 fn fatal(d: &mut Driver, c: &Cmd, bit: u32, allowed: &[(u64, u64)]) -> Done {
     let done = d.exec(0, 4, c);
     assert_ne!(done.is & bit, 0, "expected PxIS {bit:#x}: {done:?}");
-    assert_eq!(done.is & (pxis::DHRS | pxis::PSS | pxis::SDBS), 0, "no completion FIS: {done:?}");
+    assert_eq!(
+        done.is & (pxis::DHRS | pxis::PSS | pxis::SDBS),
+        0,
+        "no completion FIS: {done:?}"
+    );
     assert_ne!(done.ci & (1 << 4), 0, "failed slot stays issued");
     assert_eq!((d.pr(0, preg::CMD) >> pxcmd::CCS_SHIFT) & 0x1f, 4);
     let mut ok = vec![Driver::ctrl_region(0)];
@@ -44,19 +48,33 @@ fn fatal(d: &mut Driver, c: &Cmd, bit: u32, allowed: &[(u64, u64)]) -> Done {
 fn prdt_outside_guest_ram() {
     let (mut d, be) = setup();
     // Second entry past the end of RAM: nothing is transferred, not even into the first.
-    let c = Cmd::ata(cmd::READ_DMA_EXT).lba(0).count(8).buf(BUF, 2048).buf(OUTSIDE, 2048);
+    let c = Cmd::ata(cmd::READ_DMA_EXT)
+        .lba(0)
+        .count(8)
+        .buf(BUF, 2048)
+        .buf(OUTSIDE, 2048);
     fatal(&mut d, &c, pxis::HBFS, &[]);
     // An entry straddling the end of RAM.
-    let c = Cmd::ata(cmd::READ_DMA_EXT).lba(0).count(1).buf(RAM - 256, 512);
+    let c = Cmd::ata(cmd::READ_DMA_EXT)
+        .lba(0)
+        .count(1)
+        .buf(RAM - 256, 512);
     fatal(&mut d, &c, pxis::HBFS, &[]);
     // 64-bit address far above RAM.
     let c = Cmd::ata(cmd::IDENTIFY).prd_raw(0x7_0000_0000, 511);
     fatal(&mut d, &c, pxis::HBFS, &[]);
     // Address arithmetic that would wrap.
-    let c = Cmd::ata(cmd::READ_DMA_EXT).lba(0).count(1).prd_raw(u64::MAX - 255, 511);
+    let c = Cmd::ata(cmd::READ_DMA_EXT)
+        .lba(0)
+        .count(1)
+        .prd_raw(u64::MAX - 255, 511);
     fatal(&mut d, &c, pxis::HBFS, &[]);
     // A write from outside RAM leaves the disk untouched.
-    let c = Cmd::ata(cmd::WRITE_DMA_EXT).lba(0).count(1).buf(OUTSIDE, 512).write();
+    let c = Cmd::ata(cmd::WRITE_DMA_EXT)
+        .lba(0)
+        .count(1)
+        .buf(OUTSIDE, 512)
+        .write();
     fatal(&mut d, &c, pxis::HBFS, &[]);
     let mut b = vec![1u8; 512];
     be.read_vectored(0, &mut [IoSliceMut::new(&mut b)]).unwrap();
@@ -67,9 +85,15 @@ fn prdt_outside_guest_ram() {
 fn prdt_byte_counts() {
     let (mut d, _) = setup();
     // Reserved bits set: an entry claiming more than 4 MiB.
-    let c = Cmd::ata(cmd::READ_DMA_EXT).lba(0).count(1).prd_raw(BUF, (8 << 20) - 1);
+    let c = Cmd::ata(cmd::READ_DMA_EXT)
+        .lba(0)
+        .count(1)
+        .prd_raw(BUF, (8 << 20) - 1);
     fatal(&mut d, &c, pxis::HBFS, &[]);
-    let c = Cmd::ata(cmd::READ_DMA_EXT).lba(0).count(1).prd_raw(BUF, 511 | 1 << 30);
+    let c = Cmd::ata(cmd::READ_DMA_EXT)
+        .lba(0)
+        .count(1)
+        .prd_raw(BUF, 511 | 1 << 30);
     fatal(&mut d, &c, pxis::HBFS, &[]);
     // No PRDT at all (zero bytes) for data the device sends: overflow.
     let c = Cmd::ata(cmd::READ_DMA_EXT).lba(0).count(1);
@@ -81,7 +105,10 @@ fn prdt_byte_counts() {
     let c = Cmd::ata(cmd::WRITE_DMA_EXT).lba(0).count(1).write();
     fatal(&mut d, &c, pxis::HBFS, &[]);
     // The largest legal entry (exactly 4 MiB) works.
-    let c = Cmd::ata(cmd::READ_DMA_EXT).lba(0).count(8192).prd_raw(BUF, prd::DBC_MASK);
+    let c = Cmd::ata(cmd::READ_DMA_EXT)
+        .lba(0)
+        .count(8192)
+        .prd_raw(BUF, prd::DBC_MASK);
     let done = d.exec(0, 1, &c);
     assert!(!done.failed() && done.is & pxis::FATAL == 0);
     assert_eq!(d.prdbc(0, 1), 4 << 20);
@@ -92,11 +119,27 @@ fn lba_and_trim_range_past_capacity() {
     let (mut d, be) = setup();
     let sectors = 8 * MIB / 512;
     for c in [
-        Cmd::ata(cmd::READ_DMA_EXT).lba(sectors).count(1).buf(BUF, 512),
-        Cmd::ata(cmd::READ_DMA_EXT).lba(sectors - 1).count(2).buf(BUF, 1024),
-        Cmd::ata(cmd::WRITE_DMA_EXT).lba(0xffff_ffff_ffff).count(0).buf(BUF, 32 * MIB).write(),
-        Cmd::ata(cmd::READ_DMA).lba(sectors).count(0).buf(BUF, 128 * 1024),
-        Cmd::ata(cmd::READ_SECTORS).lba(0x0fff_ffff).count(1).buf(BUF, 512),
+        Cmd::ata(cmd::READ_DMA_EXT)
+            .lba(sectors)
+            .count(1)
+            .buf(BUF, 512),
+        Cmd::ata(cmd::READ_DMA_EXT)
+            .lba(sectors - 1)
+            .count(2)
+            .buf(BUF, 1024),
+        Cmd::ata(cmd::WRITE_DMA_EXT)
+            .lba(0xffff_ffff_ffff)
+            .count(0)
+            .buf(BUF, 32 * MIB)
+            .write(),
+        Cmd::ata(cmd::READ_DMA)
+            .lba(sectors)
+            .count(0)
+            .buf(BUF, 128 * 1024),
+        Cmd::ata(cmd::READ_SECTORS)
+            .lba(0x0fff_ffff)
+            .count(1)
+            .buf(BUF, 512),
     ] {
         let done = d.exec(0, 2, &c);
         assert!(done.failed());
@@ -105,12 +148,21 @@ fn lba_and_trim_range_past_capacity() {
         d.recover(0);
     }
     // TRIM: the range list is read from the buffer, nothing else changes, nothing is trimmed.
-    be.write_vectored(0, &[std::io::IoSlice::new(&[7u8; 512])]).unwrap();
+    be.write_vectored(0, &[std::io::IoSlice::new(&[7u8; 512])])
+        .unwrap();
     let mut list = vec![0u8; 512];
     list[..8].copy_from_slice(&(1u64 << 48).to_le_bytes());
     list[8..16].copy_from_slice(&(sectors | 1 << 48).to_le_bytes());
     d.write_mem(BUF, &list);
-    let done = d.exec(0, 2, &Cmd::ata(cmd::DSM).features(1).count(1).buf(BUF, 512).write());
+    let done = d.exec(
+        0,
+        2,
+        &Cmd::ata(cmd::DSM)
+            .features(1)
+            .count(1)
+            .buf(BUF, 512)
+            .write(),
+    );
     assert_eq!((done.status(), done.error()), (0x41, error::ABRT));
     d.check_canary(&[Driver::ctrl_region(0), (BUF, 512)]);
     let mut b = vec![0u8; 512];
@@ -133,7 +185,10 @@ fn wrong_command_fis() {
     c.fis.fis_type = 0x5f;
     let done = d.exec(0, 4, &c);
     assert_ne!(done.is & pxis::IFS, 0);
-    assert_eq!(d.pr(0, preg::SERR) & (serr::ERR_P | serr::DIAG_H), serr::ERR_P | serr::DIAG_H);
+    assert_eq!(
+        d.pr(0, preg::SERR) & (serr::ERR_P | serr::DIAG_H),
+        serr::ERR_P | serr::DIAG_H
+    );
     d.check_canary(&[Driver::ctrl_region(0)]);
 }
 
@@ -200,10 +255,27 @@ fn random_commands_stay_inside_their_buffers() {
     let (mut d, _) = setup();
     let area = (BUF, 8 * MIB);
     let opcodes = [
-        cmd::READ_DMA_EXT, cmd::WRITE_DMA_EXT, cmd::READ_DMA, cmd::READ_SECTORS, cmd::WRITE_SECTORS_EXT,
-        cmd::READ_MULTIPLE, cmd::READ_LOG_EXT, cmd::READ_LOG_DMA_EXT, cmd::SMART, cmd::SET_FEATURES, cmd::DSM,
-        cmd::IDENTIFY, cmd::READ_VERIFY_EXT, cmd::FLUSH_CACHE, cmd::SET_MULTIPLE, cmd::READ_FPDMA,
-        cmd::WRITE_FPDMA, cmd::SEND_FPDMA, 0x00, 0x77, 0xff,
+        cmd::READ_DMA_EXT,
+        cmd::WRITE_DMA_EXT,
+        cmd::READ_DMA,
+        cmd::READ_SECTORS,
+        cmd::WRITE_SECTORS_EXT,
+        cmd::READ_MULTIPLE,
+        cmd::READ_LOG_EXT,
+        cmd::READ_LOG_DMA_EXT,
+        cmd::SMART,
+        cmd::SET_FEATURES,
+        cmd::DSM,
+        cmd::IDENTIFY,
+        cmd::READ_VERIFY_EXT,
+        cmd::FLUSH_CACHE,
+        cmd::SET_MULTIPLE,
+        cmd::READ_FPDMA,
+        cmd::WRITE_FPDMA,
+        cmd::SEND_FPDMA,
+        0x00,
+        0x77,
+        0xff,
     ];
     let mut r = Rng(0x2545_f491_4f6c_dd1d);
     for i in 0..400 {
@@ -227,7 +299,7 @@ fn random_commands_stay_inside_their_buffers() {
         }
         for _ in 0..(r.next() % 6) {
             let len = (r.next() % (256 * 1024)) & !1;
-            let addr = BUF + (r.next() % (area.1 - len - 2)) & !1;
+            let addr = (BUF + r.next() % (area.1 - len - 2)) & !1;
             c = c.prd_raw(addr, (len as u32).max(2) - 1);
         }
         d.issue(0, slot, &c);

@@ -7,7 +7,7 @@ use pci::PciDevice;
 
 use crate::ata::cmd;
 use crate::regs::{cap, ghc, hba, port as preg, pxcmd, pxis, serr, sig};
-use crate::testdrv::{disk, cdrom, Cmd, Driver, TestBackend, BUF};
+use crate::testdrv::{cdrom, disk, Cmd, Driver, TestBackend, BUF};
 
 fn one_disk() -> Vec<crate::DriveInfo> {
     vec![disk(TestBackend::new(1 << 20, 512), 512, 512)]
@@ -17,8 +17,16 @@ fn one_disk() -> Vec<crate::DriveInfo> {
 fn pci_identity_bar_and_capabilities() {
     let mut d = Driver::with_intx(one_disk(), false);
     assert_eq!(d.cfg_read(0, 4), 0x2821_8086);
-    assert_eq!(d.cfg_read(8, 4) >> 8, 0x01_06_01, "class: mass storage / SATA / AHCI 1.0");
-    assert_eq!(d.cfg_read(0x3d, 1), 0, "no INTx pin without frontend support");
+    assert_eq!(
+        d.cfg_read(8, 4) >> 8,
+        0x01_06_01,
+        "class: mass storage / SATA / AHCI 1.0"
+    );
+    assert_eq!(
+        d.cfg_read(0x3d, 1),
+        0,
+        "no INTx pin without frontend support"
+    );
     // Only BAR5, a 32-bit memory BAR.
     for i in 0..6u16 {
         d.dev.config_write(0x10 + i * 4, &[0xff; 4]);
@@ -33,8 +41,14 @@ fn pci_identity_bar_and_capabilities() {
     let bars = d.dev.bars();
     assert_eq!(bars.len(), 1);
     assert_eq!(bars[0].index, 5);
-    let msi = d.find_cap(pci::config::cap_id::MSI).expect("MSI capability");
-    assert_eq!((d.cfg_read(msi + 2, 2) >> 1) & 7, 0, "one port: one message");
+    let msi = d
+        .find_cap(pci::config::cap_id::MSI)
+        .expect("MSI capability");
+    assert_eq!(
+        (d.cfg_read(msi + 2, 2) >> 1) & 7,
+        0,
+        "one port: one message"
+    );
     assert!(d.find_cap(pci::config::cap_id::PM).is_some());
     let mut d2 = Driver::with_intx(one_disk(), true);
     assert_eq!(d2.cfg_read(0x3d, 1), 1, "INTA when the frontend has INTx");
@@ -49,7 +63,17 @@ fn hba_capabilities_and_version() {
     ];
     let mut d = Driver::new(drives);
     let c = d.r32(hba::CAP);
-    for b in [cap::S64A, cap::SNCQ, cap::SSNTF, cap::SALP, cap::SAL, cap::SCLO, cap::PMD, cap::SSC, cap::PSC] {
+    for b in [
+        cap::S64A,
+        cap::SNCQ,
+        cap::SSNTF,
+        cap::SALP,
+        cap::SAL,
+        cap::SCLO,
+        cap::PMD,
+        cap::SSC,
+        cap::PSC,
+    ] {
         assert_ne!(c & b, 0, "CAP bit {b:#x}");
     }
     assert_eq!(c & cap::SSS, 0);
@@ -74,7 +98,10 @@ fn hba_capabilities_and_version() {
 
 #[test]
 fn power_on_links_and_signatures() {
-    let mut d = Driver::new(vec![disk(TestBackend::new(1 << 20, 512), 512, 512), cdrom(None)]);
+    let mut d = Driver::new(vec![
+        disk(TestBackend::new(1 << 20, 512), 512, 512),
+        cdrom(None),
+    ]);
     assert_eq!(d.pr(0, preg::SSTS), 0x133, "DET=3 Gen3 active");
     assert_eq!(d.pr(0, preg::SIG), sig::ATA);
     assert_eq!(d.pr(1, preg::SIG), sig::ATAPI);
@@ -103,7 +130,10 @@ fn hba_reset_restores_defaults_but_keeps_bases() {
 fn port_start_stop_and_base_protection() {
     let mut d = Driver::started(one_disk());
     let c = d.pr(0, preg::CMD);
-    assert_eq!(c & (pxcmd::ST | pxcmd::CR | pxcmd::FRE | pxcmd::FR), pxcmd::ST | pxcmd::CR | pxcmd::FRE | pxcmd::FR);
+    assert_eq!(
+        c & (pxcmd::ST | pxcmd::CR | pxcmd::FRE | pxcmd::FR),
+        pxcmd::ST | pxcmd::CR | pxcmd::FRE | pxcmd::FR
+    );
     // CLB cannot move while the engine runs, nor FB while FIS reception is on.
     d.pw(0, preg::CLB, 0x20_0000);
     d.pw(0, preg::FB, 0x20_0000);
@@ -136,7 +166,10 @@ fn comreset_posts_signature_fis() {
     assert_eq!(d.pr(0, preg::TFD) & 0x80, 0x80, "BSY during COMRESET");
     d.comreset(0);
     let f = d.d2h(0);
-    assert_eq!((f.fis_type, f.status, f.error, f.count, f.lba1, f.lba2), (0x34, 0, 1, 1, 0x14, 0xeb));
+    assert_eq!(
+        (f.fis_type, f.status, f.error, f.count, f.lba1, f.lba2),
+        (0x34, 0, 1, 1, 0x14, 0xeb)
+    );
     assert_eq!(d.pr(0, preg::SIG), sig::ATAPI);
     assert_ne!(d.pr(0, preg::SERR) & serr::DIAG_X, 0);
     // SCTL.SPD limits the negotiated speed.
@@ -155,7 +188,8 @@ fn register_access_any_width_and_w1c() {
     // 8-byte write across CLB/CLBU while stopped.
     d.port_stop(0);
     let base = 0x100u64;
-    d.dev.bar_write(5, base + preg::CLB, &0x0000_0001_0020_0000u64.to_le_bytes());
+    d.dev
+        .bar_write(5, base + preg::CLB, &0x0000_0001_0020_0000u64.to_le_bytes());
     assert_eq!(d.pr(0, preg::CLB), 0x20_0000);
     assert_eq!(d.pr(0, preg::CLBU), 1);
     // Byte writes to PxIE touch only that byte.
@@ -221,15 +255,26 @@ fn link_power_management_by_icc() {
 
 #[test]
 fn msi_single_and_per_port_vectors() {
-    let drives = vec![disk(TestBackend::new(1 << 20, 512), 512, 512), disk(TestBackend::new(1 << 20, 512), 512, 512)];
+    let drives = vec![
+        disk(TestBackend::new(1 << 20, 512), 512, 512),
+        disk(TestBackend::new(1 << 20, 512), 512, 512),
+    ];
     let mut d = Driver::started(drives);
     d.enable_msi(0);
     d.exec(1, 0, &Cmd::ata(cmd::CHECK_POWER_MODE));
-    assert_eq!(d.irq.msi.lock().unwrap().last().unwrap().data, 0x4000, "single vector");
+    assert_eq!(
+        d.irq.msi.lock().unwrap().last().unwrap().data,
+        0x4000,
+        "single vector"
+    );
     assert_eq!(d.r32(hba::GHC) & ghc::MRSM, 0);
     d.enable_msi(1);
     d.exec(1, 0, &Cmd::ata(cmd::CHECK_POWER_MODE));
-    assert_eq!(d.irq.msi.lock().unwrap().last().unwrap().data, 0x4001, "port 1's vector");
+    assert_eq!(
+        d.irq.msi.lock().unwrap().last().unwrap().data,
+        0x4001,
+        "port 1's vector"
+    );
     let n = d.irq.msi.lock().unwrap().len();
     // IE off: no message; turning IE on signals the pending condition.
     d.w32(hba::GHC, ghc::AE);
@@ -244,12 +289,16 @@ fn msi_single_and_per_port_vectors() {
     assert_eq!(d.r32(hba::IS), 1);
     assert_eq!(d.irq.msi.lock().unwrap().len(), n + 2);
     let stats = d.dev.stats();
-    assert!(stats.iter().any(|(k, v)| k == "interrupts" && *v as usize >= n + 2));
+    assert!(stats
+        .iter()
+        .any(|(k, v)| k == "interrupts" && *v as usize >= n + 2));
 }
 
 #[test]
 fn msi_reverts_to_single_when_too_few_vectors() {
-    let drives = (0..3).map(|_| disk(TestBackend::new(1 << 20, 512), 512, 512)).collect();
+    let drives = (0..3)
+        .map(|_| disk(TestBackend::new(1 << 20, 512), 512, 512))
+        .collect();
     let mut d = Driver::started(drives);
     d.enable_msi(1); // 2 of 4 wanted
     assert_ne!(d.r32(hba::GHC) & ghc::MRSM, 0);
@@ -271,12 +320,20 @@ fn stop_waits_for_in_flight_and_posts_nothing() {
     let mut d = Driver::started(vec![disk(be.clone(), 512, 512)]);
     be.set_gate(false);
     d.fill_canary();
-    d.issue(0, 3, &Cmd::ata(cmd::READ_DMA_EXT).lba(0).count(8).buf(BUF, 4096));
+    d.issue(
+        0,
+        3,
+        &Cmd::ata(cmd::READ_DMA_EXT).lba(0).count(8).buf(BUF, 4096),
+    );
     d.wait("job at the gate", |_| *be.waiting.lock().unwrap() == 1);
     let c = d.pr(0, preg::CMD);
     d.pw(0, preg::CMD, c & !pxcmd::ST);
     assert_eq!(d.pr(0, preg::CI), 0, "PxCI cleared by ST=0");
-    assert_ne!(d.pr(0, preg::CMD) & pxcmd::CR, 0, "CR stays set while the job runs");
+    assert_ne!(
+        d.pr(0, preg::CMD) & pxcmd::CR,
+        0,
+        "CR stays set while the job runs"
+    );
     // Guest tears down the FIS area and command list: nothing may be written there.
     be.set_gate(true);
     d.wait("CR to clear", |d| d.pr(0, preg::CMD) & pxcmd::CR == 0);
@@ -293,15 +350,90 @@ fn hba_reset_waits_for_in_flight_io() {
     let be = TestBackend::new(1 << 20, 512);
     let mut d = Driver::started(vec![disk(be.clone(), 512, 512)]);
     be.set_gate(false);
-    d.issue(0, 0, &Cmd::ata(cmd::WRITE_DMA_EXT).lba(0).count(1).buf(BUF, 512).write());
+    d.issue(
+        0,
+        0,
+        &Cmd::ata(cmd::WRITE_DMA_EXT)
+            .lba(0)
+            .count(1)
+            .buf(BUF, 512)
+            .write(),
+    );
     d.wait("job at the gate", |_| *be.waiting.lock().unwrap() == 1);
     d.w32(hba::GHC, ghc::HR);
-    assert_ne!(d.r32(hba::GHC) & ghc::HR, 0, "HR held while I/O is in flight");
+    assert_ne!(
+        d.r32(hba::GHC) & ghc::HR,
+        0,
+        "HR held while I/O is in flight"
+    );
     std::thread::sleep(Duration::from_millis(20));
     assert_ne!(d.r32(hba::GHC) & ghc::HR, 0);
     be.set_gate(true);
     d.wait("HR to clear", |d| d.r32(hba::GHC) & ghc::HR == 0);
     assert_eq!(d.pr(0, preg::SSTS) & 0xf, 3);
-    assert_eq!(d.pr(0, preg::IS) & pxis::DHRS, 0, "the abandoned command reported nothing");
+    assert_eq!(
+        d.pr(0, preg::IS) & pxis::DHRS,
+        0,
+        "the abandoned command reported nothing"
+    );
     let _ = Arc::clone(&be);
+}
+
+#[test]
+fn structures_and_buffers_above_4gib() {
+    use crate::testdrv::{pattern, HIGH};
+    let be = TestBackend::new(1 << 20, 512);
+    let mut d = Driver::started(vec![disk(be, 512, 512)]);
+    d.port_stop(0);
+    let c = d.pr(0, preg::CMD);
+    d.pw(0, preg::CMD, c & !pxcmd::FRE);
+    let (clb, fb, table) = (HIGH, HIGH + 0x400, HIGH + 0x1000);
+    d.dev.bar_write(5, 0x100 + preg::CLB, &clb.to_le_bytes());
+    d.dev.bar_write(5, 0x100 + preg::FB, &fb.to_le_bytes());
+    assert_eq!((d.pr(0, preg::CLBU), d.pr(0, preg::FBU)), (1, 1));
+    d.pw(0, preg::CMD, c | pxcmd::FRE | pxcmd::ST);
+    let data = pattern(5, 4096);
+    d.write_mem(HIGH + 0x8000, &data);
+    let cmd_ = Cmd::ata(cmd::WRITE_DMA_EXT)
+        .lba(1)
+        .count(8)
+        .buf(HIGH + 0x8000, 4096)
+        .write();
+    // Header, table and PRDT written by hand at the high addresses.
+    let mut h = crate::fis::CommandHeader::default();
+    h.flags.set(5 | crate::fis::header::W);
+    h.prdtl.set(1);
+    h.ctba.set(table as u32);
+    h.ctbau.set((table >> 32) as u32);
+    use zerocopy::IntoBytes;
+    d.write_mem(clb, h.as_bytes());
+    d.write_mem(table, cmd_.fis.as_bytes());
+    d.write_mem(table + 0x80, cmd_.prdt[0].as_bytes());
+    d.pw(0, preg::CI, 1);
+    let done = d.wait_slot(0, 0);
+    assert_eq!(done.is & pxis::FATAL, 0, "{done:?}");
+    assert_eq!(
+        d.read_mem(fb + 0x40, 3),
+        vec![0x34, 0x40, 0x50],
+        "D2H FIS in the high FIS area"
+    );
+    let prdbc = u32::from_le_bytes(d.read_mem(clb + 4, 4).try_into().unwrap());
+    assert_eq!(prdbc, 4096);
+    // Read it back into low memory through the normal path.
+    d.port_start(0);
+    assert!(!d
+        .exec(
+            0,
+            0,
+            &Cmd::ata(cmd::READ_DMA_EXT).lba(1).count(8).buf(BUF, 4096)
+        )
+        .failed());
+    assert_eq!(d.read_mem(BUF, 4096), data);
+}
+
+#[test]
+fn snotification_is_write_one_to_clear() {
+    let mut d = Driver::started(one_disk());
+    d.pw(0, preg::SNTF, 0xffff);
+    assert_eq!(d.pr(0, preg::SNTF), 0);
 }

@@ -15,7 +15,8 @@ const MIB: u64 = 1 << 20;
 
 fn setup() -> (Driver, Arc<TestBackend>) {
     let be = TestBackend::new(8 * MIB, 512);
-    be.write_vectored(0, &[IoSlice::new(&pattern(9, MIB as usize))]).unwrap();
+    be.write_vectored(0, &[IoSlice::new(&pattern(9, MIB as usize))])
+        .unwrap();
     let mut d = Driver::started(vec![disk(be.clone(), 512, 512)]);
     d.enable_msi(0);
     (d, be)
@@ -24,16 +25,27 @@ fn setup() -> (Driver, Arc<TestBackend>) {
 #[test]
 fn thirty_two_tags_complete_out_of_order() {
     let (mut d, be) = setup();
-    be.delays.lock().unwrap().insert(0, Duration::from_millis(300));
-    be.delays.lock().unwrap().insert(5 * 4096, Duration::from_millis(150));
+    be.delays
+        .lock()
+        .unwrap()
+        .insert(0, Duration::from_millis(300));
+    be.delays
+        .lock()
+        .unwrap()
+        .insert(5 * 4096, Duration::from_millis(150));
     be.order.lock().unwrap().clear();
     for tag in 0..32u8 {
-        let c = Cmd::fpdma(cmd::READ_FPDMA, tag, u64::from(tag) * 8, 8).buf(BUF + u64::from(tag) * 4096, 4096);
+        let c = Cmd::fpdma(cmd::READ_FPDMA, tag, u64::from(tag) * 8, 8)
+            .buf(BUF + u64::from(tag) * 4096, 4096);
         d.build(0, tag, &c);
     }
     d.pw(0, preg::SACT, u32::MAX);
     d.pw(0, preg::CI, u32::MAX);
-    assert_eq!(d.pr(0, preg::CI), 0, "queued commands leave PxCI once accepted");
+    assert_eq!(
+        d.pr(0, preg::CI),
+        0,
+        "queued commands leave PxCI once accepted"
+    );
     let mut seen_only_slow = false;
     d.wait("all tags", |d| {
         let sact = d.pr(0, preg::SACT);
@@ -46,17 +58,30 @@ fn thirty_two_tags_complete_out_of_order() {
         d.w32(hba::IS, 1);
         sact == 0
     });
-    assert!(seen_only_slow, "fast tags completed while tags 0 and 5 were still outstanding");
+    assert!(
+        seen_only_slow,
+        "fast tags completed while tags 0 and 5 were still outstanding"
+    );
     let order = be.order.lock().unwrap().clone();
     assert_eq!(order.len(), 32);
     assert_eq!(&order[30..], &[5 * 4096, 0], "slow requests finished last");
     let disk_data = pattern(9, 32 * 4096);
     assert_eq!(d.read_mem(BUF, 32 * 4096), disk_data);
     let sdb = d.sdb(0);
-    assert_eq!((sdb.fis_type, sdb.flags & 0x40, sdb.status & 0x77, sdb.error), (0xa1, 0x40, 0x50, 0));
+    assert_eq!(
+        (sdb.fis_type, sdb.flags & 0x40, sdb.status & 0x77, sdb.error),
+        (0xa1, 0x40, 0x50, 0)
+    );
     assert_eq!(sdb.sactive.get(), 1, "tag 0 completed last");
     assert!(d.irq.msi.lock().unwrap().len() >= 2);
     assert_eq!(d.pr(0, preg::TFD) & 0xff, 0x50);
+    let ds = d.read_mem(Driver::fb(0), 8);
+    assert_eq!(
+        (ds[0], ds[1] & 0x20),
+        (0x41, 0x20),
+        "DMA Setup FIS, device to host"
+    );
+    assert!(ds[4] < 32, "buffer identifier is a tag");
 }
 
 #[test]
@@ -65,7 +90,9 @@ fn queued_writes_then_reads() {
     let data = pattern(11, 32 * 4096);
     d.write_mem(BUF, &data);
     for tag in 0..32u8 {
-        let mut c = Cmd::fpdma(cmd::WRITE_FPDMA, tag, 1000 + u64::from(tag) * 8, 8).buf(BUF + u64::from(tag) * 4096, 4096).write();
+        let mut c = Cmd::fpdma(cmd::WRITE_FPDMA, tag, 1000 + u64::from(tag) * 8, 8)
+            .buf(BUF + u64::from(tag) * 4096, 4096)
+            .write();
         if tag % 2 == 0 {
             c.fis.device |= crate::ncq::DEVICE_FUA;
         }
@@ -75,7 +102,8 @@ fn queued_writes_then_reads() {
     d.pw(0, preg::CI, u32::MAX);
     d.wait("writes", |d| d.pr(0, preg::SACT) == 0);
     for tag in 0..32u8 {
-        let c = Cmd::fpdma(cmd::READ_FPDMA, tag, 1000 + u64::from(tag) * 8, 8).buf(BUF + MIB + u64::from(tag) * 4096, 4096);
+        let c = Cmd::fpdma(cmd::READ_FPDMA, tag, 1000 + u64::from(tag) * 8, 8)
+            .buf(BUF + MIB + u64::from(tag) * 4096, 4096);
         d.issue(0, tag, &c);
     }
     d.wait("reads", |d| d.pr(0, preg::SACT) == 0);
@@ -95,10 +123,21 @@ fn read_ncq_log(d: &mut Driver) -> Vec<u8> {
 fn failed_queued_command_reported_through_error_log() {
     let (mut d, be) = setup();
     let sectors = 8 * MIB / 512;
-    be.delays.lock().unwrap().insert(0, Duration::from_millis(100));
+    be.delays
+        .lock()
+        .unwrap()
+        .insert(0, Duration::from_millis(100));
     for tag in 0..4u8 {
-        let lba = if tag == 2 { sectors - 4 } else { u64::from(tag) * 8 };
-        d.build(0, tag, &Cmd::fpdma(cmd::READ_FPDMA, tag, lba, 8).buf(BUF + u64::from(tag) * 4096, 4096));
+        let lba = if tag == 2 {
+            sectors - 4
+        } else {
+            u64::from(tag) * 8
+        };
+        d.build(
+            0,
+            tag,
+            &Cmd::fpdma(cmd::READ_FPDMA, tag, lba, 8).buf(BUF + u64::from(tag) * 4096, 4096),
+        );
     }
     d.pw(0, preg::SACT, 0xf);
     d.pw(0, preg::CI, 0xf);
@@ -108,7 +147,10 @@ fn failed_queued_command_reported_through_error_log() {
     assert_ne!(s.sact & (1 << 2), 0, "failed tag stays active");
     assert_ne!(s.sact & 1, 0, "the slow tag is aborted, not completed");
     let sdb = d.sdb(0);
-    assert_eq!((sdb.status & 1, sdb.error, sdb.sactive.get()), (1, error::IDNF, 0));
+    assert_eq!(
+        (sdb.status & 1, sdb.error, sdb.sactive.get()),
+        (1, error::IDNF, 0)
+    );
     std::thread::sleep(Duration::from_millis(150));
     assert_ne!(d.pr(0, preg::SACT) & 1, 0, "no completion after the error");
 
@@ -125,8 +167,16 @@ fn failed_queued_command_reported_through_error_log() {
     assert_eq!((log[2], log[3]), (0x41, error::IDNF));
     let lba = u64::from_le_bytes([log[4], log[5], log[6], log[8], log[9], log[10], 0, 0]);
     assert_eq!(lba, sectors - 4);
-    assert_eq!(log.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "checksum");
-    assert_eq!(read_ncq_log(&mut d)[0], crate::ncq::LOG_NQ, "reading the log cleared the error");
+    assert_eq!(
+        log.iter().fold(0u8, |a, b| a.wrapping_add(*b)),
+        0,
+        "checksum"
+    );
+    assert_eq!(
+        read_ncq_log(&mut d)[0],
+        crate::ncq::LOG_NQ,
+        "reading the log cleared the error"
+    );
     // Queued commands work again.
     d.issue(0, 1, &Cmd::fpdma(cmd::READ_FPDMA, 1, 0, 1).buf(BUF, 512));
     let done = d.wait_slot(0, 1);
@@ -145,7 +195,8 @@ fn queued_trim_and_bad_queued_commands() {
     let done = d.wait_slot(0, 4);
     assert!(!done.failed(), "{done:?}");
     let mut b = vec![1u8; 4096];
-    be.read_vectored(16 * 512, &mut [std::io::IoSliceMut::new(&mut b)]).unwrap();
+    be.read_vectored(16 * 512, &mut [std::io::IoSliceMut::new(&mut b)])
+        .unwrap();
     assert!(b.iter().all(|&x| x == 0));
 
     // Tag differs from slot; an unsupported SEND subcommand; RECEIVE FPDMA QUEUED.
@@ -169,7 +220,9 @@ fn non_queued_command_waits_for_the_queue() {
     let (mut d, be) = setup();
     be.set_gate(false);
     d.issue(0, 0, &Cmd::fpdma(cmd::READ_FPDMA, 0, 0, 8).buf(BUF, 4096));
-    d.wait("queued read at the gate", |_| *be.waiting.lock().unwrap() == 1);
+    d.wait("queued read at the gate", |_| {
+        *be.waiting.lock().unwrap() == 1
+    });
     d.issue(0, 1, &Cmd::ata(cmd::CHECK_POWER_MODE));
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(d.pr(0, preg::CI), 1 << 1, "non-queued command not started");

@@ -66,7 +66,12 @@ impl InterruptSink for Recorder {
 impl Recorder {
     /// Messages carrying `data`.
     pub fn count(&self, data: u32) -> usize {
-        self.msis.lock().unwrap().iter().filter(|m| m.data == data).count()
+        self.msis
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.data == data)
+            .count()
     }
     pub fn total(&self) -> usize {
         self.msis.lock().unwrap().len()
@@ -113,7 +118,9 @@ impl TestBackend {
         let deadline = Instant::now() + WAIT;
         let mut g = self.gate.lock().unwrap();
         while g.1 < n {
-            let left = deadline.checked_duration_since(Instant::now()).expect("reads never reached the gate");
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .expect("reads never reached the gate");
             g = self.cv.wait_timeout(g, left).unwrap().0;
         }
     }
@@ -137,7 +144,9 @@ impl BlockBackend for TestBackend {
         }
         self.reads.fetch_add(1, Ordering::SeqCst);
         if self.fail_reads.load(Ordering::SeqCst) {
-            return Err(BlockError::Io(std::io::Error::other("injected media error")));
+            return Err(BlockError::Io(std::io::Error::other(
+                "injected media error",
+            )));
         }
         self.ram.read_vectored(offset, bufs)
     }
@@ -192,14 +201,22 @@ pub struct St {
 
 pub fn status(c: &Cqe) -> St {
     let f = c.status >> 1;
-    St { sc: f as u8, sct: ((f >> 8) & 7) as u8, dnr: f & (1 << 14) != 0 }
+    St {
+        sc: f as u8,
+        sct: ((f >> 8) & 7) as u8,
+        dnr: f & (1 << 14) != 0,
+    }
 }
 
 /// Assert a completion's (SCT, SC); errors must also set DNR.
 #[track_caller]
 pub fn assert_status(c: &Cqe, sct: u8, sc: u8) {
     let s = status(c);
-    assert_eq!((s.sct, s.sc), (sct, sc), "completion {c:x?}: want SCT {sct:#x} SC {sc:#x}");
+    assert_eq!(
+        (s.sct, s.sc),
+        (sct, sc),
+        "completion {c:x?}: want SCT {sct:#x} SC {sc:#x}"
+    );
     if sct != 0 || sc != 0 {
         assert!(s.dnr, "error completion without DNR: {c:x?}");
     }
@@ -212,7 +229,11 @@ pub fn assert_ok(c: &Cqe) {
 
 /// A submission queue entry with opcode and NSID.
 pub fn sqe(opcode: u8, nsid: u32) -> Sqe {
-    Sqe { cdw0: u32::from(opcode), nsid, ..Default::default() }
+    Sqe {
+        cdw0: u32::from(opcode),
+        nsid,
+        ..Default::default()
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -279,7 +300,10 @@ impl Drop for TestDriver {
         for (a, l) in gaps {
             let m = self.read_mem(a, l as usize);
             if let Some(i) = m.iter().position(|&b| b != 0) {
-                panic!("stray write to guest memory at {:#x} (outside every buffer and queue)", a + i as u64);
+                panic!(
+                    "stray write to guest memory at {:#x} (outside every buffer and queue)",
+                    a + i as u64
+                );
             }
         }
     }
@@ -296,7 +320,11 @@ fn context(intx: bool) -> (DeviceContext, GuestMem, Arc<Recorder>) {
     let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     let mem = GuestMem::new(mmap);
     let irq = Arc::new(Recorder::default());
-    let ctx = DeviceContext { mem: mem.clone(), irq: irq.clone(), intx_supported: intx };
+    let ctx = DeviceContext {
+        mem: mem.clone(),
+        irq: irq.clone(),
+        intx_supported: intx,
+    };
     (ctx, mem, irq)
 }
 
@@ -309,7 +337,8 @@ impl TestDriver {
 
     pub fn from_spec_intx(spec: &str, intx: bool) -> Self {
         let (ctx, mem, irq) = context(intx);
-        let dev = nvme::create(&SlotSpec::parse(spec).unwrap(), &ctx).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        let dev = nvme::create(&SlotSpec::parse(spec).unwrap(), &ctx)
+            .unwrap_or_else(|e| panic!("{spec}: {e}"));
         Self::wrap(dev, mem, irq)
     }
 
@@ -318,14 +347,20 @@ impl TestDriver {
     pub fn with_backends(spec: &str, backends: Vec<Arc<dyn BlockBackend>>) -> Self {
         let (ctx, mem, irq) = context(true);
         let cfg = CtrlConfig::from_spec(&SlotSpec::parse(spec).unwrap()).unwrap();
-        let ns = backends.into_iter().enumerate().map(|(i, b)| Namespace::new(i as u32 + 1, b)).collect();
+        let ns = backends
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| Namespace::new(i as u32 + 1, b))
+            .collect();
         let dev = Box::new(NvmeController::new(cfg, &ctx, ns));
         Self::wrap(dev, mem, irq)
     }
 
     fn wrap(dev: Box<dyn PciDevice>, mem: GuestMem, irq: Arc<Recorder>) -> Self {
         let shadow: Vec<u8> = (DATA..DATA_END).map(pattern).collect();
-        mem.memory().write_slice(&shadow, GuestAddress(DATA)).unwrap();
+        mem.memory()
+            .write_slice(&shadow, GuestAddress(DATA))
+            .unwrap();
         TestDriver {
             dev,
             mem,
@@ -449,7 +484,10 @@ impl TestDriver {
             if c & mask == want {
                 return;
             }
-            assert!(Instant::now() < deadline, "CSTS {c:#x}: timed out waiting for {want:#x} under mask {mask:#x}");
+            assert!(
+                Instant::now() < deadline,
+                "CSTS {c:#x}: timed out waiting for {want:#x} under mask {mask:#x}"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -462,18 +500,40 @@ impl TestDriver {
 
     pub fn enable_with_cc(&mut self, cc: u32) {
         // Clear the admin CQ so stale entries from a previous life cannot look valid.
-        self.mem.memory().write_slice(&[0u8; 16 * ADMIN_ENTRIES as usize], GuestAddress(ACQ)).unwrap();
+        self.mem
+            .memory()
+            .write_slice(&[0u8; 16 * ADMIN_ENTRIES as usize], GuestAddress(ACQ))
+            .unwrap();
         self.set_reg(0x24, ((ADMIN_ENTRIES - 1) << 16) | (ADMIN_ENTRIES - 1));
         self.bar_write64(0, 0x28, ASQ);
         self.bar_write64(0, 0x30, ACQ);
-        self.sqs.insert(0, HostSq { base: ASQ, size: ADMIN_ENTRIES, tail: 0, cqid: 0 });
-        self.cqs.insert(0, HostCq { base: ACQ, size: ADMIN_ENTRIES, head: 0, phase: true });
+        self.sqs.insert(
+            0,
+            HostSq {
+                base: ASQ,
+                size: ADMIN_ENTRIES,
+                tail: 0,
+                cqid: 0,
+            },
+        );
+        self.cqs.insert(
+            0,
+            HostCq {
+                base: ACQ,
+                size: ADMIN_ENTRIES,
+                head: 0,
+                phase: true,
+            },
+        );
         self.set_reg(0x14, cc);
         if cc & 1 != 0 {
             // Ready or fatal.
             let deadline = Instant::now() + WAIT;
             while self.csts() & 3 == 0 {
-                assert!(Instant::now() < deadline, "controller neither ready nor fatal");
+                assert!(
+                    Instant::now() < deadline,
+                    "controller neither ready nor fatal"
+                );
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
@@ -492,19 +552,28 @@ impl TestDriver {
     // ---- guest memory ----
 
     pub fn write_mem(&mut self, addr: u64, data: &[u8]) {
-        self.mem.memory().write_slice(data, GuestAddress(addr)).unwrap();
+        self.mem
+            .memory()
+            .write_slice(data, GuestAddress(addr))
+            .unwrap();
         self.expect(addr, data);
     }
 
     pub fn read_mem(&self, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        self.mem.memory().read_slice(&mut v, GuestAddress(addr)).unwrap();
+        self.mem
+            .memory()
+            .read_slice(&mut v, GuestAddress(addr))
+            .unwrap();
         v
     }
 
     /// Zero guest memory outside the DATA region (queues placed by hand).
     pub fn mem_zero(&mut self, addr: u64, len: usize) {
-        self.mem.memory().write_slice(&vec![0u8; len], GuestAddress(addr)).unwrap();
+        self.mem
+            .memory()
+            .write_slice(&vec![0u8; len], GuestAddress(addr))
+            .unwrap();
     }
 
     pub fn write_u64(&mut self, addr: u64, v: u64) {
@@ -524,7 +593,11 @@ impl TestDriver {
     pub fn check_mem(&self) {
         let now = self.read_mem(DATA, (DATA_END - DATA) as usize);
         if now != self.shadow {
-            let i = now.iter().zip(&self.shadow).position(|(a, b)| a != b).unwrap();
+            let i = now
+                .iter()
+                .zip(&self.shadow)
+                .position(|(a, b)| a != b)
+                .unwrap();
             let n = now.iter().zip(&self.shadow).filter(|(a, b)| a != b).count();
             panic!(
                 "guest memory changed outside the expected buffers: first at {:#x} (got {:#04x}, want {:#04x}), {n} bytes differ",
@@ -548,7 +621,10 @@ impl TestDriver {
         let a = self.next_queue;
         self.next_queue = (a + len).div_ceil(PAGE) * PAGE;
         assert!(self.next_queue <= DATA, "queue area exhausted");
-        self.mem.memory().write_slice(&vec![0u8; len as usize], GuestAddress(a)).unwrap();
+        self.mem
+            .memory()
+            .write_slice(&vec![0u8; len as usize], GuestAddress(a))
+            .unwrap();
         a
     }
 
@@ -569,7 +645,10 @@ impl TestDriver {
         let addr = q.base + u64::from(q.tail) * 64;
         q.tail = (q.tail + 1) % q.size;
         let tail = q.tail;
-        self.mem.memory().write_slice(zerocopy::IntoBytes::as_bytes(&sqe), GuestAddress(addr)).unwrap();
+        self.mem
+            .memory()
+            .write_slice(zerocopy::IntoBytes::as_bytes(&sqe), GuestAddress(addr))
+            .unwrap();
         self.bar_write32(0, 0x1000 + 8 * u64::from(qid), tail);
     }
 
@@ -617,13 +696,18 @@ impl TestDriver {
     /// The next completion on CQ `cqid`; panics after [`WAIT`].
     #[track_caller]
     pub fn wait_cq(&mut self, cqid: u16) -> Cqe {
-        self.poll_cq(cqid, WAIT).unwrap_or_else(|| panic!("no completion on CQ {cqid} within {WAIT:?}"))
+        self.poll_cq(cqid, WAIT)
+            .unwrap_or_else(|| panic!("no completion on CQ {cqid} within {WAIT:?}"))
     }
 
     /// The completion for `cid` submitted on SQ `sqid` (others are stashed for later).
     #[track_caller]
     pub fn wait_cid(&mut self, sqid: u16, cid: u16) -> Cqe {
-        if let Some(p) = self.stash.iter().position(|(s, c)| *s == sqid && c.cid == cid) {
+        if let Some(p) = self
+            .stash
+            .iter()
+            .position(|(s, c)| *s == sqid && c.cid == cid)
+        {
             return self.stash.remove(p).1;
         }
         let cqid = self.sqs[&sqid].cqid;
@@ -642,6 +726,13 @@ impl TestDriver {
         let cid = self.submit(qid, sqe);
         let c = self.wait_cid(qid, cid);
         assert_eq!((c.sq_id, c.cid), (qid, cid));
+        // One command at a time: by the time it completes the controller has fetched everything
+        // up to our tail, and the CQE reports that head.
+        assert_eq!(
+            u32::from(c.sq_head),
+            self.sqs[&qid].tail,
+            "SQ head in {c:x?}"
+        );
         c
     }
 
@@ -658,7 +749,11 @@ impl TestDriver {
     /// Nothing more arrives on CQ `cqid` for a short while.
     #[track_caller]
     pub fn assert_cq_empty(&mut self, cqid: u16) {
-        if let Some((_, c)) = self.stash.iter().find(|(s, _)| self.sqs.get(s).is_some_and(|q| q.cqid == cqid)) {
+        if let Some((_, c)) = self
+            .stash
+            .iter()
+            .find(|(s, _)| self.sqs.get(s).is_some_and(|q| q.cqid == cqid))
+        {
             panic!("unexpected completion on CQ {cqid} (arrived earlier): {c:x?}");
         }
         if let Some(c) = self.poll_cq(cqid, Duration::from_millis(50)) {
@@ -676,7 +771,14 @@ impl TestDriver {
         self.admin(s)
     }
 
-    pub fn create_sq_cmd(&mut self, qid: u16, size: u32, base: u64, cqid: u16, cdw11_low: u32) -> Cqe {
+    pub fn create_sq_cmd(
+        &mut self,
+        qid: u16,
+        size: u32,
+        base: u64,
+        cqid: u16,
+        cdw11_low: u32,
+    ) -> Cqe {
         let mut s = sqe(0x01, 0);
         s.dptr[0] = base;
         s.cdw10 = ((size - 1) << 16) | u32::from(qid);
@@ -688,10 +790,26 @@ impl TestDriver {
     pub fn create_pair(&mut self, qid: u16, size: u32) {
         let cqb = self.alloc_queue(u64::from(size) * 16);
         assert_ok(&self.create_cq_cmd(qid, size, cqb, 0x3 | (u32::from(qid) << 16)));
-        self.cqs.insert(qid, HostCq { base: cqb, size, head: 0, phase: true });
+        self.cqs.insert(
+            qid,
+            HostCq {
+                base: cqb,
+                size,
+                head: 0,
+                phase: true,
+            },
+        );
         let sqb = self.alloc_queue(u64::from(size) * 64);
         assert_ok(&self.create_sq_cmd(qid, size, sqb, qid, 1));
-        self.sqs.insert(qid, HostSq { base: sqb, size, tail: 0, cqid: qid });
+        self.sqs.insert(
+            qid,
+            HostSq {
+                base: sqb,
+                size,
+                tail: 0,
+                cqid: qid,
+            },
+        );
     }
 
     pub fn delete_sq(&mut self, qid: u16) -> Cqe {
@@ -723,7 +841,13 @@ impl TestDriver {
         s.cdw11 = cdw11;
         let c = self.admin(s);
         let data = self.read_mem(buf, 4096);
-        if status(&c) == (St { sct: 0, sc: 0, dnr: false }) {
+        if status(&c)
+            == (St {
+                sct: 0,
+                sc: 0,
+                dnr: false,
+            })
+        {
             self.expect(buf, &data);
         }
         self.check_mem();
@@ -753,7 +877,14 @@ impl TestDriver {
     }
 
     /// Get Log Page of `len` bytes (a multiple of 4) at `offset` into a fresh buffer.
-    pub fn get_log(&mut self, lid: u8, nsid: u32, len: u32, offset: u64, rae: bool) -> (Cqe, Vec<u8>) {
+    pub fn get_log(
+        &mut self,
+        lid: u8,
+        nsid: u32,
+        len: u32,
+        offset: u64,
+        rae: bool,
+    ) -> (Cqe, Vec<u8>) {
         let buf = self.alloc(u64::from(len));
         let mut s = sqe(0x02, nsid);
         s.dptr[0] = buf;
@@ -791,7 +922,17 @@ impl TestDriver {
     #[track_caller]
     pub fn write_blocks(&mut self, qid: u16, nsid: u32, slba: u64, lba: u64, data: &[u8]) {
         let (prp1, prp2) = self.prp_buffer(data);
-        let c = self.io(qid, Self::rw(0x01, nsid, slba, (data.len() as u64 / lba) as u32, prp1, prp2));
+        let c = self.io(
+            qid,
+            Self::rw(
+                0x01,
+                nsid,
+                slba,
+                (data.len() as u64 / lba) as u32,
+                prp1,
+                prp2,
+            ),
+        );
         assert_ok(&c);
         self.check_mem();
     }
@@ -828,7 +969,9 @@ impl TestDriver {
             _ => {
                 assert!(pages - 1 <= 512, "single list page only");
                 let list = self.alloc(PAGE);
-                let entries: Vec<u8> = (1..pages).flat_map(|i| (buf + i * PAGE).to_le_bytes()).collect();
+                let entries: Vec<u8> = (1..pages)
+                    .flat_map(|i| (buf + i * PAGE).to_le_bytes())
+                    .collect();
                 self.write_mem(list, &entries);
                 (list, Some(list))
             }
@@ -838,5 +981,7 @@ impl TestDriver {
 
 /// Deterministic test data.
 pub fn data(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 9) as u8)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 9) as u8))
+        .collect()
 }

@@ -1,0 +1,361 @@
+//! vCPUs: CPUID from KVM's supported set, the 64-bit boot state for the BSP, and the run loop
+//! that dispatches port and MMIO exits to the buses.
+//!
+//! Application processors are left in KVM's wait-for-SIPI state (the in-kernel LAPIC starts them
+//! when the guest sends INIT/SIPI). The run loop ends when the VM is stopping or when the guest
+//! powers off, resets, triple-faults or hits a KVM internal error, each reported as a
+//! [`crate::VmExit`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::boot::{EntryPoint, BOOT_CS, BOOT_DS, BOOT_TSS, GDT, GDT_ADDR, PML4};
+use crate::bus::Bus;
+use crate::stats::{ExitKind, Stats};
+use crate::{ExitSender, VmExit};
+
+/// What a vCPU thread needs.
+#[derive(Clone)]
+pub struct VcpuEnv {
+    /// MMIO space.
+    pub mmio: Arc<Bus>,
+    /// Port space.
+    pub pio: Arc<Bus>,
+    /// Exit counters.
+    pub stats: Arc<Stats>,
+    /// Where terminal events go.
+    pub exit: ExitSender,
+    /// Set when the VM is stopping.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Errors configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+#[error("vCPU {cpu}: {what}: {err}")]
+pub struct VcpuError {
+    /// vCPU index.
+    pub cpu: u8,
+    /// The operation.
+    pub what: &'static str,
+    /// KVM's answer.
+    pub err: kvm_ioctls::Error,
+}
+
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 4;
+const APIC_MODE_EXTINT: u32 = 7;
+
+/// Fix up KVM's supported CPUID for vCPU `id` of `count`.
+pub fn cpuid_for(base: &CpuId, id: u8, count: u8) -> CpuId {
+    let mut c = base.clone();
+    for e in c.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
+                e.ecx |= 1 << 31; // running on a hypervisor
+                if count > 1 {
+                    e.edx |= 1 << 28; // HTT: the count field is valid
+                }
+            }
+            0xb | 0x1f => e.edx = u32::from(id),
+            _ => {}
+        }
+    }
+    c
+}
+
+fn seg(selector: u16, type_: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+fn lapic_reg(regs: &[std::os::raw::c_char; 1024], off: usize) -> u32 {
+    u32::from_le_bytes(std::array::from_fn(|i| regs[off + i] as u8))
+}
+
+fn set_lapic_reg(regs: &mut [std::os::raw::c_char; 1024], off: usize, v: u32) {
+    for (i, b) in v.to_le_bytes().iter().enumerate() {
+        regs[off + i] = *b as std::os::raw::c_char;
+    }
+}
+
+/// Program CPUID, MSRs and the LAPIC's LINT pins; for the boot CPU also the 64-bit entry state.
+pub fn configure(
+    vcpu: &VcpuFd,
+    id: u8,
+    cpuid: &CpuId,
+    entry: Option<EntryPoint>,
+) -> Result<(), VcpuError> {
+    let err = |what| move |err| VcpuError { cpu: id, what, err };
+    vcpu.set_cpuid2(cpuid).map_err(err("KVM_SET_CPUID2"))?;
+    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_MISC_ENABLE,
+        data: 1,
+        ..Default::default()
+    }])
+    .expect("one MSR fits");
+    vcpu.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
+    let mut lapic = vcpu.get_lapic().map_err(err("KVM_GET_LAPIC"))?;
+    let l0 = lapic_reg(&lapic.regs, APIC_LVT_LINT0);
+    set_lapic_reg(
+        &mut lapic.regs,
+        APIC_LVT_LINT0,
+        (l0 & !0x700) | (APIC_MODE_EXTINT << 8),
+    );
+    let l1 = lapic_reg(&lapic.regs, APIC_LVT_LINT1);
+    set_lapic_reg(
+        &mut lapic.regs,
+        APIC_LVT_LINT1,
+        (l1 & !0x700) | (APIC_MODE_NMI << 8),
+    );
+    vcpu.set_lapic(&lapic).map_err(err("KVM_SET_LAPIC"))?;
+    let Some(entry) = entry else { return Ok(()) };
+
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(err("KVM_SET_FPU"))?;
+    let mut s = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+    s.cs = seg(BOOT_CS, 0xb, true);
+    let data = seg(BOOT_DS, 0x3, false);
+    (s.ds, s.es, s.fs, s.gs, s.ss) = (data, data, data, data, data);
+    s.tr = kvm_segment {
+        base: 0,
+        limit: 0x67,
+        selector: BOOT_TSS,
+        type_: 0xb,
+        present: 1,
+        s: 0,
+        g: 0,
+        ..data
+    };
+    s.gdt.base = GDT_ADDR;
+    s.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.cr3 = PML4;
+    s.cr4 = 1 << 5; // PAE
+    s.cr0 = 0x8001_0033; // PG | WP | NE | ET | MP | PE
+    s.efer = (1 << 8) | (1 << 10); // LME | LMA
+    vcpu.set_sregs(&s).map_err(err("KVM_SET_SREGS"))?;
+    let regs = kvm_regs {
+        rip: entry.rip,
+        rsi: entry.rsi,
+        rsp: entry.rsp,
+        rbp: entry.rsp,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(err("KVM_SET_REGS"))?;
+    Ok(())
+}
+
+/// The `io` member of `kvm_run` after a KVM_EXIT_IO: (element size, count, data).
+fn io_exit(vcpu: &mut VcpuFd) -> (usize, usize, &mut [u8]) {
+    let run: &mut kvm_run = vcpu.get_kvm_run();
+    // SAFETY: called only right after KVM_RUN returned KVM_EXIT_IO, so `io` is the live union
+    // member.
+    let io = unsafe { run.__bindgen_anon_1.io };
+    let (size, count) = (usize::from(io.size), io.count as usize);
+    let base = run as *mut kvm_run as *mut u8;
+    // SAFETY: for KVM_EXIT_IO the kernel places size*count data bytes at data_offset inside the
+    // kvm_run mapping (which spans the whole vcpu mmap area); the slice lives as long as the
+    // borrow of `vcpu`, so no second KVM_RUN can happen while it exists.
+    let data =
+        unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), size * count) };
+    (size, count, data)
+}
+
+/// The suberror and data words of a KVM_EXIT_INTERNAL_ERROR.
+fn internal_error(vcpu: &mut VcpuFd) -> String {
+    let run: &mut kvm_run = vcpu.get_kvm_run();
+    // SAFETY: called only right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, so `internal`
+    // is the live union member.
+    let ie = unsafe { run.__bindgen_anon_1.internal };
+    let n = (ie.ndata as usize).min(ie.data.len());
+    let words: Vec<String> = ie.data[..n].iter().map(|w| format!("{w:#x}")).collect();
+    let what = match ie.suberror {
+        1 => "instruction emulation failed",
+        2 => "simultaneous exceptions",
+        3 => "delivery event via exit",
+        4 => "unexpected exit reason",
+        _ => "unknown",
+    };
+    format!(
+        "suberror {} ({what}) data [{}]",
+        ie.suberror,
+        words.join(" ")
+    )
+}
+
+enum Io {
+    In(u16),
+    Out(u16),
+}
+
+/// Run vCPU `id` until the VM stops or the guest ends it.
+pub fn run(mut vcpu: VcpuFd, id: u8, env: VcpuEnv) {
+    let send = |e: VmExit| {
+        let _ = env.exit.send(e);
+    };
+    loop {
+        if env.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let io = match vcpu.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, _) => Some(Io::In(port)),
+                VcpuExit::IoOut(port, _) => Some(Io::Out(port)),
+                VcpuExit::MmioRead(addr, data) => {
+                    let r = env.mmio.find(addr);
+                    env.stats
+                        .count(ExitKind::MmioRead, r.as_ref().map(|r| r.tag));
+                    match r {
+                        Some(r) => r.dev.read(addr - r.base, data),
+                        None => data.fill(0xff),
+                    }
+                    None
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    let r = env.mmio.find(addr);
+                    env.stats
+                        .count(ExitKind::MmioWrite, r.as_ref().map(|r| r.tag));
+                    if let Some(r) = r {
+                        r.dev.write(addr - r.base, data);
+                    }
+                    None
+                }
+                VcpuExit::Shutdown => {
+                    send(VmExit::TripleFault { cpu: id });
+                    return;
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    send(match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+                        KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                        KVM_SYSTEM_EVENT_CRASH => VmExit::InternalError {
+                            cpu: id,
+                            detail: "guest crash event".into(),
+                        },
+                        k => VmExit::InternalError {
+                            cpu: id,
+                            detail: format!("system event {k}"),
+                        },
+                    });
+                    return;
+                }
+                VcpuExit::InternalError => {
+                    let detail = internal_error(&mut vcpu);
+                    send(VmExit::InternalError { cpu: id, detail });
+                    return;
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    send(VmExit::InternalError {
+                        cpu: id,
+                        detail: format!(
+                            "VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"
+                        ),
+                    });
+                    return;
+                }
+                VcpuExit::Intr | VcpuExit::Hlt | VcpuExit::IrqWindowOpen => {
+                    env.stats.count(ExitKind::Other, None);
+                    None
+                }
+                other => {
+                    send(VmExit::InternalError {
+                        cpu: id,
+                        detail: format!("unexpected exit {other:?}"),
+                    });
+                    return;
+                }
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+                env.stats.count(ExitKind::Other, None);
+                None
+            }
+            Err(e) => {
+                send(VmExit::Failed(format!("vCPU {id}: KVM_RUN: {e}")));
+                return;
+            }
+        };
+        if let Some(io) = io {
+            let (size, count, data) = io_exit(&mut vcpu);
+            let size = size.max(1);
+            match io {
+                Io::In(port) => {
+                    let r = env.pio.find(u64::from(port));
+                    env.stats.count(ExitKind::PioIn, r.as_ref().map(|r| r.tag));
+                    for chunk in data.chunks_mut(size).take(count) {
+                        match &r {
+                            Some(r) => r.dev.read(u64::from(port) - r.base, chunk),
+                            None => chunk.fill(0xff),
+                        }
+                    }
+                }
+                Io::Out(port) => {
+                    let r = env.pio.find(u64::from(port));
+                    env.stats.count(ExitKind::PioOut, r.as_ref().map(|r| r.tag));
+                    if let Some(r) = r {
+                        for chunk in data.chunks(size).take(count) {
+                            r.dev.write(u64::from(port) - r.base, chunk);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn cpuid_topology_fields() {
+        let base = CpuId::from_entries(&[
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xffff_0800,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                edx: 0,
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        let c = cpuid_for(&base, 3, 4);
+        let e = c.as_slice();
+        assert_eq!(e[0].ebx, 0x0304_0800);
+        assert_ne!(e[0].ecx & (1 << 31), 0);
+        assert_ne!(e[0].edx & (1 << 28), 0);
+        assert_eq!(e[1].edx, 3);
+    }
+}

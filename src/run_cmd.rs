@@ -1,0 +1,234 @@
+//! `rhyve run`: a KVM virtual machine with rhyve's PCI devices, booted directly into a kernel.
+//!
+//! Everything the command line says is checked before any guest code runs; each problem is one
+//! line and exit code 2. Once the guest runs, rhyve ends with one line saying why and an exit code
+//! per reason (see `vmm::VmExit::code`): 0 poweroff/test pass, 1 test failure, 3 reset,
+//! 4 triple fault, 5 KVM internal error, 6 VMM failure, 130/143 SIGINT/SIGTERM (disks flushed).
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use pci::{ConfigError, SlotSpec};
+use vmm::serial::ConsoleSink;
+use vmm::{Vm, VmConfig, VmExit};
+
+/// Arguments of `rhyve run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Guest RAM: a number with K/M/G/T suffix; a bare number is MiB (as in bhyve).
+    #[arg(short = 'm', long = "memory", default_value = "256M")]
+    memory: String,
+    /// Number of vCPUs.
+    #[arg(short = 'c', long = "cpus", default_value = "1")]
+    cpus: String,
+    /// A PCI device, bhyve syntax: `slot[:func],emul[,conf]`, e.g. `4,nvme,disk.img`.
+    #[arg(short = 's', long = "slot")]
+    slots: Vec<String>,
+    /// An LPC device: `com1,stdio`, `com1,off` or `com1,FILE` (output to FILE). Default com1,stdio.
+    #[arg(short = 'l', long = "lpc")]
+    lpc: Vec<String>,
+    /// Kernel to boot directly: bzImage or ELF (vmlinux or a test guest).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Print exit and device counters when the VM ends.
+    #[arg(long)]
+    stats: bool,
+    /// Enable rhyve's test device (ports 0xF0-0xFF) used by guest/kvm-test.
+    #[arg(long)]
+    testdev: bool,
+}
+
+/// Parse `-m`: K/M/G/T suffixes, bare numbers in MiB.
+pub fn parse_memory(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let bare = t.chars().last().is_some_and(|c| c.is_ascii_digit());
+    let n = pci::registry::parse_number(t, true)
+        .and_then(|n| {
+            if bare {
+                n.checked_mul(1 << 20)
+            } else {
+                Some(n)
+            }
+        })
+        .with_context(|| {
+            format!("bad memory size '{s}': expected a number with an optional K, M, G or T suffix")
+        })?;
+    if n < vmm::memory::MIN_RAM {
+        bail!("memory size '{s}' is too small: rhyve needs at least 16M");
+    }
+    if !n.is_multiple_of(4096) {
+        bail!("memory size '{s}' is not a multiple of 4K");
+    }
+    if n > 1 << 40 {
+        bail!("memory size '{s}' is too large: the limit is 1T");
+    }
+    Ok(n)
+}
+
+fn parse_cpus(s: &str) -> Result<u8> {
+    match s.trim().parse::<u16>() {
+        Ok(n @ 1..=254) => Ok(n as u8),
+        _ => bail!("bad vCPU count '{s}': must be from 1 to 254"),
+    }
+}
+
+fn parse_console(lpc: &[String]) -> Result<ConsoleSink> {
+    let mut console = None;
+    for l in lpc {
+        let (dev, backend) = l.split_once(',').unwrap_or((l, ""));
+        if !dev.eq_ignore_ascii_case("com1") {
+            bail!("unknown LPC device '{dev}': rhyve has com1");
+        }
+        if console.is_some() {
+            bail!("com1 is given twice");
+        }
+        console = Some(match backend {
+            "" => bail!("com1 needs a backend: stdio, off or a file path"),
+            "stdio" => ConsoleSink::Stdio,
+            "off" | "null" => ConsoleSink::Null,
+            path => ConsoleSink::File(
+                std::fs::File::create(path)
+                    .with_context(|| format!("cannot create com1 output file '{path}'"))?,
+            ),
+        });
+    }
+    Ok(console.unwrap_or(ConsoleSink::Stdio))
+}
+
+fn check_readable(what: &str, p: &PathBuf) -> Result<String> {
+    std::fs::File::open(p).with_context(|| format!("cannot open {what} '{}'", p.display()))?;
+    p.to_str()
+        .map(str::to_string)
+        .with_context(|| format!("{what} path '{}' is not UTF-8", p.display()))
+}
+
+/// The devices `rhyve run` offers: the shared registry plus the host bridge.
+pub fn registry() -> pci::DeviceRegistry {
+    let mut r = crate::devices::registry();
+    r.register(
+        "hostbridge",
+        &["amd_hostbridge"],
+        vmm::pci_host::create_hostbridge,
+    );
+    r
+}
+
+/// Check the command line and turn it into a VM configuration (no KVM involved).
+pub fn config(a: RunArgs) -> Result<(VmConfig, bool)> {
+    let mem_size = parse_memory(&a.memory)?;
+    let vcpus = parse_cpus(&a.cpus)?;
+    let registry = registry();
+    let mut taken = HashSet::new();
+    let mut devices = Vec::new();
+    for s in &a.slots {
+        let spec = SlotSpec::parse(s)?;
+        if !taken.insert((spec.bus, spec.slot, spec.func)) {
+            bail!(ConfigError::SlotTaken(spec.address()));
+        }
+        if spec.bus != 0 {
+            bail!("slot {}: rhyve run has only PCI bus 0", spec.address());
+        }
+        if registry.canonical(&spec.emul).is_none() {
+            bail!(ConfigError::UnknownDevice {
+                name: spec.emul.clone(),
+                valid: registry.names().join(", ")
+            });
+        }
+        devices.push(spec);
+    }
+    let kernel = check_readable("kernel", &a.kernel)?;
+    let initrd = a
+        .initrd
+        .as_ref()
+        .map(|p| check_readable("initrd", p))
+        .transpose()?;
+    if a.cmdline.len() >= vmm::boot::CMDLINE_MAX {
+        bail!(
+            "kernel command line is {} bytes; the limit is {}",
+            a.cmdline.len(),
+            vmm::boot::CMDLINE_MAX - 1
+        );
+    }
+    let console = parse_console(&a.lpc)?;
+    Ok((
+        VmConfig {
+            mem_size,
+            vcpus,
+            kernel,
+            initrd,
+            cmdline: a.cmdline,
+            console,
+            testdev: a.testdev,
+            devices,
+        },
+        a.stats,
+    ))
+}
+
+/// Run a VM to its end. Exits the process with the VM's exit code when that is not 0.
+pub fn run(a: RunArgs) -> Result<()> {
+    let (cfg, stats) = config(a)?;
+    let vm = Vm::new(cfg, &vmm::device::KvmDevices(registry()))?;
+    let exit = vm.exit_sender();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("cannot install signal handlers")?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            let _ = exit.send(VmExit::Signal(sig));
+        }
+    });
+    let out = vm.run();
+    if stats {
+        eprintln!("rhyve: exits: {}", out.stats.line());
+        for d in &out.devices {
+            let c: Vec<String> = d.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            eprintln!("rhyve: {} {}: {}", d.address, d.name, c.join(" "));
+        }
+    }
+    eprintln!("rhyve: {}", out.exit.describe());
+    let code = out.exit.code();
+    if code != 0 {
+        std::process::exit(i32::from(code));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_memory("512").unwrap(), 512 << 20);
+        assert_eq!(parse_memory("64m").unwrap(), 64 << 20);
+        assert_eq!(
+            parse_memory("1X").unwrap_err().to_string(),
+            "bad memory size '1X': expected a number with an optional K, M, G or T suffix"
+        );
+        assert_eq!(
+            parse_memory("1M").unwrap_err().to_string(),
+            "memory size '1M' is too small: rhyve needs at least 16M"
+        );
+        assert_eq!(
+            parse_memory("20001K").unwrap_err().to_string(),
+            "memory size '20001K' is not a multiple of 4K"
+        );
+        assert_eq!(
+            parse_cpus("0").unwrap_err().to_string(),
+            "bad vCPU count '0': must be from 1 to 254"
+        );
+        assert_eq!(parse_cpus("4").unwrap(), 4);
+    }
+}
