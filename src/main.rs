@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rhyve", version, about = "rhyve: a VMM with faithful, fast emulated storage")]
+#[command(
+    name = "rhyve",
+    version,
+    about = "rhyve: a VMM with faithful, fast emulated storage"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

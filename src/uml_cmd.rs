@@ -45,12 +45,18 @@ pub fn run(a: UmlArgs) -> Result<()> {
             bail!(pci::ConfigError::SlotTaken(spec.address()));
         }
         if spec.func != 0 || spec.bus != 0 {
-            bail!("slot {}: UML's virt-pci has only bus 0, function 0", spec.address());
+            bail!(
+                "slot {}: UML's virt-pci has only bus 0, function 0",
+                spec.address()
+            );
         }
         specs.push(spec);
     }
     if specs.len() > 8 {
-        bail!("{} devices given: UML's virt-pci supports at most 8", specs.len());
+        bail!(
+            "{} devices given: UML's virt-pci supports at most 8",
+            specs.len()
+        );
     }
     std::fs::create_dir_all(&a.socket_dir)
         .with_context(|| format!("cannot create socket directory {}", a.socket_dir.display()))?;
@@ -62,12 +68,22 @@ pub fn run(a: UmlArgs) -> Result<()> {
         let device: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(dev));
         let path = a.socket_dir.join(format!("slot{}.sock", spec.slot));
         let _ = std::fs::remove_file(&path);
-        let listener =
-            UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
-        let server = uml::UmlDevice::new(listener, device.clone(), ctx.mem.clone(), ctx.irq.clone())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        kernel_args.push(format!("virtio_uml.device={}:{}", path.display(), a.device_id));
-        served.push(Served { spec, device, server, irq: ctx.irq.clone() });
+        let listener = UnixListener::bind(&path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        let server =
+            uml::UmlDevice::new(listener, device.clone(), ctx.mem.clone(), ctx.irq.clone())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        kernel_args.push(format!(
+            "virtio_uml.device={}:{}",
+            path.display(),
+            a.device_id
+        ));
+        served.push(Served {
+            spec,
+            device,
+            server,
+            irq: ctx.irq.clone(),
+        });
     }
     let stops: Vec<_> = served.iter().map(|s| s.server.stop_handle()).collect();
     {
@@ -76,8 +92,11 @@ pub fn run(a: UmlArgs) -> Result<()> {
         writeln!(out, "{}", kernel_args.join(" "))?;
         out.flush()?;
     }
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-        .context("cannot install signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("cannot install signal handlers")?;
     let sig_stops = stops.clone();
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
@@ -93,7 +112,11 @@ pub fn run(a: UmlArgs) -> Result<()> {
         let name = format!("uml-slot{}", s.spec.slot);
         devices.push((s.spec, s.device, s.server.counters(), s.irq));
         let server = s.server;
-        threads.push(std::thread::Builder::new().name(name).spawn(move || server.run())?);
+        threads.push(
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || server.run())?,
+        );
     }
     let mut first_err = None;
     for t in threads {
@@ -115,9 +138,18 @@ pub fn run(a: UmlArgs) -> Result<()> {
         let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
         d.shutdown();
         if a.stats {
-            let all = d.stats().into_iter().chain(access.snapshot()).chain(irq.stats());
+            let all = d
+                .stats()
+                .into_iter()
+                .chain(access.snapshot())
+                .chain(irq.stats());
             let stats: Vec<String> = all.map(|(k, v)| format!("{k}={v}")).collect();
-            eprintln!("rhyve: slot {} {}: {}", spec.slot, d.name(), stats.join(" "));
+            eprintln!(
+                "rhyve: slot {} {}: {}",
+                spec.slot,
+                d.name(),
+                stats.join(" ")
+            );
         }
     }
     match first_err {

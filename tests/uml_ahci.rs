@@ -17,10 +17,16 @@ fn fill(path: &std::path::Path, len: u64, byte: u8) {
 fn make_iso(dir: &std::path::Path) -> (std::path::PathBuf, String) {
     let src = dir.join("isosrc");
     std::fs::create_dir_all(&src).unwrap();
-    let data: Vec<u8> = (0..3 * MIB as usize + 123).map(|i| (i * 7 % 251) as u8).collect();
+    let data: Vec<u8> = (0..3 * MIB as usize + 123)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
     std::fs::write(src.join("hello.bin"), &data).unwrap();
     let iso = dir.join("x.iso");
-    let tool = if which("genisoimage") { "genisoimage" } else { "xorrisofs" };
+    let tool = if which("genisoimage") {
+        "genisoimage"
+    } else {
+        "xorrisofs"
+    };
     let st = std::process::Command::new(tool)
         .args(["-quiet", "-J", "-R", "-V", "RHYVE", "-o"])
         .arg(&iso)
@@ -33,7 +39,11 @@ fn make_iso(dir: &std::path::Path) -> (std::path::PathBuf, String) {
 }
 
 fn which(t: &str) -> bool {
-    std::process::Command::new("sh").arg("-c").arg(format!("command -v {t}")).output().is_ok_and(|o| o.status.success())
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {t}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 #[test]
@@ -72,11 +82,26 @@ grep -q PASSED /tmp/h && echo SMART=passed
     run.assert_ok();
     let c = &run.console;
     assert!(c.contains("SATA link up 6.0 Gbps"), "link speed:\n{c}");
-    assert!(c.contains("DEV sda bytes=67108864 lss=512 pss=512"), "sda geometry:\n{c}");
-    assert!(c.contains("DEV sdb bytes=67108864 lss=512 pss=4096"), "sdb 512e geometry:\n{c}");
+    assert!(
+        c.contains("DEV sda bytes=67108864 lss=512 pss=512"),
+        "sda geometry:\n{c}"
+    );
+    assert!(
+        c.contains("DEV sdb bytes=67108864 lss=512 pss=4096"),
+        "sdb 512e geometry:\n{c}"
+    );
     let qd: Vec<&str> = c.lines().filter_map(|l| l.split("qd=").nth(1)).collect();
-    assert!(!qd.is_empty() && qd.iter().all(|q| *q == "31" || *q == "32"), "queue depth: {qd:?}");
-    for (k, v) in [("MODEL", "ok"), ("SERIAL", "ok"), ("NCQ", "32"), ("TRIM", "yes"), ("SMART", "passed")] {
+    assert!(
+        !qd.is_empty() && qd.iter().all(|q| *q == "31" || *q == "32"),
+        "queue depth: {qd:?}"
+    );
+    for (k, v) in [
+        ("MODEL", "ok"),
+        ("SERIAL", "ok"),
+        ("NCQ", "32"),
+        ("TRIM", "yes"),
+        ("SMART", "passed"),
+    ] {
         assert_eq!(run.value(k).as_deref(), Some(v), "{k}; console:\n{c}");
     }
 }
@@ -94,7 +119,11 @@ fn ahci_4kn_disk_reports_4096_sectors() {
     );
     rh.finish();
     run.assert_ok();
-    assert!(run.console.contains("DEV bytes=67108864 lss=4096 pss=4096"), "console:\n{}", run.console);
+    assert!(
+        run.console.contains("DEV bytes=67108864 lss=4096 pss=4096"),
+        "console:\n{}",
+        run.console
+    );
 }
 
 #[test]
@@ -124,7 +153,10 @@ fn ahci_ext4_fsck_and_discard_zeroes() {
     let img = image(&d, "disk.img", 128 * MIB);
     let z = image(&d, "z.img", 32 * MIB);
     fill(&z, 32 * MIB, 0xa5);
-    let rh = Rhyve::start(&d, &[&format!("5,ahci,hd:{},hd:{}", img.display(), z.display())]);
+    let rh = Rhyve::start(
+        &d,
+        &[&format!("5,ahci,hd:{},hd:{}", img.display(), z.display())],
+    );
     let run = run_guest(
         &d,
         &rh,
@@ -149,11 +181,28 @@ echo DONE=1
     assert_eq!(run.value("FSCK").as_deref(), Some("clean"));
     assert_eq!(run.value("SUMS").as_deref(), Some("match"));
     let data = std::fs::read(&z).unwrap();
-    assert!(data[..MIB as usize].iter().all(|&b| b == 0xa5), "bytes before the discard changed");
-    assert!(data[MIB as usize..5 * MIB as usize].iter().all(|&b| b == 0), "discarded range not zero");
-    assert!(data[5 * MIB as usize..].iter().all(|&b| b == 0xa5), "bytes after the discard changed");
-    let st = std::process::Command::new("e2fsck").arg("-fn").arg(&img).output().unwrap();
-    assert!(st.status.success(), "host e2fsck: {}", String::from_utf8_lossy(&st.stdout));
+    assert!(
+        data[..MIB as usize].iter().all(|&b| b == 0xa5),
+        "bytes before the discard changed"
+    );
+    assert!(
+        data[MIB as usize..5 * MIB as usize].iter().all(|&b| b == 0),
+        "discarded range not zero"
+    );
+    assert!(
+        data[5 * MIB as usize..].iter().all(|&b| b == 0xa5),
+        "bytes after the discard changed"
+    );
+    let st = std::process::Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "host e2fsck: {}",
+        String::from_utf8_lossy(&st.stdout)
+    );
 }
 
 #[test]
@@ -165,7 +214,15 @@ fn two_disks_a_cdrom_and_a_read_only_disk() {
     let ro_sha = host_sha256(&ro, 0, 16 * MIB);
     let (iso, file_sha) = make_iso(&d);
     let iso_sha = host_sha256(&iso, 0, std::fs::metadata(&iso).unwrap().len());
-    let rh = Rhyve::start(&d, &[&format!("5,ahci,hd:{},hd:{},ro,cd:{}", a.display(), ro.display(), iso.display())]);
+    let rh = Rhyve::start(
+        &d,
+        &[&format!(
+            "5,ahci,hd:{},hd:{},ro,cd:{}",
+            a.display(),
+            ro.display(),
+            iso.display()
+        )],
+    );
     let run = run_guest(
         &d,
         &rh,
@@ -183,13 +240,31 @@ exit 0
     );
     rh.finish();
     run.assert_ok();
-    assert_eq!(run.value("FIO").as_deref(), Some("ok"), "console:\n{}", run.console);
+    assert_eq!(
+        run.value("FIO").as_deref(),
+        Some("ok"),
+        "console:\n{}",
+        run.console
+    );
     assert_eq!(run.value("ROSHA").unwrap(), ro_sha);
     assert_eq!(run.value("ROWRITE").as_deref(), Some("refused"));
-    assert_eq!(run.value("FILESHA").as_deref(), Some(file_sha.as_str()), "console:\n{}", run.console);
+    assert_eq!(
+        run.value("FILESHA").as_deref(),
+        Some(file_sha.as_str()),
+        "console:\n{}",
+        run.console
+    );
     assert_eq!(run.value("CDWRITE").as_deref(), Some("refused"));
-    assert_eq!(host_sha256(&ro, 0, 16 * MIB), ro_sha, "read-only image changed");
-    assert_eq!(host_sha256(&iso, 0, std::fs::metadata(&iso).unwrap().len()), iso_sha, "ISO changed");
+    assert_eq!(
+        host_sha256(&ro, 0, 16 * MIB),
+        ro_sha,
+        "read-only image changed"
+    );
+    assert_eq!(
+        host_sha256(&iso, 0, std::fs::metadata(&iso).unwrap().len()),
+        iso_sha,
+        "ISO changed"
+    );
 }
 
 #[test]
@@ -212,7 +287,17 @@ exit 0
     );
     rh.finish();
     run.assert_ok();
-    assert_eq!(run.value("PAST").as_deref(), Some("failed"), "console:\n{}", run.console);
-    assert_eq!(run.value("LAST").as_deref(), Some("ok"), "console:\n{}", run.console);
+    assert_eq!(
+        run.value("PAST").as_deref(),
+        Some("failed"),
+        "console:\n{}",
+        run.console
+    );
+    assert_eq!(
+        run.value("LAST").as_deref(),
+        Some("ok"),
+        "console:\n{}",
+        run.console
+    );
     assert_eq!(run.value("SHA").unwrap(), host_sha256(&a, 0, 16 * MIB));
 }

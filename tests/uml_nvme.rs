@@ -23,7 +23,11 @@ fn nvme_cli_reports_configuration_for_512_and_4096_formats() {
         &d,
         &[
             &format!("4,nvme,{},ser=RHYVE0001,mn=rhyve test A", a.display()),
-            &format!("5,nvme,{},sectorsz=4096,{},ser=RHYVE0002,mn=rhyve test B,maxq=4", b1.display(), b2.display()),
+            &format!(
+                "5,nvme,{},sectorsz=4096,{},ser=RHYVE0002,mn=rhyve test B,maxq=4",
+                b1.display(),
+                b2.display()
+            ),
         ],
     );
     let run = run_guest(
@@ -59,7 +63,10 @@ done
     ] {
         assert!(c.contains(want), "missing {want:?} in console:\n{c}");
     }
-    assert!(c.contains("critical_warning") && c.contains("temperature"), "smart-log output missing:\n{c}");
+    assert!(
+        c.contains("critical_warning") && c.contains("temperature"),
+        "smart-log output missing:\n{c}"
+    );
 }
 
 #[test]
@@ -81,7 +88,11 @@ echo "SHA=$(dd if=/dev/nvme0n1 bs=1M count=192 2>/dev/null | sha256sum | cut -d'
     let stats = rh.finish();
     run.assert_ok();
     let guest = run.value("SHA").expect("guest printed no SHA");
-    assert_eq!(guest, host_sha256(&img, 0, 192 * MIB), "host image differs from what the guest read");
+    assert_eq!(
+        guest,
+        host_sha256(&img, 0, 192 * MIB),
+        "host image differs from what the guest read"
+    );
     assert!(stats.contains("write_commands="), "no stats: {stats}");
 }
 
@@ -113,8 +124,16 @@ umount /tmp/m
     assert_eq!(run.value("FSCK").as_deref(), Some("clean"));
     assert_eq!(run.value("SUMS").as_deref(), Some("match"));
     // The host agrees the file system is consistent.
-    let st = std::process::Command::new("e2fsck").arg("-fn").arg(&img).output().unwrap();
-    assert!(st.status.success(), "host e2fsck: {}", String::from_utf8_lossy(&st.stdout));
+    let st = std::process::Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "host e2fsck: {}",
+        String::from_utf8_lossy(&st.stdout)
+    );
 }
 
 #[test]
@@ -136,12 +155,26 @@ echo DONE=1
     rh.finish();
     run.assert_ok();
     let data = std::fs::read(&img).unwrap();
-    let zero = |r: std::ops::Range<u64>| data[r.start as usize..r.end as usize].iter().all(|&b| b == 0);
-    let pat = |r: std::ops::Range<u64>| data[r.start as usize..r.end as usize].iter().all(|&b| b == 0xa5);
+    let zero = |r: std::ops::Range<u64>| {
+        data[r.start as usize..r.end as usize]
+            .iter()
+            .all(|&b| b == 0)
+    };
+    let pat = |r: std::ops::Range<u64>| {
+        data[r.start as usize..r.end as usize]
+            .iter()
+            .all(|&b| b == 0xa5)
+    };
     assert!(zero(0..4 * MIB), "discarded range not zero");
-    assert!(pat(4 * MIB..8 * MIB), "data next to the discard was changed");
+    assert!(
+        pat(4 * MIB..8 * MIB),
+        "data next to the discard was changed"
+    );
     assert!(zero(8 * MIB..9 * MIB), "write-zeroes range not zero");
-    assert!(pat(9 * MIB..16 * MIB), "data after write-zeroes was changed");
+    assert!(
+        pat(9 * MIB..16 * MIB),
+        "data after write-zeroes was changed"
+    );
 }
 
 #[test]
@@ -152,7 +185,10 @@ fn two_namespaces_and_two_controllers_verify_with_fio() {
     let b = image(&d, "b.img", 64 * MIB);
     let rh = Rhyve::start(
         &d,
-        &[&format!("4,nvme,{},{},ser=MULTI-A", a1.display(), a2.display()), &format!("5,nvme,{},ser=MULTI-B", b.display())],
+        &[
+            &format!("4,nvme,{},{},ser=MULTI-A", a1.display(), a2.display()),
+            &format!("5,nvme,{},ser=MULTI-B", b.display()),
+        ],
     );
     let run = run_guest(
         &d,
@@ -167,9 +203,15 @@ for n in nvme0n1 nvme0n2 nvme1n1; do echo "SHA_$n=$(dd if=/dev/$n bs=1M count=24
     );
     rh.finish();
     run.assert_ok();
-    let mut host = vec![host_sha256(&a1, 0, 24 * MIB), host_sha256(&a2, 0, 24 * MIB), host_sha256(&b, 0, 24 * MIB)];
-    let mut guest: Vec<String> =
-        ["nvme0n1", "nvme0n2", "nvme1n1"].iter().map(|n| run.value(&format!("SHA_{n}")).unwrap()).collect();
+    let mut host = vec![
+        host_sha256(&a1, 0, 24 * MIB),
+        host_sha256(&a2, 0, 24 * MIB),
+        host_sha256(&b, 0, 24 * MIB),
+    ];
+    let mut guest: Vec<String> = ["nvme0n1", "nvme0n2", "nvme1n1"]
+        .iter()
+        .map(|n| run.value(&format!("SHA_{n}")).unwrap())
+        .collect();
     // Controller probe order is the guest's business: compare as sets.
     host.sort();
     guest.sort();
@@ -201,9 +243,18 @@ exit 0
     run.assert_ok();
     assert_eq!(run.value("SHA").unwrap(), before);
     assert_eq!(run.value("RO").as_deref(), Some("1"));
-    assert_eq!(run.value("WRITE").as_deref(), Some("protected"), "console:\n{}", run.console);
+    assert_eq!(
+        run.value("WRITE").as_deref(),
+        Some("protected"),
+        "console:\n{}",
+        run.console
+    );
     assert_eq!(run.value("DD").as_deref(), Some("refused"));
-    assert_eq!(host_sha256(&img, 0, 32 * MIB), before, "read-only image changed");
+    assert_eq!(
+        host_sha256(&img, 0, 32 * MIB),
+        before,
+        "read-only image changed"
+    );
 }
 
 #[test]
@@ -228,5 +279,49 @@ grep -E 'err= *0' /tmp/fio.out | head -2
     );
     rh.finish();
     run.assert_ok();
-    assert_eq!(run.value("FIO").as_deref(), Some("ok"), "console:\n{}", run.console);
+    assert_eq!(
+        run.value("FIO").as_deref(),
+        Some("ok"),
+        "console:\n{}",
+        run.console
+    );
+}
+
+#[test]
+fn smart_counters_persist_across_power_cycles() {
+    let d = scratch("smart");
+    let img = image(&d, "disk.img", 32 * MIB);
+    let state = d.join("smart.txt");
+    let spec = format!(
+        "4,nvme,{},ser=SMART1,smart={}",
+        img.display(),
+        state.display()
+    );
+    let script = r#"set -e
+dd if=/dev/urandom of=/dev/nvme0n1 bs=1M count=4 oflag=direct 2>/dev/null
+nvme smart-log /dev/nvme0 | tee /tmp/s
+echo "CYCLES=$(awk -F: '/^power_cycles/{gsub(/[ \t]/,"",$2); print $2}' /tmp/s)"
+echo "UNSAFE=$(awk -F: '/^unsafe_shutdowns/{gsub(/[ \t]/,"",$2); print $2}' /tmp/s)"
+echo "WRITES=$(awk -F: '/^host_write_commands/{gsub(/[ \t,]/,"",$2); print $2}' /tmp/s)"
+"#;
+    let mut writes = Vec::new();
+    for cycle in 1..=2 {
+        let rh = Rhyve::start(&d, &[&spec]);
+        let run = run_guest(&d, &rh, script, 120);
+        rh.finish();
+        run.assert_ok();
+        assert_eq!(
+            run.value("CYCLES").unwrap(),
+            cycle.to_string(),
+            "console:\n{}",
+            run.console
+        );
+        // Linux shuts the controller down (CC.SHN) at power-off: no unsafe shutdowns.
+        assert_eq!(run.value("UNSAFE").as_deref(), Some("0"));
+        writes.push(run.value("WRITES").unwrap().parse::<u64>().unwrap());
+    }
+    assert!(
+        writes[1] > writes[0],
+        "write counts did not accumulate: {writes:?}"
+    );
 }

@@ -44,7 +44,11 @@ pub fn initrd() -> &'static Path {
         let dir = scratch_root().join("initrd");
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("initrd-{}.cpio.gz", std::process::id()));
-        run_capture(Command::new("bash").arg(root().join("guest/mkinitramfs.sh")).arg(&path));
+        run_capture(
+            Command::new("bash")
+                .arg(root().join("guest/mkinitramfs.sh"))
+                .arg(&path),
+        );
         path
     })
 }
@@ -82,11 +86,18 @@ impl Rhyve {
     pub fn start(dir: &Path, slots: &[&str]) -> Rhyve {
         let sockdir = dir.join("sock");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rhyve"));
-        cmd.arg("uml").arg("--socket-dir").arg(&sockdir).arg("--stats");
+        cmd.arg("uml")
+            .arg("--socket-dir")
+            .arg(&sockdir)
+            .arg("--stats");
         for s in slots {
             cmd.arg("-s").arg(s);
         }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn rhyve");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rhyve");
         let mut err = child.stderr.take().unwrap();
         let stderr = std::thread::spawn(move || {
             let mut s = String::new();
@@ -98,7 +109,10 @@ impl Rhyve {
         out.read_line(&mut line).unwrap();
         if line.trim() != "ready" {
             let _ = child.wait();
-            panic!("rhyve did not get ready: {line:?}; stderr: {}", stderr.join().unwrap());
+            panic!(
+                "rhyve did not get ready: {line:?}; stderr: {}",
+                stderr.join().unwrap()
+            );
         }
         line.clear();
         out.read_line(&mut line).unwrap();
@@ -109,7 +123,11 @@ impl Rhyve {
                 PathBuf::from(v.rsplit_once(':').unwrap().0)
             })
             .collect();
-        Rhyve { child, sockets, stderr: Some(stderr) }
+        Rhyve {
+            child,
+            sockets,
+            stderr: Some(stderr),
+        }
     }
 
     /// Wait for rhyve to exit after UML went away; returns its stderr (stats).
@@ -149,12 +167,19 @@ impl GuestRun {
     /// Lines of the form `KEY=value` printed by the script, for `key`.
     pub fn value(&self, key: &str) -> Option<String> {
         let p = format!("{key}=");
-        self.console.lines().rev().find_map(|l| l.trim().strip_prefix(&p).map(|v| v.trim().to_string()))
+        self.console
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix(&p).map(|v| v.trim().to_string()))
     }
 
     /// Assert the script succeeded, printing the console if not.
     pub fn assert_ok(&self) {
-        assert_eq!(self.status, 0, "guest script failed; console:\n{}", self.console);
+        assert_eq!(
+            self.status, 0,
+            "guest script failed; console:\n{}",
+            self.console
+        );
     }
 }
 
@@ -178,9 +203,13 @@ pub fn run_guest(dir: &Path, rhyve: &Rhyve, script: &str, timeout_s: u32) -> Gue
         cmd.arg("--device").arg(s);
     }
     let out = cmd.stdin(Stdio::null()).output().expect("run-uml.sh");
-    let console = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let console =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     std::fs::write(dir.join("console.log"), &console).unwrap();
-    GuestRun { status: out.status.code().unwrap_or(-1), console }
+    GuestRun {
+        status: out.status.code().unwrap_or(-1),
+        console,
+    }
 }
 
 /// SHA-256 of `len` bytes of `path` at `offset` (via sha256sum, as the guest computes it).
@@ -190,8 +219,16 @@ pub fn host_sha256(path: &Path, offset: u64, len: u64) -> String {
     f.seek(std::io::SeekFrom::Start(offset)).unwrap();
     let mut buf = vec![0u8; len as usize];
     f.read_exact(&mut buf).unwrap();
-    let mut child = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(&buf).unwrap();
     let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }

@@ -1,6 +1,5 @@
 //! Admin command set: queues, Identify, features, logs, Abort, AER, Format NVM.
 
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use pci::InterruptMode;
@@ -48,7 +47,13 @@ impl Shared {
     /// Copy `data` to the host buffer named by the command's PRPs.
     pub fn to_host(&self, st: &State, sqe: &Sqe, data: &[u8]) -> Status {
         let mem = self.mem.memory();
-        let segs = match prp::map_prp(&*mem, sqe.dptr[0], sqe.dptr[1], data.len() as u64, Self::page_size(st)) {
+        let segs = match prp::map_prp(
+            &*mem,
+            sqe.dptr[0],
+            sqe.dptr[1],
+            data.len() as u64,
+            Self::page_size(st),
+        ) {
             Ok(s) => s,
             Err(e) => return e,
         };
@@ -60,7 +65,13 @@ impl Shared {
 
     fn data_from_host(&self, st: &State, sqe: &Sqe, len: usize) -> Result<Vec<u8>, Status> {
         let mem = self.mem.memory();
-        let segs = prp::map_prp(&*mem, sqe.dptr[0], sqe.dptr[1], len as u64, Self::page_size(st))?;
+        let segs = prp::map_prp(
+            &*mem,
+            sqe.dptr[0],
+            sqe.dptr[1],
+            len as u64,
+            Self::page_size(st),
+        )?;
         let mut buf = vec![0; len];
         prp::copy_from_guest(&*mem, &segs, &mut buf)?;
         Ok(buf)
@@ -80,7 +91,9 @@ impl Shared {
             return Err(Status::PRP_OFFSET_INVALID);
         }
         let mem = self.mem.memory();
-        if !usize::try_from(bytes).is_ok_and(|b| mem.check_range(GuestAddress(base), b, Permissions::ReadWrite)) {
+        if !usize::try_from(bytes)
+            .is_ok_and(|b| mem.check_range(GuestAddress(base), b, Permissions::ReadWrite))
+        {
             return Err(Status::INVALID_FIELD);
         }
         Ok(())
@@ -89,8 +102,15 @@ impl Shared {
     fn create_cq(&self, st: &mut State, sqe: &Sqe) -> Outcome {
         let qid = (sqe.cdw10 & 0xffff) as usize;
         let qsize = (sqe.cdw10 >> 16) + 1;
-        let (pc, ien, iv) = (sqe.cdw11 & 1 != 0, sqe.cdw11 & 2 != 0, (sqe.cdw11 >> 16) as u16);
-        if qid == 0 || qid > usize::from(st.features.ncqa) + 1 || st.cqs.get(qid).is_none_or(|q| q.is_some()) {
+        let (pc, ien, iv) = (
+            sqe.cdw11 & 1 != 0,
+            sqe.cdw11 & 2 != 0,
+            (sqe.cdw11 >> 16) as u16,
+        );
+        if qid == 0
+            || qid > usize::from(st.features.ncqa) + 1
+            || st.cqs.get(qid).is_none_or(|q| q.is_some())
+        {
             return Outcome::status(Status::INVALID_QID);
         }
         if qsize < 2 || qsize > self.cfg.qsz {
@@ -114,7 +134,10 @@ impl Shared {
         let qsize = (sqe.cdw10 >> 16) + 1;
         let pc = sqe.cdw11 & 1 != 0;
         let cqid = (sqe.cdw11 >> 16) as usize;
-        if qid == 0 || qid > usize::from(st.features.nsqa) + 1 || st.sqs.get(qid).is_none_or(|q| q.is_some()) {
+        if qid == 0
+            || qid > usize::from(st.features.nsqa) + 1
+            || st.sqs.get(qid).is_none_or(|q| q.is_some())
+        {
             return Outcome::status(Status::INVALID_QID);
         }
         if cqid == 0 || st.cqs.get(cqid).is_none_or(|q| q.is_none()) {
@@ -143,7 +166,12 @@ impl Shared {
 
     fn delete_sq(&self, st: &mut State, sqe: &Sqe) -> Outcome {
         let qid = (sqe.cdw10 & 0xffff) as usize;
-        let Some(sq) = st.sqs.get_mut(qid).filter(|_| qid != 0).and_then(|q| q.as_mut()) else {
+        let Some(sq) = st
+            .sqs
+            .get_mut(qid)
+            .filter(|_| qid != 0)
+            .and_then(|q| q.as_mut())
+        else {
             return Outcome::status(Status::INVALID_QID);
         };
         if sq.delete_cid.is_some() {
@@ -163,7 +191,12 @@ impl Shared {
         if qid == 0 || st.cqs.get(qid).is_none_or(|q| q.is_none()) {
             return Outcome::status(Status::INVALID_QID);
         }
-        if st.sqs.iter().flatten().any(|sq| usize::from(sq.cqid) == qid) {
+        if st
+            .sqs
+            .iter()
+            .flatten()
+            .any(|sq| usize::from(sq.cqid) == qid)
+        {
             return Outcome::status(Status::INVALID_QUEUE_DELETION);
         }
         st.cqs[qid] = None;
@@ -187,7 +220,11 @@ impl Shared {
             },
             cns::ACTIVE_NS_LIST | cns::CSI_ACTIVE_NS_LIST => {
                 if nsid >= 0xffff_fffe || (cns == cns::CSI_ACTIVE_NS_LIST && csi != 0) {
-                    return Outcome::status(if nsid >= 0xffff_fffe { Status::INVALID_NAMESPACE } else { Status::INVALID_FIELD });
+                    return Outcome::status(if nsid >= 0xffff_fffe {
+                        Status::INVALID_NAMESPACE
+                    } else {
+                        Status::INVALID_FIELD
+                    });
                 }
                 identify::active_list(&st.namespaces, nsid)
             }
@@ -226,7 +263,11 @@ impl Shared {
             }
             // Already executing on the backend: it cannot be recalled. The Abort completes,
             // reporting "not aborted", when the command does.
-            st.held_aborts.push(HeldAbort { abort_cid: sqe.cid(), target_sqid: sqid, target_cid: cid });
+            st.held_aborts.push(HeldAbort {
+                abort_cid: sqe.cid(),
+                target_sqid: sqid,
+                target_cid: cid,
+            });
             return Outcome::Deferred;
         }
         Outcome::Done(Status::SUCCESS, 1) // not found: not aborted
@@ -234,15 +275,22 @@ impl Shared {
 
     fn check_temperature(&self, st: &mut State) {
         let f = &st.features;
-        let hot = COMPOSITE_TEMP >= f.temp_over || (f.temp_under != 0 && COMPOSITE_TEMP <= f.temp_under);
+        let hot =
+            COMPOSITE_TEMP >= f.temp_over || (f.temp_under != 0 && COMPOSITE_TEMP <= f.temp_under);
         if hot && st.features.async_event_config & (1 << 1) != 0 {
-            self.async_event(st, aer::TYPE_SMART, aer::SMART_TEMPERATURE, lid::SMART_HEALTH);
+            self.async_event(
+                st,
+                aer::TYPE_SMART,
+                aer::SMART_TEMPERATURE,
+                lid::SMART_HEALTH,
+            );
         }
     }
 
     fn critical_warning(&self, st: &State) -> u8 {
         let f = &st.features;
-        let hot = COMPOSITE_TEMP >= f.temp_over || (f.temp_under != 0 && COMPOSITE_TEMP <= f.temp_under);
+        let hot =
+            COMPOSITE_TEMP >= f.temp_over || (f.temp_under != 0 && COMPOSITE_TEMP <= f.temp_under);
         let ro = st.namespaces.iter().any(|n| n.read_only);
         (u8::from(hot) << 1) | (u8::from(ro) << 3)
     }
@@ -257,7 +305,11 @@ impl Shared {
                 if tmpsel != 0 || thsel > 1 {
                     return Err(Status::INVALID_FIELD);
                 }
-                let v = if thsel == 0 { f.temp_over } else { f.temp_under };
+                let v = if thsel == 0 {
+                    f.temp_over
+                } else {
+                    f.temp_under
+                };
                 u32::from(v) | (sqe.cdw11 & 0x003f_0000)
             }
             fid::ERROR_RECOVERY => f.error_recovery,
@@ -298,12 +350,19 @@ impl Shared {
         if !Features::supported(f) || sel > 3 {
             return Outcome::status(Status::INVALID_FIELD);
         }
-        if Features::ns_specific(f) && sqe.nsid != 0 && sqe.nsid != NSID_ALL && self.active_ns(st, sqe.nsid).is_none() {
+        if Features::ns_specific(f)
+            && sqe.nsid != 0
+            && sqe.nsid != NSID_ALL
+            && self.active_ns(st, sqe.nsid).is_none()
+        {
             return Outcome::status(Status::INVALID_NAMESPACE);
         }
         if sel == 3 {
             // Capabilities: changeable, namespace specific; nothing is saveable.
-            return Outcome::Done(Status::SUCCESS, (1 << 2) | (u32::from(Features::ns_specific(f)) << 1));
+            return Outcome::Done(
+                Status::SUCCESS,
+                (1 << 2) | (u32::from(Features::ns_specific(f)) << 1),
+            );
         }
         if f == fid::TIMESTAMP {
             let b = self.timestamp_bytes(st);
@@ -335,7 +394,11 @@ impl Shared {
         if !Features::ns_specific(f) && sqe.nsid != 0 && sqe.nsid != NSID_ALL {
             return Outcome::status(Status::FEATURE_NOT_NS_SPECIFIC);
         }
-        if Features::ns_specific(f) && sqe.nsid != 0 && sqe.nsid != NSID_ALL && self.active_ns(st, sqe.nsid).is_none() {
+        if Features::ns_specific(f)
+            && sqe.nsid != 0
+            && sqe.nsid != NSID_ALL
+            && self.active_ns(st, sqe.nsid).is_none()
+        {
             return Outcome::status(Status::INVALID_NAMESPACE);
         }
         let vectors = self.vectors();
@@ -372,7 +435,9 @@ impl Shared {
                 if nsqr == 0xffff || ncqr == 0xffff {
                     return Outcome::status(Status::INVALID_FIELD);
                 }
-                if st.sqs.iter().skip(1).any(Option::is_some) || st.cqs.iter().skip(1).any(Option::is_some) {
+                if st.sqs.iter().skip(1).any(Option::is_some)
+                    || st.cqs.iter().skip(1).any(Option::is_some)
+                {
                     return Outcome::status(Status::COMMAND_SEQUENCE_ERROR);
                 }
                 let max = u32::from(self.cfg.maxq - 1);
@@ -380,7 +445,10 @@ impl Shared {
                 ft.nsqa = nsqr.min(max) as u16;
                 ft.ncqa = ncqr.min(max) as u16;
                 ft.nq_set = true;
-                return Outcome::Done(Status::SUCCESS, u32::from(ft.nsqa) | (u32::from(ft.ncqa) << 16));
+                return Outcome::Done(
+                    Status::SUCCESS,
+                    u32::from(ft.nsqa) | (u32::from(ft.ncqa) << 16),
+                );
             }
             fid::INTERRUPT_COALESCING => ft.coalescing = v & 0xffff,
             fid::INTERRUPT_VECTOR_CONFIG => {
@@ -406,29 +474,26 @@ impl Shared {
     }
 
     fn smart_log(&self, st: &State) -> Vec<u8> {
-        let c = &self.counters;
+        let t = self.smart_totals(false);
         let units = |bytes: u64| u128::from(bytes.div_ceil(512).div_ceil(1000));
         let mut s = SmartLog::new_zeroed();
         s.critical_warning = self.critical_warning(st);
         s.composite_temperature = COMPOSITE_TEMP;
         s.available_spare = 100;
         s.available_spare_threshold = 10;
-        s.data_units_read = units(c.bytes_read.load(Ordering::Relaxed));
-        s.data_units_written = units(c.bytes_written.load(Ordering::Relaxed));
-        s.host_read_commands = u128::from(c.read_cmds.load(Ordering::Relaxed));
-        s.host_write_commands = u128::from(c.write_cmds.load(Ordering::Relaxed));
-        s.power_cycles = u128::from(self.cfg_power_cycles());
-        s.power_on_hours = u128::from(self.started.elapsed().as_secs() / 3600);
-        s.media_errors = u128::from(c.media_errors.load(Ordering::Relaxed));
+        s.data_units_read = units(t.bytes_read);
+        s.data_units_written = units(t.bytes_written);
+        s.host_read_commands = u128::from(t.read_cmds);
+        s.host_write_commands = u128::from(t.write_cmds);
+        s.power_cycles = u128::from(t.power_cycles);
+        s.power_on_hours = u128::from(t.power_on_secs / 3600);
+        s.unsafe_shutdowns = u128::from(t.unsafe_shutdowns);
+        s.media_errors = u128::from(t.media_errors);
         s.num_error_log_entries = u128::from(st.logs.error_count);
-        let mut t = [0u16; 8];
-        t[0] = COMPOSITE_TEMP;
-        s.temp_sensor = t;
+        let mut temps = [0u16; 8];
+        temps[0] = COMPOSITE_TEMP;
+        s.temp_sensor = temps;
         s.as_bytes().to_vec()
-    }
-
-    fn cfg_power_cycles(&self) -> u64 {
-        1
     }
 
     fn effects_log(&self) -> Vec<u8> {
@@ -454,7 +519,12 @@ impl Shared {
         }
         acs[usize::from(admin_op::FORMAT_NVM)] = CSUPP | LBCC | NCC | CSE_NS;
         let mut iocs = [0u32; 256];
-        for op in [crate::spec::io_op::FLUSH, crate::spec::io_op::READ, crate::spec::io_op::COMPARE, crate::spec::io_op::VERIFY] {
+        for op in [
+            crate::spec::io_op::FLUSH,
+            crate::spec::io_op::READ,
+            crate::spec::io_op::COMPARE,
+            crate::spec::io_op::VERIFY,
+        ] {
             iocs[usize::from(op)] = CSUPP;
         }
         for op in [crate::spec::io_op::WRITE, crate::spec::io_op::WRITE_ZEROES] {
@@ -499,7 +569,9 @@ impl Shared {
                 let mut v = vec![0u8; 512];
                 v[0] = 1; // active slot 1
                 let mut fr = [b' '; 8];
-                fr[..self.cfg.firmware.len().min(8)].copy_from_slice(&self.cfg.firmware.as_bytes()[..self.cfg.firmware.len().min(8)]);
+                fr[..self.cfg.firmware.len().min(8)].copy_from_slice(
+                    &self.cfg.firmware.as_bytes()[..self.cfg.firmware.len().min(8)],
+                );
                 v[8..16].copy_from_slice(&fr);
                 (v, None)
             }
@@ -530,7 +602,11 @@ impl Shared {
         }
         // MDTS bounds every data transfer, admin commands included (Base 2.0 Identify Controller
         // MDTS: "a command that exceeds this transfer size is aborted with Invalid Field").
-        let max = if self.cfg.mdts == 0 { 16 << 20 } else { 4096u64 << self.cfg.mdts };
+        let max = if self.cfg.mdts == 0 {
+            16 << 20
+        } else {
+            4096u64 << self.cfg.mdts
+        };
         if len > max {
             return Outcome::status(Status::INVALID_FIELD);
         }
@@ -603,14 +679,24 @@ impl Shared {
         // Namespace Attribute Notices announce a changed Identify Namespace; a format that keeps
         // the LBA format changes nothing the host could re-read.
         if any_changed && st.features.async_event_config & (1 << 8) != 0 {
-            self.async_event(st, aer::TYPE_NOTICE, aer::NOTICE_NS_ATTR_CHANGED, lid::CHANGED_NAMESPACES);
+            self.async_event(
+                st,
+                aer::TYPE_NOTICE,
+                aer::NOTICE_NS_ATTR_CHANGED,
+                lid::CHANGED_NAMESPACES,
+            );
         }
         if ses == 0 {
             return Outcome::status(Status::SUCCESS);
         }
         // User data erase: zero every target namespace off the MMIO path.
-        let backends: Vec<_> = targets.iter().map(|&i| st.namespaces[i].backend.clone()).collect();
-        let Some(me) = self.me.upgrade() else { return Outcome::status(Status::INTERNAL_ERROR) };
+        let backends: Vec<_> = targets
+            .iter()
+            .map(|&i| st.namespaces[i].backend.clone())
+            .collect();
+        let Some(me) = self.me.upgrade() else {
+            return Outcome::status(Status::INTERNAL_ERROR);
+        };
         let gen = st.generation;
         let sqe = *sqe;
         if let Some(sq) = st.sqs[0].as_mut() {

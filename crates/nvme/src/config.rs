@@ -8,7 +8,9 @@ use block::BackendSpec;
 use pci::{ConfigError, SlotOption, SlotOptions, SlotSpec};
 
 /// Controller-level keys.
-pub const CTRL_KEYS: &[&str] = &["maxq", "qsz", "ioslots", "ser", "mn", "mdts", "eui64", "dsm"];
+pub const CTRL_KEYS: &[&str] = &[
+    "maxq", "qsz", "ioslots", "ser", "mn", "mdts", "eui64", "dsm", "smart",
+];
 /// Namespace-level keys.
 pub const NS_KEYS: &[&str] = &["sectorsz", "sectsz", "ram"];
 /// Namespace flags.
@@ -35,6 +37,8 @@ pub struct CtrlConfig {
     pub dsm: bool,
     /// One backend spec per namespace.
     pub namespaces: Vec<BackendSpec>,
+    /// Where lifetime SMART counters persist (`smart=PATH`); `None` counts this run only.
+    pub smart: Option<std::path::PathBuf>,
 }
 
 impl CtrlConfig {
@@ -69,7 +73,12 @@ impl CtrlConfig {
                     return Err(ConfigError::UnknownKey {
                         device: dev,
                         key: k.to_string(),
-                        valid: all_keys.iter().map(|k| format!("{k}=")).chain(NS_FLAGS.iter().map(|f| f.to_string())).collect::<Vec<_>>().join(", "),
+                        valid: all_keys
+                            .iter()
+                            .map(|k| format!("{k}="))
+                            .chain(NS_FLAGS.iter().map(|f| f.to_string()))
+                            .collect::<Vec<_>>()
+                            .join(", "),
                     })
                 }
             }
@@ -95,15 +104,24 @@ impl CtrlConfig {
         let qsz = o.num("qsz", 2, 65536, false)?.unwrap_or(1024) as u32;
         o.num("ioslots", 1, 65536, false)?; // bhyve's I/O slot count: accepted, not needed here
         let mdts = o.num("mdts", 0, 12, false)?.unwrap_or(7) as u8;
-        let serial = o.get("ser").map(str::to_string).unwrap_or_else(|| format!("NVME-{}-{}", spec.slot, spec.func));
+        let serial = o
+            .get("ser")
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("NVME-{}-{}", spec.slot, spec.func));
         check_ascii(o, "ser", &serial, 20)?;
         let model = o.get("mn").unwrap_or("rhyve NVMe").to_string();
         check_ascii(o, "mn", &model, 40)?;
         let eui64_base = match o.get("eui64") {
-            Some(v) => pci::registry::parse_number(v, false).ok_or_else(|| o.bad_value("eui64", v, "a 64-bit number"))?,
-            None => 0x5254_0000_0000_0000 | (u64::from(spec.slot) << 16) | (u64::from(spec.func) << 8),
+            Some(v) => pci::registry::parse_number(v, false)
+                .ok_or_else(|| o.bad_value("eui64", v, "a 64-bit number"))?,
+            None => {
+                0x5254_0000_0000_0000 | (u64::from(spec.slot) << 16) | (u64::from(spec.func) << 8)
+            }
         };
-        let dsm = !matches!(o.choice("dsm", &["auto", "enable", "disable"])?, Some("disable"));
+        let dsm = !matches!(
+            o.choice("dsm", &["auto", "enable", "disable"])?,
+            Some("disable")
+        );
         Ok(CtrlConfig {
             serial,
             model,
@@ -114,11 +132,16 @@ impl CtrlConfig {
             eui64_base,
             dsm,
             namespaces,
+            smart: o.get("smart").map(std::path::PathBuf::from),
         })
     }
 }
 
-fn apply_ns_option(o: &SlotOptions, ns: &mut BackendSpec, it: &SlotOption) -> Result<(), ConfigError> {
+fn apply_ns_option(
+    o: &SlotOptions,
+    ns: &mut BackendSpec,
+    it: &SlotOption,
+) -> Result<(), ConfigError> {
     match (it.key.as_str(), it.value.as_deref()) {
         ("ro", None) => ns.read_only = true,
         ("direct", None) | ("nocache", None) => ns.direct = true,

@@ -84,6 +84,10 @@ pub struct Shared {
     pub started: Instant,
     /// A handle to ourselves, for work that outlives the MMIO call (shutdown).
     pub me: Weak<Shared>,
+    /// Lifetime SMART counters.
+    pub smart: crate::smart::SmartStore,
+    /// The store last recorded a clean shutdown.
+    pub smart_clean: std::sync::atomic::AtomicBool,
 }
 
 /// Outcome of executing a command on the MMIO path.
@@ -163,10 +167,18 @@ impl Shared {
             let base = off & !3;
             let start = (off - base) as usize;
             let n = (4 - start).min(data.len() - i);
-            let cur = if base >= reg::DOORBELL_BASE { 0 } else { self.read_dword(&self.lock(), base) };
+            let cur = if base >= reg::DOORBELL_BASE {
+                0
+            } else {
+                self.read_dword(&self.lock(), base)
+            };
             let mut bytes = cur.to_le_bytes();
             bytes[start..start + n].copy_from_slice(&data[i..i + n]);
-            let mask = if n == 4 { u32::MAX } else { (((1u64 << (8 * n)) - 1) << (8 * start)) as u32 };
+            let mask = if n == 4 {
+                u32::MAX
+            } else {
+                (((1u64 << (8 * n)) - 1) << (8 * start)) as u32
+            };
             self.write_dword(base, u32::from_le_bytes(bytes), mask);
             i += n;
         }
@@ -211,7 +223,12 @@ impl Shared {
     fn write_cc(&self, mut st: MutexGuard<'_, State>, new: u32) {
         let old = st.cc;
         // CC fields other than EN and SHN may only change while disabled.
-        st.cc = if old & cc::EN != 0 { (old & !(cc::EN | (cc::SHN_MASK << cc::SHN_SHIFT))) | (new & (cc::EN | (cc::SHN_MASK << cc::SHN_SHIFT))) } else { new };
+        st.cc = if old & cc::EN != 0 {
+            (old & !(cc::EN | (cc::SHN_MASK << cc::SHN_SHIFT)))
+                | (new & (cc::EN | (cc::SHN_MASK << cc::SHN_SHIFT)))
+        } else {
+            new
+        };
         let shn_old = (old >> cc::SHN_SHIFT) & cc::SHN_MASK;
         let shn_new = (new >> cc::SHN_SHIFT) & cc::SHN_MASK;
         if shn_new == 0 && shn_old != 0 {
@@ -244,13 +261,14 @@ impl Shared {
             Some(format!("CC.CSS={css} not supported"))
         } else if asqs < 2 || acqs < 2 {
             Some(format!("AQA sizes {asqs}/{acqs} below 2 entries"))
-        } else if st.asq == 0 || st.acq == 0 {
-            Some("ASQ/ACQ not set".to_string())
         } else {
             None
         };
         if let Some(why) = bad {
-            log::warn!("nvme {}: enable refused: {why}; controller fatal status set", self.cfg.serial);
+            log::warn!(
+                "nvme {}: enable refused: {why}; controller fatal status set",
+                self.cfg.serial
+            );
             st.csts |= csts::CFS;
             return;
         }
@@ -264,6 +282,9 @@ impl Shared {
             delete_cid: None,
         });
         st.cqs[0] = Some(CompQueue::new(st.acq, acqs, true, 0));
+        if self.smart_clean.load(Ordering::Relaxed) {
+            self.save_smart(false);
+        }
         st.csts = csts::RDY;
     }
 
@@ -284,6 +305,9 @@ impl Shared {
         st.csts &= csts::SHST_MASK; // keep the shutdown status across a reset (§3.6.2)
         st.intms = 0;
         st.aer_cids.clear();
+        // A controller reset aborts outstanding AERs; events not yet reported go with them.
+        st.aer_pending.clear();
+        st.aer_masked = [false; 8];
         st.inflight_cmds.clear();
         st.held_aborts.clear();
         st.dbbuf = None;
@@ -295,22 +319,57 @@ impl Shared {
     fn start_shutdown(&self, gen: u64) {
         // Flushing may take long: do it off the MMIO path, after in-flight I/O has finished.
         let Some(me) = self.me.upgrade() else { return };
-        let spawned = std::thread::Builder::new().name("nvme-shutdown".into()).spawn(move || {
-            me.exec.wait_idle();
-            me.flush_all();
-            let mut st = me.lock();
-            if st.generation == gen {
-                st.csts = (st.csts & !csts::SHST_MASK) | (csts::SHST_COMPLETE << csts::SHST_SHIFT);
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("nvme-shutdown".into())
+            .spawn(move || {
+                me.exec.wait_idle();
+                me.flush_all();
+                me.save_smart(true);
+                let mut st = me.lock();
+                if st.generation == gen {
+                    st.csts =
+                        (st.csts & !csts::SHST_MASK) | (csts::SHST_COMPLETE << csts::SHST_SHIFT);
+                }
+            });
         if let Err(e) = spawned {
             log::error!("nvme: cannot start shutdown thread: {e}");
         }
     }
 
+    /// Lifetime totals now: the stored base plus this run's counters.
+    pub fn smart_totals(&self, clean: bool) -> crate::smart::Totals {
+        let c = &self.counters;
+        let b = &self.smart.base;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        crate::smart::Totals {
+            power_cycles: b.power_cycles,
+            power_on_secs: b.power_on_secs + self.started.elapsed().as_secs(),
+            unsafe_shutdowns: b.unsafe_shutdowns,
+            bytes_read: b.bytes_read + g(&c.bytes_read),
+            bytes_written: b.bytes_written + g(&c.bytes_written),
+            read_cmds: b.read_cmds + g(&c.read_cmds),
+            write_cmds: b.write_cmds + g(&c.write_cmds),
+            media_errors: b.media_errors + g(&c.media_errors),
+            clean,
+        }
+    }
+
+    /// Persist the SMART totals; `clean` records whether the host shut the controller down.
+    pub fn save_smart(&self, clean: bool) {
+        self.smart_clean.store(clean, Ordering::Relaxed);
+        if let Err(e) = self.smart.save(&self.smart_totals(clean)) {
+            log::error!("nvme {}: {e}", self.cfg.serial);
+        }
+    }
+
     /// Flush every namespace's backend (shutdown, process exit).
     pub fn flush_all(&self) {
-        let backends: Vec<_> = self.lock().namespaces.iter().map(|n| n.backend.clone()).collect();
+        let backends: Vec<_> = self
+            .lock()
+            .namespaces
+            .iter()
+            .map(|n| n.backend.clone())
+            .collect();
         for b in &backends {
             if let Err(e) = b.flush() {
                 log::error!("nvme {}: flush failed: {e}", self.cfg.serial);
@@ -331,12 +390,22 @@ impl Shared {
         let mem = self.mem.memory();
         if is_cq {
             let Some(cq) = st.cqs.get_mut(qid).and_then(|q| q.as_mut()) else {
-                self.async_event(&mut st, aer::TYPE_ERROR, aer::ERR_INVALID_DOORBELL, crate::spec::lid::ERROR_INFORMATION);
+                self.async_event(
+                    &mut st,
+                    aer::TYPE_ERROR,
+                    aer::ERR_INVALID_DOORBELL,
+                    crate::spec::lid::ERROR_INFORMATION,
+                );
                 return;
             };
             // The new head must lie within the entries the controller has posted.
             if val >= cq.size || (val + cq.size - cq.head) % cq.size > cq.outstanding() {
-                self.async_event(&mut st, aer::TYPE_ERROR, aer::ERR_INVALID_DOORBELL_VALUE, crate::spec::lid::ERROR_INFORMATION);
+                self.async_event(
+                    &mut st,
+                    aer::TYPE_ERROR,
+                    aer::ERR_INVALID_DOORBELL_VALUE,
+                    crate::spec::lid::ERROR_INFORMATION,
+                );
                 return;
             }
             cq.head = val;
@@ -355,11 +424,21 @@ impl Shared {
             return;
         }
         let Some(sq) = st.sqs.get_mut(qid).and_then(|q| q.as_mut()) else {
-            self.async_event(&mut st, aer::TYPE_ERROR, aer::ERR_INVALID_DOORBELL, crate::spec::lid::ERROR_INFORMATION);
+            self.async_event(
+                &mut st,
+                aer::TYPE_ERROR,
+                aer::ERR_INVALID_DOORBELL,
+                crate::spec::lid::ERROR_INFORMATION,
+            );
             return;
         };
         if val >= sq.size {
-            self.async_event(&mut st, aer::TYPE_ERROR, aer::ERR_INVALID_DOORBELL_VALUE, crate::spec::lid::ERROR_INFORMATION);
+            self.async_event(
+                &mut st,
+                aer::TYPE_ERROR,
+                aer::ERR_INVALID_DOORBELL_VALUE,
+                crate::spec::lid::ERROR_INFORMATION,
+            );
             return;
         }
         sq.tail = val;
@@ -376,7 +455,9 @@ impl Shared {
         let shadow = st.dbbuf.filter(|_| qid != 0);
         loop {
             if let Some((db, _)) = shadow {
-                let Some(sq) = st.sqs.get_mut(usize::from(qid)).and_then(|q| q.as_mut()) else { return };
+                let Some(sq) = st.sqs.get_mut(usize::from(qid)).and_then(|q| q.as_mut()) else {
+                    return;
+                };
                 if let Some(t) = read_u32(&*mem, db + u64::from(qid) * 8).filter(|&t| t < sq.size) {
                     sq.tail = t;
                 }
@@ -386,8 +467,14 @@ impl Shared {
             if st.csts & csts::CFS != 0 {
                 return;
             }
-            let Some(sq) = st.sqs.get(usize::from(qid)).and_then(|q| q.as_ref()) else { return };
-            let event = if sq.inflight > 0 { (sq.tail + sq.size - 1) % sq.size } else { sq.tail };
+            let Some(sq) = st.sqs.get(usize::from(qid)).and_then(|q| q.as_ref()) else {
+                return;
+            };
+            let event = if sq.inflight > 0 {
+                (sq.tail + sq.size - 1) % sq.size
+            } else {
+                sq.tail
+            };
             let _ = write_u32(&*mem, ei + u64::from(qid) * 8, event);
             std::sync::atomic::fence(Ordering::SeqCst);
             // The host may have queued more after our last read but before seeing the EventIdx.
@@ -399,7 +486,9 @@ impl Shared {
 
     fn drain_sq<M: vm_memory::GuestMemory>(&self, st: &mut State, qid: u16, mem: &M) {
         loop {
-            let Some(sq) = st.sqs.get_mut(usize::from(qid)).and_then(|q| q.as_mut()) else { return };
+            let Some(sq) = st.sqs.get_mut(usize::from(qid)).and_then(|q| q.as_mut()) else {
+                return;
+            };
             if !sq.has_work() || sq.delete_cid.is_some() {
                 return;
             }
@@ -423,7 +512,15 @@ impl Shared {
     }
 
     /// Post a completion for a command of SQ `sqid`; failed commands go to the error log.
-    pub fn complete(&self, st: &mut State, sqid: u16, cid: u16, status: Status, dw0: u32, sqe: &crate::spec::Sqe) {
+    pub fn complete(
+        &self,
+        st: &mut State,
+        sqid: u16,
+        cid: u16,
+        status: Status,
+        dw0: u32,
+        sqe: &crate::spec::Sqe,
+    ) {
         if !status.is_success() {
             st.logs.record_error(sqid, cid, status, sqe);
         }
@@ -432,19 +529,25 @@ impl Shared {
 
     /// Write the CQE for (sqid, cid) to the SQ's completion queue.
     pub fn post(&self, st: &mut State, sqid: u16, cid: u16, status: Status, dw0: u32) {
-        let Some(sq) = st.sqs.get(usize::from(sqid)).and_then(|q| q.as_ref()) else { return };
+        let Some(sq) = st.sqs.get(usize::from(sqid)).and_then(|q| q.as_ref()) else {
+            return;
+        };
         let (cqid, head) = (usize::from(sq.cqid), sq.head);
         let mem = self.mem.memory();
         let shadow = st.dbbuf.filter(|_| cqid != 0);
         let intx = self.lock_pci().mode() == InterruptMode::Intx;
-        let Some(cq) = st.cqs.get_mut(cqid).and_then(|q| q.as_mut()) else { return };
+        let Some(cq) = st.cqs.get_mut(cqid).and_then(|q| q.as_mut()) else {
+            return;
+        };
         let mut ok = true;
         if let Some((db, _)) = shadow {
             // The host's CQ head lives in its shadow buffer; it rings the MMIO doorbell only
             // when the EventIdx asks for it.
             ok &= sync_shadow_head(cq, &*mem, db + cqid as u64 * 8 + 4);
         }
-        ok &= cq.post(&*mem, make_cqe(sqid, head, cid, status, dw0)).is_ok();
+        ok &= cq
+            .post(&*mem, make_cqe(sqid, head, cid, status, dw0))
+            .is_ok();
         if let Some((db, ei)) = shadow {
             ok &= cq_event_idx(cq, &*mem, db, ei, cqid, intx);
         }
@@ -484,7 +587,8 @@ impl Shared {
     /// INTx is level-triggered: asserted while any interrupt-enabled CQ holds unconsumed entries
     /// and vector 0 is not masked by INTMS.
     fn update_intx(&self, st: &mut State) {
-        let level = st.intms & 1 == 0 && st.cqs.iter().flatten().any(|c| c.ien && c.has_unconsumed());
+        let level =
+            st.intms & 1 == 0 && st.cqs.iter().flatten().any(|c| c.ien && c.has_unconsumed());
         let mut pci = self.lock_pci();
         if pci.mode() == InterruptMode::Intx {
             pci.set_intx(level);
@@ -513,7 +617,13 @@ impl Shared {
             if st.aer_cids.is_empty() {
                 return;
             }
-            let Some(i) = st.aer_pending.iter().position(|e| !st.aer_masked[usize::from(e.0 & 7)]) else { return };
+            let Some(i) = st
+                .aer_pending
+                .iter()
+                .position(|e| !st.aer_masked[usize::from(e.0 & 7)])
+            else {
+                return;
+            };
             let (typ, info, lid) = st.aer_pending.remove(i);
             st.aer_masked[usize::from(typ & 7)] = true;
             let cid = st.aer_cids.remove(0);
@@ -535,8 +645,14 @@ impl Shared {
         }
         self.complete(&mut st, sqid, cid, status, dw0, sqe);
         // Aborts that waited for this command: it completed, so it was not aborted.
-        let held: Vec<_> = st.held_aborts.iter().filter(|h| (h.target_sqid, h.target_cid) == (sqid, cid)).copied().collect();
-        st.held_aborts.retain(|h| (h.target_sqid, h.target_cid) != (sqid, cid));
+        let held: Vec<_> = st
+            .held_aborts
+            .iter()
+            .filter(|h| (h.target_sqid, h.target_cid) == (sqid, cid))
+            .copied()
+            .collect();
+        st.held_aborts
+            .retain(|h| (h.target_sqid, h.target_cid) != (sqid, cid));
         for h in held {
             self.post(&mut st, 0, h.abort_cid, Status::SUCCESS, 1);
         }
@@ -582,11 +698,22 @@ fn write_u32<M: vm_memory::GuestMemory>(mem: &M, addr: u64, v: u32) -> Option<()
 /// Tell a host using shadow doorbells whether its next CQ head update needs an MMIO doorbell:
 /// only when completions wait for space (or INTx must follow the head); otherwise every post
 /// re-reads the shadow head. Returns false only if writing the CQ failed.
-fn cq_event_idx<M: vm_memory::GuestMemory>(cq: &mut CompQueue, mem: &M, db: u64, ei: u64, cqid: usize, intx: bool) -> bool {
+fn cq_event_idx<M: vm_memory::GuestMemory>(
+    cq: &mut CompQueue,
+    mem: &M,
+    db: u64,
+    ei: u64,
+    cqid: usize,
+    intx: bool,
+) -> bool {
     let (head_slot, event_slot) = (db + cqid as u64 * 8 + 4, ei + cqid as u64 * 8 + 4);
     loop {
         let want_ring = intx || !cq.overflow.is_empty();
-        let event = if want_ring { cq.head } else { (cq.head + cq.size - 1) % cq.size };
+        let event = if want_ring {
+            cq.head
+        } else {
+            (cq.head + cq.size - 1) % cq.size
+        };
         let _ = write_u32(mem, event_slot, event);
         std::sync::atomic::fence(Ordering::SeqCst);
         if !want_ring {
@@ -606,7 +733,9 @@ fn cq_event_idx<M: vm_memory::GuestMemory>(cq: &mut CompQueue, mem: &M, db: u64,
 /// Adopt the host's shadow CQ head if it is a legal value, and fill freed slots. Returns false
 /// only if writing the CQ failed.
 fn sync_shadow_head<M: vm_memory::GuestMemory>(cq: &mut CompQueue, mem: &M, addr: u64) -> bool {
-    let Some(h) = read_u32(mem, addr).filter(|&h| h < cq.size) else { return true };
+    let Some(h) = read_u32(mem, addr).filter(|&h| h < cq.size) else {
+        return true;
+    };
     let outstanding = (cq.tail + cq.size - cq.head) % cq.size;
     let advance = (h + cq.size - cq.head) % cq.size;
     if advance == 0 || advance > outstanding {

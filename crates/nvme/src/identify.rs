@@ -115,14 +115,21 @@ pub fn namespace(cfg: &CtrlConfig, ns: &Namespace) -> IdentifyNamespace {
     id.nguid = nguid(cfg, ns.nsid);
     id.eui64 = eui64(cfg, ns.nsid);
     for (i, &lbads) in LBA_FORMATS.iter().enumerate() {
-        id.lbaf[i] = LbaFormat { ms: 0, lbads, rp: if lbads == 12 { 0 } else { 1 } };
+        id.lbaf[i] = LbaFormat {
+            ms: 0,
+            lbads,
+            rp: if lbads == 12 { 0 } else { 1 },
+        };
     }
     id
 }
 
 /// EUI-64 for `nsid`, stable for a given serial.
 pub fn eui64(cfg: &CtrlConfig, nsid: u32) -> [u8; 8] {
-    let h = fnv(cfg.eui64_base, &[cfg.serial.as_bytes(), &nsid.to_le_bytes()]);
+    let h = fnv(
+        cfg.eui64_base,
+        &[cfg.serial.as_bytes(), &nsid.to_le_bytes()],
+    );
     let mut e = [0u8; 8];
     e[..3].copy_from_slice(&IEEE_OUI);
     e[3..].copy_from_slice(&h.to_be_bytes()[..5]);
@@ -175,7 +182,12 @@ pub fn nvm_controller(cfg: &CtrlConfig) -> Vec<u8> {
 /// Active namespace ID list (CNS 02h/07h): NSIDs greater than `after`.
 pub fn active_list(namespaces: &[Namespace], after: u32) -> Vec<u8> {
     let mut v = vec![0u8; 4096];
-    for (i, ns) in namespaces.iter().filter(|n| n.nsid > after).take(1024).enumerate() {
+    for (i, ns) in namespaces
+        .iter()
+        .filter(|n| n.nsid > after)
+        .take(1024)
+        .enumerate()
+    {
         v[i * 4..i * 4 + 4].copy_from_slice(&ns.nsid.to_le_bytes());
     }
     v

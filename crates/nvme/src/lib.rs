@@ -17,6 +17,7 @@ pub mod log;
 pub mod namespace;
 pub mod prp;
 pub mod queue;
+pub mod smart;
 pub mod spec;
 
 use std::sync::atomic::Ordering;
@@ -25,7 +26,9 @@ use std::time::Instant;
 
 use block::Executor;
 use pci::caps::{self, LinkSpeed};
-use pci::{BarInfo, BarKind, ConfigError, ConfigSpace, DeviceContext, PciDevice, PciFunction, SlotSpec};
+use pci::{
+    BarInfo, BarKind, ConfigError, ConfigSpace, DeviceContext, PciDevice, PciFunction, SlotSpec,
+};
 
 use crate::config::CtrlConfig;
 use crate::ctrl::{Shared, State};
@@ -53,13 +56,39 @@ pub struct NvmeController {
 
 impl NvmeController {
     /// Build a controller from parsed configuration and opened namespaces.
+    ///
+    /// # Panics
+    /// If `cfg.smart` names a state file that cannot be used; [`NvmeController::try_new`]
+    /// reports that as an error instead.
     pub fn new(cfg: CtrlConfig, ctx: &DeviceContext, namespaces: Vec<Namespace>) -> Self {
+        Self::try_new(cfg, ctx, namespaces).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Build a controller; fails only if the SMART state file cannot be read or written.
+    pub fn try_new(
+        cfg: CtrlConfig,
+        ctx: &DeviceContext,
+        namespaces: Vec<Namespace>,
+    ) -> Result<Self, String> {
+        let smart = smart::SmartStore::open(cfg.smart.as_deref())?;
         let vectors = cfg.maxq + 1;
         let bar0_size = (reg_space(cfg.maxq)).next_power_of_two().max(0x4000);
         let mut cs = ConfigSpace::new(PCI_VENDOR_ID, PCI_DEVICE_ID, 0x01, 0x08, 0x02, 0);
         cs.set_subsystem(PCI_VENDOR_ID, PCI_DEVICE_ID);
-        cs.add_bar(0, BarKind::Mem64 { prefetchable: false }, bar0_size);
-        cs.add_bar(usize::from(MSIX_BAR), BarKind::Mem32 { prefetchable: false }, 0x2000);
+        cs.add_bar(
+            0,
+            BarKind::Mem64 {
+                prefetchable: false,
+            },
+            bar0_size,
+        );
+        cs.add_bar(
+            usize::from(MSIX_BAR),
+            BarKind::Mem32 {
+                prefetchable: false,
+            },
+            0x2000,
+        );
         if ctx.intx_supported {
             cs.set_interrupt_pin(1);
         }
@@ -101,8 +130,10 @@ impl NvmeController {
             counters: Default::default(),
             started: Instant::now(),
             me: me.clone(),
+            smart,
+            smart_clean: Default::default(),
         });
-        NvmeController { shared, bar0_size }
+        Ok(NvmeController { shared, bar0_size })
     }
 
     /// A doorbell of I/O queue `qid` was written but the frontend did not see the value
@@ -132,10 +163,17 @@ pub fn create(spec: &SlotSpec, ctx: &DeviceContext) -> Result<Box<dyn PciDevice>
     let cfg = CtrlConfig::from_spec(spec)?;
     let mut namespaces = Vec::new();
     for (i, ns) in cfg.namespaces.iter().enumerate() {
-        let backend = block::open(ns).map_err(|e| ConfigError::Device { device: spec.emul.clone(), msg: e.to_string() })?;
+        let backend = block::open(ns).map_err(|e| ConfigError::Device {
+            device: spec.emul.clone(),
+            msg: e.to_string(),
+        })?;
         namespaces.push(Namespace::new(i as u32 + 1, backend));
     }
-    Ok(Box::new(NvmeController::new(cfg, ctx, namespaces)))
+    let dev = NvmeController::try_new(cfg, ctx, namespaces).map_err(|msg| ConfigError::Device {
+        device: spec.emul.clone(),
+        msg,
+    })?;
+    Ok(Box::new(dev))
 }
 
 impl PciDevice for NvmeController {
@@ -144,11 +182,19 @@ impl PciDevice for NvmeController {
     }
 
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        self.shared.pci.lock().unwrap_or_else(|e| e.into_inner()).config_read(usize::from(offset), data);
+        self.shared
+            .pci
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_read(usize::from(offset), data);
     }
 
     fn config_write(&mut self, offset: u16, data: &[u8]) {
-        self.shared.pci.lock().unwrap_or_else(|e| e.into_inner()).config_write(usize::from(offset), data);
+        self.shared
+            .pci
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_write(usize::from(offset), data);
     }
 
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
@@ -170,7 +216,11 @@ impl PciDevice for NvmeController {
         match bar {
             0 if offset < self.bar0_size => self.shared.write_bar0(offset, data),
             MSIX_BAR if offset < PBA_OFFSET => {
-                self.shared.pci.lock().unwrap_or_else(|e| e.into_inner()).msix_table_write(offset, data);
+                self.shared
+                    .pci
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .msix_table_write(offset, data);
             }
             _ => {}
         }
@@ -178,24 +228,48 @@ impl PciDevice for NvmeController {
 
     fn bars(&self) -> Vec<BarInfo> {
         vec![
-            BarInfo { index: 0, size: self.bar0_size, kind: BarKind::Mem64 { prefetchable: false } },
-            BarInfo { index: MSIX_BAR, size: 0x2000, kind: BarKind::Mem32 { prefetchable: false } },
+            BarInfo {
+                index: 0,
+                size: self.bar0_size,
+                kind: BarKind::Mem64 {
+                    prefetchable: false,
+                },
+            },
+            BarInfo {
+                index: MSIX_BAR,
+                size: 0x2000,
+                kind: BarKind::Mem32 {
+                    prefetchable: false,
+                },
+            },
         ]
     }
 
     fn shutdown(&mut self) {
         self.shared.exec.wait_idle();
         self.shared.flush_all();
+        // Clean only if the host had shut the controller down (CC.SHN) and not re-enabled it.
+        let clean = self.shared.smart_clean.load(Ordering::Relaxed);
+        self.shared.save_smart(clean);
     }
 
     fn stats(&self) -> Vec<(String, u64)> {
         let c = &self.shared.counters;
         vec![
-            ("admin_commands".into(), c.admin_cmds.load(Ordering::Relaxed)),
+            (
+                "admin_commands".into(),
+                c.admin_cmds.load(Ordering::Relaxed),
+            ),
             ("read_commands".into(), c.read_cmds.load(Ordering::Relaxed)),
-            ("write_commands".into(), c.write_cmds.load(Ordering::Relaxed)),
+            (
+                "write_commands".into(),
+                c.write_cmds.load(Ordering::Relaxed),
+            ),
             ("bytes_read".into(), c.bytes_read.load(Ordering::Relaxed)),
-            ("bytes_written".into(), c.bytes_written.load(Ordering::Relaxed)),
+            (
+                "bytes_written".into(),
+                c.bytes_written.load(Ordering::Relaxed),
+            ),
             ("interrupts".into(), c.interrupts.load(Ordering::Relaxed)),
         ]
     }

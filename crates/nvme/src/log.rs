@@ -23,7 +23,9 @@ impl Logs {
     pub fn record_error(&mut self, sqid: u16, cid: u16, status: Status, sqe: &Sqe) {
         self.error_count += 1;
         let lba = match sqe.opcode() {
-            0x01 | 0x02 | 0x05 | 0x08 | 0x0c if sqid != 0 => u64::from(sqe.cdw10) | (u64::from(sqe.cdw11) << 32),
+            0x01 | 0x02 | 0x05 | 0x08 | 0x0c if sqid != 0 => {
+                u64::from(sqe.cdw10) | (u64::from(sqe.cdw11) << 32)
+            }
             _ => 0,
         };
         let e = ErrorLogEntry {

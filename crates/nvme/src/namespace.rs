@@ -25,7 +25,12 @@ impl Namespace {
     pub fn new(nsid: u32, backend: Arc<dyn BlockBackend>) -> Self {
         let info = backend.info();
         let flbas = if info.sector_size == 4096 { 1 } else { 0 };
-        Namespace { nsid, read_only: info.read_only, backend, flbas }
+        Namespace {
+            nsid,
+            read_only: info.read_only,
+            backend,
+            flbas,
+        }
     }
 
     /// log2 of the LBA size.

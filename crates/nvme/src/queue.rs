@@ -117,9 +117,11 @@ impl CompQueue {
         // Write DW0-DW2 first and the DW3 (CID + status with phase) last: a host polling the phase
         // bit must never see a new phase with stale contents.
         let bytes = zerocopy::IntoBytes::as_bytes(&cqe);
-        mem.write_slice(&bytes[..12], GuestAddress(addr)).map_err(|_| QueueMemFault)?;
+        mem.write_slice(&bytes[..12], GuestAddress(addr))
+            .map_err(|_| QueueMemFault)?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        mem.write_slice(&bytes[12..], GuestAddress(addr + 12)).map_err(|_| QueueMemFault)?;
+        mem.write_slice(&bytes[12..], GuestAddress(addr + 12))
+            .map_err(|_| QueueMemFault)?;
         self.tail = (self.tail + 1) % self.size;
         if self.tail == 0 {
             self.phase = !self.phase;
@@ -131,7 +133,9 @@ impl CompQueue {
     /// The host moved the head: post waiting completions into the freed slots.
     pub fn drain_overflow<M: GuestMemory>(&mut self, mem: &M) -> Result<(), QueueMemFault> {
         while !self.full() {
-            let Some(c) = self.overflow.pop_front() else { break };
+            let Some(c) = self.overflow.pop_front() else {
+                break;
+            };
             self.write(mem, c)?;
         }
         Ok(())
@@ -140,7 +144,14 @@ impl CompQueue {
 
 /// Build a CQE for a command.
 pub fn make_cqe(sqid: u16, sq_head: u32, cid: u16, status: Status, dw0: u32) -> Cqe {
-    Cqe { dw0, dw1: 0, sq_head: sq_head as u16, sq_id: sqid, cid, status: status.field() << 1 }
+    Cqe {
+        dw0,
+        dw1: 0,
+        sq_head: sq_head as u16,
+        sq_id: sqid,
+        cid,
+        status: status.field() << 1,
+    }
 }
 
 #[cfg(test)]
@@ -153,7 +164,8 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mut cq = CompQueue::new(0x1000, 3, true, 0);
         for cid in 0..4 {
-            cq.post(&mem, make_cqe(1, 0, cid, Status::SUCCESS, 0)).unwrap();
+            cq.post(&mem, make_cqe(1, 0, cid, Status::SUCCESS, 0))
+                .unwrap();
         }
         // size 3 holds 2 entries before it is full (head = 0).
         assert_eq!(cq.tail, 2);

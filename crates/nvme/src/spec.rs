@@ -91,7 +91,11 @@ pub struct Status {
 
 impl Status {
     const fn new(sct: u8, sc: u8) -> Self {
-        Status { sct, sc, dnr: sct != 0 || sc != 0 }
+        Status {
+            sct,
+            sc,
+            dnr: sct != 0 || sc != 0,
+        }
     }
     /// The same status, retryable (transient backend failures).
     pub const fn retryable(self) -> Self {
@@ -233,7 +237,9 @@ impl Sqe {
 }
 
 /// Completion Queue Entry (16 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct Cqe {
     /// Command specific.

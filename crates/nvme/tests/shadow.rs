@@ -28,7 +28,12 @@ impl Shadow {
         let mut s = sqe(0x7c, 0);
         s.dptr = [db, ei];
         assert_ok(&d.admin(s));
-        Shadow { db, ei, sq_rings: 0, cq_rings: 0 }
+        Shadow {
+            db,
+            ei,
+            sq_rings: 0,
+            cq_rings: 0,
+        }
     }
 
     fn rd(d: &TestDriver, a: u64) -> u16 {
@@ -42,11 +47,17 @@ impl Shadow {
         let addr = q.base + u64::from(q.tail) * 64;
         q.tail = (q.tail + 1) % q.size;
         let new = q.tail as u16;
-        d.mem.memory().write_slice(zerocopy::IntoBytes::as_bytes(&s), GuestAddress(addr)).unwrap();
+        d.mem
+            .memory()
+            .write_slice(zerocopy::IntoBytes::as_bytes(&s), GuestAddress(addr))
+            .unwrap();
         let slot = self.db + 8 * u64::from(qid);
         let old = Self::rd(d, slot);
         fence(Ordering::SeqCst);
-        d.mem.memory().write_obj(u32::from(new), GuestAddress(slot)).unwrap();
+        d.mem
+            .memory()
+            .write_obj(u32::from(new), GuestAddress(slot))
+            .unwrap();
         fence(Ordering::SeqCst);
         if need_event(Self::rd(d, self.ei + 8 * u64::from(qid)), new, old) {
             self.sq_rings += 1;
@@ -60,7 +71,10 @@ impl Shadow {
         let head = d.cqs[&qid].head as u16;
         let slot = self.db + 8 * u64::from(qid) + 4;
         let old = Self::rd(d, slot);
-        d.mem.memory().write_obj(u32::from(head), GuestAddress(slot)).unwrap();
+        d.mem
+            .memory()
+            .write_obj(u32::from(head), GuestAddress(slot))
+            .unwrap();
         fence(Ordering::SeqCst);
         if need_event(Self::rd(d, self.ei + 8 * u64::from(qid) + 4), head, old) {
             self.cq_rings += 1;
@@ -79,7 +93,10 @@ fn read_sqe(buf: u64) -> nvme::spec::Sqe {
 #[test]
 fn submissions_while_busy_need_no_doorbell() {
     let backend = TestBackend::new(1 << 20, 512);
-    let mut d = TestDriver::with_backends("4,nvme,ram=1", vec![backend.clone() as Arc<dyn block::BlockBackend>]);
+    let mut d = TestDriver::with_backends(
+        "4,nvme,ram=1",
+        vec![backend.clone() as Arc<dyn block::BlockBackend>],
+    );
     d.bring_up();
     d.auto_ring = false;
     let mut sh = Shadow::configure(&mut d);
@@ -93,10 +110,13 @@ fn submissions_while_busy_need_no_doorbell() {
     }
     assert_eq!(sh.sq_rings, 1, "no doorbell while a command is in flight");
     backend.release();
-    let mut cids: Vec<u16> = (0..8).map(|_| sh.reap(&mut d, 1)).map(|c| {
-        assert_ok(&c);
-        c.cid
-    }).collect();
+    let mut cids: Vec<u16> = (0..8)
+        .map(|_| sh.reap(&mut d, 1))
+        .map(|c| {
+            assert_ok(&c);
+            c.cid
+        })
+        .collect();
     cids.sort();
     assert_eq!(cids, (1..=8).collect::<Vec<u16>>());
     for &b in &bufs {
@@ -122,21 +142,47 @@ fn full_cq_asks_for_a_head_doorbell() {
     // A 4-entry CQ behind a 32-entry SQ: completions must wait for space.
     let cqb = d.alloc_queue(4 * 16);
     assert_ok(&d.create_cq_cmd(2, 4, cqb, 0x3 | (2 << 16)));
-    d.cqs.insert(2, HostCq { base: cqb, size: 4, head: 0, phase: true });
+    d.cqs.insert(
+        2,
+        HostCq {
+            base: cqb,
+            size: 4,
+            head: 0,
+            phase: true,
+        },
+    );
     let sqb = d.alloc_queue(32 * 64);
     assert_ok(&d.create_sq_cmd(2, 32, sqb, 2, 1));
-    d.sqs.insert(2, HostSq { base: sqb, size: 32, tail: 0, cqid: 2 });
+    d.sqs.insert(
+        2,
+        HostSq {
+            base: sqb,
+            size: 32,
+            tail: 0,
+            cqid: 2,
+        },
+    );
     for cid in 1..=20u16 {
         sh.submit(&mut d, 2, sqe(0x00, 1), cid); // Flush
     }
-    let mut cids: Vec<u16> = (0..20).map(|_| sh.reap(&mut d, 2)).map(|c| {
-        assert_ok(&c);
-        c.cid
-    }).collect();
+    let mut cids: Vec<u16> = (0..20)
+        .map(|_| sh.reap(&mut d, 2))
+        .map(|c| {
+            assert_ok(&c);
+            c.cid
+        })
+        .collect();
     cids.sort();
     assert_eq!(cids, (1..=20).collect::<Vec<u16>>());
-    assert!(sh.cq_rings >= 1, "overflowing completions must ask for the head");
-    assert!(sh.cq_rings < 20, "the head doorbell is not needed for every entry ({})", sh.cq_rings);
+    assert!(
+        sh.cq_rings >= 1,
+        "overflowing completions must ask for the head"
+    );
+    assert!(
+        sh.cq_rings < 20,
+        "the head doorbell is not needed for every entry ({})",
+        sh.cq_rings
+    );
     d.check_mem();
 }
 

@@ -54,7 +54,10 @@ pub fn add_msi(cfg: &mut ConfigSpace, log2_vectors: u8) -> usize {
         off + msi::CONTROL,
         msi::CTRL_64BIT | msi::CTRL_PVM | (u16::from(log2_vectors) << 1),
     );
-    cfg.set_wmask_u16(off + msi::CONTROL, msi::CTRL_ENABLE | (0x7 << msi::CTRL_MME_SHIFT));
+    cfg.set_wmask_u16(
+        off + msi::CONTROL,
+        msi::CTRL_ENABLE | (0x7 << msi::CTRL_MME_SHIFT),
+    );
     cfg.set_wmask_u32(off + msi::ADDR_LO, 0xffff_fffc);
     cfg.set_wmask_u32(off + msi::ADDR_HI, 0xffff_ffff);
     cfg.set_wmask_u16(off + msi::DATA, 0xffff);
@@ -76,7 +79,10 @@ pub fn add_msix(
     assert!(table_offset.is_multiple_of(8) && pba_offset.is_multiple_of(8));
     let off = cfg.add_capability(cap_id::MSIX, msix::LEN);
     cfg.write_u16(off + msix::CONTROL, table_size - 1);
-    cfg.set_wmask_u16(off + msix::CONTROL, msix::CTRL_ENABLE | msix::CTRL_FUNCTION_MASK);
+    cfg.set_wmask_u16(
+        off + msix::CONTROL,
+        msix::CTRL_ENABLE | msix::CTRL_FUNCTION_MASK,
+    );
     cfg.write_u32(off + msix::TABLE, table_offset | u32::from(table_bar));
     cfg.write_u32(off + msix::PBA, pba_offset | u32::from(pba_bar));
     off
@@ -97,7 +103,7 @@ pub enum LinkSpeed {
 pub fn add_pcie_endpoint(cfg: &mut ConfigSpace, speed: LinkSpeed, width: u8) -> usize {
     let off = cfg.add_capability(cap_id::PCIE, 0x3c);
     cfg.write_u16(off + 2, 0x0002); // version 2, device/port type 0 = PCIe endpoint
-    // Device Capabilities: max payload 256 bytes, role-based error reporting, FLR not offered.
+                                    // Device Capabilities: max payload 256 bytes, role-based error reporting, FLR not offered.
     cfg.write_u32(off + 4, 0x1 | (1 << 15));
     // Device Control: error reporting enables, relaxed ordering, payload, ext tag, no snoop, MRRS.
     cfg.write_u16(off + 8, (2 << 12) | (1 << 4) | (1 << 11));

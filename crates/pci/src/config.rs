@@ -104,8 +104,14 @@ pub struct ConfigSpace {
 impl std::fmt::Debug for ConfigSpace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConfigSpace")
-            .field("vendor", &format_args!("{:#06x}", self.read_u16(reg::VENDOR_ID)))
-            .field("device", &format_args!("{:#06x}", self.read_u16(reg::DEVICE_ID)))
+            .field(
+                "vendor",
+                &format_args!("{:#06x}", self.read_u16(reg::VENDOR_ID)),
+            )
+            .field(
+                "device",
+                &format_args!("{:#06x}", self.read_u16(reg::DEVICE_ID)),
+            )
             .field("bars", &self.bars)
             .finish()
     }
@@ -187,7 +193,9 @@ impl ConfigSpace {
 
     /// The address currently programmed into BAR `index` (without the type bits).
     pub fn bar_address(&self, index: usize) -> u64 {
-        let Some((kind, _)) = self.bar(index) else { return 0 };
+        let Some((kind, _)) = self.bar(index) else {
+            return 0;
+        };
         let off = reg::BAR0 + index * 4;
         let low = self.read_u32(off);
         match kind {
@@ -201,7 +209,9 @@ impl ConfigSpace {
 
     /// Program BAR `index` (used by a VMM that places BARs itself, as firmware would).
     pub fn set_bar_address(&mut self, index: usize, addr: u64) {
-        let Some((kind, size)) = self.bar(index) else { return };
+        let Some((kind, size)) = self.bar(index) else {
+            return;
+        };
         let off = reg::BAR0 + index * 4;
         let addr = addr & !(size - 1);
         self.write_u32(off, (addr as u32) & !0xf | kind.type_bits());
@@ -233,7 +243,11 @@ impl ConfigSpace {
     /// Reflect the INTx level in the status register (bit 3, read-only to software).
     pub fn set_interrupt_status(&mut self, asserted: bool) {
         let s = self.read_u16(reg::STATUS);
-        let s = if asserted { s | status::INTERRUPT } else { s & !status::INTERRUPT };
+        let s = if asserted {
+            s | status::INTERRUPT
+        } else {
+            s & !status::INTERRUPT
+        };
         self.write_u16(reg::STATUS, s);
     }
 
@@ -261,7 +275,10 @@ impl ConfigSpace {
     /// Append a PCIe extended capability (`len` includes the 4-byte header) and return its offset.
     pub fn add_ext_capability(&mut self, id: u16, version: u8, len: usize) -> usize {
         let off = self.next_ext_cap;
-        assert!(off + len <= CONFIG_SPACE_SIZE, "out of extended capability space");
+        assert!(
+            off + len <= CONFIG_SPACE_SIZE,
+            "out of extended capability space"
+        );
         self.write_u32(off, u32::from(id) | (u32::from(version & 0xf) << 16));
         if let Some(prev) = self.last_ext_cap {
             let h = self.read_u32(prev) & 0x000f_ffff;
@@ -360,7 +377,13 @@ mod tests {
     #[test]
     fn bar_sizing_32_and_64() {
         let mut c = ConfigSpace::new(1, 2, 1, 8, 2, 0);
-        c.add_bar(0, BarKind::Mem64 { prefetchable: false }, 0x4000);
+        c.add_bar(
+            0,
+            BarKind::Mem64 {
+                prefetchable: false,
+            },
+            0x4000,
+        );
         c.add_bar(2, BarKind::Mem32 { prefetchable: true }, 0x1000);
         c.add_bar(4, BarKind::Io, 16);
         for i in 0..6 {

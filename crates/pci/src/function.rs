@@ -48,7 +48,9 @@ pub struct PciFunction {
 
 impl std::fmt::Debug for PciFunction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PciFunction").field("cfg", &self.cfg).finish()
+        f.debug_struct("PciFunction")
+            .field("cfg", &self.cfg)
+            .finish()
     }
 }
 
@@ -66,13 +68,23 @@ impl PciFunction {
             Msix {
                 cap,
                 entries: vec![
-                    MsixEntry { ctrl: msix::VECTOR_MASKED, ..Default::default() };
+                    MsixEntry {
+                        ctrl: msix::VECTOR_MASKED,
+                        ..Default::default()
+                    };
                     n
                 ],
                 pending: vec![0; n.div_ceil(64)],
             }
         });
-        PciFunction { cfg, msi_cap, msix, irq, intx_level: false, intx_sent: false }
+        PciFunction {
+            cfg,
+            msi_cap,
+            msix,
+            irq,
+            intx_level: false,
+            intx_sent: false,
+        }
     }
 
     /// Replace the interrupt sink (a frontend attaching after construction).
@@ -146,7 +158,8 @@ impl PciFunction {
         for v in 0..32 {
             let bit = 1u32 << v;
             let routed = (v as usize) < n && mask & bit == 0;
-            self.irq.route_changed(v as u16, routed.then(|| self.msi_message(c, v)));
+            self.irq
+                .route_changed(v as u16, routed.then(|| self.msi_message(c, v)));
             if pending & bit != 0 && routed {
                 pending &= !bit;
                 self.irq.msi(self.msi_message(c, v));
@@ -160,7 +173,10 @@ impl PciFunction {
             | (u64::from(self.cfg.read_u32(c + msi::ADDR_HI)) << 32);
         let n = self.msi_vectors().max(1) as u32;
         let data = u32::from(self.cfg.read_u16(c + msi::DATA));
-        MsiMessage { addr, data: (data & !(n - 1)) | (vector & (n - 1)) }
+        MsiMessage {
+            addr,
+            data: (data & !(n - 1)) | (vector & (n - 1)),
+        }
     }
 
     /// Raise interrupt `vector` (an MSI-X table index or MSI message number). Returns false when
@@ -169,7 +185,9 @@ impl PciFunction {
         match self.mode() {
             InterruptMode::MsiX => {
                 let v = usize::from(vector);
-                let Some(m) = self.msix.as_mut() else { return true };
+                let Some(m) = self.msix.as_mut() else {
+                    return true;
+                };
                 if v >= m.entries.len() {
                     log::warn!("MSI-X vector {v} beyond table size {}", m.entries.len());
                     return true;
@@ -224,19 +242,27 @@ impl PciFunction {
         let fmask = self.msix_function_masked();
         let Some(m) = self.msix.as_mut() else { return };
         let e = m.entries[v];
-        if m.pending[v / 64] & (1 << (v % 64)) == 0 || fmask || e.ctrl & msix::VECTOR_MASKED != 0
-        {
+        if m.pending[v / 64] & (1 << (v % 64)) == 0 || fmask || e.ctrl & msix::VECTOR_MASKED != 0 {
             return;
         }
         m.pending[v / 64] &= !(1 << (v % 64));
-        self.irq.msi(MsiMessage { addr: e.addr, data: e.data });
+        self.irq.msi(MsiMessage {
+            addr: e.addr,
+            data: e.data,
+        });
     }
 
     fn msix_route(&self, v: usize) {
         let Some(m) = self.msix.as_ref() else { return };
         let e = m.entries[v];
         let live = !self.msix_function_masked() && e.ctrl & msix::VECTOR_MASKED == 0;
-        self.irq.route_changed(v as u16, live.then_some(MsiMessage { addr: e.addr, data: e.data }));
+        self.irq.route_changed(
+            v as u16,
+            live.then_some(MsiMessage {
+                addr: e.addr,
+                data: e.data,
+            }),
+        );
     }
 
     /// Guest read of the MSI-X table at `offset` (relative to the table start). Any width.
@@ -261,14 +287,20 @@ impl PciFunction {
         for (i, &b) in data.iter().enumerate() {
             let off = offset + i as u64;
             let Some(m) = self.msix.as_mut() else { return };
-            let Ok(idx) = usize::try_from(off / msix::ENTRY_SIZE as u64) else { continue };
-            let Some(e) = m.entries.get_mut(idx) else { continue };
+            let Ok(idx) = usize::try_from(off / msix::ENTRY_SIZE as u64) else {
+                continue;
+            };
+            let Some(e) = m.entries.get_mut(idx) else {
+                continue;
+            };
             let within = (off % msix::ENTRY_SIZE as u64) as usize;
             let (word, byte) = (within / 4, (within % 4) * 8);
             let set = |w: u32| (w & !(0xff << byte)) | (u32::from(b) << byte);
             match word {
                 0 => e.addr = (e.addr & !0xffff_ffff) | u64::from(set(e.addr as u32) & !3),
-                1 => e.addr = (e.addr & 0xffff_ffff) | (u64::from(set((e.addr >> 32) as u32)) << 32),
+                1 => {
+                    e.addr = (e.addr & 0xffff_ffff) | (u64::from(set((e.addr >> 32) as u32)) << 32)
+                }
                 2 => e.data = set(e.data),
                 _ => e.ctrl = set(e.ctrl) & msix::VECTOR_MASKED,
             }
@@ -296,7 +328,11 @@ impl PciFunction {
 
     /// True if MSI-X vector `v` is pending (for tests and stats).
     pub fn msix_pending(&self, v: usize) -> bool {
-        self.msix.as_ref().is_some_and(|m| m.pending.get(v / 64).is_some_and(|q| q & (1 << (v % 64)) != 0))
+        self.msix.as_ref().is_some_and(|m| {
+            m.pending
+                .get(v / 64)
+                .is_some_and(|q| q & (1 << (v % 64)) != 0)
+        })
     }
 }
 
@@ -322,7 +358,11 @@ mod tests {
         cfg.set_interrupt_pin(1);
         let msi = caps::add_msi(&mut cfg, 2);
         let msix = caps::add_msix(&mut cfg, 4, 4, 0, 4, 0x800);
-        (PciFunction::new(cfg, Some(msi), Some(msix), rec.clone()), msi, msix)
+        (
+            PciFunction::new(cfg, Some(msi), Some(msix), rec.clone()),
+            msi,
+            msix,
+        )
     }
 
     #[test]
@@ -331,16 +371,28 @@ mod tests {
         let (mut f, _, cap) = func(&rec);
         f.msix_table_write(16, &0xfee0_0000u32.to_le_bytes());
         f.msix_table_write(24, &0x41u32.to_le_bytes());
-        f.config_write(cap + 2, &(msix::CTRL_ENABLE | msix::CTRL_FUNCTION_MASK).to_le_bytes());
+        f.config_write(
+            cap + 2,
+            &(msix::CTRL_ENABLE | msix::CTRL_FUNCTION_MASK).to_le_bytes(),
+        );
         assert!(f.trigger(1));
         assert!(rec.0.lock().unwrap().is_empty());
         let mut pba = [0u8; 8];
         f.msix_pba_read(0, &mut pba);
         assert_eq!(pba[0], 2);
         f.config_write(cap + 2, &msix::CTRL_ENABLE.to_le_bytes());
-        assert!(rec.0.lock().unwrap().is_empty(), "vector itself still masked");
+        assert!(
+            rec.0.lock().unwrap().is_empty(),
+            "vector itself still masked"
+        );
         f.msix_table_write(28, &0u32.to_le_bytes());
-        assert_eq!(*rec.0.lock().unwrap(), vec![MsiMessage { addr: 0xfee0_0000, data: 0x41 }]);
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec![MsiMessage {
+                addr: 0xfee0_0000,
+                data: 0x41
+            }]
+        );
         f.msix_pba_read(0, &mut pba);
         assert_eq!(pba[0], 0);
         f.trigger(1);
@@ -365,9 +417,21 @@ mod tests {
         assert_eq!(f.mode(), InterruptMode::Msi);
         f.trigger(2);
         f.trigger(1);
-        assert_eq!(*rec.0.lock().unwrap(), vec![MsiMessage { addr: 0xfee0_1000, data: 0x62 }]);
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec![MsiMessage {
+                addr: 0xfee0_1000,
+                data: 0x62
+            }]
+        );
         f.config_write(cap + msi::MASK, &0u32.to_le_bytes());
-        assert_eq!(rec.0.lock().unwrap()[1], MsiMessage { addr: 0xfee0_1000, data: 0x61 });
+        assert_eq!(
+            rec.0.lock().unwrap()[1],
+            MsiMessage {
+                addr: 0xfee0_1000,
+                data: 0x61
+            }
+        );
     }
 
     #[test]
@@ -379,6 +443,9 @@ mod tests {
         f.config_write(reg::COMMAND, &cmd::INTX_DISABLE.to_le_bytes());
         f.config_write(reg::COMMAND, &0u16.to_le_bytes());
         f.set_intx(false);
-        assert_eq!(*rec.1.lock().unwrap(), vec![(1, true), (1, false), (1, true), (1, false)]);
+        assert_eq!(
+            *rec.1.lock().unwrap(),
+            vec![(1, true), (1, false), (1, true), (1, false)]
+        );
     }
 }

@@ -18,10 +18,19 @@ pub enum ConfigError {
     UnknownDevice { name: String, valid: String },
     /// An option key the device does not know.
     #[error("{device}: unknown option '{key}': valid options are {valid}")]
-    UnknownKey { device: String, key: String, valid: String },
+    UnknownKey {
+        device: String,
+        key: String,
+        valid: String,
+    },
     /// A value out of range or of the wrong form.
     #[error("{device}: {key}={value} is invalid: {expected}")]
-    BadValue { device: String, key: String, value: String, expected: String },
+    BadValue {
+        device: String,
+        key: String,
+        value: String,
+        expected: String,
+    },
     /// Anything else the device refuses, already worded.
     #[error("{device}: {msg}")]
     Device { device: String, msg: String },
@@ -54,16 +63,28 @@ impl SlotOptions {
             .split(',')
             .filter(|s| !s.is_empty())
             .map(|s| match s.split_once('=') {
-                Some((k, v)) => SlotOption { key: k.to_string(), value: Some(v.to_string()) },
-                None => SlotOption { key: s.to_string(), value: None },
+                Some((k, v)) => SlotOption {
+                    key: k.to_string(),
+                    value: Some(v.to_string()),
+                },
+                None => SlotOption {
+                    key: s.to_string(),
+                    value: None,
+                },
             })
             .collect();
-        SlotOptions { items, device: device.to_string() }
+        SlotOptions {
+            items,
+            device: device.to_string(),
+        }
     }
 
     /// Options built from already-split items (used by devices with per-port groups).
     pub fn from_items(device: &str, items: Vec<SlotOption>) -> Self {
-        SlotOptions { items, device: device.to_string() }
+        SlotOptions {
+            items,
+            device: device.to_string(),
+        }
     }
 
     /// The device name used in error messages.
@@ -73,12 +94,18 @@ impl SlotOptions {
 
     /// The value of `key=`, last one wins.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.items.iter().rev().find(|o| o.key == key && o.value.is_some()).and_then(|o| o.value.as_deref())
+        self.items
+            .iter()
+            .rev()
+            .find(|o| o.key == key && o.value.is_some())
+            .and_then(|o| o.value.as_deref())
     }
 
     /// True if the bare word `flag` is present (`ro`, `direct`, `nocache`).
     pub fn flag(&self, flag: &str) -> bool {
-        self.items.iter().any(|o| o.key == flag && o.value.is_none())
+        self.items
+            .iter()
+            .any(|o| o.key == flag && o.value.is_none())
     }
 
     /// Bare words that are not among `flags`, in order (typically the image path).
@@ -92,7 +119,12 @@ impl SlotOptions {
 
     /// Refuse any `key=` not in `keys` and any bare word that is a flag-like name not in `flags`
     /// beyond the first `max_positional` positional words.
-    pub fn check(&self, keys: &[&str], flags: &[&str], max_positional: usize) -> Result<(), ConfigError> {
+    pub fn check(
+        &self,
+        keys: &[&str],
+        flags: &[&str],
+        max_positional: usize,
+    ) -> Result<(), ConfigError> {
         let valid = || {
             let mut s = String::new();
             for k in keys {
@@ -126,15 +158,24 @@ impl SlotOptions {
 
     /// Parse `key=` as a number in `range` (decimal, or hex with 0x). Sizes may carry a K/M/G/T
     /// suffix when `suffixes` is set.
-    pub fn num(&self, key: &str, min: u64, max: u64, suffixes: bool) -> Result<Option<u64>, ConfigError> {
-        let Some(v) = self.get(key) else { return Ok(None) };
+    pub fn num(
+        &self,
+        key: &str,
+        min: u64,
+        max: u64,
+        suffixes: bool,
+    ) -> Result<Option<u64>, ConfigError> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
         let bad = |exp: String| ConfigError::BadValue {
             device: self.device.clone(),
             key: key.to_string(),
             value: v.to_string(),
             expected: exp,
         };
-        let n = parse_number(v, suffixes).ok_or_else(|| bad(format!("expected a number from {min} to {max}")))?;
+        let n = parse_number(v, suffixes)
+            .ok_or_else(|| bad(format!("expected a number from {min} to {max}")))?;
         if n < min || n > max {
             return Err(bad(format!("must be from {min} to {max}")));
         }
@@ -142,7 +183,11 @@ impl SlotOptions {
     }
 
     /// `key=` as one of `choices`.
-    pub fn choice<'a>(&'a self, key: &str, choices: &[&str]) -> Result<Option<&'a str>, ConfigError> {
+    pub fn choice<'a>(
+        &'a self,
+        key: &str,
+        choices: &[&str],
+    ) -> Result<Option<&'a str>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
             Some(v) if choices.contains(&v) => Ok(Some(v)),
@@ -181,7 +226,10 @@ pub fn parse_number(s: &str, suffixes: bool) -> Option<u64> {
         }
         _ => (s, 1),
     };
-    let n = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+    let n = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
         Some(h) => u64::from_str_radix(h, 16).ok()?,
         None => digits.parse().ok()?,
     };
@@ -206,7 +254,9 @@ pub struct SlotSpec {
 impl SlotSpec {
     /// Parse `slot[:func],emul[,conf]` or `bus:slot:func,emul[,conf]`.
     pub fn parse(arg: &str) -> Result<Self, ConfigError> {
-        let (slot_part, rest) = arg.split_once(',').ok_or_else(|| ConfigError::BadSlot(arg.to_string()))?;
+        let (slot_part, rest) = arg
+            .split_once(',')
+            .ok_or_else(|| ConfigError::BadSlot(arg.to_string()))?;
         let (emul, conf) = rest.split_once(',').unwrap_or((rest, ""));
         let bad = || ConfigError::BadSlot(slot_part.to_string());
         let nums: Vec<u8> = slot_part
@@ -225,7 +275,13 @@ impl SlotSpec {
         if emul.is_empty() {
             return Err(ConfigError::BadSlot(arg.to_string()));
         }
-        Ok(SlotSpec { bus, slot, func, emul: emul.to_string(), opts: SlotOptions::parse(emul, conf) })
+        Ok(SlotSpec {
+            bus,
+            slot,
+            func,
+            emul: emul.to_string(),
+            opts: SlotOptions::parse(emul, conf),
+        })
     }
 
     /// `bus:slot.func` for messages.
@@ -235,8 +291,7 @@ impl SlotSpec {
 }
 
 /// A device constructor.
-pub type Constructor =
-    fn(&SlotSpec, &DeviceContext) -> Result<Box<dyn PciDevice>, ConfigError>;
+pub type Constructor = fn(&SlotSpec, &DeviceContext) -> Result<Box<dyn PciDevice>, ConfigError>;
 
 struct Entry {
     name: &'static str,
@@ -257,22 +312,41 @@ impl DeviceRegistry {
     }
 
     /// Register an emulation under `name` and `aliases`.
-    pub fn register(&mut self, name: &'static str, aliases: &'static [&'static str], ctor: Constructor) {
-        self.entries.push(Entry { name, aliases, ctor });
+    pub fn register(
+        &mut self,
+        name: &'static str,
+        aliases: &'static [&'static str],
+        ctor: Constructor,
+    ) {
+        self.entries.push(Entry {
+            name,
+            aliases,
+            ctor,
+        });
     }
 
     /// All names and aliases, for help and errors.
     pub fn names(&self) -> Vec<&'static str> {
-        self.entries.iter().flat_map(|e| std::iter::once(e.name).chain(e.aliases.iter().copied())).collect()
+        self.entries
+            .iter()
+            .flat_map(|e| std::iter::once(e.name).chain(e.aliases.iter().copied()))
+            .collect()
     }
 
     /// The canonical name for `emul` (an alias resolves to its device).
     pub fn canonical(&self, emul: &str) -> Option<&'static str> {
-        self.entries.iter().find(|e| e.name == emul || e.aliases.contains(&emul)).map(|e| e.name)
+        self.entries
+            .iter()
+            .find(|e| e.name == emul || e.aliases.contains(&emul))
+            .map(|e| e.name)
     }
 
     /// Build the device for `spec`.
-    pub fn create(&self, spec: &SlotSpec, ctx: &DeviceContext) -> Result<Box<dyn PciDevice>, ConfigError> {
+    pub fn create(
+        &self,
+        spec: &SlotSpec,
+        ctx: &DeviceContext,
+    ) -> Result<Box<dyn PciDevice>, ConfigError> {
         let e = self
             .entries
             .iter()
@@ -300,7 +374,10 @@ mod tests {
         assert_eq!((s.bus, s.slot, s.func), (1, 3, 2));
         assert_eq!(SlotSpec::parse("0:5,hostbridge").unwrap().func, 5);
         for bad in ["32,nvme", "x,nvme", "4:8,nvme", "4", "4,", "1:2:3:4,nvme"] {
-            assert!(matches!(SlotSpec::parse(bad), Err(ConfigError::BadSlot(_))), "{bad}");
+            assert!(
+                matches!(SlotSpec::parse(bad), Err(ConfigError::BadSlot(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -308,10 +385,16 @@ mod tests {
     fn errors_name_key_and_choices() {
         let s = SlotSpec::parse("4,nvme,disk.img,maxqq=4").unwrap();
         let e = s.opts.check(&["maxq", "qsz"], &["ro"], 1).unwrap_err();
-        assert_eq!(e.to_string(), "nvme: unknown option 'maxqq': valid options are maxq=, qsz=, ro");
+        assert_eq!(
+            e.to_string(),
+            "nvme: unknown option 'maxqq': valid options are maxq=, qsz=, ro"
+        );
         let s = SlotSpec::parse("4,nvme,disk.img,qsz=1").unwrap();
         let e = s.opts.num("qsz", 2, 65536, false).unwrap_err();
-        assert_eq!(e.to_string(), "nvme: qsz=1 is invalid: must be from 2 to 65536");
+        assert_eq!(
+            e.to_string(),
+            "nvme: qsz=1 is invalid: must be from 2 to 65536"
+        );
         let s = SlotSpec::parse("4,nvme,a.img,b.img").unwrap();
         assert!(s.opts.check(&[], &[], 1).is_err());
         assert_eq!(parse_number("64M", true), Some(64 << 20));
@@ -319,13 +402,19 @@ mod tests {
         assert_eq!(parse_number("99999999999999999999T", true), None);
         let s = SlotSpec::parse("4,nvme,sectsz=100").unwrap();
         let e = s.opts.choice("sectsz", &["512", "4096"]).unwrap_err();
-        assert_eq!(e.to_string(), "nvme: sectsz=100 is invalid: use one of 512, 4096");
+        assert_eq!(
+            e.to_string(),
+            "nvme: sectsz=100 is invalid: use one of 512, 4096"
+        );
     }
 
     #[test]
     fn registry_resolves_aliases_and_names_unknowns() {
         fn ctor(_: &SlotSpec, _: &DeviceContext) -> Result<Box<dyn PciDevice>, ConfigError> {
-            Err(ConfigError::Device { device: "x".into(), msg: "built".into() })
+            Err(ConfigError::Device {
+                device: "x".into(),
+                msg: "built".into(),
+            })
         }
         let mut r = DeviceRegistry::new();
         r.register("ahci", &["ahci-hd", "ahci-cd"], ctor);
@@ -336,7 +425,13 @@ mod tests {
             irq: std::sync::Arc::new(crate::NullInterrupts),
             intx_supported: false,
         };
-        let e = r.create(&SlotSpec::parse("3,nvm").unwrap(), &ctx).err().unwrap();
-        assert_eq!(e.to_string(), "unknown device 'nvm': valid devices are ahci, ahci-hd, ahci-cd");
+        let e = r
+            .create(&SlotSpec::parse("3,nvm").unwrap(), &ctx)
+            .err()
+            .unwrap();
+        assert_eq!(
+            e.to_string(),
+            "unknown device 'nvm': valid devices are ahci, ahci-hd, ahci-cd"
+        );
     }
 }

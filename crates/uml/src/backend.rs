@@ -164,7 +164,9 @@ impl UmlBackend {
                     msg::Command::CfgRead { .. } => &c.cfg_reads,
                     msg::Command::CfgWrite { .. } => &c.cfg_writes,
                     msg::Command::BarRead { .. } => &c.mmio_reads,
-                    msg::Command::BarWrite { .. } | msg::Command::BarMemset { .. } => &c.mmio_writes,
+                    msg::Command::BarWrite { .. } | msg::Command::BarMemset { .. } => {
+                        &c.mmio_writes
+                    }
                 }
                 .fetch_add(1, Ordering::Relaxed);
                 let mut reply = Vec::new();

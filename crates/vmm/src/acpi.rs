@@ -255,13 +255,20 @@ mod tests {
             mem.read_slice(&mut h, GuestAddress(a)).unwrap();
             let mut t = vec![0u8; u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize];
             mem.read_slice(&mut t, GuestAddress(a)).unwrap();
-            assert!(checksum_ok(&t), "checksum of {:?}", std::str::from_utf8(&t[..4]));
+            assert!(
+                checksum_ok(&t),
+                "checksum of {:?}",
+                std::str::from_utf8(&t[..4])
+            );
             t
         };
         let x = table(xsdt);
         let mut sigs: Vec<String> = x[36..]
             .chunks(8)
-            .map(|c| String::from_utf8_lossy(&table(u64::from_le_bytes(c.try_into().unwrap()))[..4]).into_owned())
+            .map(|c| {
+                String::from_utf8_lossy(&table(u64::from_le_bytes(c.try_into().unwrap()))[..4])
+                    .into_owned()
+            })
             .collect();
         sigs.sort();
         assert_eq!(sigs, ["APIC", "FACP", "MCFG"]);

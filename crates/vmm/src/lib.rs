@@ -365,11 +365,8 @@ impl Vm {
         };
         let acpi_tag = stats.bucket("acpi");
         acpi::add_pm_ports(&pio, exit_tx.clone(), acpi_tag)?;
-        let rsdp = acpi::write_tables(
-            &mem,
-            &acpi::Platform { vcpus: cfg.vcpus },
-        )
-        .map_err(|e| Error::Other(format!("ACPI tables: {e}")))?;
+        let rsdp = acpi::write_tables(&mem, &acpi::Platform { vcpus: cfg.vcpus })
+            .map_err(|e| Error::Other(format!("ACPI tables: {e}")))?;
 
         let entry = boot::load_kernel(
             &mem,
