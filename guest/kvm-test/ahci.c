@@ -127,14 +127,18 @@ static u32 ncq_batch(int write, u64 first_lba)
         build(t, write ? 0x61 : 0x60, lba, (u16)(t << 3), SECTORS, 0x40, write, ABUF + 0x2000 * (u64)t, SECTORS * 512);
     }
     u32 seen = irq_count[VEC_AHCI];
-    pwr(PxSACT, all);
-    pwr(PxCI, all);
-    while (prd(PxSACT) & all) {
+    for (int t = 0; t < NCQ_DEPTH; t++) { /* one tag per write, as Linux issues them */
+        pwr(PxSACT, 1u << t);
+        pwr(PxCI, 1u << t);
+    }
+    /* Every pass sleeps for at least one MSI, then acknowledges, so the next completion
+     * signals again; done when the HBA has cleared all our PxSACT bits. */
+    do {
         wait_irq(VEC_AHCI, seen, "timed out waiting for AHCI NCQ completions");
         irqs += irq_count[VEC_AHCI] - seen;
         seen = irq_count[VEC_AHCI];
         ack();
-    }
+    } while (prd(PxSACT) & all);
     u32 is = ack();
     if ((prd(PxTFD) & 0x01) || (is & (1u << 30)))
         fail(write ? "AHCI WRITE FPDMA QUEUED failed" : "AHCI READ FPDMA QUEUED failed", prd(PxTFD));

@@ -20,24 +20,26 @@ for s in "${srcs[@]}"; do [[ -f $s ]] && existing+=("$s"); done
 key=$( (cat "${existing[@]}" lib.h link.ld build.sh; gcc --version | head -1) | sha256sum | cut -c1-16)
 out=$target/kvm-test/$key
 if [[ ! -f $out/kvm-test.elf ]]; then
-    mkdir -p "$out.tmp"
+    mkdir -p "$(dirname "$out")"
+    tmp=$(mktemp -d "$out.tmp.XXXXXX") # concurrent builds (parallel tests) each use their own
+    trap 'rm -rf "$tmp"' EXIT
     cflags=(-m64 -O2 -std=gnu11 -Wall -Wextra -Werror -ffreestanding -fno-builtin -nostdlib
         -mgeneral-regs-only -mno-red-zone -fno-pic -fno-pie -static -fno-stack-protector
         -fcf-protection=none -fno-asynchronous-unwind-tables -fno-tree-loop-distribute-patterns
         -mno-sse -mno-mmx -mno-80387 -march=x86-64 -mtune=generic)
     objs=()
     for s in "${existing[@]}"; do
-        gcc "${cflags[@]}" -c "$s" -o "$out.tmp/${s%.*}.o"
-        objs+=("$out.tmp/${s%.*}.o")
+        gcc "${cflags[@]}" -c "$s" -o "$tmp/${s%.*}.o"
+        objs+=("$tmp/${s%.*}.o")
     done
-    ld -m elf_x86_64 -nostdlib -static -T link.ld --build-id=none -z noexecstack --no-warn-rwx-segments -o "$out.tmp/kvm-test.elf" "${objs[@]}"
+    ld -m elf_x86_64 -nostdlib -static -T link.ld --build-id=none -z noexecstack --no-warn-rwx-segments -o "$tmp/kvm-test.elf" "${objs[@]}"
     # Refuse instructions KVM's emulator cannot run (see shared/notes/kvm-on-this-machine.md).
-    if objdump -d --no-show-raw-insn "$out.tmp/kvm-test.elf" |
+    if objdump -d --no-show-raw-insn "$tmp/kvm-test.elf" |
         grep -E $':\t(.*%xmm|movaps|movups|movdq|pxor|xorps|mfence|lfence|sfence|endbr64|popcnt|crc32|rdtscp|xsave|fxsave|f[a-z0-9]+( |$))' >&2; then
         echo "kvm-test: the build contains instructions KVM's emulator lacks" >&2
         exit 1
     fi
-    rm -rf "$out"
-    mv "$out.tmp" "$out"
+    # The first finished build wins; a later one finds $out non-empty and discards its copy.
+    mv -T "$tmp" "$out" 2>/dev/null || rm -rf "$tmp"
 fi
 echo "$out/kvm-test.elf"

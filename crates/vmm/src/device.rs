@@ -131,6 +131,7 @@ impl DeviceFactory for KvmDevices {
     ) -> Result<Box<dyn VmmDevice>, ConfigError> {
         match self.0.canonical(&spec.emul) {
             Some(nvme::NAME) => crate::doorbells::create_nvme(spec, ctx),
+            Some("ahci") => crate::doorbells::create_ahci(&self.0, spec, ctx),
             _ => DeviceFactory::create(&self.0, spec, ctx),
         }
     }

@@ -1,9 +1,17 @@
-//! ioeventfd doorbells: KVM absorbs registered writes and signals an eventfd; one thread turns the
+//! ioeventfd doorbells: KVM absorbs registered writes and signals an eventfd; the VMM turns the
 //! signals into [`crate::device::VmmDevice::kick`] calls.
 //!
-//! Registrations are keyed by device index and resolved to absolute addresses by the PCI host
-//! (BAR base + offset) whenever a BAR moves or the device's set changes; [`IoEvents::set`] diffs
-//! the new set against the old and issues only the KVM_IOEVENTFD calls that differ.
+//! Registrations are grouped per device, each group with its own epoll set, and resolved to
+//! absolute addresses by the PCI host (BAR base + offset) whenever a BAR moves or the device's
+//! set changes; [`IoEvents::set`] diffs the new set against the old and issues only the
+//! KVM_IOEVENTFD calls that differ.
+//!
+//! Ordering: an absorbed write is a posted write. Before the VMM lets a device see any later
+//! synchronous access (an MMIO or config exit), it drains that device's signalled eventfds under
+//! the device's lock ([`IoEvents::drain`]), and the I/O-event thread drains under the same lock, so
+//! a device never sees a register access that the guest issued after a doorbell before that
+//! doorbell — the PCI rule that a read pushes earlier posted writes. The cost is one non-blocking
+//! `epoll_wait` per exit, only for devices that have registrations.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -30,15 +38,14 @@ pub struct Resolved {
 }
 
 struct Reg {
-    device: usize,
     what: Resolved,
     fd: EventFd,
 }
 
-#[derive(Default)]
-struct State {
-    regs: HashMap<u64, Reg>,
-    next_key: u64,
+/// One device's registrations and the epoll set that watches them.
+struct DevEvents {
+    epoll: Epoll,
+    regs: Mutex<HashMap<u64, Reg>>,
 }
 
 /// Key reserved for the stop eventfd.
@@ -48,7 +55,8 @@ const STOP_KEY: u64 = u64::MAX;
 pub struct IoEvents {
     vm: Arc<VmFd>,
     epoll: Epoll,
-    state: Mutex<State>,
+    devices: Mutex<HashMap<usize, Arc<DevEvents>>>,
+    next_key: Mutex<u64>,
     stop: EventFd,
     stopping: AtomicBool,
 }
@@ -74,7 +82,8 @@ impl IoEvents {
         Ok(IoEvents {
             vm,
             epoll,
-            state: Mutex::new(State::default()),
+            devices: Mutex::new(HashMap::new()),
+            next_key: Mutex::new(0),
             stop,
             stopping: AtomicBool::new(false),
         })
@@ -102,29 +111,65 @@ impl IoEvents {
         }
     }
 
+    fn device(&self, device: usize) -> Option<Arc<DevEvents>> {
+        self.devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&device)
+            .cloned()
+    }
+
+    fn device_or_new(&self, device: usize) -> std::io::Result<Arc<DevEvents>> {
+        let mut devs = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = devs.get(&device) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(DevEvents {
+            epoll: Epoll::new()?,
+            regs: Mutex::new(HashMap::new()),
+        });
+        self.epoll.ctl(
+            ControlOperation::Add,
+            d.epoll.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, device as u64),
+        )?;
+        devs.insert(device, d.clone());
+        Ok(d)
+    }
+
     /// Make `device`'s registrations exactly `wanted`. Failures are logged and leave that write on
     /// the (correct, slower) userspace path.
     pub fn set(&self, device: usize, wanted: &[Resolved]) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let stale: Vec<u64> = st
-            .regs
+        let dev = match (wanted.is_empty(), self.device(device)) {
+            (true, None) => return,
+            (_, Some(d)) => d,
+            (false, None) => match self.device_or_new(device) {
+                Ok(d) => d,
+                Err(e) => {
+                    log::warn!("ioeventfd epoll for device {device}: {e}");
+                    return;
+                }
+            },
+        };
+        let mut regs = dev.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let stale: Vec<u64> = regs
             .iter()
-            .filter(|(_, r)| r.device == device && !wanted.contains(&r.what))
+            .filter(|(_, r)| !wanted.contains(&r.what))
             .map(|(&k, _)| k)
             .collect();
         for k in stale {
-            let r = st.regs.remove(&k).expect("key just listed");
+            let r = regs.remove(&k).expect("key just listed");
             if let Err(e) = self.kvm_unregister(&r.what, &r.fd) {
                 log::warn!("unregistering ioeventfd at {:#x}: {e}", r.what.addr);
             }
-            let _ = self.epoll.ctl(
+            let _ = dev.epoll.ctl(
                 ControlOperation::Delete,
                 r.fd.as_raw_fd(),
                 EpollEvent::default(),
             );
         }
         for w in wanted {
-            if st.regs.values().any(|r| r.device == device && r.what == *w) {
+            if regs.values().any(|r| r.what == *w) {
                 continue;
             }
             let fd = match EventFd::new(libc::EFD_NONBLOCK) {
@@ -141,9 +186,12 @@ impl IoEvents {
                 );
                 continue;
             }
-            let key = st.next_key;
-            st.next_key += 1;
-            if let Err(e) = self.epoll.ctl(
+            let key = {
+                let mut k = self.next_key.lock().unwrap_or_else(|e| e.into_inner());
+                *k += 1;
+                *k
+            };
+            if let Err(e) = dev.epoll.ctl(
                 ControlOperation::Add,
                 fd.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, key),
@@ -152,33 +200,56 @@ impl IoEvents {
                 let _ = self.kvm_unregister(w, &fd);
                 continue;
             }
-            st.regs.insert(
-                key,
-                Reg {
-                    device,
-                    what: *w,
-                    fd,
-                },
-            );
+            regs.insert(key, Reg { what: *w, fd });
         }
     }
 
     /// Registrations of `device` now in force.
     pub fn registered(&self, device: usize) -> Vec<Resolved> {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<Resolved> = st
-            .regs
-            .values()
-            .filter(|r| r.device == device)
-            .map(|r| r.what)
-            .collect();
+        let Some(dev) = self.device(device) else {
+            return Vec::new();
+        };
+        let regs = dev.regs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<Resolved> = regs.values().map(|r| r.what).collect();
         v.sort_by_key(|r| (r.addr, r.token));
         v
     }
 
-    /// Serve kicks until [`IoEvents::stop`]: for each signalled registration call
-    /// `kick(device, token)` (with no lock held, so `kick` may call [`IoEvents::set`]).
-    pub fn run(&self, kick: impl Fn(usize, u32)) {
+    /// Deliver every absorbed write of `device` that is waiting: `kick(token)` once per signalled
+    /// registration. Call it with the device locked (see the module docs).
+    pub fn drain(&self, device: usize, mut kick: impl FnMut(u32)) {
+        let Some(dev) = self.device(device) else {
+            return;
+        };
+        let mut events = [EpollEvent::default(); 32];
+        loop {
+            let n = match dev.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("ioeventfd epoll of device {device}: {e}");
+                    return;
+                }
+            };
+            if n == 0 {
+                return;
+            }
+            let tokens: Vec<u32> = {
+                let regs = dev.regs.lock().unwrap_or_else(|e| e.into_inner());
+                events[..n]
+                    .iter()
+                    .filter_map(|ev| regs.get(&ev.data()))
+                    .filter(|r| r.fd.read().is_ok())
+                    .map(|r| r.what.token)
+                    .collect()
+            };
+            tokens.into_iter().for_each(&mut kick);
+        }
+    }
+
+    /// Serve until [`IoEvents::stop`]: whenever a device has signalled registrations, call
+    /// `ready(device)`, which should lock the device and [`IoEvents::drain`] it.
+    pub fn run(&self, ready: impl Fn(usize)) {
         let mut events = vec![EpollEvent::default(); 64];
         while !self.stopping.load(Ordering::Acquire) {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -190,18 +261,9 @@ impl IoEvents {
                 }
             };
             for ev in &events[..n] {
-                let key = ev.data();
-                if key == STOP_KEY {
-                    return;
-                }
-                let hit = {
-                    let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.regs
-                        .get(&key)
-                        .and_then(|r| r.fd.read().ok().map(|_| (r.device, r.what.token)))
-                };
-                if let Some((device, token)) = hit {
-                    kick(device, token);
+                match ev.data() {
+                    STOP_KEY => return,
+                    device => ready(device as usize),
                 }
             }
         }

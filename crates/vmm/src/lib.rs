@@ -8,6 +8,10 @@
 //! the VMM is told to stop, then flushes the devices and returns what happened with the counters
 //! ([`stats`]). Interrupts go through [`irq`]. Only [`memory`] and [`vcpu`] hold `unsafe` code.
 
+#![warn(missing_docs)]
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod acpi;
 pub mod boot;
 pub mod bus;
@@ -17,11 +21,13 @@ pub mod doorbells;
 pub mod i8042;
 pub mod ioevent;
 pub mod irq;
+#[allow(unsafe_code)] // KVM memory slots and the memfd
 pub mod memory;
 pub mod pci_host;
 pub mod serial;
 pub mod stats;
 pub mod testdev;
+#[allow(unsafe_code)] // kvm_run union members of I/O and internal-error exits
 pub mod vcpu;
 
 use std::fs::File;
@@ -441,9 +447,9 @@ impl Vm {
         let ioev_thread = std::thread::Builder::new()
             .name("ioeventfd".into())
             .spawn(move || {
-                ioev.run(|dev, token| {
+                ioev.run(|dev| {
                     if let Some(s) = host.slot(dev) {
-                        s.kick(token);
+                        s.deliver_kicks();
                     }
                 })
             })

@@ -7,7 +7,7 @@
 //! addresses. The VMM places every BAR at start as firmware would, so a guest that never touches
 //! them (Linux keeps firmware assignments) finds them decoding.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use pci::config::{cmd, reg};
@@ -59,6 +59,8 @@ pub struct PciSlot {
     pub irq: Option<Arc<DeviceIrq>>,
     /// Doorbell kicks delivered through ioeventfd.
     pub kicks: AtomicU64,
+    /// The device has ioeventfd registrations (so synchronous accesses drain them first).
+    has_ioevents: AtomicBool,
 }
 
 impl PciSlot {
@@ -67,9 +69,17 @@ impl PciSlot {
         (self.index / 8) as u8
     }
 
-    /// Lock the device model.
+    /// Lock the device model for a synchronous access: doorbell writes the guest made before
+    /// this access (absorbed by ioeventfds, not yet delivered) reach the device first.
     pub fn lock(&self) -> MutexGuard<'_, Box<dyn VmmDevice>> {
-        self.dev.lock().unwrap_or_else(|e| e.into_inner())
+        let mut dev = self.dev.lock().unwrap_or_else(|e| e.into_inner());
+        if self.has_ioevents.load(Ordering::Acquire) {
+            self.env.ioevents.drain(self.index, |token| {
+                self.kicks.fetch_add(1, Ordering::Relaxed);
+                dev.kick(token);
+            });
+        }
+        dev
     }
 
     fn lock_state(&self) -> MutexGuard<'_, SlotState> {
@@ -176,6 +186,8 @@ impl PciSlot {
         }
         st.ioevents = events;
         self.env.ioevents.set(self.index, &resolved);
+        self.has_ioevents
+            .store(!resolved.is_empty(), Ordering::Release);
     }
 
     /// After a userspace BAR write: pick up a changed doorbell set.
@@ -203,10 +215,9 @@ impl PciSlot {
         self.refresh();
     }
 
-    /// A doorbell fired.
-    pub fn kick(&self, token: u32) {
-        self.kicks.fetch_add(1, Ordering::Relaxed);
-        self.lock().kick(token);
+    /// Doorbells fired: deliver them (the I/O-event thread calls this).
+    pub fn deliver_kicks(&self) {
+        drop(self.lock());
     }
 }
 
@@ -285,6 +296,7 @@ impl PciHost {
             env: self.env.clone(),
             irq,
             kicks: AtomicU64::new(0),
+            has_ioevents: AtomicBool::new(false),
         });
         self.functions[index] = Some(slot.clone());
         slot
