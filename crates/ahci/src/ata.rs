@@ -178,6 +178,8 @@ pub mod smart {
     pub const READ_THRESHOLDS: u8 = 0xd1;
     /// SMART ENABLE/DISABLE ATTRIBUTE AUTOSAVE.
     pub const AUTOSAVE: u8 = 0xd2;
+    /// SMART READ LOG.
+    pub const READ_LOG: u8 = 0xd5;
     /// SMART ENABLE OPERATIONS.
     pub const ENABLE: u8 = 0xd8;
     /// SMART DISABLE OPERATIONS.
@@ -518,7 +520,8 @@ fn set_features(st: &mut DriveState, fis: &H2dRegisterFis) -> Plan {
     nd(ok())
 }
 
-/// SMART: READ DATA, READ THRESHOLDS, AUTOSAVE, ENABLE, DISABLE, RETURN STATUS.
+/// SMART: READ DATA, READ THRESHOLDS, READ LOG (directory), AUTOSAVE, ENABLE, DISABLE,
+/// RETURN STATUS.
 fn smart_cmd(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis) -> Plan {
     let nd = |tf| Plan::done(tf, Proto::NonData);
     if fis.lba1 != smart::LBA_MID || fis.lba2 != smart::LBA_HIGH {
@@ -530,6 +533,11 @@ fn smart_cmd(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis) -> Pla
     match fis.features {
         smart::READ_DATA => data_in(log::smart_data(&info.counters), pio_in(512)),
         smart::READ_THRESHOLDS => data_in(log::smart_thresholds(&info.counters), pio_in(512)),
+        // The SMART log directory (log address 0, one page) is the only SMART log: error and
+        // self-test logging are not offered (SMART READ DATA says so), so others abort.
+        smart::READ_LOG if fis.lba0 == 0 && fis.count == 1 => {
+            data_in(log::smart_log_directory(), pio_in(512))
+        }
         smart::AUTOSAVE => match fis.count {
             smart::AUTOSAVE_ON => {
                 st.autosave = true;

@@ -58,6 +58,14 @@ fn directory() -> Vec<u8> {
     p
 }
 
+/// The SMART Log Directory (SMART READ LOG address 00h): version 1 and no SMART logs, since
+/// error logging and self-tests are not offered.
+pub fn smart_log_directory() -> Vec<u8> {
+    let mut p = vec![0u8; PAGE];
+    p[0] = 1;
+    p
+}
+
 /// NCQ Send and Receive log: SEND FPDMA QUEUED with the DATA SET MANAGEMENT subcommand and its
 /// TRIM function (ACS-4 §9.16).
 fn ncq_send_recv(info: &DriveInfo) -> Vec<u8> {

@@ -457,6 +457,17 @@ fn smart_operations() {
         16
     );
     ok(&d.exec(0, 0, &smart_cmd(smart::READ_THRESHOLDS).buf(BUF, 512)));
+    // SMART READ LOG: the directory (address 0) exists and lists no SMART logs.
+    let mut dir = smart_cmd(smart::READ_LOG).count(1).buf(BUF, 512);
+    dir.fis.lba0 = 0;
+    ok(&d.exec(0, 0, &dir));
+    let data = d.read_mem(BUF, 512);
+    assert_eq!(data[0..2], [1, 0], "directory version 1");
+    assert!(data[2..].iter().all(|&b| b == 0), "no SMART logs listed");
+    let mut errlog = smart_cmd(smart::READ_LOG).count(1).buf(BUF, 512);
+    errlog.fis.lba0 = 1;
+    aborted(&d.exec(0, 0, &errlog), error::ABRT);
+    d.recover(0);
     ok(&d.exec(0, 0, &smart_cmd(smart::AUTOSAVE).count(0xf1)));
     ok(&d.exec(0, 0, &smart_cmd(smart::DISABLE)));
     let (_, w) = d.identify(0, cmd::IDENTIFY);
