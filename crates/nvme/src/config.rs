@@ -9,7 +9,7 @@ use pci::{ConfigError, SlotOption, SlotOptions, SlotSpec};
 
 /// Controller-level keys.
 pub const CTRL_KEYS: &[&str] = &[
-    "maxq", "qsz", "ioslots", "ser", "mn", "mdts", "eui64", "dsm", "smart",
+    "maxq", "qsz", "ioslots", "ser", "mn", "mdts", "eui64", "dsm", "smart", "dbbuf",
 ];
 /// Namespace-level keys.
 pub const NS_KEYS: &[&str] = &["sectorsz", "sectsz", "ram"];
@@ -35,6 +35,8 @@ pub struct CtrlConfig {
     pub eui64_base: u64,
     /// Dataset Management (deallocate) offered.
     pub dsm: bool,
+    /// Doorbell Buffer Config (shadow doorbells) offered.
+    pub dbbuf: bool,
     /// One backend spec per namespace.
     pub namespaces: Vec<BackendSpec>,
     /// Where lifetime SMART counters persist (`smart=PATH`); `None` counts this run only.
@@ -122,6 +124,7 @@ impl CtrlConfig {
             o.choice("dsm", &["auto", "enable", "disable"])?,
             Some("disable")
         );
+        let dbbuf = !matches!(o.choice("dbbuf", &["on", "off"])?, Some("off"));
         Ok(CtrlConfig {
             serial,
             model,
@@ -131,6 +134,7 @@ impl CtrlConfig {
             mdts,
             eui64_base,
             dsm,
+            dbbuf,
             namespaces,
             smart: o.get("smart").map(std::path::PathBuf::from),
         })

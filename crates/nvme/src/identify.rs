@@ -77,7 +77,7 @@ pub fn controller(cfg: &CtrlConfig, namespaces: &[Namespace]) -> IdentifyControl
     id.ver = crate::NVME_VERSION;
     id.oaes = 1 << 8; // Namespace Attribute Notices
     id.cntrltype = 1; // I/O controller
-    id.oacs = (1 << 1) | (1 << 8); // Format NVM, Doorbell Buffer Config
+    id.oacs = (1 << 1) | (u16::from(cfg.dbbuf) << 8); // Format NVM, Doorbell Buffer Config
     id.acl = ACL;
     id.aerl = AERL;
     id.frmw = (1 << 1) | 1; // one slot, slot 1 read-only
