@@ -176,7 +176,7 @@ pub fn config(a: RunArgs) -> Result<(VmConfig, bool)> {
 /// Run a VM to its end. Exits the process with the VM's exit code when that is not 0.
 pub fn run(a: RunArgs) -> Result<()> {
     let (cfg, stats) = config(a)?;
-    let vm = Vm::new(cfg, &vmm::device::KvmDevices(registry()))?;
+    let vm = Vm::new(cfg, &registry())?;
     let exit = vm.exit_sender();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,

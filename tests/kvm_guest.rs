@@ -525,3 +525,109 @@ fn kvm_cli_refuses_bad_configurations() {
         refused(&["--kernel", img, "-s", &nvme], &format!("rhyve: {img}: not a bzImage or ELF kernel (Kernel Loader: failed to load bzImage kernel image: Kernel Loader: Invalid bzImage)"));
     }
 }
+
+/// The PVH flavour of the test guest (built next to the 64-bit one): an ELF with the
+/// `XEN_ELFNOTE_PHYS32_ENTRY` note and a 32-bit entry.
+fn pvh_guest() -> PathBuf {
+    guest().with_file_name("kvm-test-pvh.elf")
+}
+
+/// The e820 map rhyve gives `mem` bytes of RAM (crates/vmm/src/boot.rs `e820_map`), as the
+/// guest prints it: (address, size, type).
+fn expected_memmap(mem: u64) -> Vec<(u64, u64, u32)> {
+    let low = mem.min(3 << 30);
+    let mut m = vec![
+        (0, 0x9fc00, 1),
+        (0x9fc00, 0x400, 2),
+        (0xe0000, 0x20000, 2),
+        (0x10_0000, low - 0x10_0000, 1),
+        (0xe000_0000, 0x1000_0000, 2),
+    ];
+    if mem > low {
+        m.push((1 << 32, mem - low, 1));
+    }
+    m
+}
+
+#[test]
+fn kvm_pvh_boot_passes_start_info() {
+    if !kvm() {
+        return;
+    }
+    let dir = scratch("pvh");
+    let img = image(&dir, "nvme.img", 64 << 20);
+    let initrd = dir.join("initrd.img");
+    std::fs::write(&initrd, b"RHYVE-PVH-INITRD and some more bytes").unwrap();
+    let slot = format!("4,nvme,{}", img.display());
+    let cmdline = "pvhtest=hello-42 console=ttyS0";
+    // Above 3 GiB so the memory map has RAM on both sides of the PCI hole.
+    let mem: u64 = 5 << 30;
+    let r = run(&[
+        "-m",
+        "5G",
+        "--testdev",
+        "-s",
+        "0,hostbridge",
+        "-s",
+        &slot,
+        "--kernel",
+        pvh_guest().to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+    ]);
+    assert_eq!(r.code, 0, "{}", r.dump());
+    // The guest entered at the 32-bit PVH entry (start.S checked EBX's start info, built its
+    // own page tables and switched to long mode), then ran the usual device tests.
+    let map = expected_memmap(mem);
+    let ram: u64 = map.iter().filter(|e| e.2 == 1).map(|e| e.1).sum();
+    let mut want = vec![
+        "PVH: start_info at 0x7000".to_string(),
+        "PVH: entry checks failed 0x0".into(),
+        "PVH: magic 0x336ec578 version 1".into(),
+        format!("PVH: cmdline '{cmdline}'"),
+        format!("PVH: memmap entries {}", map.len()),
+    ];
+    want.extend(
+        map.iter()
+            .map(|(a, s, t)| format!("PVH: memmap {a:#x} {s:#x} {t}")),
+    );
+    want.extend([
+        format!(
+            "PVH: memmap ram bytes {ram} top {:#x}",
+            (1u64 << 32) + mem - (3 << 30)
+        ),
+        "PVH: modules 1".into(),
+        "PVH: module 0 size 36 head 'RHYVE-PVH-INITRD'".into(),
+        "PVH: OK".into(),
+        "NVME: phase 2: I/O commands 32 interrupts 32 mismatched bytes 0".into(),
+        "KVMTEST: PASS".into(),
+    ]);
+    let lines: Vec<&str> = r.console.lines().map(|l| l.trim_end()).collect();
+    for w in &want {
+        assert!(lines.contains(&w.as_str()), "missing {w:?}\n{}", r.dump());
+    }
+    assert_eq!(ram, mem - (0x10_0000 - 0x9fc00));
+    // rsdp_paddr is the RSDP rhyve's ACPI tables start from.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("PVH: rsdp 0x") && l.ends_with(" 'RSD PTR '")),
+        "{}",
+        r.dump()
+    );
+    assert_nvme_data(&img);
+
+    // The same ELF without PVH (the 64-bit flavour) still boots through boot_params.
+    let r = run(&[
+        "-m",
+        "64M",
+        "--kernel",
+        guest().to_str().unwrap(),
+        "--cmdline",
+        "action=poweroff",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.dump());
+    assert!(!r.console.contains("PVH:"), "{}", r.dump());
+}

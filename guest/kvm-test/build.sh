@@ -2,7 +2,7 @@
 # Build the KVM test guest (an ELF rhyve boots with --kernel) with gcc: 64-bit, general-purpose
 # registers only (no SSE/x87: on hosts without VT-x it runs in KVM's instruction emulator), no
 # libc. The result is cached under target/kvm-test/<hash of the sources>/ and its path is the last
-# line printed. Usage: bash guest/kvm-test/build.sh
+# line printed; the PVH flavour kvm-test-pvh.elf sits next to it. Usage: bash guest/kvm-test/build.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -32,13 +32,21 @@ if [[ ! -f $out/kvm-test.elf ]]; then
         gcc "${cflags[@]}" -c "$s" -o "$tmp/${s%.*}.o"
         objs+=("$tmp/${s%.*}.o")
     done
-    ld -m elf_x86_64 -nostdlib -static -T link.ld --build-id=none -z noexecstack --no-warn-rwx-segments -o "$tmp/kvm-test.elf" "${objs[@]}"
+    # Two flavours: kvm-test.elf (64-bit entry) and kvm-test-pvh.elf, whose start.S also has the
+    # PVH note and 32-bit entry (rhyve then boots it with the PVH protocol).
+    gcc "${cflags[@]}" -DPVH -c start.S -o "$tmp/start-pvh.o"
+    pvh_objs=("$tmp/start-pvh.o" "${objs[@]:1}")
+    ldflags=(-m elf_x86_64 -nostdlib -static -T link.ld --build-id=none -z noexecstack --no-warn-rwx-segments)
+    ld "${ldflags[@]}" -o "$tmp/kvm-test.elf" "${objs[@]}"
+    ld "${ldflags[@]}" -o "$tmp/kvm-test-pvh.elf" "${pvh_objs[@]}"
     # Refuse instructions KVM's emulator cannot run (see shared/notes/kvm-on-this-machine.md).
-    if objdump -d --no-show-raw-insn "$tmp/kvm-test.elf" |
-        grep -E $':\t(.*%xmm|movaps|movups|movdq|pxor|xorps|mfence|lfence|sfence|endbr64|popcnt|crc32|rdtscp|xsave|fxsave|f[a-z0-9]+( |$))' >&2; then
-        echo "kvm-test: the build contains instructions KVM's emulator lacks" >&2
-        exit 1
-    fi
+    for elf in "$tmp/kvm-test.elf" "$tmp/kvm-test-pvh.elf"; do
+        if objdump -d --no-show-raw-insn "$elf" |
+            grep -E $':\t(.*%xmm|movaps|movups|movdq|pxor|xorps|mfence|lfence|sfence|endbr64|popcnt|crc32|rdtscp|xsave|fxsave|f[a-z0-9]+( |$))' >&2; then
+            echo "kvm-test: the build contains instructions KVM's emulator lacks" >&2
+            exit 1
+        fi
+    done
     # The first finished build wins; a later one finds $out non-empty and discards its copy.
     mv -T "$tmp" "$out" 2>/dev/null || rm -rf "$tmp"
 fi

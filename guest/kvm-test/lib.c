@@ -288,9 +288,18 @@ void pci_enable_msix(struct pcidev *p, int n)
 
 /* ---- command line ---- */
 
+u32 pvh_start_info, pvh_bad;
+
+const char *cmdline(void)
+{
+    if (pvh_start_info)
+        return (const char *)rd64(pvh_start_info + 24); /* hvm_start_info.cmdline_paddr */
+    return (const char *)(u64)rd32(0x7000 + 0x228); /* boot_params.hdr.cmd_line_ptr */
+}
+
 int has_arg(const char *w)
 {
-    const char *c = (const char *)(u64)rd32(0x7000 + 0x228); /* boot_params.hdr.cmd_line_ptr */
+    const char *c = cmdline();
     if (!c)
         return 0;
     while (*c) {

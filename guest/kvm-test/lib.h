@@ -80,8 +80,14 @@ void pci_setup(struct pcidev *p);
 /* Program MSI-X entries 0..n-1 to VEC_MSIX0+i on LAPIC 0 and enable MSI-X. */
 void pci_enable_msix(struct pcidev *p, int n);
 
-/* Does the kernel command line (from the zero page) contain the word `w`? */
+/* The kernel command line: from hvm_start_info (PVH flavour) or the zero page (NULL if none). */
+const char *cmdline(void);
+/* Does the kernel command line contain the word `w`? */
 int has_arg(const char *w);
+
+/* PVH flavour: EBX at the 32-bit entry (0 when entered through the 64-bit protocol) and the
+ * checks start.S found failing (bits: 1 magic, 2 version, 4 memmap, 8 cmdline, 16 CPU mode). */
+extern u32 pvh_start_info, pvh_bad;
 
 int nvme_test(struct pcidev *p);
 int ahci_test(struct pcidev *p);

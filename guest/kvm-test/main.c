@@ -37,9 +37,87 @@ static void lifecycle(void)
         __asm__ volatile("sti; hlt; cli");
 }
 
+static void putmem(u64 a, u64 n)
+{
+    for (u64 i = 0; i < n; i++) {
+        u8 c = rd8(a + i);
+        putc(c >= 0x20 && c < 0x7f ? (char)c : '.');
+    }
+}
+
+/* PVH flavour: report what hvm_start_info holds (start.S already checked the basics). */
+static void pvh_report(void)
+{
+    u64 si = pvh_start_info;
+    say("PVH: start_info at ", si);
+    say("PVH: entry checks failed ", pvh_bad);
+    if (pvh_bad)
+        fail("PVH start_info checks failed", pvh_bad);
+    puts("PVH: magic ");
+    puthex(rd32(si));
+    puts(" version ");
+    putdec(rd32(si + 4));
+    putc('\n');
+    puts("PVH: cmdline '");
+    puts(cmdline());
+    puts("'\n");
+    u64 map = rd64(si + 40), n = rd32(si + 48), ram = 0, top = 0;
+    puts("PVH: memmap entries ");
+    putdec(n);
+    putc('\n');
+    for (u64 i = 0; i < n; i++) {
+        u64 e = map + 24 * i, addr = rd64(e), size = rd64(e + 8);
+        u32 type = rd32(e + 16);
+        puts("PVH: memmap ");
+        puthex(addr);
+        putc(' ');
+        puthex(size);
+        putc(' ');
+        putdec(type);
+        putc('\n');
+        if (type == 1) {
+            ram += size;
+            if (addr + size > top)
+                top = addr + size;
+        }
+    }
+    puts("PVH: memmap ram bytes ");
+    putdec(ram);
+    puts(" top ");
+    puthex(top);
+    putc('\n');
+    u32 nmod = rd32(si + 12);
+    u64 mods = rd64(si + 16);
+    puts("PVH: modules ");
+    putdec(nmod);
+    putc('\n');
+    for (u32 i = 0; i < nmod; i++) {
+        u64 m = mods + 32 * (u64)i, size = rd64(m + 8);
+        puts("PVH: module ");
+        putdec(i);
+        puts(" size ");
+        putdec(size);
+        puts(" head '");
+        putmem(rd64(m), size < 16 ? size : 16);
+        puts("'\n");
+    }
+    u64 rsdp = rd64(si + 32);
+    puts("PVH: rsdp ");
+    puthex(rsdp);
+    puts(" '");
+    if (rsdp)
+        putmem(rsdp, 8);
+    puts("'\n");
+    if (!rsdp || rd32(rsdp) != 0x20445352 || rd32(rsdp + 4) != 0x20525450) /* "RSD PTR " */
+        fail("PVH rsdp_paddr does not point at an RSDP", rsdp);
+    puts("PVH: OK\n");
+}
+
 void guest_main(void)
 {
     puts("KVMTEST: start\n");
+    if (pvh_start_info)
+        pvh_report();
     idt_init();
     lapic_init();
     int failures = 0, tested = 0;

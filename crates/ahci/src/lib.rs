@@ -43,8 +43,8 @@ use std::sync::{Arc, Mutex};
 use block::Executor;
 use pci::config::BarKind;
 use pci::{
-    caps, BarInfo, ConfigError, ConfigSpace, DeviceContext, GuestMem, PciDevice, PciFunction,
-    SlotSpec,
+    caps, BarInfo, ConfigError, ConfigSpace, DataMatch, DeviceContext, GuestMem, IoEvent,
+    PciDevice, PciFunction, SlotSpec,
 };
 
 pub use drive::{DriveInfo, DriveKind};
@@ -52,6 +52,7 @@ pub use drive::{DriveInfo, DriveKind};
 use hba::{lock, Hba};
 use port::Port;
 use regs::hba as hreg;
+use regs::port as preg;
 
 /// Emulation name on the command line.
 pub const NAME: &str = "ahci";
@@ -180,6 +181,11 @@ impl Ahci {
         }
     }
 
+    /// Offset of port `p`'s PxCI in the ABAR.
+    fn ci_offset(p: u32) -> u64 {
+        hreg::PORT_BASE + u64::from(p) * hreg::PORT_STRIDE + preg::CI
+    }
+
     fn write32(&self, hba: &mut Hba, off: u64, val: u32, mask: u32) {
         let sh = &self.shared;
         if off < hreg::PORT_BASE {
@@ -302,5 +308,30 @@ impl PciDevice for Ahci {
             ("errors".into(), s.errors.load(Relaxed)),
             ("interrupts".into(), interrupts),
         ]
+    }
+
+    /// PxCI is write-1-to-set and drivers issue one command per write (`1 << slot`), so every
+    /// port gets one datamatch registration per command slot: token = `port << 8 | slot`. Writes
+    /// of other values (several slots at once) still arrive as `bar_write`. PxSACT is not
+    /// absorbed: an NCQ command's PxSACT write must reach the HBA before its PxCI write, and the
+    /// synchronous access guarantees that (kicks are delivered before later accesses).
+    fn ioevents(&self) -> Vec<IoEvent> {
+        let ports = self.shared.drives.len() as u32;
+        (0..ports)
+            .flat_map(|port| {
+                (0..hba::SLOTS).map(move |slot| IoEvent {
+                    bar: ABAR,
+                    offset: Self::ci_offset(port),
+                    datamatch: Some(DataMatch::U32(1 << slot)),
+                    token: (port << 8) | slot,
+                })
+            })
+            .collect()
+    }
+
+    /// An absorbed PxCI write of `1 << slot`: replay it.
+    fn kick(&mut self, token: u32) {
+        let (port, slot) = (token >> 8, token & 0xff);
+        self.bar_write(ABAR, Self::ci_offset(port), &(1u32 << slot).to_le_bytes());
     }
 }

@@ -39,7 +39,9 @@ impl Shared {
                 Outcome::Deferred
             }
             admin_op::FORMAT_NVM => self.format(st, sqe),
-            admin_op::DOORBELL_BUFFER_CONFIG if self.cfg.dbbuf => self.doorbell_buffer_config(st, sqe),
+            admin_op::DOORBELL_BUFFER_CONFIG if self.cfg.dbbuf => {
+                self.doorbell_buffer_config(st, sqe)
+            }
             _ => Outcome::status(Status::INVALID_OPCODE),
         }
     }

@@ -27,7 +27,8 @@ use std::time::Instant;
 use block::Executor;
 use pci::caps::{self, LinkSpeed};
 use pci::{
-    BarInfo, BarKind, ConfigError, ConfigSpace, DeviceContext, PciDevice, PciFunction, SlotSpec,
+    BarInfo, BarKind, ConfigError, ConfigSpace, DeviceContext, IoEvent, PciDevice, PciFunction,
+    SlotSpec,
 };
 
 use crate::config::CtrlConfig;
@@ -134,18 +135,6 @@ impl NvmeController {
             smart_clean: Default::default(),
         });
         Ok(NvmeController { shared, bar0_size })
-    }
-
-    /// A doorbell of I/O queue `qid` was written but the frontend did not see the value
-    /// (ioeventfd): with shadow doorbells configured, re-read them and process.
-    pub fn kick(&self, qid: u16) {
-        self.shared.kick(qid);
-    }
-
-    /// True once the host has configured shadow doorbells, so doorbell values are in memory and a
-    /// frontend may turn I/O queue doorbell writes into value-less kicks.
-    pub fn shadow_doorbells(&self) -> bool {
-        self.shared.lock().dbbuf.is_some()
     }
 
     /// The controller configuration.
@@ -272,5 +261,32 @@ impl PciDevice for NvmeController {
             ),
             ("interrupts".into(), c.interrupts.load(Ordering::Relaxed)),
         ]
+    }
+
+    /// Once the host has configured shadow doorbells (Doorbell Buffer Config, an admin command, so
+    /// the set changes during a BAR0 write), an I/O submission queue's tail is in guest memory and
+    /// its SQ tail doorbell can be absorbed: token = qid. CQ head doorbells stay synchronous: the
+    /// host rings them only when the controller asks through the EventIdx (completions waiting for
+    /// space, INTx), and then the controller must act on the new head, which a kick does not do.
+    /// Shadow doorbells do not cover the admin queue.
+    fn ioevents(&self) -> Vec<IoEvent> {
+        if self.shared.lock().dbbuf.is_none() {
+            return Vec::new();
+        }
+        (1..=self.shared.cfg.maxq)
+            .map(|qid| IoEvent {
+                bar: 0,
+                offset: spec::reg::DOORBELL_BASE + 8 * u64::from(qid),
+                datamatch: None,
+                token: u32::from(qid),
+            })
+            .collect()
+    }
+
+    /// An absorbed SQ tail doorbell of queue `token`: re-read the shadow doorbells and process.
+    fn kick(&mut self, token: u32) {
+        if let Ok(qid) = u16::try_from(token) {
+            self.shared.kick(qid);
+        }
     }
 }

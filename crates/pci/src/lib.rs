@@ -74,6 +74,37 @@ pub struct BarInfo {
     pub kind: BarKind,
 }
 
+/// The value a datamatch [`IoEvent`] matches; its width is the access width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DataMatch {
+    /// A 1-byte write of this value.
+    U8(u8),
+    /// A 2-byte write of this value.
+    U16(u16),
+    /// A 4-byte write of this value.
+    U32(u32),
+    /// An 8-byte write of this value.
+    U64(u64),
+}
+
+/// A register write the frontend may absorb (KVM: an ioeventfd) instead of delivering it through
+/// [`PciDevice::bar_write`]. The frontend then learns only *that* the register was written, so a
+/// device lists a register once it can work without the value (NVMe with shadow doorbells, where
+/// the value is in guest memory) or with a datamatch (one registration per value, e.g. AHCI's
+/// one-bit PxCI writes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IoEvent {
+    /// BAR index.
+    pub bar: u8,
+    /// Offset of the register in the BAR.
+    pub offset: u64,
+    /// `None`: every write to the address (any width) is absorbed and its value lost.
+    /// `Some`: only writes of exactly this width and value; others reach `bar_write` as usual.
+    pub datamatch: Option<DataMatch>,
+    /// Handed back to [`PciDevice::kick`] when an absorbed write happens.
+    pub token: u32,
+}
+
 /// A PCI function as seen by a frontend. Accesses are synchronous and must not block on disk I/O.
 pub trait PciDevice: Send {
     /// The emulation name (`nvme`, `ahci`, …), for logs and stats.
@@ -94,6 +125,17 @@ pub trait PciDevice: Send {
     fn stats(&self) -> Vec<(String, u64)> {
         Vec::new()
     }
+    /// The register writes the frontend may absorb instead of delivering. A frontend that absorbs
+    /// asks again after every `config_write` and every `bar_write` it delivers, so the set may
+    /// change only then (never on a [`PciDevice::kick`]). Absorbing happens only while the BAR
+    /// decodes, at its current address.
+    fn ioevents(&self) -> Vec<IoEvent> {
+        Vec::new()
+    }
+    /// An absorbed write to the register listed with `token` happened (possibly several,
+    /// coalesced). It is a posted write: the frontend delivers pending kicks before any later
+    /// synchronous access to the device. Must not block on disk I/O.
+    fn kick(&mut self, _token: u32) {}
 }
 
 /// A boxed device is a device: lets a registry-built `Box<dyn PciDevice>` go straight into an
@@ -122,5 +164,11 @@ impl<T: PciDevice + ?Sized> PciDevice for Box<T> {
     }
     fn stats(&self) -> Vec<(String, u64)> {
         (**self).stats()
+    }
+    fn ioevents(&self) -> Vec<IoEvent> {
+        (**self).ioevents()
+    }
+    fn kick(&mut self, token: u32) {
+        (**self).kick(token)
     }
 }

@@ -3,6 +3,10 @@
 //! identity-mapped long-mode environment the 64-bit boot protocol requires
 //! (Documentation/arch/x86/boot.rst, "64-bit Boot Protocol").
 //!
+//! An ELF carrying the `XEN_ELFNOTE_PHYS32_ENTRY` note (a vmlinux built with CONFIG_PVH) is
+//! started with the PVH protocol instead ([`crate::pvh`]): `hvm_start_info` in EBX, 32-bit
+//! protected mode at the note's entry. bzImages and ELFs without the note use the 64-bit entry.
+//!
 //! Low memory layout:
 //! ```text
 //! 0x0500  GDT (null, null, __BOOT_CS 0x10, __BOOT_DS 0x18, TSS 0x20)
@@ -17,7 +21,7 @@
 use std::fs::File;
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::{BzImage, Elf, KernelLoader, KernelLoaderResult};
+use linux_loader::loader::{BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
 
 use crate::memory::{ram_ranges, ECAM_SIZE, ECAM_START, PCI_HOLE_START};
@@ -84,15 +88,28 @@ pub enum BootError {
     Memory(String),
 }
 
+/// Which boot protocol the boot CPU's initial state follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// Linux's 64-bit boot protocol: long mode, paging on, boot_params in rsi.
+    Linux64,
+    /// PVH: 32-bit protected mode, paging off, `hvm_start_info` in ebx.
+    Pvh,
+}
+
 /// Where the boot CPU starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EntryPoint {
-    /// 64-bit entry address (rip).
+    /// The protocol (CPU mode and which registers below are meaningful).
+    pub protocol: BootProtocol,
+    /// Entry address (rip): 64-bit entry, or PVH's 32-bit physical entry.
     pub rip: u64,
-    /// boot_params address (rsi).
+    /// boot_params address (rsi; 64-bit protocol only).
     pub rsi: u64,
-    /// Stack (rsp).
+    /// Stack (rsp; 64-bit protocol only).
     pub rsp: u64,
+    /// `hvm_start_info` address (ebx; PVH only).
+    pub rbx: u64,
 }
 
 /// The e820 map for `mem_size` bytes of RAM: (address, size, type).
@@ -160,6 +177,12 @@ pub fn load_kernel(
         BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
     }
     .map_err(|e| BootError::BadKernel(kernel_path.to_string(), e.to_string()))?;
+    // linux-loader reports the note only when the ELF is loaded at its own addresses (no
+    // kernel_offset), which is how it is loaded above.
+    let pvh_entry = match loaded.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(a) => Some(a.raw_value()),
+        _ => None,
+    };
 
     let mut params = boot_params::default();
     let rip = match loaded.setup_header {
@@ -226,13 +249,30 @@ pub fn load_kernel(
     if let Some(r) = rsdp {
         params.acpi_rsdp_addr = r;
     }
+    if let Some(rip) = pvh_entry {
+        let initrd = (params.hdr.ramdisk_size != 0).then_some((
+            u64::from(params.hdr.ramdisk_image),
+            u64::from(params.hdr.ramdisk_size),
+        ));
+        let info = crate::pvh::start_info(mem_size, CMDLINE, initrd, rsdp);
+        let rbx = crate::pvh::write(mem, &info)?;
+        return Ok(EntryPoint {
+            protocol: BootProtocol::Pvh,
+            rip,
+            rsi: 0,
+            rsp: 0,
+            rbx,
+        });
+    }
     mem.write_obj(params, GuestAddress(ZERO_PAGE))
         .map_err(|e| BootError::Memory(e.to_string()))?;
     write_long_mode_tables(mem)?;
     Ok(EntryPoint {
+        protocol: BootProtocol::Linux64,
         rip,
         rsi: ZERO_PAGE,
         rsp: BOOT_STACK,
+        rbx: 0,
     })
 }
 

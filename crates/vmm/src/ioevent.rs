@@ -1,5 +1,6 @@
 //! ioeventfd doorbells: KVM absorbs registered writes and signals an eventfd; the VMM turns the
-//! signals into [`crate::device::VmmDevice::kick`] calls.
+//! signals into [`pci::PciDevice::kick`] calls for the registrations devices list in
+//! [`pci::PciDevice::ioevents`].
 //!
 //! Registrations are grouped per device, each group with its own epoll set, and resolved to
 //! absolute addresses by the PCI host (BAR base + offset) whenever a BAR moves or the device's
@@ -22,7 +23,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::DataMatch;
+use pci::DataMatch;
 
 /// A registration at an absolute address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

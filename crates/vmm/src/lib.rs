@@ -16,14 +16,13 @@ pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod cmos;
-pub mod device;
-pub mod doorbells;
 pub mod i8042;
 pub mod ioevent;
 pub mod irq;
 #[allow(unsafe_code)] // KVM memory slots and the memfd
 pub mod memory;
 pub mod pci_host;
+pub mod pvh;
 pub mod serial;
 pub mod stats;
 pub mod testdev;
@@ -38,12 +37,11 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use pci::{ConfigError, DeviceContext, GuestMem, SlotSpec};
+use pci::{ConfigError, DeviceContext, DeviceRegistry, GuestMem, SlotSpec};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
-use crate::device::{DeviceFactory, Plain};
 use crate::ioevent::IoEvents;
 use crate::irq::{DeviceIrq, IrqRouter};
 use crate::pci_host::{ConfigAddress, ConfigData, Ecam, HostBridge, HostEnv, PciHost};
@@ -221,7 +219,7 @@ fn pio_insert(
 
 impl Vm {
     /// Build the machine. Devices are created (images opened) here, before any guest code runs.
-    pub fn new(cfg: VmConfig, devices: &dyn DeviceFactory) -> Result<Vm, Error> {
+    pub fn new(cfg: VmConfig, devices: &DeviceRegistry) -> Result<Vm, Error> {
         if cfg.vcpus == 0 {
             return Err(Error::Other("need at least one vCPU".into()));
         }
@@ -292,7 +290,7 @@ impl Vm {
             host.add(spec.slot, spec.func, dev, Some(irq));
         }
         if !host.slots().any(|s| s.name == "hostbridge") && !host.is_taken(0, 0) {
-            host.add(0, 0, Box::new(Plain(Box::new(HostBridge::new()))), None);
+            host.add(0, 0, Box::new(HostBridge::new()), None);
         }
         let host = Arc::new(host);
         host.assign_resources().map_err(Error::Other)?;

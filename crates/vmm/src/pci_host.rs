@@ -11,10 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use pci::config::{cmd, reg};
-use pci::{BarInfo, BarKind, ConfigSpace, PciDevice};
+use pci::{BarInfo, BarKind, ConfigSpace, IoEvent, PciDevice};
 
 use crate::bus::{Bus, BusDevice};
-use crate::device::{IoEvent, VmmDevice};
 use crate::ioevent::{IoEvents, Resolved};
 use crate::irq::{intx_gsi, DeviceIrq};
 use crate::memory::{PCI_IO_SIZE, PCI_IO_START, PCI_MMIO32_SIZE, PCI_MMIO32_START};
@@ -50,7 +49,7 @@ pub struct PciSlot {
     pub index: usize,
     /// The emulation name (`nvme`).
     pub name: String,
-    dev: Mutex<Box<dyn VmmDevice>>,
+    dev: Mutex<Box<dyn PciDevice>>,
     bars: Vec<BarInfo>,
     tags: Vec<usize>,
     state: Mutex<SlotState>,
@@ -71,7 +70,7 @@ impl PciSlot {
 
     /// Lock the device model for a synchronous access: doorbell writes the guest made before
     /// this access (absorbed by ioeventfds, not yet delivered) reach the device first.
-    pub fn lock(&self) -> MutexGuard<'_, Box<dyn VmmDevice>> {
+    pub fn lock(&self) -> MutexGuard<'_, Box<dyn PciDevice>> {
         let mut dev = self.dev.lock().unwrap_or_else(|e| e.into_inner());
         if self.has_ioevents.load(Ordering::Acquire) {
             self.env.ioevents.drain(self.index, |token| {
@@ -97,7 +96,7 @@ impl PciSlot {
         self.lock_state().mapped.get(i).copied().flatten()
     }
 
-    fn read_cfg32(dev: &mut dyn VmmDevice, off: usize) -> u32 {
+    fn read_cfg32(dev: &mut dyn PciDevice, off: usize) -> u32 {
         let mut b = [0u8; 4];
         dev.config_read(off as u16, &mut b);
         u32::from_le_bytes(b)
@@ -272,7 +271,7 @@ impl PciHost {
         &mut self,
         device: u8,
         function: u8,
-        dev: Box<dyn VmmDevice>,
+        dev: Box<dyn PciDevice>,
         irq: Option<Arc<DeviceIrq>>,
     ) -> Arc<PciSlot> {
         let index = usize::from(device) * 8 + usize::from(function);

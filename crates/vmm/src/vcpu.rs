@@ -1,4 +1,4 @@
-//! vCPUs: CPUID from KVM's supported set, the 64-bit boot state for the BSP, and the run loop
+//! vCPUs: CPUID from KVM's supported set, the 64-bit or PVH boot state for the BSP, and the run loop
 //! that dispatches port and MMIO exits to the buses.
 //!
 //! Application processors are left in KVM's wait-for-SIPI state (the in-kernel LAPIC starts them
@@ -15,7 +15,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::boot::{EntryPoint, BOOT_CS, BOOT_DS, BOOT_TSS, GDT, GDT_ADDR, PML4};
+use crate::boot::{BootProtocol, EntryPoint, BOOT_CS, BOOT_DS, BOOT_TSS, GDT, GDT_ADDR, PML4};
 use crate::bus::Bus;
 use crate::stats::{ExitKind, Stats};
 use crate::{ExitSender, VmExit};
@@ -100,7 +100,8 @@ fn set_lapic_reg(regs: &mut [std::os::raw::c_char; 1024], off: usize, v: u32) {
     }
 }
 
-/// Program CPUID, MSRs and the LAPIC's LINT pins; for the boot CPU also the 64-bit entry state.
+/// Program CPUID, MSRs and the LAPIC's LINT pins; for the boot CPU also the entry state of its
+/// boot protocol.
 pub fn configure(
     vcpu: &VcpuFd,
     id: u8,
@@ -139,9 +140,12 @@ pub fn configure(
     };
     vcpu.set_fpu(&fpu).map_err(err("KVM_SET_FPU"))?;
     let mut s = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
-    s.cs = seg(BOOT_CS, 0xb, true);
+    let long = entry.protocol == BootProtocol::Linux64;
+    s.cs = seg(BOOT_CS, 0xb, long);
     let data = seg(BOOT_DS, 0x3, false);
     (s.ds, s.es, s.fs, s.gs, s.ss) = (data, data, data, data, data);
+    // A busy TSS (VMX requires a usable TR): 64-bit for long mode, 32-bit for PVH (same type
+    // value, whose meaning depends on the mode).
     s.tr = kvm_segment {
         base: 0,
         limit: 0x67,
@@ -156,19 +160,37 @@ pub fn configure(
     s.gdt.limit = (GDT.len() * 8 - 1) as u16;
     s.idt.base = 0;
     s.idt.limit = 0;
-    s.cr3 = PML4;
-    s.cr4 = 1 << 5; // PAE
-    s.cr0 = 0x8001_0033; // PG | WP | NE | ET | MP | PE
-    s.efer = (1 << 8) | (1 << 10); // LME | LMA
-    vcpu.set_sregs(&s).map_err(err("KVM_SET_SREGS"))?;
-    let regs = kvm_regs {
-        rip: entry.rip,
-        rsi: entry.rsi,
-        rsp: entry.rsp,
-        rbp: entry.rsp,
-        rflags: 0x2,
-        ..Default::default()
+    let regs = match entry.protocol {
+        BootProtocol::Linux64 => {
+            s.cr3 = PML4;
+            s.cr4 = 1 << 5; // PAE
+            s.cr0 = 0x8001_0033; // PG | WP | NE | ET | MP | PE
+            s.efer = (1 << 8) | (1 << 10); // LME | LMA
+            kvm_regs {
+                rip: entry.rip,
+                rsi: entry.rsi,
+                rsp: entry.rsp,
+                rbp: entry.rsp,
+                rflags: 0x2,
+                ..Default::default()
+            }
+        }
+        BootProtocol::Pvh => {
+            // PVH: CR0.PE only (every other writable bit clear), CR4 = 0, no paging or long
+            // mode; EBX = hvm_start_info; every other register unspecified (zero here).
+            s.cr3 = 0;
+            s.cr4 = 0;
+            s.cr0 = 1; // PE
+            s.efer = 0;
+            kvm_regs {
+                rip: entry.rip,
+                rbx: entry.rbx,
+                rflags: 0x2,
+                ..Default::default()
+            }
+        }
     };
+    vcpu.set_sregs(&s).map_err(err("KVM_SET_SREGS"))?;
     vcpu.set_regs(&regs).map_err(err("KVM_SET_REGS"))?;
     Ok(())
 }
