@@ -7,12 +7,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn fill(path: &std::path::Path, len: u64, byte: u8) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(&vec![byte; len as usize], 0).unwrap();
-}
-
 /// An ISO 9660 image holding `hello.bin` with known contents; returns (iso, sha256 of the file).
 fn make_iso(dir: &std::path::Path) -> (std::path::PathBuf, String) {
     let src = dir.join("isosrc");
@@ -193,16 +187,7 @@ echo DONE=1
         data[5 * MIB as usize..].iter().all(|&b| b == 0xa5),
         "bytes after the discard changed"
     );
-    let st = std::process::Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "host e2fsck: {}",
-        String::from_utf8_lossy(&st.stdout)
-    );
+    assert_host_fsck_clean(&img);
 }
 
 #[test]

@@ -6,13 +6,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// A 0xA5 pattern over the first `len` bytes of an image, so zeroing is visible.
-fn fill(path: &std::path::Path, len: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(&vec![0xa5u8; len as usize], 0).unwrap();
-}
-
 #[test]
 fn nvme_cli_reports_configuration_for_512_and_4096_formats() {
     let d = scratch("ident");
@@ -124,23 +117,14 @@ umount /tmp/m
     assert_eq!(run.value("FSCK").as_deref(), Some("clean"));
     assert_eq!(run.value("SUMS").as_deref(), Some("match"));
     // The host agrees the file system is consistent.
-    let st = std::process::Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "host e2fsck: {}",
-        String::from_utf8_lossy(&st.stdout)
-    );
+    assert_host_fsck_clean(&img);
 }
 
 #[test]
 fn blkdiscard_and_write_zeroes_zero_the_host_file() {
     let d = scratch("zero");
     let img = image(&d, "disk.img", 64 * MIB);
-    fill(&img, 16 * MIB);
+    fill(&img, 16 * MIB, 0xa5);
     let rh = Rhyve::start(&d, &[&format!("4,nvme,{}", img.display())]);
     let run = run_guest(
         &d,
@@ -222,7 +206,7 @@ for n in nvme0n1 nvme0n2 nvme1n1; do echo "SHA_$n=$(dd if=/dev/$n bs=1M count=24
 fn read_only_image_refuses_writes_with_write_protect_status() {
     let d = scratch("ro");
     let img = image(&d, "ro.img", 32 * MIB);
-    fill(&img, 32 * MIB);
+    fill(&img, 32 * MIB, 0xa5);
     let before = host_sha256(&img, 0, 32 * MIB);
     let rh = Rhyve::start(&d, &[&format!("4,nvme,{},ro", img.display())]);
     let run = run_guest(

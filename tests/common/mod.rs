@@ -232,3 +232,20 @@ pub fn host_sha256(path: &Path, offset: u64, len: u64) -> String {
         .unwrap()
         .to_string()
 }
+
+/// Fill the first `len` bytes of an image with `byte`, so zeroing is visible from the host.
+pub fn fill(path: &Path, len: u64, byte: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&vec![byte; len as usize], 0).unwrap();
+}
+
+/// The host's `e2fsck -fn` agrees the image holds a consistent file system.
+pub fn assert_host_fsck_clean(img: &Path) {
+    let st = Command::new("e2fsck").arg("-fn").arg(img).output().unwrap();
+    assert!(
+        st.status.success(),
+        "host e2fsck: {}",
+        String::from_utf8_lossy(&st.stdout)
+    );
+}

@@ -390,22 +390,12 @@ impl Shared {
         let mem = self.mem.memory();
         if is_cq {
             let Some(cq) = st.cqs.get_mut(qid).and_then(|q| q.as_mut()) else {
-                self.async_event(
-                    &mut st,
-                    aer::TYPE_ERROR,
-                    aer::ERR_INVALID_DOORBELL,
-                    crate::spec::lid::ERROR_INFORMATION,
-                );
+                self.doorbell_error(&mut st, aer::ERR_INVALID_DOORBELL);
                 return;
             };
             // The new head must lie within the entries the controller has posted.
             if val >= cq.size || (val + cq.size - cq.head) % cq.size > cq.outstanding() {
-                self.async_event(
-                    &mut st,
-                    aer::TYPE_ERROR,
-                    aer::ERR_INVALID_DOORBELL_VALUE,
-                    crate::spec::lid::ERROR_INFORMATION,
-                );
+                self.doorbell_error(&mut st, aer::ERR_INVALID_DOORBELL_VALUE);
                 return;
             }
             cq.head = val;
@@ -424,26 +414,26 @@ impl Shared {
             return;
         }
         let Some(sq) = st.sqs.get_mut(qid).and_then(|q| q.as_mut()) else {
-            self.async_event(
-                &mut st,
-                aer::TYPE_ERROR,
-                aer::ERR_INVALID_DOORBELL,
-                crate::spec::lid::ERROR_INFORMATION,
-            );
+            self.doorbell_error(&mut st, aer::ERR_INVALID_DOORBELL);
             return;
         };
         if val >= sq.size {
-            self.async_event(
-                &mut st,
-                aer::TYPE_ERROR,
-                aer::ERR_INVALID_DOORBELL_VALUE,
-                crate::spec::lid::ERROR_INFORMATION,
-            );
+            self.doorbell_error(&mut st, aer::ERR_INVALID_DOORBELL_VALUE);
             return;
         }
         sq.tail = val;
         self.process_sq(&mut st, qid as u16);
         self.raise_owed(&mut st);
+    }
+
+    /// A bad doorbell write is reported as an Error status asynchronous event (§5.2.1).
+    fn doorbell_error(&self, st: &mut State, info: u8) {
+        self.async_event(
+            st,
+            aer::TYPE_ERROR,
+            info,
+            crate::spec::lid::ERROR_INFORMATION,
+        );
     }
 
     /// Fetch and start every command the host has queued on `qid`. With shadow doorbells the
