@@ -662,28 +662,7 @@ fn file_backend_sees_the_guest_bytes() {
 fn many_outstanding_commands_overflow_a_small_cq() {
     let mut d = TestDriver::ready(SPEC);
     // CQ of 4 entries (3 usable) behind an SQ of 32.
-    let cqb = d.alloc_queue(4 * 16);
-    assert_ok(&d.create_cq_cmd(2, 4, cqb, 0x3 | (2 << 16)));
-    d.cqs.insert(
-        2,
-        HostCq {
-            base: cqb,
-            size: 4,
-            head: 0,
-            phase: true,
-        },
-    );
-    let sqb = d.alloc_queue(32 * 64);
-    assert_ok(&d.create_sq_cmd(2, 32, sqb, 2, 1));
-    d.sqs.insert(
-        2,
-        HostSq {
-            base: sqb,
-            size: 32,
-            tail: 0,
-            cqid: 2,
-        },
-    );
+    d.create_pair_sized(2, 4, 32);
     let mut cids = Vec::new();
     for i in 0..24u64 {
         let (p1, p2) = d.prp_buffer(&data(1024, i as u8));

@@ -140,28 +140,7 @@ fn full_cq_asks_for_a_head_doorbell() {
     d.auto_ring = false;
     let mut sh = Shadow::configure(&mut d);
     // A 4-entry CQ behind a 32-entry SQ: completions must wait for space.
-    let cqb = d.alloc_queue(4 * 16);
-    assert_ok(&d.create_cq_cmd(2, 4, cqb, 0x3 | (2 << 16)));
-    d.cqs.insert(
-        2,
-        HostCq {
-            base: cqb,
-            size: 4,
-            head: 0,
-            phase: true,
-        },
-    );
-    let sqb = d.alloc_queue(32 * 64);
-    assert_ok(&d.create_sq_cmd(2, 32, sqb, 2, 1));
-    d.sqs.insert(
-        2,
-        HostSq {
-            base: sqb,
-            size: 32,
-            tail: 0,
-            cqid: 2,
-        },
-    );
+    d.create_pair_sized(2, 4, 32);
     for cid in 1..=20u16 {
         sh.submit(&mut d, 2, sqe(0x00, 1), cid); // Flush
     }

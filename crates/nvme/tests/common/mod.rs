@@ -788,6 +788,13 @@ impl TestDriver {
 
     /// Create CQ `qid` (vector `qid`, interrupts on) and SQ `qid` on it.
     pub fn create_pair(&mut self, qid: u16, size: u32) {
+        self.create_pair_sized(qid, size, size);
+    }
+
+    /// Create CQ `qid` of `cq_size` entries (vector `qid`, interrupts on) and SQ `qid` of
+    /// `sq_size` entries on it.
+    pub fn create_pair_sized(&mut self, qid: u16, cq_size: u32, sq_size: u32) {
+        let size = cq_size;
         let cqb = self.alloc_queue(u64::from(size) * 16);
         assert_ok(&self.create_cq_cmd(qid, size, cqb, 0x3 | (u32::from(qid) << 16)));
         self.cqs.insert(
@@ -799,6 +806,7 @@ impl TestDriver {
                 phase: true,
             },
         );
+        let size = sq_size;
         let sqb = self.alloc_queue(u64::from(size) * 64);
         assert_ok(&self.create_sq_cmd(qid, size, sqb, qid, 1));
         self.sqs.insert(
