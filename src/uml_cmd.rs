@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -29,7 +29,7 @@ pub struct UmlArgs {
 
 struct Served {
     spec: SlotSpec,
-    device: Arc<Mutex<dyn PciDevice>>,
+    device: Arc<dyn PciDevice>,
     server: uml::UmlDevice,
     irq: Arc<uml::UmlInterrupts>,
 }
@@ -65,7 +65,7 @@ pub fn run(a: UmlArgs) -> Result<()> {
     for spec in specs {
         let ctx = uml::UmlContext::new();
         let dev = registry.create(&spec, &ctx.device_context())?;
-        let device: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(dev));
+        let device: Arc<dyn PciDevice> = Arc::from(dev);
         let path = a.socket_dir.join(format!("slot{}.sock", spec.slot));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)
@@ -135,7 +135,7 @@ pub fn run(a: UmlArgs) -> Result<()> {
         }
     }
     for (spec, dev, access, irq) in &devices {
-        let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+        let d = &**dev;
         d.shutdown();
         if a.stats {
             let all = d

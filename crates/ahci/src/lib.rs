@@ -214,15 +214,15 @@ impl PciDevice for Ahci {
         NAME
     }
 
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+    fn config_read(&self, offset: u16, data: &mut [u8]) {
         lock(&self.shared.func).config_read(usize::from(offset), data);
     }
 
-    fn config_write(&mut self, offset: u16, data: &[u8]) {
+    fn config_write(&self, offset: u16, data: &[u8]) {
         lock(&self.shared.func).config_write(usize::from(offset), data);
     }
 
-    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+    fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) {
         if bar != ABAR {
             data.fill(0xff);
             return;
@@ -247,7 +247,7 @@ impl PciDevice for Ahci {
         }
     }
 
-    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+    fn bar_write(&self, bar: u8, offset: u64, data: &[u8]) {
         if bar != ABAR {
             return;
         }
@@ -283,7 +283,7 @@ impl PciDevice for Ahci {
         }]
     }
 
-    fn shutdown(&mut self) {
+    fn shutdown(&self) {
         self.shared.exec.wait_idle();
         for be in self
             .shared
@@ -330,7 +330,7 @@ impl PciDevice for Ahci {
     }
 
     /// An absorbed PxCI write of `1 << slot`: replay it.
-    fn kick(&mut self, token: u32) {
+    fn kick(&self, token: u32) {
         let (port, slot) = (token >> 8, token & 0xff);
         self.bar_write(ABAR, Self::ci_offset(port), &(1u32 << slot).to_le_bytes());
     }

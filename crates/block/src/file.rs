@@ -15,12 +15,16 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rustix::fs::{AtFlags, FallocateFlags, StatxFlags};
 use rustix::io::Errno;
 
+use crate::aio::Op;
+use crate::guest::{self, GuestIov};
 use crate::iov::{self, DrainCursor, FillCursor};
 use crate::stats::{Stats, StatsSnapshot};
-use crate::{check_range, validate_sector_size, BackendInfo, BlockBackend, BlockError, Result};
+use crate::{
+    check_range, validate_sector_size, BackendInfo, BlockBackend, BlockError, Dispatch, Result,
+};
 
 /// Most iovecs one `preadv`/`pwritev` call accepts (Linux `IOV_MAX`).
-const IOV_MAX: usize = 1024;
+const IOV_MAX: usize = guest::IOV_MAX;
 /// Largest bounce buffer used per step of a direct-mode request.
 const DIRECT_CHUNK: u64 = 1 << 20;
 /// Alignment assumed when the kernel does not report the file's direct-I/O alignment.
@@ -423,6 +427,67 @@ impl RawFile {
         Ok(())
     }
 
+    /// Direct-mode read into guest buffers through the chunked, aligned bounce buffer.
+    fn direct_read_iov(&self, d: &Direct, offset: u64, iov: &GuestIov) -> io::Result<()> {
+        let len = iov.len();
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        let (start, aend) = (round_down(offset, d.align), round_up(end, d.align));
+        with_bounce((aend - start).min(d.chunk) as usize, d.mem_align, |buf| {
+            let mut cs = start;
+            while cs < aend {
+                let ce = (cs + d.chunk).min(aend);
+                let b = &mut buf[..(ce - cs) as usize];
+                self.read_block(d, b, cs)?;
+                let (ds, de) = (cs.max(offset), ce.min(end));
+                iov.copy_from(ds - offset, &b[(ds - cs) as usize..(de - cs) as usize]);
+                cs = ce;
+            }
+            Ok(())
+        })
+    }
+
+    /// Direct-mode write from guest buffers: aligned bounce chunks, read-modify-write at
+    /// unaligned ends (as [`RawFile::direct_write`]).
+    fn direct_write_iov(&self, d: &Direct, offset: u64, iov: &GuestIov) -> io::Result<()> {
+        let len = iov.len();
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        let a = d.align;
+        let (start, aend) = (round_down(offset, a), round_up(end, a));
+        let rmw = start != offset || aend != end;
+        let _shared = if rmw { None } else { self.shared() };
+        let _exclusive = rmw.then(|| self.exclusive());
+        with_bounce((aend - start).min(d.chunk) as usize, d.mem_align, |buf| {
+            let mut cs = start;
+            while cs < aend {
+                let ce = (cs + d.chunk).min(aend);
+                let b = &mut buf[..(ce - cs) as usize];
+                let (ds, de) = (cs.max(offset), ce.min(end));
+                let head = ds > cs;
+                if head {
+                    self.read_block(d, &mut b[..a as usize], cs)?;
+                }
+                if de < ce && !(head && ce - cs == a) {
+                    let bl = b.len();
+                    self.read_block(d, &mut b[bl - a as usize..], ce - a)?;
+                }
+                iov.copy_to(ds - offset, &mut b[(ds - cs) as usize..(de - cs) as usize]);
+                self.pwrite_direct(d, b, cs)?;
+                cs = ce;
+            }
+            io::Result::Ok(())
+        })?;
+        if aend > self.file_len {
+            self.file.set_len(self.file_len)?;
+        }
+        Ok(())
+    }
+
     /// `fallocate` over a range, retrying on EINTR. `Ok(false)` means the mode is not
     /// supported here (now or, if `flag` was cleared, ever).
     fn try_fallocate(
@@ -540,6 +605,66 @@ impl BlockBackend for RawFile {
 
     fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
+    }
+
+    fn dispatch(&self) -> Dispatch<'_> {
+        use std::os::fd::AsFd;
+        Dispatch::Fd {
+            fd: self.file.as_fd(),
+            direct: self.direct.as_ref().map(|d| (d.align, d.mem_align)),
+        }
+    }
+
+    fn read_iov(&self, offset: u64, iov: &GuestIov) -> Result<()> {
+        use std::os::fd::AsFd;
+        let len = iov.len();
+        let r = check_range(offset, len, self.info.capacity).and_then(|()| {
+            match &self.direct {
+                Some(d) => self.direct_read_iov(d, offset, iov)?,
+                None => {
+                    let n = guest::preadv(self.file.as_fd(), iov, offset)?;
+                    // End of file inside the disk (the file shrank after open): zeroes.
+                    iov.zero_from(n as u64);
+                }
+            }
+            Ok(())
+        });
+        self.stats.track(r)?;
+        self.stats.record_read(len);
+        Ok(())
+    }
+
+    fn write_iov(&self, offset: u64, iov: &GuestIov) -> Result<()> {
+        use std::os::fd::AsFd;
+        let len = iov.len();
+        let r = self.check_writable(offset, len).and_then(|()| {
+            match &self.direct {
+                Some(d) => self.direct_write_iov(d, offset, iov)?,
+                None => {
+                    if (guest::pwritev(self.file.as_fd(), iov, offset)? as u64) < len {
+                        return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+                    }
+                }
+            }
+            Ok(())
+        });
+        self.stats.track(r)?;
+        self.stats.record_write(len);
+        Ok(())
+    }
+
+    fn account(&self, op: Op, bytes: u64, ok: bool) {
+        if !ok {
+            self.stats.record_error();
+            return;
+        }
+        match op {
+            Op::Read => self.stats.record_read(bytes),
+            Op::Write => self.stats.record_write(bytes),
+            Op::Flush => self.stats.record_flush(),
+            Op::Discard => self.stats.record_discard(),
+            Op::WriteZeroes => self.stats.record_write_zeroes(),
+        }
     }
 }
 

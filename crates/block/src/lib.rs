@@ -1,33 +1,45 @@
 //! rhyve's block layer.
 //!
-//! Device models see a [`BlockBackend`]: positional, vectored, synchronous operations on a
-//! byte-addressed disk, plus [`Executor`] for asynchronous submission (a worker pool now; io_uring
-//! later). Models never block an MMIO path on a backend: they submit a job and post the completion
-//! from the job.
+//! Device models see a [`BlockBackend`]: positional operations on a byte-addressed disk. The data
+//! path is asynchronous and zero-copy: a model describes a request's buffers as a [`GuestIov`]
+//! (host iovecs straight into guest memory, no bounce buffer) and hands it to an [`Engine`]
+//! (io_uring, or a worker pool where io_uring cannot serve), whose completions an [`IoThread`]
+//! or the submitting thread reaps. Models never block an MMIO path on a backend.
 //!
 //! * [`RawFile`]: a raw image file or block device (buffered or `O_DIRECT`).
 //! * [`Ram`]: an in-memory disk.
 //! * [`open`]: builds either from a [`BackendSpec`].
 //! * [`Stats`]/[`StatsSnapshot`]: per-backend operation counters.
-#![forbid(unsafe_code)]
+//!
+//! `unsafe` lives only in `guest` (iovecs into guest memory and the raw vectored syscalls) and
+//! `uring` (io_uring submission); everything else forbids it.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod aio;
 mod exec;
 mod file;
+mod guest;
+mod iothread;
 mod iov;
 mod opts;
 mod ram;
 mod stats;
 #[cfg(test)]
 mod testutil;
+mod uring;
 
+pub use aio::{Engine, EngineKind, IoDone, IoReq, Op};
 pub use exec::Executor;
 pub use file::{RawFile, RawFileOptions};
+pub use guest::{GuestIov, OutsideRam};
+pub use iothread::{IoHandler, IoThread, Tick};
 pub use opts::{open, validate_sector_size, BackendSpec};
 pub use ram::Ram;
 pub use stats::{Stats, StatsSnapshot};
 
 use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::BorrowedFd;
 
 /// Result type of backend operations.
 pub type Result<T> = std::result::Result<T, BlockError>;
@@ -72,6 +84,24 @@ pub struct BackendInfo {
     pub discard_zeroes: bool,
 }
 
+/// How an [`Engine`] runs requests on a backend.
+#[derive(Clone, Copy, Debug)]
+pub enum Dispatch<'a> {
+    /// Quick and never blocks (a RAM disk): run on the submitting thread.
+    Inline,
+    /// Reads, writes and flushes may go to io_uring on this descriptor. `direct` is the
+    /// `O_DIRECT` alignment (file offset, buffer address) requests must meet; a request that
+    /// does not goes to [`BlockBackend::read_iov`]/[`BlockBackend::write_iov`] on a worker.
+    Fd {
+        /// The open image.
+        fd: BorrowedFd<'a>,
+        /// `Some((offset_align, mem_align))` when the file is open with `O_DIRECT`.
+        direct: Option<(u64, usize)>,
+    },
+    /// May block: run on a worker thread.
+    Blocking,
+}
+
 /// A disk image behind a device model. All offsets and lengths are in bytes.
 pub trait BlockBackend: Send + Sync {
     /// Size, sector size, read-only.
@@ -90,6 +120,31 @@ pub trait BlockBackend: Send + Sync {
     fn stats(&self) -> StatsSnapshot {
         StatsSnapshot::default()
     }
+    /// How an engine should run requests here. The default (worker threads calling the methods
+    /// above) suits any backend.
+    fn dispatch(&self) -> Dispatch<'_> {
+        Dispatch::Blocking
+    }
+    /// Read straight into guest memory. The default stages the data in a host buffer; backends
+    /// that can, override it to transfer directly.
+    fn read_iov(&self, offset: u64, iov: &GuestIov) -> Result<()> {
+        let mut buf = vec![0u8; usize::try_from(iov.len()).map_err(|_| io_too_large())?];
+        self.read_vectored(offset, &mut [IoSliceMut::new(&mut buf)])?;
+        iov.copy_from(0, &buf);
+        Ok(())
+    }
+    /// Write straight from guest memory. The default stages the data in a host buffer.
+    fn write_iov(&self, offset: u64, iov: &GuestIov) -> Result<()> {
+        let mut buf = vec![0u8; usize::try_from(iov.len()).map_err(|_| io_too_large())?];
+        iov.copy_to(0, &mut buf);
+        self.write_vectored(offset, &[IoSlice::new(&buf)])
+    }
+    /// Count an operation an engine performed on the descriptor from [`Dispatch::Fd`].
+    fn account(&self, _op: Op, _bytes: u64, _ok: bool) {}
+}
+
+fn io_too_large() -> BlockError {
+    BlockError::Io(std::io::Error::from_raw_os_error(libc::EFBIG))
 }
 
 /// Checks that `[offset, offset + len)` lies within a disk of `capacity` bytes.

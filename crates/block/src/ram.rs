@@ -3,9 +3,12 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::guest::GuestIov;
 use crate::iov::{self, DrainCursor, FillCursor};
 use crate::stats::{Stats, StatsSnapshot};
-use crate::{check_range, validate_sector_size, BackendInfo, BlockBackend, BlockError, Result};
+use crate::{
+    check_range, validate_sector_size, BackendInfo, BlockBackend, BlockError, Dispatch, Result,
+};
 
 /// Bytes per chunk: the unit of locking and of lazy allocation.
 const CHUNK: u64 = 256 << 10;
@@ -157,6 +160,54 @@ impl BlockBackend for Ram {
 
     fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
+    }
+
+    fn dispatch(&self) -> Dispatch<'_> {
+        Dispatch::Inline
+    }
+
+    fn read_iov(&self, offset: u64, iov: &GuestIov) -> Result<()> {
+        let len = iov.len();
+        self.stats
+            .track(check_range(offset, len, self.info.capacity))?;
+        let mut at = 0u64;
+        for (idx, within, n) in self.pieces(offset, len) {
+            match self.read_chunk(idx).as_ref() {
+                Some(data) => {
+                    iov.copy_from(at, &data[within..within + n]);
+                }
+                None => zero_part(iov, at, n),
+            }
+            at += n as u64;
+        }
+        self.stats.record_read(len);
+        Ok(())
+    }
+
+    fn write_iov(&self, offset: u64, iov: &GuestIov) -> Result<()> {
+        let len = iov.len();
+        self.stats.track(self.check_writable(offset, len))?;
+        let mut at = 0u64;
+        for (idx, within, n) in self.pieces(offset, len) {
+            let clen = self.chunk_len(idx);
+            let mut chunk = self.write_chunk(idx);
+            let data = chunk.get_or_insert_with(|| vec![0u8; clen].into_boxed_slice());
+            iov.copy_to(at, &mut data[within..within + n]);
+            at += n as u64;
+        }
+        self.stats.record_write(len);
+        Ok(())
+    }
+}
+
+/// Zero `n` bytes of `iov` starting `at` bytes in (an unallocated chunk reads as zeroes).
+fn zero_part(iov: &GuestIov, at: u64, n: usize) {
+    const Z: [u8; 4096] = [0; 4096];
+    let mut done = 0;
+    while done < n {
+        let k = (n - done).min(Z.len());
+        iov.copy_from(at + done as u64, &Z[..k]);
+        done += k;
     }
 }
 

@@ -4,12 +4,26 @@
 //! Controller keys apply anywhere. Namespace keys (`ro`, `direct`, `nocache`, `sectorsz`/`sectsz`)
 //! apply to the most recent image (a path or `ram=MiB`); each image is a namespace, NSID 1, 2, ….
 
-use block::BackendSpec;
+use block::{BackendSpec, EngineKind};
 use pci::{ConfigError, SlotOption, SlotOptions, SlotSpec};
 
 /// Controller-level keys.
 pub const CTRL_KEYS: &[&str] = &[
-    "maxq", "qsz", "ioslots", "ser", "mn", "mdts", "eui64", "dsm", "smart", "dbbuf",
+    "maxq",
+    "qsz",
+    "ioslots",
+    "ser",
+    "mn",
+    "mdts",
+    "eui64",
+    "dsm",
+    "smart",
+    "dbbuf",
+    "aio",
+    "iothreads",
+    "coalesce",
+    "coalesce_us",
+    "poll",
 ];
 /// Namespace-level keys.
 pub const NS_KEYS: &[&str] = &["sectorsz", "sectsz", "ram"];
@@ -41,6 +55,29 @@ pub struct CtrlConfig {
     pub namespaces: Vec<BackendSpec>,
     /// Where lifetime SMART counters persist (`smart=PATH`); `None` counts this run only.
     pub smart: Option<std::path::PathBuf>,
+    /// I/O engine (`aio=io_uring|threads`).
+    pub aio: EngineKind,
+    /// I/O threads; completion queue `n` is served by thread `n % iothreads`.
+    pub iothreads: u16,
+    /// How completions are turned into interrupts (`coalesce=`).
+    pub coalesce: Coalesce,
+    /// Longest an interrupt is held back by adaptive coalescing, in microseconds.
+    pub coalesce_us: u32,
+    /// After a queue goes idle, keep polling its shadow doorbell this long (microseconds)
+    /// before asking the host for an MMIO doorbell again; 0 = never poll.
+    pub poll_us: u32,
+}
+
+/// Interrupt coalescing policy (`coalesce=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coalesce {
+    /// Only what the host asks for with Set Features Interrupt Coalescing (08h), as real
+    /// controllers do.
+    Host,
+    /// Also coalesce on our own when the host has not: an interrupt is sent at once when a
+    /// queue has no more commands in flight or runs at depth 1, otherwise after a few
+    /// completions or `coalesce_us`, whichever comes first.
+    Adaptive,
 }
 
 impl CtrlConfig {
@@ -125,6 +162,20 @@ impl CtrlConfig {
             Some("disable")
         );
         let dbbuf = !matches!(o.choice("dbbuf", &["on", "off"])?, Some("off"));
+        let aio = match o.get("aio") {
+            Some(v) => v
+                .parse::<EngineKind>()
+                .map_err(|_| o.bad_value("aio", v, "io_uring or threads"))?,
+            None => EngineKind::default(),
+        };
+        let iothreads = o.num("iothreads", 1, 64, false)?.unwrap_or(1) as u16;
+        let coalesce = match o.choice("coalesce", &["host", "adaptive", "off"])? {
+            Some("adaptive") => Coalesce::Adaptive,
+            Some(_) => Coalesce::Host,
+            None => Coalesce::Adaptive,
+        };
+        let coalesce_us = o.num("coalesce_us", 1, 100_000, false)?.unwrap_or(100) as u32;
+        let poll_us = o.num("poll", 0, 1_000_000, false)?.unwrap_or(0) as u32;
         Ok(CtrlConfig {
             serial,
             model,
@@ -137,6 +188,11 @@ impl CtrlConfig {
             dbbuf,
             namespaces,
             smart: o.get("smart").map(std::path::PathBuf::from),
+            aio,
+            iothreads,
+            coalesce,
+            coalesce_us,
+            poll_us,
         })
     }
 }

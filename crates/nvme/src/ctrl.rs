@@ -1,100 +1,196 @@
-//! The controller: state, the register file, doorbells, completion posting and interrupts,
-//! enable/reset/shutdown.
+//! The controller: its state, the register file, enable/reset/shutdown, the admin queue,
+//! asynchronous events and interrupt delivery.
 //!
-//! Threads: register and doorbell accesses arrive on the frontend's thread and never wait for disk
-//! I/O; I/O commands run as jobs on the block [`Executor`] and post their completions from there.
-//! Lock order is `state` then `pci`. A controller reset bumps `generation` so completions of
-//! commands from before the reset are dropped, and waits for every job to finish before it reports
-//! CSTS.RDY=0, so no DMA or CQE reaches memory the host has reclaimed.
+//! **Locking.** There is no controller-wide lock on the I/O path.
+//! * `ctrl` guards the register file and everything admin: the admin queues, features, logs,
+//!   AER state. Register accesses and admin commands take it; I/O never does, except to report an
+//!   error (error log, asynchronous event) after it has dropped its own lock.
+//! * Each I/O completion queue and the SQs bound to it form a [`Group`] with its own lock; a
+//!   doorbell, a fetch, a backend completion or a coalescing timer of one queue pair takes only
+//!   that lock. Lock order: `ctrl`, then a group, then the PCI function.
+//! * Hot-path facts that admin commands change (ready, fatal, shadow doorbells, the write cache,
+//!   coalescing) are atomics, and interrupts go out through the lock-free [`Interrupts`].
+//!
+//! **Reset and shutdown never block the caller.** CC.EN 1→0 tears the queues down at once (later
+//! completions of their commands are recognised as stale and dropped) and reports CSTS.RDY=0
+//! only when the last backend request of the old queues has finished, so no DMA or CQE reaches
+//! memory the host has reclaimed. CC.SHN queues one flush on the worker pool; a newer request
+//! supersedes an older one, so SHST always reports the latest.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::Instant;
 
-use block::Executor;
-use pci::{GuestMem, InterruptMode, PciFunction};
+use block::{Engine, Executor, IoThread};
+use pci::{GuestMem, InterruptMode, Interrupts, PciFunction};
 use vm_memory::GuestAddressSpace;
 
 use crate::config::CtrlConfig;
 use crate::features::Features;
 use crate::log::Logs;
 use crate::namespace::Namespace;
-use crate::queue::{make_cqe, CompQueue, SubQueue};
-use crate::spec::{aer, cc, csts, reg, Status};
+use crate::queue::{make_cqe, CompQueue, Group, SubQueue};
+use crate::spec::{aer, cc, csts, reg, Sqe, Status};
 
 /// Per-controller counters for `--stats` and the SMART log.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Read and Compare/Verify commands completed.
     pub read_cmds: AtomicU64,
+    /// Write commands completed.
     pub write_cmds: AtomicU64,
+    /// Bytes read by the host.
     pub bytes_read: AtomicU64,
+    /// Bytes written by the host.
     pub bytes_written: AtomicU64,
+    /// Interrupt messages sent.
     pub interrupts: AtomicU64,
+    /// Media and data-integrity errors reported.
     pub media_errors: AtomicU64,
+    /// Admin commands fetched.
     pub admin_cmds: AtomicU64,
+    /// MMIO doorbell writes received.
+    pub doorbells: AtomicU64,
+    /// Shadow-doorbell polls that found new submissions.
+    pub polled: AtomicU64,
 }
 
-/// A command whose completion is held back: Delete SQ draining, Abort waiting on its target.
+/// A command whose completion is held back: Abort waiting on its target.
 #[derive(Debug, Clone, Copy)]
 pub struct HeldAbort {
+    /// CID of the Abort command.
     pub abort_cid: u16,
+    /// SQ of the command to abort.
     pub target_sqid: u16,
+    /// CID of the command to abort.
     pub target_cid: u16,
 }
 
-/// Mutable controller state, under one lock.
-pub struct State {
+/// An asynchronous event (Base 2.0 Figure 150): type, information, associated log page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AsyncEvent {
+    /// Asynchronous Event Type.
+    pub typ: u8,
+    /// Asynchronous Event Information.
+    pub info: u8,
+    /// Log page the host reads to clear it.
+    pub lid: u8,
+}
+
+impl AsyncEvent {
+    /// Completion DW0 of the AER that reports it.
+    pub fn dw0(&self) -> u32 {
+        u32::from(self.typ) | (u32::from(self.info) << 8) | (u32::from(self.lid) << 16)
+    }
+}
+
+/// Register file and admin state, under the `ctrl` lock.
+pub struct Ctrl {
+    /// Controller Configuration.
     pub cc: u32,
+    /// CSTS.RDY and SHST (CFS lives in [`Shared::flags`]).
     pub csts: u32,
+    /// Admin Queue Attributes.
     pub aqa: u32,
+    /// Admin SQ base.
     pub asq: u64,
+    /// Admin CQ base.
     pub acq: u64,
-    pub intms: u32,
-    /// Indexed by queue ID; 0 is the admin queue.
-    pub sqs: Vec<Option<SubQueue>>,
-    pub cqs: Vec<Option<CompQueue>>,
-    /// Bumped by every reset; completions carry the value they started with.
-    pub generation: u64,
+    /// The admin SQ and CQ.
+    pub admin: Group,
+    /// Feature values.
     pub features: Features,
-    pub namespaces: Vec<Namespace>,
+    /// Error and changed-namespace logs.
     pub logs: Logs,
     /// Outstanding Asynchronous Event Request CIDs.
     pub aer_cids: Vec<u16>,
-    /// Events waiting for an AER: (type, info, log page).
-    pub aer_pending: Vec<(u8, u8, u8)>,
+    /// Events waiting for an AER.
+    pub aer_pending: Vec<AsyncEvent>,
     /// Event types masked until the host reads their log page.
     pub aer_masked: [bool; 8],
-    /// (sqid, cid) of commands being executed, for Abort.
-    pub inflight_cmds: Vec<(u16, u16)>,
+    /// Aborts waiting for their target command to finish.
     pub held_aborts: Vec<HeldAbort>,
     /// Host-set timestamp (ms) and when it was set.
     pub timestamp: Option<(u64, Instant)>,
     /// Doorbell Buffer Config: (shadow doorbell base, EventIdx base), I/O queues only.
     pub dbbuf: Option<(u64, u64)>,
+    /// CC.EN went 0: waiting for the old queues' requests before CSTS.RDY clears.
+    pub resetting: bool,
+    /// Bumped by every shutdown notification; SHST reports the latest only.
+    pub shutdown_seq: u64,
 }
 
-/// Everything the controller shares between the MMIO path and I/O jobs.
+/// Hot-path flags ([`Shared::flags`]).
+pub mod flag {
+    /// Enabled and not resetting: doorbells are processed.
+    pub const ACCEPTING: u32 = 1 << 0;
+    /// Controller Fatal Status: nothing is fetched until reset.
+    pub const FATAL: u32 = 1 << 1;
+    /// Shadow doorbells are configured.
+    pub const SHADOW: u32 = 1 << 2;
+}
+
+/// Everything the controller shares between the register path, the I/O path and its threads.
 pub struct Shared {
+    /// Configuration.
     pub cfg: CtrlConfig,
+    /// Guest memory.
     pub mem: GuestMem,
+    /// Config space and the MSI-X table (accessed only by config/table writes).
     pub pci: Mutex<PciFunction>,
-    pub state: Mutex<State>,
-    pub exec: Executor,
+    /// Lock-free interrupt delivery.
+    pub irq: Arc<Interrupts>,
+    /// Register file and admin state.
+    pub ctrl: Mutex<Ctrl>,
+    /// Namespaces (read on the I/O path; Format changes them).
+    pub ns: RwLock<Vec<Namespace>>,
+    /// I/O queue groups, indexed by CQ ID (index 0 is unused: the admin queues live in `ctrl`).
+    pub groups: Box<[Mutex<Group>]>,
+    /// SQ ID → the CQ ID it posts to (0 = no such SQ).
+    pub sq_cq: Box<[AtomicU16]>,
+    /// CQ ID → it has entries the host has not consumed and interrupts enabled (INTx level).
+    pub cq_assert: Box<[AtomicBool]>,
+    /// [`flag`] bits.
+    pub flags: AtomicU32,
+    /// Shadow doorbell and EventIdx buffer addresses.
+    pub shadow: (AtomicU64, AtomicU64),
+    /// Volatile Write Cache enabled (writes are flushed before completing when it is off).
+    pub volatile_wc: AtomicBool,
+    /// Interrupt Coalescing feature value (08h).
+    pub coalescing: AtomicU32,
+    /// Interrupt Vector Configuration: Coalescing Disable, per vector.
+    pub vector_cd: Box<[AtomicBool]>,
+    /// INTMS (MSI/INTx vector mask).
+    pub intms: AtomicU32,
+    /// Commands (and blocking jobs) in flight on backends.
+    pub inflight: AtomicUsize,
+    /// Signalled when `inflight` drops to zero and somebody waits.
+    pub idle: (Mutex<usize>, Condvar),
+    /// Source of queue epochs.
+    pub epoch: AtomicU16,
+    /// I/O threads (one engine each).
+    pub threads: OnceLock<Vec<IoThread>>,
+    /// Worker pool for blocking work (pool engines, Compare/Verify, Format, shutdown).
+    pub pool: Arc<Executor>,
+    /// A shutdown flush is queued or running.
+    pub shutdown_running: AtomicBool,
+    /// Counters.
     pub counters: Counters,
+    /// When the controller was created (power-on time, timestamps).
     pub started: Instant,
-    /// A handle to ourselves, for work that outlives the MMIO call (shutdown).
+    /// A handle to ourselves, for work that outlives a call.
     pub me: Weak<Shared>,
     /// Lifetime SMART counters.
     pub smart: crate::smart::SmartStore,
     /// The store last recorded a clean shutdown.
-    pub smart_clean: std::sync::atomic::AtomicBool,
+    pub smart_clean: AtomicBool,
 }
 
-/// Outcome of executing a command on the MMIO path.
+/// Outcome of executing an admin command.
 pub enum Outcome {
     /// Post this completion now.
     Done(Status, u32),
-    /// The completion is posted later (AER, async work, held Abort/Delete).
+    /// The completion is posted later (AER, held Abort, Delete SQ draining, Format erase).
     Deferred,
 }
 
@@ -105,19 +201,61 @@ impl Outcome {
     }
 }
 
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock means a bug already panicked; the state stays usable, keep serving.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Deferred work collected while a group lock is held and carried out after it is dropped.
+#[derive(Default)]
+pub struct Work {
+    /// I/O threads whose engines got submissions (bit per thread).
+    pub engines: u64,
+    /// I/O threads to wake (new deadline or polling window).
+    pub wake: u64,
+    /// Vectors to interrupt.
+    pub irqs: Vec<u16>,
+    /// Asynchronous events to report.
+    pub events: Vec<AsyncEvent>,
+    /// Failed commands for the error log.
+    pub errors: Vec<(u16, Sqe, Status)>,
+    /// Admin completions decided off the admin path (Delete SQ after draining, Format erase):
+    /// (admin queue epoch, cid, status, dw0). Posted only if the admin queue is still the one
+    /// the command came from.
+    pub admin_done: Vec<(u16, u16, Status, u32)>,
+    /// Commands that finished while an Abort waited for them: (sqid, cid).
+    pub aborts_done: Vec<(u16, u16)>,
+    /// The controller must fail (CFS).
+    pub fatal: Option<&'static str>,
+    /// `inflight` reached zero.
+    pub idle: bool,
+    /// Some CQ's INTx condition may have changed.
+    pub intx: bool,
+}
+
 impl Shared {
-    /// Lock the state (a poisoned lock means a bug already panicked; keep serving).
-    pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// Lock the register file and admin state.
+    pub fn lock(&self) -> MutexGuard<'_, Ctrl> {
+        lock(&self.ctrl)
     }
 
-    fn lock_pci(&self) -> MutexGuard<'_, PciFunction> {
-        self.pci.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn lock_pci(&self) -> MutexGuard<'_, PciFunction> {
+        lock(&self.pci)
+    }
+
+    /// The I/O group of CQ `cqid`.
+    pub fn group(&self, cqid: u16) -> MutexGuard<'_, Group> {
+        lock(&self.groups[usize::from(cqid)])
+    }
+
+    /// Current hot-path flags.
+    pub fn flag(&self, f: u32) -> bool {
+        self.flags.load(Ordering::Acquire) & f != 0
     }
 
     /// Memory page size from CC.MPS.
-    pub fn page_size(st: &State) -> u64 {
-        1 << (12 + ((st.cc >> cc::MPS_SHIFT) & cc::MPS_MASK))
+    pub fn page_size(c: &Ctrl) -> u64 {
+        1 << (12 + ((c.cc >> cc::MPS_SHIFT) & cc::MPS_MASK))
     }
 
     /// The CAP register.
@@ -129,32 +267,62 @@ impl Shared {
             | (4 << 52) // MPSMAX: 64 KiB (MPSMIN 4 KiB)
     }
 
+    /// The I/O thread serving completion queue `cqid`.
+    pub fn thread_of(&self, cqid: u16) -> usize {
+        usize::from(cqid) % usize::from(self.cfg.iothreads)
+    }
+
+    /// The engine serving completion queue `cqid` (admin: thread 0's).
+    pub fn engine(&self, cqid: u16) -> &Engine {
+        self.threads
+            .get()
+            .expect("threads start with the controller")[self.thread_of(cqid)]
+        .engine()
+    }
+
+    /// The admin queue's epoch (0 while disabled).
+    pub fn admin_epoch(c: &Ctrl) -> u16 {
+        c.admin.sqs.first().map_or(0, |s| s.epoch)
+    }
+
+    /// A fresh queue epoch.
+    pub fn next_epoch(&self) -> u16 {
+        self.epoch.fetch_add(1, Ordering::Relaxed)
+    }
+
     // ---- register file ----
 
     /// Guest read of BAR0.
     pub fn read_bar0(&self, offset: u64, data: &mut [u8]) {
-        let st = self.lock();
+        if offset >= reg::DOORBELL_BASE {
+            data.fill(0); // doorbells read as zero
+            return;
+        }
+        let c = self.lock();
         for (i, b) in data.iter_mut().enumerate() {
             let off = offset + i as u64;
-            let dword = self.read_dword(&st, off & !3);
+            let dword = self.read_dword(&c, off & !3);
             *b = dword.to_le_bytes()[(off & 3) as usize];
         }
     }
 
-    fn read_dword(&self, st: &State, off: u64) -> u32 {
+    fn read_dword(&self, c: &Ctrl, off: u64) -> u32 {
         let cap = self.cap();
         match off {
             reg::CAP => cap as u32,
             0x04 => (cap >> 32) as u32,
             reg::VS => crate::NVME_VERSION,
-            reg::INTMS | reg::INTMC => st.intms,
-            reg::CC => st.cc,
-            reg::CSTS => st.csts,
-            reg::AQA => st.aqa,
-            reg::ASQ => st.asq as u32,
-            0x2c => (st.asq >> 32) as u32,
-            reg::ACQ => st.acq as u32,
-            0x34 => (st.acq >> 32) as u32,
+            reg::INTMS | reg::INTMC => self.intms.load(Ordering::Relaxed),
+            reg::CC => c.cc,
+            reg::CSTS => {
+                let cfs = if self.flag(flag::FATAL) { csts::CFS } else { 0 };
+                c.csts | cfs
+            }
+            reg::AQA => c.aqa,
+            reg::ASQ => c.asq as u32,
+            0x2c => (c.asq >> 32) as u32,
+            reg::ACQ => c.acq as u32,
+            0x34 => (c.acq >> 32) as u32,
             _ => 0,
         }
     }
@@ -189,72 +357,73 @@ impl Shared {
             self.doorbell(off, val);
             return;
         }
-        let mut st = self.lock();
         match off {
             reg::INTMS | reg::INTMC => {
-                if self.lock_pci().mode() == InterruptMode::MsiX {
+                if self.irq.mode() == InterruptMode::MsiX {
                     return; // INTMS/INTMC are not used with MSI-X (§3.1.3.3)
                 }
                 let bits = val & mask;
                 if off == reg::INTMS {
-                    st.intms |= bits;
+                    self.intms.fetch_or(bits, Ordering::AcqRel);
                 } else {
-                    st.intms &= !bits;
-                    // Unmasked vectors with entries outstanding interrupt now.
-                    for cq in st.cqs.iter_mut().flatten() {
-                        if cq.has_unconsumed() && bits & (1 << cq.iv.min(31)) != 0 {
-                            cq.irq_owed = true;
-                        }
-                    }
+                    self.intms.fetch_and(!bits, Ordering::AcqRel);
+                    self.raise_unmasked(bits);
                 }
-                self.raise_owed(&mut st);
+                self.update_intx();
             }
-            reg::CC => self.write_cc(st, val & cc::WRITABLE),
+            reg::CC => {
+                let c = self.lock();
+                self.write_cc(c, val & cc::WRITABLE);
+            }
             reg::CSTS | reg::NSSR => {} // NSSR not supported (CAP.NSSRS=0)
-            reg::AQA => st.aqa = val & 0x0fff_0fff,
-            reg::ASQ => st.asq = (st.asq & !0xffff_ffff) | u64::from(val & !0xfff),
-            0x2c => st.asq = (st.asq & 0xffff_ffff) | (u64::from(val) << 32),
-            reg::ACQ => st.acq = (st.acq & !0xffff_ffff) | u64::from(val & !0xfff),
-            0x34 => st.acq = (st.acq & 0xffff_ffff) | (u64::from(val) << 32),
-            _ => log::debug!("nvme: write to reserved register {off:#x} ignored"),
+            _ => {
+                let mut c = self.lock();
+                match off {
+                    reg::AQA => c.aqa = val & 0x0fff_0fff,
+                    reg::ASQ => c.asq = (c.asq & !0xffff_ffff) | u64::from(val & !0xfff),
+                    0x2c => c.asq = (c.asq & 0xffff_ffff) | (u64::from(val) << 32),
+                    reg::ACQ => c.acq = (c.acq & !0xffff_ffff) | u64::from(val & !0xfff),
+                    0x34 => c.acq = (c.acq & 0xffff_ffff) | (u64::from(val) << 32),
+                    _ => log::debug!("nvme: write to reserved register {off:#x} ignored"),
+                }
+            }
         }
     }
 
-    fn write_cc(&self, mut st: MutexGuard<'_, State>, new: u32) {
-        let old = st.cc;
+    fn write_cc(&self, mut c: MutexGuard<'_, Ctrl>, new: u32) {
+        let old = c.cc;
         // CC fields other than EN and SHN may only change while disabled.
-        st.cc = if old & cc::EN != 0 {
-            (old & !(cc::EN | (cc::SHN_MASK << cc::SHN_SHIFT)))
-                | (new & (cc::EN | (cc::SHN_MASK << cc::SHN_SHIFT)))
+        let live = cc::EN | (cc::SHN_MASK << cc::SHN_SHIFT);
+        c.cc = if old & cc::EN != 0 {
+            (old & !live) | (new & live)
         } else {
             new
         };
         let shn_old = (old >> cc::SHN_SHIFT) & cc::SHN_MASK;
         let shn_new = (new >> cc::SHN_SHIFT) & cc::SHN_MASK;
         if shn_new == 0 && shn_old != 0 {
-            st.csts &= !csts::SHST_MASK; // the host withdrew the shutdown notification
+            c.csts &= !csts::SHST_MASK; // the host withdrew the shutdown notification
         }
         if old & cc::EN != 0 && new & cc::EN == 0 {
-            drop(st);
-            self.reset(new);
+            self.reset(&mut c, new);
             return;
         }
-        if old & cc::EN == 0 && new & cc::EN != 0 {
-            self.enable(&mut st);
+        if old & cc::EN == 0 && new & cc::EN != 0 && !c.resetting {
+            self.enable(&mut c);
         }
-        if shn_new != 0 && shn_old == 0 && st.csts & csts::RDY != 0 {
-            st.csts = (st.csts & !csts::SHST_MASK) | (csts::SHST_OCCURRING << csts::SHST_SHIFT);
-            let gen = st.generation;
-            drop(st);
-            self.start_shutdown(gen);
+        if shn_new != 0 && shn_old == 0 && c.csts & csts::RDY != 0 {
+            c.csts = (c.csts & !csts::SHST_MASK) | (csts::SHST_OCCURRING << csts::SHST_SHIFT);
+            c.shutdown_seq += 1;
+            drop(c);
+            self.start_shutdown();
         }
     }
 
-    fn enable(&self, st: &mut State) {
-        let mps = (st.cc >> cc::MPS_SHIFT) & cc::MPS_MASK;
-        let css = (st.cc >> cc::CSS_SHIFT) & cc::CSS_MASK;
-        let asqs = (st.aqa & 0xfff) + 1;
-        let acqs = ((st.aqa >> 16) & 0xfff) + 1;
+    fn enable(&self, c: &mut Ctrl) {
+        let mps = (c.cc >> cc::MPS_SHIFT) & cc::MPS_MASK;
+        let css = (c.cc >> cc::CSS_SHIFT) & cc::CSS_MASK;
+        let asqs = (c.aqa & 0xfff) + 1;
+        let acqs = ((c.aqa >> 16) & 0xfff) + 1;
         let bad = if mps > 4 {
             Some(format!("CC.MPS={mps} beyond MPSMAX=4"))
         } else if css != 0 && css != 7 {
@@ -269,70 +438,125 @@ impl Shared {
                 "nvme {}: enable refused: {why}; controller fatal status set",
                 self.cfg.serial
             );
-            st.csts |= csts::CFS;
+            self.flags.fetch_or(flag::FATAL, Ordering::AcqRel);
             return;
         }
-        st.sqs[0] = Some(SubQueue {
-            base: st.asq,
-            size: asqs,
-            head: 0,
-            tail: 0,
-            cqid: 0,
-            inflight: 0,
-            delete_cid: None,
-        });
-        st.cqs[0] = Some(CompQueue::new(st.acq, acqs, true, 0));
+        let page = Self::page_size(c);
+        c.admin = Group {
+            cq: Some(CompQueue::new(0, c.acq, acqs, true, 0)),
+            sqs: vec![SubQueue::new(0, c.asq, asqs, 0, page, self.next_epoch())],
+            poll_until: None,
+        };
         if self.smart_clean.load(Ordering::Relaxed) {
             self.save_smart(false);
         }
-        st.csts = csts::RDY;
+        c.csts = csts::RDY;
+        self.flags.fetch_or(flag::ACCEPTING, Ordering::AcqRel);
     }
 
-    /// Controller reset (CC.EN 1→0): abandon queues, wait for in-flight jobs, clear state.
-    /// `cc` is the value the host wrote (EN clear); it stays in CC.
-    pub fn reset(&self, new_cc: u32) {
-        {
-            let mut st = self.lock();
-            st.generation += 1;
-            st.sqs.iter_mut().for_each(|q| *q = None);
-            st.cqs.iter_mut().for_each(|q| *q = None);
+    /// Controller reset (CC.EN 1→0): abandon every queue now; CSTS.RDY clears once the old
+    /// queues' backend requests have finished. `new_cc` (EN clear) stays in CC.
+    pub fn reset(&self, c: &mut Ctrl, new_cc: u32) {
+        c.cc = new_cc & !cc::EN;
+        self.flags
+            .fetch_and(!(flag::ACCEPTING | flag::SHADOW), Ordering::AcqRel);
+        c.resetting = true;
+        for (i, g) in self.groups.iter().enumerate() {
+            *lock(g) = Group::default();
+            self.cq_assert[i].store(false, Ordering::Relaxed);
         }
-        self.exec.wait_idle();
-        let mut st = self.lock();
-        st.sqs.iter_mut().for_each(|q| *q = None);
-        st.cqs.iter_mut().for_each(|q| *q = None);
-        st.cc = new_cc & !cc::EN;
-        st.csts &= csts::SHST_MASK; // keep the shutdown status across a reset (§3.6.2)
-        st.intms = 0;
-        st.aer_cids.clear();
+        self.cq_assert[0].store(false, Ordering::Relaxed);
+        for q in self.sq_cq.iter() {
+            q.store(0, Ordering::Release);
+        }
+        c.admin = Group::default();
+        self.intms.store(0, Ordering::Relaxed);
+        c.aer_cids.clear();
         // A controller reset aborts outstanding AERs; events not yet reported go with them.
-        st.aer_pending.clear();
-        st.aer_masked = [false; 8];
-        st.inflight_cmds.clear();
-        st.held_aborts.clear();
-        st.dbbuf = None;
-        st.features.reset_volatile(self.cfg.io_queues());
-        drop(st);
+        c.aer_pending.clear();
+        c.aer_masked = [false; 8];
+        c.held_aborts.clear();
+        c.dbbuf = None;
+        c.features.reset_volatile(self.cfg.io_queues());
+        self.sync_features(&c.features);
+        for ns in self.ns.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            ns.flush_failed.store(false, Ordering::Relaxed);
+        }
         self.lock_pci().set_intx(false);
+        self.try_finish_reset(c);
     }
 
-    fn start_shutdown(&self, gen: u64) {
-        // Flushing may take long: do it off the MMIO path, after in-flight I/O has finished.
+    /// Report the reset done if nothing of the old queues is still running.
+    fn try_finish_reset(&self, c: &mut Ctrl) {
+        if !c.resetting || self.inflight.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        c.resetting = false;
+        c.csts &= csts::SHST_MASK; // keep the shutdown status across a reset (§3.6.2)
+        self.flags.fetch_and(!flag::FATAL, Ordering::AcqRel);
+        if c.cc & cc::EN != 0 {
+            // The host set EN again before RDY cleared; honour it now.
+            self.enable(c);
+        }
+    }
+
+    /// Mirror the hot-path features into their atomics.
+    pub fn sync_features(&self, f: &Features) {
+        self.volatile_wc.store(f.volatile_wc, Ordering::Release);
+        self.coalescing.store(f.coalescing, Ordering::Release);
+        for (a, v) in self.vector_cd.iter().zip(&f.vector_cd) {
+            a.store(*v, Ordering::Release);
+        }
+    }
+
+    /// Queue the shutdown flush (at most one runs; it reports SHST for the latest request).
+    fn start_shutdown(&self) {
+        if self.shutdown_running.swap(true, Ordering::AcqRel) {
+            return; // the running one re-checks the sequence number when it finishes
+        }
         let Some(me) = self.me.upgrade() else { return };
-        let spawned = std::thread::Builder::new()
-            .name("nvme-shutdown".into())
-            .spawn(move || {
-                me.exec.wait_idle();
-                me.flush_all();
-                me.save_smart(true);
-                let mut st = me.lock();
-                if st.generation == gen {
-                    st.csts =
-                        (st.csts & !csts::SHST_MASK) | (csts::SHST_COMPLETE << csts::SHST_SHIFT);
+        self.pool.submit(Box::new(move || loop {
+            let seq = me.lock().shutdown_seq;
+            me.wait_idle();
+            me.flush_all();
+            me.save_smart(true);
+            let mut c = me.lock();
+            if c.shutdown_seq == seq {
+                let shn = (c.cc >> cc::SHN_SHIFT) & cc::SHN_MASK;
+                if shn != 0 && c.csts & csts::SHST_MASK != 0 {
+                    c.csts =
+                        (c.csts & !csts::SHST_MASK) | (csts::SHST_COMPLETE << csts::SHST_SHIFT);
                 }
-            });
-        if let Err(e) = spawned {
-            log::error!("nvme: cannot start shutdown thread: {e}");
+                me.shutdown_running.store(false, Ordering::Release);
+                return;
+            }
+            // A newer notification arrived during the flush: flush again for it.
+        }));
+    }
+
+    /// Block until no command is in flight on a backend (shutdown and process exit only).
+    pub fn wait_idle(&self) {
+        let (m, cv) = &self.idle;
+        let mut waiters = lock(m);
+        *waiters += 1;
+        while self.inflight.load(Ordering::Acquire) != 0 {
+            waiters = cv
+                .wait_timeout(waiters, std::time::Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *waiters -= 1;
+    }
+
+    /// A command (or blocking job) started on a backend.
+    pub fn begin(&self) {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A command (or blocking job) finished on a backend; `work.idle` when it was the last.
+    pub fn end(&self, work: &mut Work) {
+        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            work.idle = true;
         }
     }
 
@@ -365,14 +589,16 @@ impl Shared {
     /// Flush every namespace's backend (shutdown, process exit).
     pub fn flush_all(&self) {
         let backends: Vec<_> = self
-            .lock()
-            .namespaces
+            .ns
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|n| n.backend.clone())
+            .map(|n| (n.backend.clone(), n.flush_failed.clone()))
             .collect();
-        for b in &backends {
+        for (b, failed) in &backends {
             if let Err(e) = b.flush() {
                 log::error!("nvme {}: flush failed: {e}", self.cfg.serial);
+                failed.store(true, Ordering::Release);
             }
         }
     }
@@ -380,357 +606,331 @@ impl Shared {
     // ---- doorbells ----
 
     fn doorbell(&self, off: u64, val: u32) {
+        self.counters.doorbells.fetch_add(1, Ordering::Relaxed);
         let idx = (off - reg::DOORBELL_BASE) / 4;
-        let qid = (idx / 2) as usize;
-        let is_cq = idx % 2 == 1;
-        let mut st = self.lock();
-        if st.csts & csts::RDY == 0 || st.csts & csts::CFS != 0 {
+        let (qid, is_cq) = (idx / 2, idx % 2 == 1);
+        if !self.flag(flag::ACCEPTING) || self.flag(flag::FATAL) {
             return; // writes before the controller is ready are ignored
         }
-        let mem = self.mem.memory();
-        if is_cq {
-            let Some(cq) = st.cqs.get_mut(qid).and_then(|q| q.as_mut()) else {
-                self.doorbell_error(&mut st, aer::ERR_INVALID_DOORBELL);
-                return;
-            };
-            // The new head must lie within the entries the controller has posted.
-            if val >= cq.size || (val + cq.size - cq.head) % cq.size > cq.outstanding() {
-                self.doorbell_error(&mut st, aer::ERR_INVALID_DOORBELL_VALUE);
-                return;
-            }
-            cq.head = val;
-            let mut ok = cq.drain_overflow(&*mem).is_ok();
-            if let Some((db, ei)) = st.dbbuf.filter(|_| qid != 0) {
-                let intx = self.lock_pci().mode() == InterruptMode::Intx;
-                let cq = st.cqs[qid].as_mut().expect("checked above");
-                ok &= cq_event_idx(cq, &*mem, db, ei, qid, intx);
-            }
-            if !ok {
-                self.fatal(&mut st, "cannot write completion queue");
-                return;
-            }
-            self.raise_owed(&mut st);
-            self.update_intx(&mut st);
-            return;
+        let qid = u16::try_from(qid).unwrap_or(u16::MAX);
+        if qid == 0 {
+            self.admin_doorbell(is_cq, val);
+        } else if usize::from(qid) >= self.sq_cq.len() {
+            self.report(AsyncEvent {
+                typ: aer::TYPE_ERROR,
+                info: aer::ERR_INVALID_DOORBELL,
+                lid: crate::spec::lid::ERROR_INFORMATION,
+            });
+        } else if is_cq {
+            self.cq_doorbell(qid, val);
+        } else {
+            self.sq_doorbell(qid, Some(val));
         }
-        let Some(sq) = st.sqs.get_mut(qid).and_then(|q| q.as_mut()) else {
-            self.doorbell_error(&mut st, aer::ERR_INVALID_DOORBELL);
-            return;
-        };
-        if val >= sq.size {
-            self.doorbell_error(&mut st, aer::ERR_INVALID_DOORBELL_VALUE);
-            return;
-        }
-        sq.tail = val;
-        self.process_sq(&mut st, qid as u16);
-        self.raise_owed(&mut st);
     }
 
     /// A bad doorbell write is reported as an Error status asynchronous event (§5.2.1).
-    fn doorbell_error(&self, st: &mut State, info: u8) {
-        self.async_event(
-            st,
-            aer::TYPE_ERROR,
+    pub fn doorbell_error(info: u8) -> AsyncEvent {
+        AsyncEvent {
+            typ: aer::TYPE_ERROR,
             info,
-            crate::spec::lid::ERROR_INFORMATION,
-        );
+            lid: crate::spec::lid::ERROR_INFORMATION,
+        }
     }
 
-    /// Fetch and start every command the host has queued on `qid`. With shadow doorbells the
-    /// tail is (re)read from the host's buffer and the EventIdx tells the host whether its next
-    /// submission needs an MMIO doorbell: not while commands are in flight (each completion
-    /// looks again), yes once the queue is idle.
-    pub fn process_sq(&self, st: &mut State, qid: u16) {
+    /// Report one asynchronous event (takes the ctrl lock).
+    pub fn report(&self, ev: AsyncEvent) {
+        let mut c = self.lock();
+        self.async_event(&mut c, ev);
+        drop(c);
+        self.update_intx();
+    }
+
+    fn admin_doorbell(&self, is_cq: bool, val: u32) {
+        let mut c = self.lock();
+        if is_cq {
+            let Some(cq) = c.admin.cq.as_mut() else {
+                return;
+            };
+            if val >= cq.size || (val + cq.size - cq.head) % cq.size > cq.outstanding() {
+                self.async_event(
+                    &mut c,
+                    Self::doorbell_error(aer::ERR_INVALID_DOORBELL_VALUE),
+                );
+                return;
+            }
+            cq.head = val;
+            let starved = std::mem::take(&mut cq.starved);
+            self.cq_assert[0].store(cq.ien && cq.has_unconsumed(), Ordering::Relaxed);
+            if starved {
+                self.process_admin(&mut c);
+            }
+        } else {
+            let Some(sq) = c.admin.sqs.first_mut() else {
+                return;
+            };
+            if val >= sq.size {
+                self.async_event(
+                    &mut c,
+                    Self::doorbell_error(aer::ERR_INVALID_DOORBELL_VALUE),
+                );
+                return;
+            }
+            sq.tail = val;
+            self.process_admin(&mut c);
+        }
+        drop(c);
+        self.update_intx();
+    }
+
+    /// Fetch and run every admin command the host has queued.
+    pub fn process_admin(&self, c: &mut Ctrl) {
         let mem = self.mem.memory();
-        let shadow = st.dbbuf.filter(|_| qid != 0);
         loop {
-            if let Some((db, _)) = shadow {
-                let Some(sq) = st.sqs.get_mut(usize::from(qid)).and_then(|q| q.as_mut()) else {
-                    return;
-                };
-                if let Some(t) = read_u32(&*mem, db + u64::from(qid) * 8).filter(|&t| t < sq.size) {
-                    sq.tail = t;
+            if !self.flag(flag::ACCEPTING) || self.flag(flag::FATAL) || !self.irq.bus_master() {
+                break;
+            }
+            let Group { cq, sqs, .. } = &mut c.admin;
+            let (Some(cq), Some(sq)) = (cq.as_mut(), sqs.first_mut()) else {
+                break;
+            };
+            if sq.pending() == 0 || !cq.reserve() {
+                break;
+            }
+            let Ok(sqe) = sq.fetch(&*mem) else {
+                cq.unreserve();
+                self.fatal("cannot read admin submission queue entry");
+                break;
+            };
+            self.counters.admin_cmds.fetch_add(1, Ordering::Relaxed);
+            if let Outcome::Done(status, dw0) = self.admin(c, &sqe) {
+                if !status.is_success() {
+                    c.logs.record_error(0, sqe.cid(), status, &sqe);
                 }
-            }
-            self.drain_sq(st, qid, &*mem);
-            let Some((db, ei)) = shadow else { return };
-            if st.csts & csts::CFS != 0 {
-                return;
-            }
-            let Some(sq) = st.sqs.get(usize::from(qid)).and_then(|q| q.as_ref()) else {
-                return;
-            };
-            let event = if sq.inflight > 0 {
-                (sq.tail + sq.size - 1) % sq.size
-            } else {
-                sq.tail
-            };
-            let _ = write_u32(&*mem, ei + u64::from(qid) * 8, event);
-            std::sync::atomic::fence(Ordering::SeqCst);
-            // The host may have queued more after our last read but before seeing the EventIdx.
-            if read_u32(&*mem, db + u64::from(qid) * 8) == Some(sq.tail) {
-                return;
+                self.post_admin(c, sqe.cid(), status, dw0);
             }
         }
+        self.raise_admin(c);
     }
 
-    fn drain_sq<M: vm_memory::GuestMemory>(&self, st: &mut State, qid: u16, mem: &M) {
-        loop {
-            let Some(sq) = st.sqs.get_mut(usize::from(qid)).and_then(|q| q.as_mut()) else {
-                return;
-            };
-            if !sq.has_work() || sq.delete_cid.is_some() {
-                return;
-            }
-            let Ok(sqe) = sq.fetch(mem) else {
-                self.fatal(st, "cannot read submission queue entry");
-                return;
-            };
-            let out = if qid == 0 {
-                self.counters.admin_cmds.fetch_add(1, Ordering::Relaxed);
-                self.admin(st, &sqe)
-            } else {
-                self.submit_io(st, qid, &sqe)
-            };
-            if let Outcome::Done(status, dw0) = out {
-                self.complete(st, qid, sqe.cid(), status, dw0, &sqe);
-            }
-            if st.csts & csts::CFS != 0 {
-                return;
-            }
-        }
-    }
-
-    /// Post a completion for a command of SQ `sqid`; failed commands go to the error log.
-    pub fn complete(
-        &self,
-        st: &mut State,
-        sqid: u16,
-        cid: u16,
-        status: Status,
-        dw0: u32,
-        sqe: &crate::spec::Sqe,
-    ) {
-        if !status.is_success() {
-            st.logs.record_error(sqid, cid, status, sqe);
-        }
-        self.post(st, sqid, cid, status, dw0);
-    }
-
-    /// Write the CQE for (sqid, cid) to the SQ's completion queue.
-    pub fn post(&self, st: &mut State, sqid: u16, cid: u16, status: Status, dw0: u32) {
-        let Some(sq) = st.sqs.get(usize::from(sqid)).and_then(|q| q.as_ref()) else {
+    /// Post an admin completion into the entry reserved for it.
+    pub fn post_admin(&self, c: &mut Ctrl, cid: u16, status: Status, dw0: u32) {
+        let mem = self.mem.memory();
+        let Group { cq, sqs, .. } = &mut c.admin;
+        let (Some(cq), Some(sq)) = (cq.as_mut(), sqs.first()) else {
             return;
         };
-        let (cqid, head) = (usize::from(sq.cqid), sq.head);
-        let mem = self.mem.memory();
-        let shadow = st.dbbuf.filter(|_| cqid != 0);
-        let intx = self.lock_pci().mode() == InterruptMode::Intx;
-        let Some(cq) = st.cqs.get_mut(cqid).and_then(|q| q.as_mut()) else {
-            return;
-        };
-        let mut ok = true;
-        if let Some((db, _)) = shadow {
-            // The host's CQ head lives in its shadow buffer; it rings the MMIO doorbell only
-            // when the EventIdx asks for it.
-            ok &= sync_shadow_head(cq, &*mem, db + cqid as u64 * 8 + 4);
+        if cq
+            .post(&*mem, make_cqe(0, sq.head, cid, status, dw0))
+            .is_err()
+        {
+            self.fatal("cannot write admin completion queue entry");
         }
-        ok &= cq
-            .post(&*mem, make_cqe(sqid, head, cid, status, dw0))
-            .is_ok();
-        if let Some((db, ei)) = shadow {
-            ok &= cq_event_idx(cq, &*mem, db, ei, cqid, intx);
-        }
-        if !ok {
-            self.fatal(st, "cannot write completion queue entry");
-        }
+        self.cq_assert[0].store(cq.has_unconsumed(), Ordering::Relaxed);
     }
 
-    /// Raise interrupts owed by CQs that have new entries.
-    pub fn raise_owed(&self, st: &mut State) {
-        let intms = st.intms;
-        let mut pci = None;
-        for cq in st.cqs.iter_mut().flatten() {
-            if !cq.irq_owed || !cq.ien {
-                cq.irq_owed = false;
-                continue;
-            }
-            let pci = pci.get_or_insert_with(|| self.lock_pci());
-            match pci.mode() {
-                InterruptMode::MsiX => {}
-                InterruptMode::Msi if intms & (1 << cq.iv.min(31)) != 0 => continue, // stays owed
-                InterruptMode::Msi => {}
-                InterruptMode::Intx => {
-                    cq.irq_owed = false;
-                    continue;
-                }
-            }
+    /// Interrupt for new admin completions.
+    pub fn raise_admin(&self, c: &mut Ctrl) {
+        let Some(cq) = c.admin.cq.as_mut() else {
+            return;
+        };
+        if cq.irq_owed && self.may_signal(cq.iv) {
             cq.irq_owed = false;
-            if pci.trigger(cq.iv) {
-                self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+            self.fire(cq.iv);
+        }
+    }
+
+    /// Whether vector `iv` may be signalled now (MSI/INTx masking by INTMS).
+    pub fn may_signal(&self, iv: u16) -> bool {
+        match self.irq.mode() {
+            InterruptMode::MsiX => true,
+            InterruptMode::Msi => self.intms.load(Ordering::Acquire) & (1 << iv.min(31)) == 0,
+            InterruptMode::Intx => false, // level-triggered: see update_intx
+        }
+    }
+
+    /// Send an interrupt message for vector `iv`.
+    pub fn fire(&self, iv: u16) {
+        if self.irq.trigger(iv) {
+            self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// INTMC unmasked `bits`: completions owed on those vectors interrupt now.
+    fn raise_unmasked(&self, bits: u32) {
+        {
+            let mut c = self.lock();
+            if let Some(cq) = c.admin.cq.as_mut() {
+                if cq.has_unconsumed() && bits & 1 != 0 {
+                    cq.irq_owed = true;
+                }
+            }
+            self.raise_admin(&mut c);
+        }
+        for g in self.groups.iter() {
+            let iv = {
+                let mut g = lock(g);
+                match g.cq.as_mut() {
+                    Some(cq)
+                        if cq.ien && cq.has_unconsumed() && bits & (1 << cq.iv.min(31)) != 0 =>
+                    {
+                        cq.irq_owed = false;
+                        cq.coal.unsignalled = 0;
+                        cq.coal.deadline = None;
+                        Some(cq.iv)
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(iv) = iv.filter(|&iv| self.may_signal(iv)) {
+                self.fire(iv);
             }
         }
-        drop(pci);
-        self.update_intx(st);
     }
 
     /// INTx is level-triggered: asserted while any interrupt-enabled CQ holds unconsumed entries
-    /// and vector 0 is not masked by INTMS.
-    fn update_intx(&self, st: &mut State) {
-        let level =
-            st.intms & 1 == 0 && st.cqs.iter().flatten().any(|c| c.ien && c.has_unconsumed());
-        let mut pci = self.lock_pci();
-        if pci.mode() == InterruptMode::Intx {
-            pci.set_intx(level);
-        } else {
-            pci.set_intx(false);
+    /// and vector 0 is not masked by INTMS. Only does work in INTx mode.
+    pub fn update_intx(&self) {
+        if self.irq.mode() != InterruptMode::Intx {
+            return;
         }
+        let mut pci = self.lock_pci();
+        let level = self.intms.load(Ordering::Acquire) & 1 == 0
+            && self.cq_assert.iter().any(|a| a.load(Ordering::Acquire));
+        pci.set_intx(level);
     }
 
     /// Controller Fatal Status: stop processing until reset.
-    pub fn fatal(&self, st: &mut State, why: &str) {
-        log::error!("nvme {}: controller fatal: {why}", self.cfg.serial);
-        st.csts |= csts::CFS;
+    pub fn fatal(&self, why: &str) {
+        if self.flags.fetch_or(flag::FATAL, Ordering::AcqRel) & flag::FATAL == 0 {
+            log::error!("nvme {}: controller fatal: {why}", self.cfg.serial);
+        }
     }
 
     /// Queue an asynchronous event and complete an outstanding AER if one is waiting.
-    pub fn async_event(&self, st: &mut State, typ: u8, info: u8, lid: u8) {
-        if !st.aer_pending.iter().any(|e| e.0 == typ && e.1 == info) {
-            st.aer_pending.push((typ, info, lid));
+    pub fn async_event(&self, c: &mut Ctrl, ev: AsyncEvent) {
+        if !c
+            .aer_pending
+            .iter()
+            .any(|e| e.typ == ev.typ && e.info == ev.info)
+        {
+            c.aer_pending.push(ev);
         }
-        self.deliver_events(st);
+        self.deliver_events(c);
     }
 
     /// Complete AERs for pending, unmasked events.
-    pub fn deliver_events(&self, st: &mut State) {
-        loop {
-            if st.aer_cids.is_empty() {
-                return;
-            }
-            let Some(i) = st
+    pub fn deliver_events(&self, c: &mut Ctrl) {
+        while !c.aer_cids.is_empty() {
+            let Some(i) = c
                 .aer_pending
                 .iter()
-                .position(|e| !st.aer_masked[usize::from(e.0 & 7)])
+                .position(|e| !c.aer_masked[usize::from(e.typ & 7)])
             else {
-                return;
+                break;
             };
-            let (typ, info, lid) = st.aer_pending.remove(i);
-            st.aer_masked[usize::from(typ & 7)] = true;
-            let cid = st.aer_cids.remove(0);
-            let dw0 = u32::from(typ) | (u32::from(info) << 8) | (u32::from(lid) << 16);
-            self.post(st, 0, cid, Status::SUCCESS, dw0);
-            self.raise_owed(st);
+            let ev = c.aer_pending.remove(i);
+            c.aer_masked[usize::from(ev.typ & 7)] = true;
+            let cid = c.aer_cids.remove(0);
+            self.post_admin(c, cid, Status::SUCCESS, ev.dw0());
         }
+        self.raise_admin(c);
     }
 
-    /// An I/O job finished: post its completion unless a reset intervened.
-    pub fn finish_io(&self, gen: u64, sqid: u16, sqe: &crate::spec::Sqe, status: Status, dw0: u32) {
-        let mut st = self.lock();
-        if st.generation != gen {
-            return;
+    /// Carry out deferred work: submit the batch, reap and complete what is already done
+    /// (without a thread hop), send interrupts, and report errors and admin completions.
+    pub fn run_work(&self, mut work: Work) {
+        let mut done = Vec::new();
+        for _ in 0..64 {
+            let engines = std::mem::take(&mut work.engines);
+            if engines == 0 {
+                break;
+            }
+            let threads = self
+                .threads
+                .get()
+                .expect("threads start with the controller");
+            for (i, t) in threads.iter().enumerate() {
+                if engines & (1 << (i % 64)) != 0 {
+                    t.engine().commit();
+                    t.engine().reap(&mut done);
+                }
+            }
+            if done.is_empty() {
+                break;
+            }
+            self.complete_batch(&mut done, &mut work);
         }
-        let cid = sqe.cid();
-        if let Some(p) = st.inflight_cmds.iter().position(|&c| c == (sqid, cid)) {
-            st.inflight_cmds.swap_remove(p);
+        self.finish_work(work);
+    }
+
+    /// The part of [`Shared::run_work`] that needs no engine.
+    pub fn finish_work(&self, work: Work) {
+        for iv in work.irqs {
+            self.fire(iv);
         }
-        self.complete(&mut st, sqid, cid, status, dw0, sqe);
-        // Aborts that waited for this command: it completed, so it was not aborted.
-        let held: Vec<_> = st
-            .held_aborts
-            .iter()
-            .filter(|h| (h.target_sqid, h.target_cid) == (sqid, cid))
-            .copied()
-            .collect();
-        st.held_aborts
-            .retain(|h| (h.target_sqid, h.target_cid) != (sqid, cid));
-        for h in held {
-            self.post(&mut st, 0, h.abort_cid, Status::SUCCESS, 1);
-        }
-        let mut deleted = None;
-        if let Some(sq) = st.sqs.get_mut(usize::from(sqid)).and_then(|q| q.as_mut()) {
-            sq.inflight -= 1;
-            if sq.inflight == 0 {
-                deleted = sq.delete_cid;
+        if let Some(threads) = self.threads.get() {
+            for (i, t) in threads.iter().enumerate() {
+                if work.wake & (1 << (i % 64)) != 0 && crate::io::current_thread() != Some(i) {
+                    t.wake();
+                }
             }
         }
-        if let Some(del_cid) = deleted {
-            st.sqs[usize::from(sqid)] = None;
-            self.post(&mut st, 0, del_cid, Status::SUCCESS, 0);
-        } else if st.dbbuf.is_some() && sqid != 0 {
-            // Shadow doorbells: submissions made while we were busy did not ring.
-            self.process_sq(&mut st, sqid);
+        if let Some(why) = work.fatal {
+            self.fatal(why);
         }
-        self.raise_owed(&mut st);
-    }
-
-    /// A frontend saw a doorbell write without its value (ioeventfd): re-read the shadow
-    /// doorbells of queue `qid` and process. Without Doorbell Buffer Config this does nothing.
-    pub fn kick(&self, qid: u16) {
-        let mut st = self.lock();
-        if st.dbbuf.is_none() || qid == 0 || st.csts & csts::RDY == 0 {
-            return;
+        let admin = !work.events.is_empty()
+            || !work.errors.is_empty()
+            || !work.admin_done.is_empty()
+            || !work.aborts_done.is_empty()
+            || work.idle;
+        if admin {
+            let mut c = self.lock();
+            for (sqid, sqe, status) in &work.errors {
+                c.logs.record_error(*sqid, sqe.cid(), *status, sqe);
+            }
+            for (sqid, cid) in &work.aborts_done {
+                // The target completed, so it was not aborted.
+                while let Some(p) = c
+                    .held_aborts
+                    .iter()
+                    .position(|h| (h.target_sqid, h.target_cid) == (*sqid, *cid))
+                {
+                    let h = c.held_aborts.remove(p);
+                    self.post_admin(&mut c, h.abort_cid, Status::SUCCESS, 1);
+                }
+            }
+            let epoch = c.admin.sqs.first().map(|s| s.epoch);
+            for (e, cid, status, dw0) in &work.admin_done {
+                if epoch == Some(*e) {
+                    self.post_admin(&mut c, *cid, *status, *dw0);
+                }
+            }
+            for ev in &work.events {
+                self.async_event(&mut c, *ev);
+            }
+            if work.idle {
+                self.try_finish_reset(&mut c);
+                let (m, cv) = &self.idle;
+                if *lock(m) > 0 {
+                    cv.notify_all();
+                }
+            }
+            self.raise_admin(&mut c);
         }
-        self.process_sq(&mut st, qid);
-        self.raise_owed(&mut st);
+        if work.intx || admin {
+            self.update_intx();
+        }
     }
 }
 
-fn read_u32<M: vm_memory::GuestMemory>(mem: &M, addr: u64) -> Option<u32> {
+/// Read a little-endian u32 from guest memory.
+pub(crate) fn read_u32<M: vm_memory::GuestMemory>(mem: &M, addr: u64) -> Option<u32> {
     let mut b = [0u8; 4];
     vm_memory::Bytes::read_slice(mem, &mut b, vm_memory::GuestAddress(addr)).ok()?;
     Some(u32::from_le_bytes(b))
 }
 
-fn write_u32<M: vm_memory::GuestMemory>(mem: &M, addr: u64, v: u32) -> Option<()> {
+/// Write a little-endian u32 to guest memory.
+pub(crate) fn write_u32<M: vm_memory::GuestMemory>(mem: &M, addr: u64, v: u32) -> Option<()> {
     vm_memory::Bytes::write_slice(mem, &v.to_le_bytes(), vm_memory::GuestAddress(addr)).ok()
-}
-
-/// Tell a host using shadow doorbells whether its next CQ head update needs an MMIO doorbell:
-/// only when completions wait for space (or INTx must follow the head); otherwise every post
-/// re-reads the shadow head. Returns false only if writing the CQ failed.
-fn cq_event_idx<M: vm_memory::GuestMemory>(
-    cq: &mut CompQueue,
-    mem: &M,
-    db: u64,
-    ei: u64,
-    cqid: usize,
-    intx: bool,
-) -> bool {
-    let (head_slot, event_slot) = (db + cqid as u64 * 8 + 4, ei + cqid as u64 * 8 + 4);
-    loop {
-        let want_ring = intx || !cq.overflow.is_empty();
-        let event = if want_ring {
-            cq.head
-        } else {
-            (cq.head + cq.size - 1) % cq.size
-        };
-        let _ = write_u32(mem, event_slot, event);
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if !want_ring {
-            return true;
-        }
-        // The host may have moved the head before it could see the new EventIdx.
-        let before = cq.head;
-        if !sync_shadow_head(cq, mem, head_slot) {
-            return false;
-        }
-        if cq.head == before {
-            return true;
-        }
-    }
-}
-
-/// Adopt the host's shadow CQ head if it is a legal value, and fill freed slots. Returns false
-/// only if writing the CQ failed.
-fn sync_shadow_head<M: vm_memory::GuestMemory>(cq: &mut CompQueue, mem: &M, addr: u64) -> bool {
-    let Some(h) = read_u32(mem, addr).filter(|&h| h < cq.size) else {
-        return true;
-    };
-    let outstanding = (cq.tail + cq.size - cq.head) % cq.size;
-    let advance = (h + cq.size - cq.head) % cq.size;
-    if advance == 0 || advance > outstanding {
-        return true;
-    }
-    cq.head = h;
-    cq.drain_overflow(mem).is_ok()
 }

@@ -20,11 +20,11 @@ pub mod queue;
 pub mod smart;
 pub mod spec;
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
-use block::Executor;
+use block::{Engine, Executor, IoThread};
 use pci::caps::{self, LinkSpeed};
 use pci::{
     BarInfo, BarKind, ConfigError, ConfigSpace, DeviceContext, IoEvent, PciDevice, PciFunction,
@@ -32,11 +32,12 @@ use pci::{
 };
 
 use crate::config::CtrlConfig;
-use crate::ctrl::{Shared, State};
+use crate::ctrl::{flag, Ctrl, Shared};
 use crate::features::Features;
 use crate::identify::{PCI_DEVICE_ID, PCI_VENDOR_ID};
 use crate::log::Logs;
 use crate::namespace::Namespace;
+use crate::queue::Group;
 
 /// Emulation name for `-s slot,nvme,…`.
 pub const NAME: &str = "nvme";
@@ -46,8 +47,21 @@ pub const NVME_VERSION: u32 = 0x0002_0000;
 pub const MSIX_BAR: u8 = 4;
 /// Offset of the PBA in [`MSIX_BAR`].
 pub const PBA_OFFSET: u64 = 0x1000;
-/// Executor threads per controller.
-const IO_THREADS: usize = 4;
+/// Size of [`MSIX_BAR`].
+const MSIX_BAR_SIZE: u64 = 0x2000;
+/// Worker threads per controller for blocking work.
+const POOL_THREADS: usize = 4;
+
+/// Why a controller cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// The SMART state file (`smart=PATH`) cannot be read or written.
+    #[error("{0}")]
+    Smart(String),
+    /// An I/O thread or its engine could not be set up.
+    #[error("cannot start I/O thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
 
 /// An NVMe controller on a PCI function.
 pub struct NvmeController {
@@ -59,19 +73,19 @@ impl NvmeController {
     /// Build a controller from parsed configuration and opened namespaces.
     ///
     /// # Panics
-    /// If `cfg.smart` names a state file that cannot be used; [`NvmeController::try_new`]
-    /// reports that as an error instead.
+    /// If `cfg.smart` names a state file that cannot be used, or threads cannot start;
+    /// [`NvmeController::try_new`] reports that as an error instead.
     pub fn new(cfg: CtrlConfig, ctx: &DeviceContext, namespaces: Vec<Namespace>) -> Self {
         Self::try_new(cfg, ctx, namespaces).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Build a controller; fails only if the SMART state file cannot be read or written.
+    /// Build a controller and start its I/O threads.
     pub fn try_new(
         cfg: CtrlConfig,
         ctx: &DeviceContext,
         namespaces: Vec<Namespace>,
-    ) -> Result<Self, String> {
-        let smart = smart::SmartStore::open(cfg.smart.as_deref())?;
+    ) -> Result<Self, CreateError> {
+        let smart = smart::SmartStore::open(cfg.smart.as_deref()).map_err(CreateError::Smart)?;
         let vectors = cfg.maxq + 1;
         let bar0_size = (reg_space(cfg.maxq)).next_power_of_two().max(0x4000);
         let mut cs = ConfigSpace::new(PCI_VENDOR_ID, PCI_DEVICE_ID, 0x01, 0x08, 0x02, 0);
@@ -88,7 +102,7 @@ impl NvmeController {
             BarKind::Mem32 {
                 prefetchable: false,
             },
-            0x2000,
+            MSIX_BAR_SIZE,
         );
         if ctx.intx_supported {
             cs.set_interrupt_pin(1);
@@ -99,41 +113,71 @@ impl NvmeController {
         let msix = caps::add_msix(&mut cs, vectors, MSIX_BAR, 0, MSIX_BAR, PBA_OFFSET as u32);
         caps::add_pcie_endpoint(&mut cs, LinkSpeed::Gen3, 4);
         let pci = PciFunction::new(cs, Some(msi), Some(msix), ctx.irq.clone());
-        let maxq = cfg.maxq;
-        let state = State {
+        let irq = pci.interrupts();
+        let maxq = usize::from(cfg.maxq);
+        let features = Features::new(cfg.maxq, usize::from(vectors));
+        let ctrl = Ctrl {
             cc: 0,
             csts: 0,
             aqa: 0,
             asq: 0,
             acq: 0,
-            intms: 0,
-            sqs: (0..=maxq).map(|_| None).collect(),
-            cqs: (0..=maxq).map(|_| None).collect(),
-            generation: 0,
-            features: Features::new(maxq, usize::from(vectors)),
-            namespaces,
+            admin: Group::default(),
+            features: features.clone(),
             logs: Logs::default(),
             aer_cids: Vec::new(),
             aer_pending: Vec::new(),
             aer_masked: [false; 8],
-            inflight_cmds: Vec::new(),
             held_aborts: Vec::new(),
             timestamp: None,
             dbbuf: None,
+            resetting: false,
+            shutdown_seq: 0,
         };
         let name = format!("nvme-{}", cfg.serial);
+        let pool = Arc::new(Executor::new(POOL_THREADS, &name));
+        let (aio, iothreads, qsz) = (cfg.aio, cfg.iothreads, cfg.qsz);
         let shared = Arc::new_cyclic(|me| Shared {
-            exec: Executor::new(IO_THREADS, &name),
             cfg,
             mem: ctx.mem.clone(),
             pci: Mutex::new(pci),
-            state: Mutex::new(state),
+            irq,
+            ctrl: Mutex::new(ctrl),
+            ns: RwLock::new(namespaces),
+            groups: (0..=maxq).map(|_| Mutex::new(Group::default())).collect(),
+            sq_cq: (0..=maxq).map(|_| AtomicU16::new(0)).collect(),
+            cq_assert: (0..=maxq).map(|_| AtomicBool::new(false)).collect(),
+            flags: AtomicU32::new(0),
+            shadow: (AtomicU64::new(0), AtomicU64::new(0)),
+            volatile_wc: AtomicBool::new(features.volatile_wc),
+            coalescing: AtomicU32::new(features.coalescing),
+            vector_cd: (0..vectors).map(|_| AtomicBool::new(false)).collect(),
+            intms: AtomicU32::new(0),
+            inflight: AtomicUsize::new(0),
+            idle: (Mutex::new(0), Condvar::new()),
+            epoch: AtomicU16::new(1),
+            threads: OnceLock::new(),
+            pool: pool.clone(),
+            shutdown_running: AtomicBool::new(false),
             counters: Default::default(),
             started: Instant::now(),
             me: me.clone(),
             smart,
             smart_clean: Default::default(),
         });
+        let mut threads = Vec::new();
+        for i in 0..usize::from(iothreads) {
+            let depth = qsz.min(4096);
+            let engine = Engine::new(aio, depth, pool.clone())?;
+            let handler: std::sync::Weak<dyn block::IoHandler> = Arc::downgrade(&shared) as _;
+            threads.push(IoThread::spawn(
+                format!("{name}-io{i}"),
+                i,
+                engine,
+                handler,
+            )?);
+        }
+        let _ = shared.threads.set(threads);
         Ok(NvmeController { shared, bar0_size })
     }
 
@@ -158,9 +202,9 @@ pub fn create(spec: &SlotSpec, ctx: &DeviceContext) -> Result<Box<dyn PciDevice>
         })?;
         namespaces.push(Namespace::new(i as u32 + 1, backend));
     }
-    let dev = NvmeController::try_new(cfg, ctx, namespaces).map_err(|msg| ConfigError::Device {
+    let dev = NvmeController::try_new(cfg, ctx, namespaces).map_err(|e| ConfigError::Device {
         device: spec.emul.clone(),
-        msg,
+        msg: e.to_string(),
     })?;
     Ok(Box::new(dev))
 }
@@ -170,27 +214,30 @@ impl PciDevice for NvmeController {
         NAME
     }
 
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+    fn config_read(&self, offset: u16, data: &mut [u8]) {
         self.shared
-            .pci
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_pci()
             .config_read(usize::from(offset), data);
     }
 
-    fn config_write(&mut self, offset: u16, data: &[u8]) {
+    fn config_write(&self, offset: u16, data: &[u8]) {
+        let was = self.shared.irq.bus_master();
         self.shared
-            .pci
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_pci()
             .config_write(usize::from(offset), data);
+        if !was && self.shared.irq.bus_master() {
+            // Bus Master Enable is back: held completions go out, fetching resumes.
+            self.shared.resume();
+        }
     }
 
-    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+    fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) {
         match bar {
-            0 if offset < self.bar0_size => self.shared.read_bar0(offset, data),
-            MSIX_BAR => {
-                let pci = self.shared.pci.lock().unwrap_or_else(|e| e.into_inner());
+            0 if pci::bar_access_ok(offset, data.len(), self.bar0_size) => {
+                self.shared.read_bar0(offset, data)
+            }
+            MSIX_BAR if pci::bar_access_ok(offset, data.len(), MSIX_BAR_SIZE) => {
+                let pci = self.shared.lock_pci();
                 if offset >= PBA_OFFSET {
                     pci.msix_pba_read(offset - PBA_OFFSET, data);
                 } else {
@@ -201,15 +248,15 @@ impl PciDevice for NvmeController {
         }
     }
 
-    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+    fn bar_write(&self, bar: u8, offset: u64, data: &[u8]) {
         match bar {
-            0 if offset < self.bar0_size => self.shared.write_bar0(offset, data),
-            MSIX_BAR if offset < PBA_OFFSET => {
-                self.shared
-                    .pci
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .msix_table_write(offset, data);
+            0 if pci::bar_access_ok(offset, data.len(), self.bar0_size) => {
+                self.shared.write_bar0(offset, data)
+            }
+            MSIX_BAR
+                if pci::bar_access_ok(offset, data.len(), MSIX_BAR_SIZE) && offset < PBA_OFFSET =>
+            {
+                self.shared.lock_pci().msix_table_write(offset, data);
             }
             _ => {}
         }
@@ -226,7 +273,7 @@ impl PciDevice for NvmeController {
             },
             BarInfo {
                 index: MSIX_BAR,
-                size: 0x2000,
+                size: MSIX_BAR_SIZE,
                 kind: BarKind::Mem32 {
                     prefetchable: false,
                 },
@@ -234,8 +281,8 @@ impl PciDevice for NvmeController {
         ]
     }
 
-    fn shutdown(&mut self) {
-        self.shared.exec.wait_idle();
+    fn shutdown(&self) {
+        self.shared.wait_idle();
         self.shared.flush_all();
         // Clean only if the host had shut the controller down (CC.SHN) and not re-enabled it.
         let clean = self.shared.smart_clean.load(Ordering::Relaxed);
@@ -244,33 +291,27 @@ impl PciDevice for NvmeController {
 
     fn stats(&self) -> Vec<(String, u64)> {
         let c = &self.shared.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         vec![
-            (
-                "admin_commands".into(),
-                c.admin_cmds.load(Ordering::Relaxed),
-            ),
-            ("read_commands".into(), c.read_cmds.load(Ordering::Relaxed)),
-            (
-                "write_commands".into(),
-                c.write_cmds.load(Ordering::Relaxed),
-            ),
-            ("bytes_read".into(), c.bytes_read.load(Ordering::Relaxed)),
-            (
-                "bytes_written".into(),
-                c.bytes_written.load(Ordering::Relaxed),
-            ),
-            ("interrupts".into(), c.interrupts.load(Ordering::Relaxed)),
+            ("admin_commands".into(), g(&c.admin_cmds)),
+            ("read_commands".into(), g(&c.read_cmds)),
+            ("write_commands".into(), g(&c.write_cmds)),
+            ("bytes_read".into(), g(&c.bytes_read)),
+            ("bytes_written".into(), g(&c.bytes_written)),
+            ("interrupts".into(), g(&c.interrupts)),
+            ("doorbell_writes".into(), g(&c.doorbells)),
+            ("shadow_polls".into(), g(&c.polled)),
         ]
     }
 
     /// Once the host has configured shadow doorbells (Doorbell Buffer Config, an admin command, so
     /// the set changes during a BAR0 write), an I/O submission queue's tail is in guest memory and
     /// its SQ tail doorbell can be absorbed: token = qid. CQ head doorbells stay synchronous: the
-    /// host rings them only when the controller asks through the EventIdx (completions waiting for
-    /// space, INTx), and then the controller must act on the new head, which a kick does not do.
+    /// host rings them only when the controller asks through the EventIdx (fetching waits for
+    /// room, INTx), and then the controller must act on the new head, which a kick does not do.
     /// Shadow doorbells do not cover the admin queue.
     fn ioevents(&self) -> Vec<IoEvent> {
-        if self.shared.lock().dbbuf.is_none() {
+        if !self.shared.flag(flag::SHADOW) {
             return Vec::new();
         }
         (1..=self.shared.cfg.maxq)
@@ -284,7 +325,7 @@ impl PciDevice for NvmeController {
     }
 
     /// An absorbed SQ tail doorbell of queue `token`: re-read the shadow doorbells and process.
-    fn kick(&mut self, token: u32) {
+    fn kick(&self, token: u32) {
         if let Ok(qid) = u16::try_from(token) {
             self.shared.kick(qid);
         }

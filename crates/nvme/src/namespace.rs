@@ -1,5 +1,6 @@
 //! Namespaces: a backend plus its current LBA format.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use block::BlockBackend;
@@ -18,6 +19,10 @@ pub struct Namespace {
     pub flbas: u8,
     /// Write protected (read-only image).
     pub read_only: bool,
+    /// A flush of this backend failed: what was written may be lost, so every later Flush (and
+    /// FUA write) reports the failure until the controller is reset, even if the kernel has
+    /// since dropped the dirty pages and a new fdatasync would succeed.
+    pub flush_failed: Arc<AtomicBool>,
 }
 
 impl Namespace {
@@ -30,6 +35,7 @@ impl Namespace {
             read_only: info.read_only,
             backend,
             flbas,
+            flush_failed: Arc::default(),
         }
     }
 

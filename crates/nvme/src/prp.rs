@@ -1,13 +1,16 @@
-//! Data pointers: PRP entries and lists, and SGLs, mapped to guest-memory segments.
+//! Data pointers: PRP entries and lists, and SGLs, walked into guest-memory segments.
 //!
-//! Mapping happens before any data moves, so a bad pointer fails the command with the spec's
-//! status and leaves guest memory and the disk untouched. Every segment is checked to lie inside
-//! guest RAM; list walks are bounded by the transfer length, so a hostile list cannot loop.
+//! A [`Walker`] yields a command's data segments one at a time, so nothing is allocated in
+//! proportion to the transfer size: the I/O path maps a bounded number of segments per backend
+//! request (see [`crate::io`]) and [`validate`] walks a whole pointer once, without storing it,
+//! so a bad pointer fails the command with the spec's status before any data moves. Every
+//! segment is checked to lie inside guest RAM; list walks are bounded by the transfer length
+//! (PRP) or a descriptor budget (SGL), so a hostile list cannot loop.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 use zerocopy::FromBytes;
 
-use crate::spec::{sgl, SglDescriptor, Status};
+use crate::spec::{sgl, SglDescriptor, Sqe, Status};
 
 /// A piece of a transfer: guest address and length; `None` is an SGL bit bucket (read data is
 /// dropped).
@@ -22,36 +25,311 @@ pub struct Segment {
 /// Most SGL descriptors walked for one command (hostile chains end here).
 pub const MAX_SGL_DESCRIPTORS: usize = 4096;
 
-fn push(segs: &mut Vec<Segment>, addr: Option<u64>, len: u64) {
-    if len == 0 {
-        return;
+/// A command's data pointer, decoded from the SQE.
+#[derive(Clone, Copy, Debug)]
+pub enum DataPtr {
+    /// PRP1/PRP2 with the controller's memory page size.
+    Prp {
+        /// PRP Entry 1.
+        prp1: u64,
+        /// PRP Entry 2 (data pointer or list pointer).
+        prp2: u64,
+        /// CC.MPS page size in bytes.
+        page: u64,
+    },
+    /// SGL Entry 1.
+    Sgl(SglDescriptor),
+}
+
+impl DataPtr {
+    /// The data pointer of `sqe` (PSDT 00b: PRPs, 01b: SGL; 10b is not offered).
+    pub fn of(sqe: &Sqe, page: u64) -> Result<DataPtr, Status> {
+        match sqe.psdt() {
+            0 => Ok(DataPtr::Prp {
+                prp1: sqe.dptr[0],
+                prp2: sqe.dptr[1],
+                page,
+            }),
+            1 => {
+                let mut b = [0u8; 16];
+                b[..8].copy_from_slice(&sqe.dptr[0].to_le_bytes());
+                b[8..].copy_from_slice(&sqe.dptr[1].to_le_bytes());
+                SglDescriptor::read_from_bytes(&b)
+                    .map(DataPtr::Sgl)
+                    .map_err(|_| Status::INVALID_FIELD)
+            }
+            _ => Err(Status::INVALID_FIELD),
+        }
     }
-    if let (Some(last), Some(a)) = (segs.last_mut(), addr) {
-        if let Some(la) = last.addr {
-            if la.checked_add(last.len) == Some(a) {
-                last.len += len;
-                return;
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    /// PRP1 not yet emitted.
+    PrpFirst,
+    /// PRP2 is the (single) second data pointer.
+    PrpSecond,
+    /// Next entry to read is at `list`.
+    PrpList {
+        list: u64,
+    },
+    /// SGL Entry 1 is itself a data descriptor.
+    SglSingle,
+    /// Inside segment `seg`, at descriptor `i` of `n`.
+    SglSegment {
+        seg: SglDescriptor,
+        i: usize,
+        n: usize,
+    },
+    Done,
+}
+
+/// Yields a data pointer's segments in transfer order.
+#[derive(Clone, Debug)]
+pub struct Walker {
+    ptr: DataPtr,
+    len: u64,
+    host_to_ctrl: bool,
+    /// Bytes described so far.
+    described: u64,
+    walked: usize,
+    stage: Stage,
+}
+
+impl Walker {
+    /// Start walking `len` bytes of `ptr`; `host_to_ctrl` is true for writes (SGL bit buckets
+    /// are then invalid).
+    pub fn new(ptr: DataPtr, len: u64, host_to_ctrl: bool) -> Result<Walker, Status> {
+        let stage = match ptr {
+            _ if len == 0 && matches!(ptr, DataPtr::Prp { .. }) => Stage::Done,
+            DataPtr::Prp { prp1, .. } => {
+                if prp1 & 3 != 0 {
+                    return Err(Status::PRP_OFFSET_INVALID);
+                }
+                Stage::PrpFirst
+            }
+            DataPtr::Sgl(d) => match d.id >> 4 {
+                sgl::DATA_BLOCK | sgl::BIT_BUCKET => Stage::SglSingle,
+                _ => Self::enter_segment(d, 0)?.0,
+            },
+        };
+        let walked = match stage {
+            Stage::SglSegment { n, .. } => n,
+            _ => 0,
+        };
+        Ok(Walker {
+            ptr,
+            len,
+            host_to_ctrl,
+            described: 0,
+            walked,
+            stage,
+        })
+    }
+
+    /// Bytes of the transfer not yet described.
+    pub fn remaining(&self) -> u64 {
+        self.len.saturating_sub(self.described)
+    }
+
+    fn enter_segment(seg: SglDescriptor, walked: usize) -> Result<(Stage, usize), Status> {
+        let (styp, sub) = (seg.id >> 4, seg.id & 0xf);
+        if (styp != sgl::SEGMENT && styp != sgl::LAST_SEGMENT) || sub != 0 {
+            return Err(Status::SGL_TYPE_INVALID);
+        }
+        if seg.len == 0 || !seg.len.is_multiple_of(16) {
+            return Err(Status::INVALID_SGL_SEGMENT);
+        }
+        let n = (seg.len / 16) as usize;
+        if walked + n > MAX_SGL_DESCRIPTORS {
+            return Err(Status::INVALID_SGL_COUNT);
+        }
+        Ok((Stage::SglSegment { seg, i: 0, n }, walked + n))
+    }
+
+    fn data_desc(&mut self, d: &SglDescriptor) -> Result<Option<Segment>, Status> {
+        let (typ, sub) = (d.id >> 4, d.id & 0xf);
+        let l = u64::from(d.len);
+        let addr = match typ {
+            sgl::DATA_BLOCK if sub == 0 => Some(d.addr),
+            sgl::BIT_BUCKET if sub == 0 && !self.host_to_ctrl => None,
+            _ => return Err(Status::SGL_TYPE_INVALID),
+        };
+        self.described += l;
+        if self.described > self.len {
+            return Err(Status::DATA_SGL_LENGTH_INVALID);
+        }
+        Ok((l > 0).then_some(Segment { addr, len: l }))
+    }
+
+    /// The next segment, `None` at the end. Errors are the command's status.
+    pub fn next<M: GuestMemory>(&mut self, mem: &M) -> Result<Option<Segment>, Status> {
+        loop {
+            match (self.stage, self.ptr) {
+                (Stage::Done, _) => {
+                    if self.described != self.len {
+                        return Err(Status::DATA_SGL_LENGTH_INVALID);
+                    }
+                    return Ok(None);
+                }
+                (Stage::PrpFirst, DataPtr::Prp { prp1, prp2, page }) => {
+                    let first = self.len.min(page - (prp1 & (page - 1)));
+                    self.described = first;
+                    let rem = self.len - first;
+                    self.stage = if rem == 0 {
+                        Stage::Done
+                    } else if rem <= page {
+                        if prp2 & (page - 1) != 0 {
+                            return Err(Status::PRP_OFFSET_INVALID);
+                        }
+                        Stage::PrpSecond
+                    } else {
+                        if prp2 & 7 != 0 {
+                            return Err(Status::PRP_OFFSET_INVALID);
+                        }
+                        Stage::PrpList { list: prp2 }
+                    };
+                    return Ok(Some(Segment {
+                        addr: Some(prp1),
+                        len: first,
+                    }));
+                }
+                (Stage::PrpSecond, DataPtr::Prp { prp2, .. }) => {
+                    let n = self.remaining();
+                    self.described = self.len;
+                    self.stage = Stage::Done;
+                    return Ok(Some(Segment {
+                        addr: Some(prp2),
+                        len: n,
+                    }));
+                }
+                (Stage::PrpList { list }, DataPtr::Prp { page, .. }) => {
+                    let rem = self.remaining();
+                    if rem == 0 {
+                        self.stage = Stage::Done;
+                        continue;
+                    }
+                    let entry: u64 = mem
+                        .read_obj(GuestAddress(list))
+                        .map_err(|_| Status::DATA_TRANSFER_ERROR)?;
+                    // Like every entry inside a PRP list it has a zero page offset (Base 2.0
+                    // §4.1.1); this also guarantees each further list page holds data entries,
+                    // so a chain of one-slot "pages" cannot loop forever.
+                    if entry & (page - 1) != 0 {
+                        return Err(Status::PRP_OFFSET_INVALID);
+                    }
+                    let last_slot = (list + 8) & (page - 1) == 0;
+                    if last_slot && rem > page {
+                        // Last slot of a list page with more than one page to go: next list.
+                        self.stage = Stage::PrpList { list: entry };
+                        continue;
+                    }
+                    let n = rem.min(page);
+                    self.described += n;
+                    self.stage = Stage::PrpList {
+                        list: list.wrapping_add(8),
+                    };
+                    return Ok(Some(Segment {
+                        addr: Some(entry),
+                        len: n,
+                    }));
+                }
+                (Stage::SglSingle, DataPtr::Sgl(d)) => {
+                    self.stage = Stage::Done;
+                    if let Some(s) = self.data_desc(&d)? {
+                        return Ok(Some(s));
+                    }
+                }
+                (Stage::SglSegment { seg, i, n }, _) => {
+                    if i == n {
+                        // Ran off the end of a segment without a chaining descriptor.
+                        if seg.id >> 4 == sgl::SEGMENT {
+                            return Err(Status::INVALID_SGL_SEGMENT);
+                        }
+                        self.stage = Stage::Done;
+                        continue;
+                    }
+                    let d: SglDescriptor = read_struct(mem, seg.addr.wrapping_add(i as u64 * 16))
+                        .ok_or(Status::DATA_TRANSFER_ERROR)?;
+                    let dt = d.id >> 4;
+                    if dt == sgl::SEGMENT || dt == sgl::LAST_SEGMENT {
+                        // Only the last descriptor of a (non-last) segment may chain.
+                        if i != n - 1 || seg.id >> 4 == sgl::LAST_SEGMENT {
+                            return Err(Status::INVALID_SGL_SEGMENT);
+                        }
+                        let (st, w) = Self::enter_segment(d, self.walked)?;
+                        self.walked = w;
+                        self.stage = st;
+                        continue;
+                    }
+                    self.stage = Stage::SglSegment { seg, i: i + 1, n };
+                    if let Some(s) = self.data_desc(&d)? {
+                        return Ok(Some(s));
+                    }
+                }
+                _ => return Err(Status::INTERNAL_ERROR),
             }
         }
     }
-    segs.push(Segment { addr, len });
 }
 
-fn check_ram<M: GuestMemory>(mem: &M, segs: &[Segment]) -> Result<(), Status> {
-    for s in segs {
-        if let Some(a) = s.addr {
-            let ok = usize::try_from(s.len)
-                .ok()
-                .is_some_and(|l| mem.check_range(GuestAddress(a), l, Permissions::ReadWrite));
-            if !ok {
-                return Err(Status::DATA_TRANSFER_ERROR);
-            }
+fn check_ram<M: GuestMemory>(mem: &M, s: &Segment) -> Result<(), Status> {
+    if let Some(a) = s.addr {
+        let ok = usize::try_from(s.len).ok().is_some_and(|l| {
+            a.checked_add(s.len).is_some()
+                && mem.check_range(GuestAddress(a), l, Permissions::ReadWrite)
+        });
+        if !ok {
+            return Err(Status::DATA_TRANSFER_ERROR);
         }
     }
     Ok(())
 }
 
-/// Map `len` bytes described by PRP1/PRP2 with memory page size `page`.
+/// Walk a whole data pointer, checking every segment lies in guest RAM, without storing it.
+/// Returns the number of segments.
+pub fn validate<M: GuestMemory>(
+    mem: &M,
+    ptr: DataPtr,
+    len: u64,
+    host_to_ctrl: bool,
+) -> Result<usize, Status> {
+    let mut w = Walker::new(ptr, len, host_to_ctrl)?;
+    let mut n = 0;
+    while let Some(s) = w.next(mem)? {
+        check_ram(mem, &s)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Walk a (small) data pointer into a list of segments, merged where contiguous.
+pub fn collect<M: GuestMemory>(
+    mem: &M,
+    ptr: DataPtr,
+    len: u64,
+    host_to_ctrl: bool,
+) -> Result<Vec<Segment>, Status> {
+    let mut w = Walker::new(ptr, len, host_to_ctrl)?;
+    let mut segs: Vec<Segment> = Vec::new();
+    while let Some(s) = w.next(mem)? {
+        match (segs.last_mut(), s.addr) {
+            (Some(last), Some(a))
+                if last.addr.and_then(|la| la.checked_add(last.len)) == Some(a) =>
+            {
+                last.len += s.len
+            }
+            _ => segs.push(s),
+        }
+    }
+    for s in &segs {
+        check_ram(mem, s)?;
+    }
+    Ok(segs)
+}
+
+/// Map `len` bytes described by PRP1/PRP2 with memory page size `page` (small transfers: admin
+/// data, DSM ranges; the I/O path walks instead).
 pub fn map_prp<M: GuestMemory>(
     mem: &M,
     prp1: u64,
@@ -59,58 +337,7 @@ pub fn map_prp<M: GuestMemory>(
     len: u64,
     page: u64,
 ) -> Result<Vec<Segment>, Status> {
-    let mut segs = Vec::new();
-    if len == 0 {
-        return Ok(segs);
-    }
-    if prp1 & 3 != 0 {
-        return Err(Status::PRP_OFFSET_INVALID);
-    }
-    let first = len.min(page - (prp1 & (page - 1)));
-    push(&mut segs, Some(prp1), first);
-    let mut rem = len - first;
-    if rem == 0 {
-    } else if rem <= page {
-        if prp2 & (page - 1) != 0 {
-            return Err(Status::PRP_OFFSET_INVALID);
-        }
-        push(&mut segs, Some(prp2), rem);
-    } else {
-        let mut list = prp2;
-        if list & 7 != 0 {
-            return Err(Status::PRP_OFFSET_INVALID);
-        }
-        while rem > 0 {
-            let in_page = (page - (list & (page - 1))) / 8;
-            for i in 0..in_page {
-                let entry: u64 = mem
-                    .read_obj(GuestAddress(list + i * 8))
-                    .map_err(|_| Status::DATA_TRANSFER_ERROR)?;
-                if i == in_page - 1 && rem > page {
-                    // Last slot of a list page with more than one page to go: next list pointer.
-                    // Like every entry inside a PRP list it has a zero page offset (Base 2.0
-                    // §4.1.1); this also guarantees each further list page holds data entries,
-                    // so a chain of one-slot "pages" cannot loop forever.
-                    if entry & (page - 1) != 0 {
-                        return Err(Status::PRP_OFFSET_INVALID);
-                    }
-                    list = entry;
-                    break;
-                }
-                if entry & (page - 1) != 0 {
-                    return Err(Status::PRP_OFFSET_INVALID);
-                }
-                let n = rem.min(page);
-                push(&mut segs, Some(entry), n);
-                rem -= n;
-                if rem == 0 {
-                    break;
-                }
-            }
-        }
-    }
-    check_ram(mem, &segs)?;
-    Ok(segs)
+    collect(mem, DataPtr::Prp { prp1, prp2, page }, len, false)
 }
 
 /// Map `len` bytes described by SGL1 (the SQE's 16-byte data pointer). `host_to_ctrl` is true for
@@ -121,73 +348,20 @@ pub fn map_sgl<M: GuestMemory>(
     len: u64,
     host_to_ctrl: bool,
 ) -> Result<Vec<Segment>, Status> {
-    let mut segs = Vec::new();
-    let mut total: u64 = 0;
-    let mut walked = 0usize;
-    let data_desc =
-        |d: &SglDescriptor, segs: &mut Vec<Segment>, total: &mut u64| -> Result<(), Status> {
-            let (typ, sub) = (d.id >> 4, d.id & 0xf);
-            let l = u64::from(d.len);
-            match typ {
-                sgl::DATA_BLOCK if sub == 0 => push(segs, Some(d.addr), l),
-                sgl::BIT_BUCKET if sub == 0 && !host_to_ctrl => push(segs, None, l),
-                _ => return Err(Status::SGL_TYPE_INVALID),
-            }
-            *total += l;
-            Ok(())
-        };
-    let typ = sgl1.id >> 4;
-    if typ == sgl::DATA_BLOCK || typ == sgl::BIT_BUCKET {
-        data_desc(&sgl1, &mut segs, &mut total)?;
-    } else {
-        let mut seg = sgl1;
-        loop {
-            let (styp, sub) = (seg.id >> 4, seg.id & 0xf);
-            if (styp != sgl::SEGMENT && styp != sgl::LAST_SEGMENT) || sub != 0 {
-                return Err(Status::SGL_TYPE_INVALID);
-            }
-            if seg.len == 0 || !seg.len.is_multiple_of(16) {
-                return Err(Status::INVALID_SGL_SEGMENT);
-            }
-            let n = (seg.len / 16) as usize;
-            walked += n;
-            if walked > MAX_SGL_DESCRIPTORS {
-                return Err(Status::INVALID_SGL_COUNT);
-            }
-            let mut next = None;
-            for i in 0..n {
-                let d: SglDescriptor = read_struct(mem, seg.addr.wrapping_add(i as u64 * 16))
-                    .ok_or(Status::DATA_TRANSFER_ERROR)?;
-                let dt = d.id >> 4;
-                if dt == sgl::SEGMENT || dt == sgl::LAST_SEGMENT {
-                    // Only the last descriptor of a (non-last) segment may chain.
-                    if i != n - 1 || styp == sgl::LAST_SEGMENT {
-                        return Err(Status::INVALID_SGL_SEGMENT);
-                    }
-                    next = Some(d);
-                } else {
-                    data_desc(&d, &mut segs, &mut total)?;
-                }
-            }
-            match next {
-                Some(d) => seg = d,
-                None if styp == sgl::SEGMENT => return Err(Status::INVALID_SGL_SEGMENT),
-                None => break,
-            }
-        }
-    }
-    if total != len {
-        return Err(Status::DATA_SGL_LENGTH_INVALID);
-    }
-    check_ram(mem, &segs)?;
-    Ok(segs)
+    collect(mem, DataPtr::Sgl(sgl1), len, host_to_ctrl)
 }
 
 /// Read a spec structure from guest memory.
 pub fn read_struct<T: FromBytes, M: GuestMemory>(mem: &M, addr: u64) -> Option<T> {
-    let mut buf = vec![0u8; std::mem::size_of::<T>()];
-    mem.read_slice(&mut buf, GuestAddress(addr)).ok()?;
-    T::read_from_bytes(&buf).ok()
+    let mut buf = [0u8; 64];
+    let n = std::mem::size_of::<T>();
+    if n > buf.len() {
+        let mut v = vec![0u8; n];
+        mem.read_slice(&mut v, GuestAddress(addr)).ok()?;
+        return T::read_from_bytes(&v).ok();
+    }
+    mem.read_slice(&mut buf[..n], GuestAddress(addr)).ok()?;
+    T::read_from_bytes(&buf[..n]).ok()
 }
 
 /// Write a spec structure to guest memory.
@@ -199,18 +373,27 @@ pub fn write_struct<T: zerocopy::IntoBytes + zerocopy::Immutable, M: GuestMemory
     mem.write_slice(v.as_bytes(), GuestAddress(addr)).ok()
 }
 
-/// Copy `data` into the segments (controller → host). Bit buckets swallow their share.
+/// Copy `data` into the segments (controller → host) and zero-fill whatever the segments
+/// describe beyond it. Bit buckets swallow their share.
 pub fn copy_to_guest<M: GuestMemory>(mem: &M, segs: &[Segment], data: &[u8]) -> Result<(), Status> {
+    const ZEROES: [u8; 512] = [0; 512];
     let mut off = 0usize;
     for s in segs {
-        let n = (s.len as usize).min(data.len() - off);
-        if let Some(a) = s.addr {
-            mem.write_slice(&data[off..off + n], GuestAddress(a))
+        let Some(a) = s.addr else {
+            off += s.len as usize;
+            continue;
+        };
+        let mut done = 0u64;
+        while done < s.len {
+            let src: &[u8] = if off < data.len() {
+                &data[off..data.len().min(off + (s.len - done) as usize)]
+            } else {
+                &ZEROES[..ZEROES.len().min((s.len - done) as usize)]
+            };
+            mem.write_slice(src, GuestAddress(a + done))
                 .map_err(|_| Status::DATA_TRANSFER_ERROR)?;
-        }
-        off += n;
-        if off == data.len() {
-            break;
+            done += src.len() as u64;
+            off += src.len();
         }
     }
     Ok(())

@@ -93,6 +93,7 @@ fn admin_queue_registers_and_enable() {
     d.dev.bar_write(0, 0x26, &0x001fu16.to_le_bytes());
     assert_eq!(d.reg(0x24), 0x001f_003f);
 
+    d.pci_enable(); // Bus Master Enable: the controller may fetch commands
     d.enable();
     assert_eq!(d.csts(), 1, "RDY, no CFS, SHST normal");
     assert_eq!(d.reg(0x14), 0x0046_0001);
@@ -110,6 +111,7 @@ fn admin_queue_registers_and_enable() {
 #[test]
 fn enable_with_invalid_configuration_sets_cfs_and_reset_clears_it() {
     let mut d = TestDriver::from_spec(SPEC);
+    d.pci_enable();
     // MPS 5 (128 KiB) exceeds MPSMAX.
     d.enable_with_cc(0x0046_0001 | (5 << 7));
     d.wait_csts(2, 2);

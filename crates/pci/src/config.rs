@@ -214,7 +214,8 @@ impl ConfigSpace {
         };
         let off = reg::BAR0 + index * 4;
         let addr = addr & !(size - 1);
-        self.write_u32(off, (addr as u32) & !0xf | kind.type_bits());
+        let low_mask = if kind == BarKind::Io { !3u32 } else { !0xfu32 };
+        self.write_u32(off, (addr as u32) & low_mask | kind.type_bits());
         if matches!(kind, BarKind::Mem64 { .. }) {
             self.write_u32(off + 4, (addr >> 32) as u32);
         }

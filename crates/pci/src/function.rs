@@ -1,10 +1,19 @@
 //! A PCI function's interrupt-bearing state: config space plus MSI, MSI-X and INTx delivery.
 //!
-//! Devices call [`PciFunction::trigger`] with a vector number and this module decides, from what
-//! the guest enabled, whether that becomes an MSI-X message, an MSI message, or nothing (INTx is
-//! level-triggered and driven by the device through [`PciFunction::set_intx`]). Masked vectors set
-//! their pending bit and are delivered when the guest unmasks them, as PCI 3.0 §6.8 requires.
+//! Two halves:
+//! * [`PciFunction`] owns the configuration space and the MSI-X table. The device keeps it behind
+//!   a lock and hands it config-space and table accesses; those are rare (set-up, masking).
+//! * [`Interrupts`] is the part the I/O path needs: a lock-free snapshot of what the guest
+//!   enabled (mode, Bus Master Enable, every vector's message and mask) that any thread may
+//!   [`Interrupts::trigger`] without taking a lock. `PciFunction` mirrors every relevant config or
+//!   table write into it.
+//!
+//! Masked vectors set their pending bit and are delivered when the guest unmasks them, as PCI 3.0
+//! §6.8 requires. A function whose Bus Master Enable is clear sends no message (an MSI is a memory
+//! write); the vector stays pending and goes out when the guest sets BME again. Each pending bit is
+//! claimed with an atomic swap, so a trigger racing with an unmask delivers exactly once.
 
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::SeqCst};
 use std::sync::Arc;
 
 use crate::caps::{msi, msix};
@@ -22,17 +31,195 @@ pub enum InterruptMode {
     Intx,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct MsixEntry {
-    addr: u64,
-    data: u32,
-    ctrl: u32,
+impl InterruptMode {
+    fn to_u8(self) -> u8 {
+        match self {
+            InterruptMode::Intx => 0,
+            InterruptMode::Msi => 1,
+            InterruptMode::MsiX => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            2 => InterruptMode::MsiX,
+            1 => InterruptMode::Msi,
+            _ => InterruptMode::Intx,
+        }
+    }
 }
 
-struct Msix {
+/// One MSI-X table entry as the delivery path sees it.
+#[derive(Debug, Default)]
+struct Vector {
+    addr: AtomicU64,
+    data: AtomicU32,
+    masked: AtomicBool,
+    pending: AtomicBool,
+}
+
+/// The lock-free delivery side of a function's interrupts (see the module docs).
+pub struct Interrupts {
+    sink: Arc<dyn InterruptSink>,
+    mode: AtomicU8,
+    bus_master: AtomicBool,
+    /// MSI-X Enable clear or Function Mask set.
+    msix_blocked: AtomicBool,
+    msix: Box<[Vector]>,
+    msi_addr: AtomicU64,
+    msi_data: AtomicU32,
+    /// Messages the guest enabled (a power of two, 1..=32).
+    msi_enabled: AtomicU32,
+    msi_mask: AtomicU32,
+    msi_pending: AtomicU32,
+    /// Messages handed to the sink.
+    sent: AtomicU64,
+}
+
+impl std::fmt::Debug for Interrupts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interrupts")
+            .field("mode", &self.mode())
+            .field("bus_master", &self.bus_master())
+            .finish()
+    }
+}
+
+impl Interrupts {
+    /// The mechanism in force now.
+    pub fn mode(&self) -> InterruptMode {
+        InterruptMode::from_u8(self.mode.load(SeqCst))
+    }
+
+    /// Bus Master Enable: the function may DMA and send messages.
+    pub fn bus_master(&self) -> bool {
+        self.bus_master.load(SeqCst)
+    }
+
+    /// Number of MSI-X vectors (0 without MSI-X).
+    pub fn msix_vectors(&self) -> usize {
+        self.msix.len()
+    }
+
+    /// Number of MSI messages the guest enabled (0 when MSI is off).
+    pub fn msi_vectors(&self) -> usize {
+        match self.mode() {
+            InterruptMode::Msi => self.msi_enabled.load(SeqCst) as usize,
+            _ => 0,
+        }
+    }
+
+    /// Vectors usable in the current mode (1 for INTx).
+    pub fn vectors(&self) -> usize {
+        match self.mode() {
+            InterruptMode::MsiX => self.msix_vectors(),
+            InterruptMode::Msi => self.msi_vectors(),
+            InterruptMode::Intx => 1,
+        }
+    }
+
+    /// Messages delivered to the frontend so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(SeqCst)
+    }
+
+    /// Raise interrupt `vector` (an MSI-X table index or MSI message number). Returns false when
+    /// the function is in INTx mode, in which case the device drives INTx itself. Lock-free.
+    pub fn trigger(&self, vector: u16) -> bool {
+        match self.mode() {
+            InterruptMode::MsiX => {
+                let Some(v) = self.msix.get(usize::from(vector)) else {
+                    log::warn!(
+                        "MSI-X vector {vector} beyond table size {}",
+                        self.msix.len()
+                    );
+                    return true;
+                };
+                v.pending.store(true, SeqCst);
+                self.msix_deliver(v);
+                true
+            }
+            InterruptMode::Msi => {
+                let n = self.msi_enabled.load(SeqCst).max(1);
+                let bit = 1u32 << (u32::from(vector) % n);
+                self.msi_pending.fetch_or(bit, SeqCst);
+                self.msi_deliver(bit);
+                true
+            }
+            InterruptMode::Intx => false,
+        }
+    }
+
+    /// Send vector `v` if it is pending and nothing blocks it; claims the pending bit atomically.
+    fn msix_deliver(&self, v: &Vector) {
+        if self.msix_blocked.load(SeqCst) || v.masked.load(SeqCst) || !self.bus_master() {
+            return;
+        }
+        if v.pending.swap(false, SeqCst) {
+            self.send(MsiMessage {
+                addr: v.addr.load(SeqCst),
+                data: v.data.load(SeqCst),
+            });
+        }
+    }
+
+    /// Send the pending, unmasked MSI messages among `bits`.
+    fn msi_deliver(&self, bits: u32) {
+        if !self.bus_master() || self.mode() != InterruptMode::Msi {
+            return;
+        }
+        let n = self.msi_enabled.load(SeqCst).max(1);
+        let open = bits & !self.msi_mask.load(SeqCst) & enabled_mask(n);
+        let claimed = self.msi_pending.fetch_and(!open, SeqCst) & open;
+        for v in 0..32 {
+            if claimed & (1 << v) != 0 {
+                self.send(self.msi_message(v, n));
+            }
+        }
+    }
+
+    fn msi_message(&self, vector: u32, n: u32) -> MsiMessage {
+        let data = self.msi_data.load(SeqCst);
+        MsiMessage {
+            addr: self.msi_addr.load(SeqCst),
+            data: (data & !(n - 1)) | (vector & (n - 1)),
+        }
+    }
+
+    fn send(&self, msg: MsiMessage) {
+        self.sent.fetch_add(1, SeqCst);
+        self.sink.msi(msg);
+    }
+
+    /// Deliver everything pending that is no longer blocked (after an unmask, enable or BME).
+    fn deliver_all(&self) {
+        match self.mode() {
+            InterruptMode::MsiX => self.msix.iter().for_each(|v| self.msix_deliver(v)),
+            InterruptMode::Msi => self.msi_deliver(u32::MAX),
+            InterruptMode::Intx => {}
+        }
+    }
+
+    fn msix_message(&self, v: &Vector, live: bool) -> Option<MsiMessage> {
+        live.then(|| MsiMessage {
+            addr: v.addr.load(SeqCst),
+            data: v.data.load(SeqCst),
+        })
+    }
+}
+
+fn enabled_mask(n: u32) -> u32 {
+    if n >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << n) - 1
+    }
+}
+
+struct MsixCap {
     cap: usize,
-    entries: Vec<MsixEntry>,
-    pending: Vec<u64>,
+    /// Vector Control words as the guest wrote them (the mask bit is mirrored in `Interrupts`).
+    ctrl: Vec<u32>,
 }
 
 /// Config space + interrupt delivery for one function.
@@ -40,8 +227,8 @@ pub struct PciFunction {
     /// The configuration space (devices may read and program it directly).
     pub cfg: ConfigSpace,
     msi_cap: Option<usize>,
-    msix: Option<Msix>,
-    irq: Arc<dyn InterruptSink>,
+    msix: Option<MsixCap>,
+    lines: Arc<Interrupts>,
     intx_level: bool,
     intx_sent: bool,
 }
@@ -63,66 +250,80 @@ impl PciFunction {
         msix_cap: Option<usize>,
         irq: Arc<dyn InterruptSink>,
     ) -> Self {
-        let msix = msix_cap.map(|cap| {
-            let n = usize::from(cfg.read_u16(cap + msix::CONTROL) & 0x7ff) + 1;
-            Msix {
-                cap,
-                entries: vec![
-                    MsixEntry {
-                        ctrl: msix::VECTOR_MASKED,
-                        ..Default::default()
-                    };
-                    n
-                ],
-                pending: vec![0; n.div_ceil(64)],
-            }
+        let n = msix_cap.map_or(0, |cap| {
+            usize::from(cfg.read_u16(cap + msix::CONTROL) & 0x7ff) + 1
+        });
+        let vectors: Vec<Vector> = (0..n)
+            .map(|_| Vector {
+                masked: AtomicBool::new(true),
+                ..Default::default()
+            })
+            .collect();
+        let lines = Arc::new(Interrupts {
+            sink: irq,
+            mode: AtomicU8::new(InterruptMode::Intx.to_u8()),
+            bus_master: AtomicBool::new(cfg.bus_master()),
+            msix_blocked: AtomicBool::new(true),
+            msix: vectors.into_boxed_slice(),
+            msi_addr: AtomicU64::new(0),
+            msi_data: AtomicU32::new(0),
+            msi_enabled: AtomicU32::new(1),
+            msi_mask: AtomicU32::new(0),
+            msi_pending: AtomicU32::new(0),
+            sent: AtomicU64::new(0),
         });
         PciFunction {
             cfg,
             msi_cap,
-            msix,
-            irq,
+            msix: msix_cap.map(|cap| MsixCap {
+                cap,
+                ctrl: vec![msix::VECTOR_MASKED; n],
+            }),
+            lines,
             intx_level: false,
             intx_sent: false,
         }
     }
 
-    /// Replace the interrupt sink (a frontend attaching after construction).
-    pub fn set_sink(&mut self, irq: Arc<dyn InterruptSink>) {
-        self.irq = irq;
+    /// The lock-free delivery handle (share it with the I/O path).
+    pub fn interrupts(&self) -> Arc<Interrupts> {
+        Arc::clone(&self.lines)
     }
 
     /// Number of MSI-X vectors (0 without MSI-X).
     pub fn msix_vectors(&self) -> usize {
-        self.msix.as_ref().map_or(0, |m| m.entries.len())
+        self.lines.msix_vectors()
     }
 
     /// Number of MSI messages the guest enabled (0 when MSI is off).
     pub fn msi_vectors(&self) -> usize {
-        match self.msi_cap {
-            Some(c) if self.cfg.read_u16(c + msi::CONTROL) & msi::CTRL_ENABLE != 0 => {
-                1 << ((self.cfg.read_u16(c + msi::CONTROL) >> msi::CTRL_MME_SHIFT) & 7).min(5)
-            }
-            _ => 0,
-        }
+        self.lines.msi_vectors()
     }
 
     /// The mechanism in force now.
     pub fn mode(&self) -> InterruptMode {
-        if let Some(m) = &self.msix {
-            if self.cfg.read_u16(m.cap + msix::CONTROL) & msix::CTRL_ENABLE != 0 {
-                return InterruptMode::MsiX;
-            }
-        }
-        if self.msi_vectors() > 0 {
-            return InterruptMode::Msi;
-        }
-        InterruptMode::Intx
+        self.lines.mode()
     }
 
-    /// Guest config-space read.
+    /// Raise interrupt `vector`; see [`Interrupts::trigger`].
+    pub fn trigger(&self, vector: u16) -> bool {
+        self.lines.trigger(vector)
+    }
+
+    /// Guest config-space read. MSI Pending Bits come from the live delivery state.
     pub fn config_read(&self, offset: usize, data: &mut [u8]) {
         self.cfg.read(offset, data);
+        if let Some(c) = self.msi_cap {
+            let p = self.lines.msi_pending.load(SeqCst).to_le_bytes();
+            for (i, b) in data.iter_mut().enumerate() {
+                if let Some(k) = (offset + i)
+                    .checked_sub(c + msi::PENDING)
+                    .filter(|k| *k < 4)
+                {
+                    *b = p[k];
+                }
+            }
+        }
     }
 
     /// Guest config-space write; unmasking delivers pending messages, and INTx follows the
@@ -131,7 +332,16 @@ impl PciFunction {
         let end = offset + data.len();
         let touches = |start: usize, len: usize| offset < start + len && end > start;
         self.cfg.write(offset, data);
+        if let Some(c) = self.msi_cap {
+            if touches(c, msi::LEN) {
+                self.clamp_mme(c);
+            }
+        }
+        self.sync_mode();
         if touches(reg::COMMAND, 2) {
+            self.lines
+                .bus_master
+                .store(self.cfg.command() & cmd::BUS_MASTER != 0, SeqCst);
             self.update_intx();
         }
         if let Some(c) = self.msi_cap {
@@ -143,71 +353,68 @@ impl PciFunction {
             if touches(c + msix::CONTROL, 2) {
                 self.update_intx();
                 for v in 0..self.msix_vectors() {
-                    self.msix_deliver_if_pending(v);
                     self.msix_route(v);
                 }
             }
         }
+        self.lines.deliver_all();
+    }
+
+    /// Multiple Message Enable may not exceed Multiple Message Capable (PCI 3.0 §6.8.1.3):
+    /// a larger value is taken as MMC, so a device never uses vectors the guest has not got.
+    fn clamp_mme(&mut self, c: usize) {
+        let ctl = self.cfg.read_u16(c + msi::CONTROL);
+        let mmc = (ctl >> 1) & 7;
+        let mme = (ctl >> msi::CTRL_MME_SHIFT) & 7;
+        if mme > mmc {
+            let ctl = (ctl & !(7 << msi::CTRL_MME_SHIFT)) | (mmc << msi::CTRL_MME_SHIFT);
+            self.cfg.write_u16(c + msi::CONTROL, ctl);
+        }
+    }
+
+    /// Recompute the mode and MSI-X blocking from the capability control registers.
+    fn sync_mode(&self) {
+        let mut mode = InterruptMode::Intx;
+        let mut blocked = true;
+        if let Some(m) = &self.msix {
+            let ctl = self.cfg.read_u16(m.cap + msix::CONTROL);
+            if ctl & msix::CTRL_ENABLE != 0 {
+                mode = InterruptMode::MsiX;
+                blocked = ctl & msix::CTRL_FUNCTION_MASK != 0;
+            }
+        }
+        if mode == InterruptMode::Intx {
+            if let Some(c) = self.msi_cap {
+                let ctl = self.cfg.read_u16(c + msi::CONTROL);
+                if ctl & msi::CTRL_ENABLE != 0 {
+                    mode = InterruptMode::Msi;
+                }
+            }
+        }
+        self.lines.msix_blocked.store(blocked, SeqCst);
+        self.lines.mode.store(mode.to_u8(), SeqCst);
     }
 
     fn msi_changed(&mut self, c: usize) {
-        let n = self.msi_vectors();
+        let ctl = self.cfg.read_u16(c + msi::CONTROL);
+        let n = 1u32 << ((ctl >> msi::CTRL_MME_SHIFT) & 7).min(5);
+        let l = Arc::clone(&self.lines);
+        l.msi_addr.store(
+            u64::from(self.cfg.read_u32(c + msi::ADDR_LO))
+                | (u64::from(self.cfg.read_u32(c + msi::ADDR_HI)) << 32),
+            SeqCst,
+        );
+        l.msi_data
+            .store(u32::from(self.cfg.read_u16(c + msi::DATA)), SeqCst);
+        l.msi_enabled.store(n, SeqCst);
+        l.msi_mask.store(self.cfg.read_u32(c + msi::MASK), SeqCst);
         self.update_intx();
-        let mask = self.cfg.read_u32(c + msi::MASK);
-        let mut pending = self.cfg.read_u32(c + msi::PENDING);
-        for v in 0..32 {
-            let bit = 1u32 << v;
-            let routed = (v as usize) < n && mask & bit == 0;
-            self.irq
-                .route_changed(v as u16, routed.then(|| self.msi_message(c, v)));
-            if pending & bit != 0 && routed {
-                pending &= !bit;
-                self.irq.msi(self.msi_message(c, v));
-            }
-        }
-        self.cfg.write_u32(c + msi::PENDING, pending);
-    }
-
-    fn msi_message(&self, c: usize, vector: u32) -> MsiMessage {
-        let addr = u64::from(self.cfg.read_u32(c + msi::ADDR_LO))
-            | (u64::from(self.cfg.read_u32(c + msi::ADDR_HI)) << 32);
-        let n = self.msi_vectors().max(1) as u32;
-        let data = u32::from(self.cfg.read_u16(c + msi::DATA));
-        MsiMessage {
-            addr,
-            data: (data & !(n - 1)) | (vector & (n - 1)),
-        }
-    }
-
-    /// Raise interrupt `vector` (an MSI-X table index or MSI message number). Returns false when
-    /// the function is in INTx mode, in which case the device drives INTx itself.
-    pub fn trigger(&mut self, vector: u16) -> bool {
-        match self.mode() {
-            InterruptMode::MsiX => {
-                let v = usize::from(vector);
-                let Some(m) = self.msix.as_mut() else {
-                    return true;
-                };
-                if v >= m.entries.len() {
-                    log::warn!("MSI-X vector {v} beyond table size {}", m.entries.len());
-                    return true;
-                }
-                m.pending[v / 64] |= 1 << (v % 64);
-                self.msix_deliver_if_pending(v);
-                true
-            }
-            InterruptMode::Msi => {
-                let c = self.msi_cap.expect("MSI mode without MSI capability");
-                let v = u32::from(vector) % self.msi_vectors() as u32;
-                if self.cfg.read_u32(c + msi::MASK) & (1 << v) != 0 {
-                    let p = self.cfg.read_u32(c + msi::PENDING);
-                    self.cfg.write_u32(c + msi::PENDING, p | (1 << v));
-                } else {
-                    self.irq.msi(self.msi_message(c, v));
-                }
-                true
-            }
-            InterruptMode::Intx => false,
+        let on = ctl & msi::CTRL_ENABLE != 0;
+        let mask = l.msi_mask.load(SeqCst);
+        for v in 0..32u32 {
+            let routed = on && v < n && mask & (1 << v) == 0;
+            l.sink
+                .route_changed(v as u16, routed.then(|| l.msi_message(v, n)));
         }
     }
 
@@ -227,57 +434,40 @@ impl PciFunction {
             && self.cfg.command() & cmd::INTX_DISABLE == 0;
         if out != self.intx_sent {
             self.intx_sent = out;
-            self.irq.intx(pin, out);
+            self.lines.sink.intx(pin, out);
         }
-    }
-
-    fn msix_function_masked(&self) -> bool {
-        self.msix.as_ref().is_none_or(|m| {
-            let ctrl = self.cfg.read_u16(m.cap + msix::CONTROL);
-            ctrl & msix::CTRL_ENABLE == 0 || ctrl & msix::CTRL_FUNCTION_MASK != 0
-        })
-    }
-
-    fn msix_deliver_if_pending(&mut self, v: usize) {
-        let fmask = self.msix_function_masked();
-        let Some(m) = self.msix.as_mut() else { return };
-        let e = m.entries[v];
-        if m.pending[v / 64] & (1 << (v % 64)) == 0 || fmask || e.ctrl & msix::VECTOR_MASKED != 0 {
-            return;
-        }
-        m.pending[v / 64] &= !(1 << (v % 64));
-        self.irq.msi(MsiMessage {
-            addr: e.addr,
-            data: e.data,
-        });
     }
 
     fn msix_route(&self, v: usize) {
-        let Some(m) = self.msix.as_ref() else { return };
-        let e = m.entries[v];
-        let live = !self.msix_function_masked() && e.ctrl & msix::VECTOR_MASKED == 0;
-        self.irq.route_changed(
-            v as u16,
-            live.then_some(MsiMessage {
-                addr: e.addr,
-                data: e.data,
-            }),
-        );
+        let l = &self.lines;
+        let vec = &l.msix[v];
+        let live = !l.msix_blocked.load(SeqCst) && !vec.masked.load(SeqCst);
+        l.sink.route_changed(v as u16, l.msix_message(vec, live));
     }
 
-    /// Guest read of the MSI-X table at `offset` (relative to the table start). Any width.
+    /// Guest read of the MSI-X table at `offset` (relative to the table start). Any width;
+    /// bytes outside the table read as all-ones.
     pub fn msix_table_read(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
-            *b = self.msix_table_byte(offset + i as u64).unwrap_or(0xff);
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|off| self.msix_table_byte(off))
+                .unwrap_or(0xff);
         }
     }
 
     fn msix_table_byte(&self, off: u64) -> Option<u8> {
         let m = self.msix.as_ref()?;
         let idx = usize::try_from(off / msix::ENTRY_SIZE as u64).ok()?;
-        let e = m.entries.get(idx)?;
+        let e = self.lines.msix.get(idx)?;
         let within = (off % msix::ENTRY_SIZE as u64) as usize;
-        let words = [e.addr as u32, (e.addr >> 32) as u32, e.data, e.ctrl];
+        let addr = e.addr.load(SeqCst);
+        let words = [
+            addr as u32,
+            (addr >> 32) as u32,
+            e.data.load(SeqCst),
+            m.ctrl[idx],
+        ];
         Some(words[within / 4].to_le_bytes()[within % 4])
     }
 
@@ -285,54 +475,81 @@ impl PciFunction {
     pub fn msix_table_write(&mut self, offset: u64, data: &[u8]) {
         let mut touched = Vec::new();
         for (i, &b) in data.iter().enumerate() {
-            let off = offset + i as u64;
             let Some(m) = self.msix.as_mut() else { return };
+            let Some(off) = offset.checked_add(i as u64) else {
+                break;
+            };
             let Ok(idx) = usize::try_from(off / msix::ENTRY_SIZE as u64) else {
                 continue;
             };
-            let Some(e) = m.entries.get_mut(idx) else {
+            let Some(e) = self.lines.msix.get(idx) else {
                 continue;
             };
             let within = (off % msix::ENTRY_SIZE as u64) as usize;
             let (word, byte) = (within / 4, (within % 4) * 8);
             let set = |w: u32| (w & !(0xff << byte)) | (u32::from(b) << byte);
             match word {
-                0 => e.addr = (e.addr & !0xffff_ffff) | u64::from(set(e.addr as u32) & !3),
-                1 => {
-                    e.addr = (e.addr & 0xffff_ffff) | (u64::from(set((e.addr >> 32) as u32)) << 32)
+                0 => {
+                    let a = e.addr.load(SeqCst);
+                    let lo = set(a as u32) & !3;
+                    e.addr.store((a & !0xffff_ffff) | u64::from(lo), SeqCst);
                 }
-                2 => e.data = set(e.data),
-                _ => e.ctrl = set(e.ctrl) & msix::VECTOR_MASKED,
+                1 => {
+                    let a = e.addr.load(SeqCst);
+                    let hi = set((a >> 32) as u32);
+                    e.addr
+                        .store((a & 0xffff_ffff) | (u64::from(hi) << 32), SeqCst);
+                }
+                2 => e.data.store(set(e.data.load(SeqCst)), SeqCst),
+                _ => {
+                    m.ctrl[idx] = set(m.ctrl[idx]) & msix::VECTOR_MASKED;
+                    e.masked
+                        .store(m.ctrl[idx] & msix::VECTOR_MASKED != 0, SeqCst);
+                }
             }
             if touched.last() != Some(&idx) {
                 touched.push(idx);
             }
         }
         for idx in touched {
-            self.msix_deliver_if_pending(idx);
+            self.lines.msix_deliver(&self.lines.msix[idx]);
             self.msix_route(idx);
         }
     }
 
-    /// Guest read of the Pending Bit Array at `offset` (relative to the PBA start).
+    /// Guest read of the Pending Bit Array at `offset` (relative to the PBA start); bytes past
+    /// the array read as all-ones.
     pub fn msix_pba_read(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
-            let off = offset + i as u64;
-            *b = self
-                .msix
-                .as_ref()
-                .and_then(|m| m.pending.get(usize::try_from(off / 8).ok()?))
-                .map_or(0xff, |q| q.to_le_bytes()[(off % 8) as usize]);
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|off| {
+                    // The PBA is an array of QWORDs, one bit per vector.
+                    let byte = usize::try_from(off).ok()?;
+                    if self.msix.is_none() || byte >= self.lines.msix.len().div_ceil(64) * 8 {
+                        return None;
+                    }
+                    let first = byte * 8;
+                    let bits = (0..8)
+                        .filter(|k| {
+                            self.lines
+                                .msix
+                                .get(first + k)
+                                .is_some_and(|v| v.pending.load(SeqCst))
+                        })
+                        .fold(0u8, |acc, k| acc | (1 << k));
+                    Some(bits)
+                })
+                .unwrap_or(0xff);
         }
     }
 
     /// True if MSI-X vector `v` is pending (for tests and stats).
     pub fn msix_pending(&self, v: usize) -> bool {
-        self.msix.as_ref().is_some_and(|m| {
-            m.pending
-                .get(v / 64)
-                .is_some_and(|q| q & (1 << (v % 64)) != 0)
-        })
+        self.lines
+            .msix
+            .get(v)
+            .is_some_and(|x| x.pending.load(SeqCst))
     }
 }
 
@@ -358,11 +575,9 @@ mod tests {
         cfg.set_interrupt_pin(1);
         let msi = caps::add_msi(&mut cfg, 2);
         let msix = caps::add_msix(&mut cfg, 4, 4, 0, 4, 0x800);
-        (
-            PciFunction::new(cfg, Some(msi), Some(msix), rec.clone()),
-            msi,
-            msix,
-        )
+        let mut f = PciFunction::new(cfg, Some(msi), Some(msix), rec.clone());
+        f.config_write(reg::COMMAND, &cmd::BUS_MASTER.to_le_bytes());
+        (f, msi, msix)
     }
 
     #[test]
@@ -424,6 +639,9 @@ mod tests {
                 data: 0x62
             }]
         );
+        let mut p = [0u8; 4];
+        f.config_read(cap + msi::PENDING, &mut p);
+        assert_eq!(u32::from_le_bytes(p), 2, "masked message is pending");
         f.config_write(cap + msi::MASK, &0u32.to_le_bytes());
         assert_eq!(
             rec.0.lock().unwrap()[1],
@@ -432,6 +650,8 @@ mod tests {
                 data: 0x61
             }
         );
+        f.config_read(cap + msi::PENDING, &mut p);
+        assert_eq!(u32::from_le_bytes(p), 0);
     }
 
     #[test]
@@ -447,5 +667,70 @@ mod tests {
             *rec.1.lock().unwrap(),
             vec![(1, true), (1, false), (1, true), (1, false)]
         );
+    }
+
+    /// Regression: MME above MMC was accepted (capped at 5), so devices used vectors the guest
+    /// never got.
+    #[test]
+    fn msi_mme_is_clamped_to_mmc() {
+        let rec = Arc::new(Rec::default());
+        let (mut f, cap, _) = func(&rec); // MMC = 2 (4 messages)
+        f.config_write(cap + 2, &(1u16 | (5 << 4)).to_le_bytes());
+        assert_eq!(f.msi_vectors(), 4);
+        let ctl = f.cfg.read_u16(cap + 2);
+        assert_eq!((ctl >> 4) & 7, 2, "MME reads back as MMC");
+    }
+
+    /// Regression: with Bus Master Enable clear a device still sent MSIs. Now the vector waits
+    /// in the PBA and goes out when the guest sets BME again.
+    #[test]
+    fn no_message_while_bus_master_is_clear() {
+        let rec = Arc::new(Rec::default());
+        let (mut f, _, cap) = func(&rec);
+        f.msix_table_write(8, &0x55u32.to_le_bytes());
+        f.msix_table_write(12, &0u32.to_le_bytes());
+        f.config_write(cap + 2, &msix::CTRL_ENABLE.to_le_bytes());
+        f.config_write(reg::COMMAND, &0u16.to_le_bytes());
+        assert!(!f.interrupts().bus_master());
+        f.trigger(0);
+        assert!(rec.0.lock().unwrap().is_empty());
+        assert!(f.msix_pending(0));
+        f.config_write(reg::COMMAND, &cmd::BUS_MASTER.to_le_bytes());
+        assert_eq!(rec.0.lock().unwrap().len(), 1);
+        assert!(!f.msix_pending(0));
+    }
+
+    /// Regression: a PBA or table access at an offset near 2^64 overflowed.
+    #[test]
+    fn table_and_pba_offsets_near_the_top_read_all_ones() {
+        let rec = Arc::new(Rec::default());
+        let (mut f, _, _) = func(&rec);
+        let mut b = [0u8; 32];
+        f.msix_pba_read(u64::MAX - 16, &mut b);
+        assert_eq!(b, [0xff; 32]);
+        f.msix_table_read(u64::MAX - 3, &mut b);
+        assert_eq!(b, [0xff; 32]);
+        f.msix_table_write(u64::MAX - 3, &[1; 16]);
+        let mut pba = [0u8; 16];
+        f.msix_pba_read(0, &mut pba);
+        assert_eq!(pba[..8], [0; 8], "4 vectors, none pending");
+        assert_eq!(pba[8..], [0xff; 8], "past the array");
+    }
+
+    /// A trigger racing with an unmask delivers exactly once.
+    #[test]
+    fn concurrent_trigger_and_unmask_deliver_exactly_once() {
+        for _ in 0..200 {
+            let rec = Arc::new(Rec::default());
+            let (mut f, _, cap) = func(&rec);
+            f.config_write(cap + 2, &msix::CTRL_ENABLE.to_le_bytes());
+            let lines = f.interrupts();
+            let t = std::thread::spawn(move || {
+                lines.trigger(2);
+            });
+            f.msix_table_write(2 * 16 + 12, &0u32.to_le_bytes());
+            t.join().unwrap();
+            assert_eq!(rec.0.lock().unwrap().len(), 1);
+        }
     }
 }

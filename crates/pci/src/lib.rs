@@ -16,7 +16,7 @@ use std::sync::Arc;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use config::{BarKind, ConfigSpace};
-pub use function::{InterruptMode, PciFunction};
+pub use function::{InterruptMode, Interrupts, PciFunction};
 pub use registry::{ConfigError, DeviceRegistry, SlotOption, SlotOptions, SlotSpec};
 
 /// Guest memory as every device model sees it. Atomic so a frontend can install or replace the
@@ -105,22 +105,25 @@ pub struct IoEvent {
     pub token: u32,
 }
 
-/// A PCI function as seen by a frontend. Accesses are synchronous and must not block on disk I/O.
-pub trait PciDevice: Send {
+/// A PCI function as seen by a frontend. Every method takes `&self`: frontends share one device
+/// between threads (vCPUs, an I/O-event thread, the vhost-user worker) without a lock around it,
+/// and the device serializes what must be serialized inside, per queue or per register block.
+/// Accesses are synchronous and must not block on disk I/O.
+pub trait PciDevice: Send + Sync {
     /// The emulation name (`nvme`, `ahci`, …), for logs and stats.
     fn name(&self) -> &str;
     /// Read `data.len()` (1, 2, 4 or 8) bytes of config space at `offset` (0..4096).
-    fn config_read(&mut self, offset: u16, data: &mut [u8]);
+    fn config_read(&self, offset: u16, data: &mut [u8]);
     /// Write config space.
-    fn config_write(&mut self, offset: u16, data: &[u8]);
+    fn config_write(&self, offset: u16, data: &[u8]);
     /// Read from BAR `bar` at `offset`. Any length; unclaimed bytes read as all-ones.
-    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]);
+    fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]);
     /// Write to BAR `bar` at `offset`. Any length.
-    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]);
+    fn bar_write(&self, bar: u8, offset: u64, data: &[u8]);
     /// The BARs this function implements.
     fn bars(&self) -> Vec<BarInfo>;
     /// Quiesce: finish in-flight I/O and flush backends. Called once before the process exits.
-    fn shutdown(&mut self) {}
+    fn shutdown(&self) {}
     /// Human-readable counters (commands, bytes, interrupts) for `--stats`.
     fn stats(&self) -> Vec<(String, u64)> {
         Vec::new()
@@ -135,31 +138,39 @@ pub trait PciDevice: Send {
     /// An absorbed write to the register listed with `token` happened (possibly several,
     /// coalesced). It is a posted write: the frontend delivers pending kicks before any later
     /// synchronous access to the device. Must not block on disk I/O.
-    fn kick(&mut self, _token: u32) {}
+    fn kick(&self, _token: u32) {}
+}
+
+/// Whether an access of `len` bytes at `offset` lies inside a BAR of `size` bytes. Frontends and
+/// devices check guest offsets with this before any arithmetic on them.
+pub fn bar_access_ok(offset: u64, len: usize, size: u64) -> bool {
+    offset
+        .checked_add(len as u64)
+        .is_some_and(|end| end <= size)
 }
 
 /// A boxed device is a device: lets a registry-built `Box<dyn PciDevice>` go straight into an
-/// `Arc<Mutex<dyn PciDevice>>` that frontends share between threads.
+/// `Arc<dyn PciDevice>` that frontends share between threads.
 impl<T: PciDevice + ?Sized> PciDevice for Box<T> {
     fn name(&self) -> &str {
         (**self).name()
     }
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+    fn config_read(&self, offset: u16, data: &mut [u8]) {
         (**self).config_read(offset, data)
     }
-    fn config_write(&mut self, offset: u16, data: &[u8]) {
+    fn config_write(&self, offset: u16, data: &[u8]) {
         (**self).config_write(offset, data)
     }
-    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+    fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) {
         (**self).bar_read(bar, offset, data)
     }
-    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+    fn bar_write(&self, bar: u8, offset: u64, data: &[u8]) {
         (**self).bar_write(bar, offset, data)
     }
     fn bars(&self) -> Vec<BarInfo> {
         (**self).bars()
     }
-    fn shutdown(&mut self) {
+    fn shutdown(&self) {
         (**self).shutdown()
     }
     fn stats(&self) -> Vec<(String, u64)> {
@@ -168,7 +179,7 @@ impl<T: PciDevice + ?Sized> PciDevice for Box<T> {
     fn ioevents(&self) -> Vec<IoEvent> {
         (**self).ioevents()
     }
-    fn kick(&mut self, token: u32) {
+    fn kick(&self, token: u32) {
         (**self).kick(token)
     }
 }

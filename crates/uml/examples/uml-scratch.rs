@@ -13,7 +13,7 @@ mod scratch;
 
 use pci::{BarInfo, PciDevice};
 use std::os::unix::net::UnixListener;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Logs each access at info level so the host side shows what reached the device.
 struct Logged(scratch::Scratch);
@@ -22,19 +22,19 @@ impl PciDevice for Logged {
     fn name(&self) -> &str {
         self.0.name()
     }
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+    fn config_read(&self, offset: u16, data: &mut [u8]) {
         self.0.config_read(offset, data);
         log::debug!("cfg read  {offset:#05x} {data:02x?}");
     }
-    fn config_write(&mut self, offset: u16, data: &[u8]) {
+    fn config_write(&self, offset: u16, data: &[u8]) {
         log::info!("cfg write {offset:#05x} {data:02x?}");
         self.0.config_write(offset, data);
     }
-    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+    fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) {
         self.0.bar_read(bar, offset, data);
         log::info!("bar{bar} read  {offset:#06x} {data:02x?}");
     }
-    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+    fn bar_write(&self, bar: u8, offset: u64, data: &[u8]) {
         log::info!("bar{bar} write {offset:#06x} {data:02x?}");
         self.0.bar_write(bar, offset, data);
     }
@@ -70,7 +70,7 @@ fn main() {
         class,
         bar,
     ));
-    let device: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(dev));
+    let device: Arc<dyn PciDevice> = Arc::new(dev);
     println!("listening on {sock}");
     let r = uml::serve(listener, device, ctx.mem.clone(), ctx.irq.clone());
     log::info!("server returned {r:?}; irq stats {:?}", ctx.irq.stats());

@@ -62,7 +62,10 @@ impl Counters {
 
 pub(crate) struct UmlBackend {
     name: String,
-    device: Arc<Mutex<dyn PciDevice>>,
+    device: Arc<dyn PciDevice>,
+    /// BAR sizes by index (0 = not implemented), for bounds checks before the device sees an
+    /// offset.
+    bar_sizes: [u64; 6],
     mem: GuestMem,
     irq: Arc<UmlInterrupts>,
     irq_attached: AtomicBool,
@@ -74,15 +77,22 @@ pub(crate) struct UmlBackend {
 
 impl UmlBackend {
     pub(crate) fn new(
-        device: Arc<Mutex<dyn PciDevice>>,
+        device: Arc<dyn PciDevice>,
         mem: GuestMem,
         irq: Arc<UmlInterrupts>,
         counters: Arc<Counters>,
     ) -> Self {
-        let name = lock(&device).name().to_string();
+        let name = device.name().to_string();
+        let mut bar_sizes = [0u64; 6];
+        for b in device.bars() {
+            if let Some(s) = bar_sizes.get_mut(usize::from(b.index)) {
+                *s = b.size;
+            }
+        }
         UmlBackend {
             name,
             device,
+            bar_sizes,
             mem,
             irq,
             irq_attached: AtomicBool::new(false),
@@ -170,7 +180,7 @@ impl UmlBackend {
                 }
                 .fetch_add(1, Ordering::Relaxed);
                 let mut reply = Vec::new();
-                msg::execute(&mut *lock(&self.device), &cmd, &mut reply);
+                msg::execute(&*self.device, &self.bar_sizes, &cmd, &mut reply);
                 if reply.is_empty() {
                     return 0;
                 }
@@ -193,13 +203,6 @@ impl UmlBackend {
             }
         }
     }
-}
-
-/// A device that panicked mid-access is still the best answer we have; keep serving it.
-pub(crate) fn lock<'a>(
-    dev: &'a Mutex<dyn PciDevice + 'static>,
-) -> std::sync::MutexGuard<'a, dyn PciDevice + 'static> {
-    dev.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl VhostUserBackend for UmlBackend {

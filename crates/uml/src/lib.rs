@@ -7,7 +7,7 @@
 //! exists, so the device gets a [`GuestMem`] handle up front that the vhost-user layer fills.
 //!
 //! ```no_run
-//! # fn make_device(ctx: pci::DeviceContext) -> std::sync::Arc<std::sync::Mutex<dyn pci::PciDevice>> { unimplemented!() }
+//! # fn make_device(ctx: pci::DeviceContext) -> std::sync::Arc<dyn pci::PciDevice> { unimplemented!() }
 //! let ctx = uml::UmlContext::new();
 //! let device = make_device(ctx.device_context());
 //! let listener = std::os::unix::net::UnixListener::bind("/tmp/nvme.sock").unwrap();
@@ -15,7 +15,7 @@
 //!     uml::UmlDevice::new(listener, device.clone(), ctx.mem.clone(), ctx.irq.clone()).unwrap();
 //! let stop = server.stop_handle(); // e.g. for a SIGTERM-waiting thread
 //! server.run().unwrap(); // returns when UML disconnects or stop.stop() is called
-//! device.lock().unwrap().shutdown();
+//! device.shutdown();
 //! ```
 
 mod backend;
@@ -165,7 +165,7 @@ impl StopHandle {
 /// One PCI device served to one UML connection.
 pub struct UmlDevice {
     listener: UnixListener,
-    device: Arc<Mutex<dyn PciDevice>>,
+    device: Arc<dyn PciDevice>,
     mem: GuestMem,
     irq: Arc<UmlInterrupts>,
     stop: StopHandle,
@@ -177,7 +177,7 @@ impl UmlDevice {
     /// `irq` must be the ones the device was built with (see [`UmlContext`]).
     pub fn new(
         listener: UnixListener,
-        device: Arc<Mutex<dyn PciDevice>>,
+        device: Arc<dyn PciDevice>,
         mem: GuestMem,
         irq: Arc<UmlInterrupts>,
     ) -> Result<Self> {
@@ -208,7 +208,7 @@ impl UmlDevice {
         let Some(uml) = self.accept().map_err(Error::Accept)? else {
             return Ok(());
         };
-        let name = backend::lock(&self.device).name().to_string();
+        let name = self.device.name().to_string();
         info!("{name}: UML connected");
 
         let backend = Arc::new(UmlBackend::new(
@@ -321,7 +321,7 @@ fn to_io(e: VhostUserError) -> io::Error {
 /// Shorthand for [`UmlDevice::new`] + [`UmlDevice::run`] when nobody needs to stop it early.
 pub fn serve(
     listener: UnixListener,
-    device: Arc<Mutex<dyn PciDevice>>,
+    device: Arc<dyn PciDevice>,
     mem: GuestMem,
     irq: Arc<UmlInterrupts>,
 ) -> Result<()> {

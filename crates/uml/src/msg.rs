@@ -301,9 +301,16 @@ pub fn split_accesses(offset: u64, len: usize) -> impl Iterator<Item = (u64, usi
     })
 }
 
-/// Run `cmd` against `dev`. For reads, `reply` is resized to the reply length and filled; for
-/// writes it is left empty.
-pub fn execute(dev: &mut dyn PciDevice, cmd: &Command<'_>, reply: &mut Vec<u8>) {
+/// Run `cmd` against `dev`, whose BARs have the sizes `bar_sizes` (0 = absent). For reads,
+/// `reply` is resized to the reply length and filled; for writes it is left empty. A BAR access
+/// that does not lie entirely inside its BAR never reaches the device: reads return all-ones
+/// (a master abort), writes are dropped.
+pub fn execute(dev: &dyn PciDevice, bar_sizes: &[u64; 6], cmd: &Command<'_>, reply: &mut Vec<u8>) {
+    let inside = |bar: u8, offset: u64, len: usize| {
+        bar_sizes
+            .get(usize::from(bar))
+            .is_some_and(|&size| pci::bar_access_ok(offset, len, size))
+    };
     reply.clear();
     match *cmd {
         Command::CfgRead { offset, len } => {
@@ -324,9 +331,15 @@ pub fn execute(dev: &mut dyn PciDevice, cmd: &Command<'_>, reply: &mut Vec<u8>) 
         }
         Command::BarRead { bar, offset, len } => {
             reply.resize(len, 0xff);
-            dev.bar_read(bar, offset, reply);
+            if inside(bar, offset, len) {
+                dev.bar_read(bar, offset, reply);
+            }
         }
-        Command::BarWrite { bar, offset, data } => dev.bar_write(bar, offset, data),
+        Command::BarWrite { bar, offset, data } => {
+            if inside(bar, offset, data.len()) {
+                dev.bar_write(bar, offset, data)
+            }
+        }
         Command::BarMemset {
             bar,
             offset,
@@ -336,6 +349,9 @@ pub fn execute(dev: &mut dyn PciDevice, cmd: &Command<'_>, reply: &mut Vec<u8>) 
             const CHUNK: usize = 4096;
             let buf = [value; CHUNK];
             let mut done = 0;
+            if !inside(bar, offset, len) {
+                return;
+            }
             while done < len {
                 let n = (len - done).min(CHUNK);
                 dev.bar_write(bar, offset.wrapping_add(done as u64), &buf[..n]);
@@ -366,29 +382,40 @@ mod tests {
     /// Records every access so tests can check splitting and routing.
     #[derive(Default)]
     struct Recorder {
-        log: Vec<String>,
+        log: std::sync::Mutex<Vec<String>>,
     }
+
+    impl Recorder {
+        fn push(&self, s: String) {
+            self.log.lock().unwrap().push(s);
+        }
+        fn log(&self) -> Vec<String> {
+            self.log.lock().unwrap().clone()
+        }
+    }
+
+    /// BAR sizes the tests use: every BAR 64 KiB.
+    const BARS: [u64; 6] = [0x10000; 6];
 
     impl PciDevice for Recorder {
         fn name(&self) -> &str {
             "rec"
         }
-        fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-            self.log.push(format!("cr {offset:#x} {}", data.len()));
+        fn config_read(&self, offset: u16, data: &mut [u8]) {
+            self.push(format!("cr {offset:#x} {}", data.len()));
             for (i, b) in data.iter_mut().enumerate() {
                 *b = (offset as usize + i) as u8;
             }
         }
-        fn config_write(&mut self, offset: u16, data: &[u8]) {
-            self.log.push(format!("cw {offset:#x} {data:02x?}"));
+        fn config_write(&self, offset: u16, data: &[u8]) {
+            self.push(format!("cw {offset:#x} {data:02x?}"));
         }
-        fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
-            self.log
-                .push(format!("br {bar} {offset:#x} {}", data.len()));
+        fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) {
+            self.push(format!("br {bar} {offset:#x} {}", data.len()));
             data.fill(0xab);
         }
-        fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
-            self.log.push(format!(
+        fn bar_write(&self, bar: u8, offset: u64, data: &[u8]) {
+            self.push(format!(
                 "bw {bar} {offset:#x} {} {:02x}",
                 data.len(),
                 data[0]
@@ -449,10 +476,10 @@ mod tests {
                 len: 8
             }
         );
-        let mut dev = Recorder::default();
+        let dev = Recorder::default();
         let mut reply = Vec::new();
-        execute(&mut dev, &cmd, &mut reply);
-        assert_eq!(dev.log, vec!["cr 0x10 4", "cr 0x14 4"]);
+        execute(&dev, &BARS, &cmd, &mut reply);
+        assert_eq!(dev.log(), vec!["cr 0x10 4", "cr 0x14 4"]);
         assert_eq!(reply, (0x10..0x18).collect::<Vec<u8>>());
     }
 
@@ -468,18 +495,18 @@ mod tests {
                 data: &[6, 1]
             }
         );
-        let mut dev = Recorder::default();
-        execute(&mut dev, &cmd, &mut Vec::new());
-        assert_eq!(dev.log, vec!["cw 0x4 [06, 01]"]);
+        let dev = Recorder::default();
+        execute(&dev, &BARS, &cmd, &mut Vec::new());
+        assert_eq!(dev.log(), vec!["cw 0x4 [06, 01]"]);
     }
 
     #[test]
     fn cfg_write_8_splits() {
         let m = msg(OP_CFG_WRITE, 0, 8, 0x10, &[1, 2, 3, 4, 5, 6, 7, 8]);
-        let mut dev = Recorder::default();
-        execute(&mut dev, &decode(&m, 0).unwrap(), &mut Vec::new());
+        let dev = Recorder::default();
+        execute(&dev, &BARS, &decode(&m, 0).unwrap(), &mut Vec::new());
         assert_eq!(
-            dev.log,
+            dev.log(),
             vec!["cw 0x10 [01, 02, 03, 04]", "cw 0x14 [05, 06, 07, 08]"]
         );
     }
@@ -498,10 +525,10 @@ mod tests {
                 len: 10000
             }
         );
-        let mut dev = Recorder::default();
-        execute(&mut dev, &cmd, &mut Vec::new());
+        let dev = Recorder::default();
+        execute(&dev, &BARS, &cmd, &mut Vec::new());
         assert_eq!(
-            dev.log,
+            dev.log(),
             vec![
                 "bw 2 0x100 4096 5a",
                 "bw 2 0x1100 4096 5a",
@@ -538,9 +565,9 @@ mod tests {
     fn mmio_read_write_memset() {
         let m = msg(OP_MMIO_READ, 0, 4, 0x1c, &[]);
         let cmd = decode(&m, 4).unwrap();
-        let mut dev = Recorder::default();
+        let dev = Recorder::default();
         let mut reply = Vec::new();
-        execute(&mut dev, &cmd, &mut reply);
+        execute(&dev, &BARS, &cmd, &mut reply);
         assert_eq!(reply, vec![0xab; 4]);
         assert_eq!(cmd.reply_len(), 4);
 
@@ -557,9 +584,9 @@ mod tests {
         assert_eq!(cmd.reply_len(), 0);
 
         let m = msg(OP_MMIO_MEMSET, 1, 3, 0x8, &[7]);
-        execute(&mut dev, &decode(&m, 0).unwrap(), &mut reply);
+        execute(&dev, &BARS, &decode(&m, 0).unwrap(), &mut reply);
         assert!(reply.is_empty());
-        assert_eq!(dev.log.last().unwrap(), "bw 1 0x8 3 07");
+        assert_eq!(dev.log().last().unwrap(), "bw 1 0x8 3 07");
     }
 
     #[test]
@@ -620,11 +647,33 @@ mod tests {
         let _ = Malformed::ReplyTooSmall { size: 1, room: 0 }.to_string();
     }
 
+    /// Regression: an MMIO read at an offset near 2^64 (e.g. the MSI-X PBA at 2^64-17) reached
+    /// the device, whose offset arithmetic overflowed. Out-of-BAR accesses now never reach it.
+    #[test]
+    fn out_of_bar_accesses_never_reach_the_device() {
+        let dev = Recorder::default();
+        let mut reply = Vec::new();
+        let m = msg(OP_MMIO_READ, 4, 16, u64::MAX - 16, &[]);
+        execute(&dev, &BARS, &decode(&m, 16).unwrap(), &mut reply);
+        assert_eq!(reply, vec![0xff; 16]);
+        let m = msg(OP_MMIO_READ, 0, 8, 0xfffc, &[]);
+        execute(&dev, &BARS, &decode(&m, 8).unwrap(), &mut reply);
+        assert_eq!(reply, vec![0xff; 8], "straddles the end of the BAR");
+        let m = msg(OP_MMIO_WRITE, 0, 4, u64::MAX - 1, &[1, 2, 3, 4]);
+        execute(&dev, &BARS, &decode(&m, 0).unwrap(), &mut reply);
+        let mut small = BARS;
+        small[3] = 0;
+        let m = msg(OP_MMIO_READ, 3, 4, 0, &[]);
+        execute(&dev, &small, &decode(&m, 4).unwrap(), &mut reply);
+        assert_eq!(reply, vec![0xff; 4], "a BAR the device does not have");
+        assert!(dev.log().is_empty(), "{:?}", dev.log());
+    }
+
     #[test]
     fn decode_is_total_on_random_input() {
         // A cheap deterministic fuzz: no input may panic decode or execute.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut dev = Recorder::default();
+        let dev = Recorder::default();
         let mut reply = Vec::new();
         for _ in 0..20000 {
             x ^= x << 13;
@@ -640,10 +689,10 @@ mod tests {
                 m[4] = (x >> 3) as u8 & 0x0f;
             }
             if let Ok(cmd) = decode(&m, (x % 32) as usize) {
-                execute(&mut dev, &cmd, &mut reply);
+                execute(&dev, &BARS, &cmd, &mut reply);
                 assert_eq!(reply.len(), cmd.reply_len());
             }
-            dev.log.clear();
+            dev.log.lock().unwrap().clear();
         }
     }
 }

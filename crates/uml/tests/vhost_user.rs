@@ -9,7 +9,7 @@ use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{fence, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 use uml::msg::{self, MsgHeader};
@@ -288,13 +288,13 @@ impl FakeUml {
 struct Server {
     thread: JoinHandle<uml::Result<()>>,
     stop: uml::StopHandle,
-    device: Arc<Mutex<Scratch>>,
+    device: Arc<Scratch>,
     ctx: UmlContext,
 }
 
 fn start(path: &std::path::Path) -> Server {
     let ctx = UmlContext::new();
-    let device = Arc::new(Mutex::new(Scratch::new(ctx.device_context().irq)));
+    let device = Arc::new(Scratch::new(ctx.device_context().irq));
     let listener = UnixListener::bind(path).unwrap();
     let server =
         UmlDevice::new(listener, device.clone(), ctx.mem.clone(), ctx.irq.clone()).unwrap();
@@ -453,7 +453,13 @@ fn uml_like_session() {
     uml.fe.get_features().unwrap();
     drop(uml);
     join_within(server.thread, Duration::from_secs(5)).unwrap();
-    assert!(server.device.lock().unwrap().bar_writes >= 6);
+    assert!(
+        server
+            .device
+            .bar_writes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 6
+    );
 }
 
 #[test]

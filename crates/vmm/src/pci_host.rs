@@ -49,7 +49,10 @@ pub struct PciSlot {
     pub index: usize,
     /// The emulation name (`nvme`).
     pub name: String,
-    dev: Mutex<Box<dyn PciDevice>>,
+    dev: Box<dyn PciDevice>,
+    /// Serializes delivering absorbed doorbells with the synchronous accesses that must come
+    /// after them (held only while kicks are delivered, never around an access).
+    order: Mutex<()>,
     bars: Vec<BarInfo>,
     tags: Vec<usize>,
     state: Mutex<SlotState>,
@@ -68,17 +71,14 @@ impl PciSlot {
         (self.index / 8) as u8
     }
 
-    /// Lock the device model for a synchronous access: doorbell writes the guest made before
-    /// this access (absorbed by ioeventfds, not yet delivered) reach the device first.
-    pub fn lock(&self) -> MutexGuard<'_, Box<dyn PciDevice>> {
-        let mut dev = self.dev.lock().unwrap_or_else(|e| e.into_inner());
+    /// The device model, for a synchronous access: doorbell writes the guest made before this
+    /// access (absorbed by ioeventfds, not yet delivered) reach the device first. The device
+    /// itself is shared, not locked: it serializes internally per queue.
+    pub fn lock(&self) -> &dyn PciDevice {
         if self.has_ioevents.load(Ordering::Acquire) {
-            self.env.ioevents.drain(self.index, |token| {
-                self.kicks.fetch_add(1, Ordering::Relaxed);
-                dev.kick(token);
-            });
+            self.deliver_kicks();
         }
-        dev
+        &*self.dev
     }
 
     fn lock_state(&self) -> MutexGuard<'_, SlotState> {
@@ -96,7 +96,7 @@ impl PciSlot {
         self.lock_state().mapped.get(i).copied().flatten()
     }
 
-    fn read_cfg32(dev: &mut dyn PciDevice, off: usize) -> u32 {
+    fn read_cfg32(dev: &dyn PciDevice, off: usize) -> u32 {
         let mut b = [0u8; 4];
         dev.config_read(off as u16, &mut b);
         u32::from_le_bytes(b)
@@ -106,20 +106,20 @@ impl PciSlot {
     fn refresh(self: &Arc<Self>) {
         let mut st = self.lock_state();
         let want: Vec<Option<u64>> = {
-            let mut dev = self.lock();
-            let command = Self::read_cfg32(&mut **dev, reg::COMMAND) as u16;
+            let dev = self.lock();
+            let command = Self::read_cfg32(dev, reg::COMMAND) as u16;
             self.bars
                 .iter()
                 .map(|b| {
                     let off = reg::BAR0 + usize::from(b.index) * 4;
-                    let low = Self::read_cfg32(&mut **dev, off);
+                    let low = Self::read_cfg32(dev, off);
                     let (addr, on) = match b.kind {
                         BarKind::Io => (u64::from(low & !3), command & cmd::IO_SPACE != 0),
                         BarKind::Mem32 { .. } => {
                             (u64::from(low & !0xf), command & cmd::MEMORY_SPACE != 0)
                         }
                         BarKind::Mem64 { .. } => {
-                            let high = Self::read_cfg32(&mut **dev, off + 4);
+                            let high = Self::read_cfg32(dev, off + 4);
                             (
                                 u64::from(low & !0xf) | (u64::from(high) << 32),
                                 command & cmd::MEMORY_SPACE != 0,
@@ -214,9 +214,15 @@ impl PciSlot {
         self.refresh();
     }
 
-    /// Doorbells fired: deliver them (the I/O-event thread calls this).
+    /// Doorbells fired: deliver them (the I/O-event thread calls this, and every synchronous
+    /// access first). A kick another thread is delivering right now finishes before this
+    /// returns.
     pub fn deliver_kicks(&self) {
-        drop(self.lock());
+        let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        self.env.ioevents.drain(self.index, |token| {
+            self.kicks.fetch_add(1, Ordering::Relaxed);
+            self.dev.kick(token);
+        });
     }
 }
 
@@ -288,7 +294,8 @@ impl PciHost {
         let slot = Arc::new(PciSlot {
             index,
             name,
-            dev: Mutex::new(dev),
+            dev,
+            order: Mutex::new(()),
             bars,
             tags,
             state: Mutex::new(SlotState::default()),
@@ -342,10 +349,10 @@ impl PciHost {
                 ));
             }
             *next = base + b.size;
-            let mut dev = slot.lock();
+            let dev = slot.lock();
             let off = (reg::BAR0 + usize::from(b.index) * 4) as u16;
-            let low = PciSlot::read_cfg32(&mut **dev, off.into())
-                & if b.kind == BarKind::Io { 3 } else { 0xf };
+            let low =
+                PciSlot::read_cfg32(dev, off.into()) & if b.kind == BarKind::Io { 3 } else { 0xf };
             dev.config_write(off, &((base as u32) | low).to_le_bytes());
             if matches!(b.kind, BarKind::Mem64 { .. }) {
                 dev.config_write(off + 4, &((base >> 32) as u32).to_le_bytes());
@@ -353,7 +360,7 @@ impl PciHost {
         }
         for slot in self.slots() {
             {
-                let mut dev = slot.lock();
+                let dev = slot.lock();
                 let mut pin = [0u8];
                 dev.config_read(reg::INTERRUPT_PIN as u16, &mut pin);
                 if pin[0] != 0 {
@@ -362,7 +369,7 @@ impl PciHost {
                         &[intx_gsi(slot.device_no(), pin[0]) as u8],
                     );
                 }
-                let command = PciSlot::read_cfg32(&mut **dev, reg::COMMAND) as u16;
+                let command = PciSlot::read_cfg32(dev, reg::COMMAND) as u16;
                 dev.config_write(
                     reg::COMMAND as u16,
                     &(command | cmd::IO_SPACE | cmd::MEMORY_SPACE).to_le_bytes(),
@@ -490,7 +497,7 @@ pub const HOSTBRIDGE_DEVICE: u16 = 0x0008;
 
 /// The host bridge function (class 06/00/00), no BARs.
 pub struct HostBridge {
-    cfg: ConfigSpace,
+    cfg: Mutex<ConfigSpace>,
 }
 
 impl Default for HostBridge {
@@ -504,7 +511,9 @@ impl HostBridge {
     pub fn new() -> Self {
         let mut cfg = ConfigSpace::new(HOSTBRIDGE_VENDOR, HOSTBRIDGE_DEVICE, 0x06, 0x00, 0x00, 0);
         cfg.set_subsystem(HOSTBRIDGE_VENDOR, 0x1100);
-        HostBridge { cfg }
+        HostBridge {
+            cfg: Mutex::new(cfg),
+        }
     }
 }
 
@@ -521,16 +530,22 @@ impl PciDevice for HostBridge {
     fn name(&self) -> &str {
         "hostbridge"
     }
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        self.cfg.read(usize::from(offset), data);
+    fn config_read(&self, offset: u16, data: &mut [u8]) {
+        self.cfg
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(usize::from(offset), data);
     }
-    fn config_write(&mut self, offset: u16, data: &[u8]) {
-        self.cfg.write(usize::from(offset), data);
+    fn config_write(&self, offset: u16, data: &[u8]) {
+        self.cfg
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(usize::from(offset), data);
     }
-    fn bar_read(&mut self, _bar: u8, _offset: u64, data: &mut [u8]) {
+    fn bar_read(&self, _bar: u8, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
-    fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
+    fn bar_write(&self, _bar: u8, _offset: u64, _data: &[u8]) {}
     fn bars(&self) -> Vec<BarInfo> {
         Vec::new()
     }

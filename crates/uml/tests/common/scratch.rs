@@ -2,7 +2,8 @@
 //! scratch registers, and a doorbell at BAR0+0x100 whose written dword is sent as MSI data.
 
 use pci::{BarInfo, BarKind, ConfigSpace, InterruptSink, MsiMessage, PciDevice};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Test IDs; no Linux driver claims them.
 pub const VENDOR: u16 = 0x1b36;
@@ -15,11 +16,11 @@ pub const DOORBELL: u64 = 0x100;
 pub const MSI_ADDR: u64 = 0xa0000;
 
 pub struct Scratch {
-    cfg: ConfigSpace,
+    cfg: Mutex<ConfigSpace>,
     bar: u8,
-    regs: Vec<u8>,
+    regs: Mutex<Vec<u8>>,
     irq: Arc<dyn InterruptSink>,
-    pub bar_writes: u64,
+    pub bar_writes: AtomicU64,
 }
 
 impl Scratch {
@@ -38,11 +39,11 @@ impl Scratch {
         cfg.add_bar(bar as usize, kind, BAR0_SIZE);
         let regs = (0..BAR0_SIZE as usize).map(|i| i as u8).collect();
         Scratch {
-            cfg,
+            cfg: Mutex::new(cfg),
             bar,
-            regs,
+            regs: Mutex::new(regs),
             irq,
-            bar_writes: 0,
+            bar_writes: AtomicU64::new(0),
         }
     }
 }
@@ -51,32 +52,35 @@ impl PciDevice for Scratch {
     fn name(&self) -> &str {
         "scratch"
     }
-    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
-        self.cfg.read(offset as usize, data);
+    fn config_read(&self, offset: u16, data: &mut [u8]) {
+        self.cfg.lock().unwrap().read(offset as usize, data);
     }
-    fn config_write(&mut self, offset: u16, data: &[u8]) {
-        self.cfg.write(offset as usize, data);
+    fn config_write(&self, offset: u16, data: &[u8]) {
+        self.cfg.lock().unwrap().write(offset as usize, data);
     }
-    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+    fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) {
+        let regs = self.regs.lock().unwrap();
         for (i, b) in data.iter_mut().enumerate() {
-            let o = offset as usize + i;
+            let o = (offset as usize).wrapping_add(i);
             *b = if bar == self.bar {
-                self.regs.get(o).copied().unwrap_or(0xff)
+                regs.get(o).copied().unwrap_or(0xff)
             } else {
                 0xff
             };
         }
     }
-    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+    fn bar_write(&self, bar: u8, offset: u64, data: &[u8]) {
         if bar != self.bar {
             return;
         }
-        self.bar_writes += 1;
+        self.bar_writes.fetch_add(1, Ordering::Relaxed);
+        let mut regs = self.regs.lock().unwrap();
         for (i, &b) in data.iter().enumerate() {
-            if let Some(r) = self.regs.get_mut(offset as usize + i) {
+            if let Some(r) = regs.get_mut((offset as usize).wrapping_add(i)) {
                 *r = b;
             }
         }
+        drop(regs);
         if offset == DOORBELL && data.len() == 4 {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
             self.irq.msi(MsiMessage {

@@ -1,0 +1,186 @@
+//! One io_uring and the requests it carries. The only other `unsafe` of the block layer beside
+//! `guest`: pushing a submission entry hands the kernel raw pointers (the request's iovec array
+//! and, through it, guest memory), so the request must stay put until its completion is reaped.
+//! [`Ring`] guarantees that by owning every submitted request in a slab until then.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use crate::aio::{IoReq, Op};
+
+/// A ring plus the requests in flight on it, indexed by their `user_data`.
+pub(crate) struct Ring {
+    ring: IoUring,
+    slab: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Entries pushed but not yet passed to the kernel.
+    unsubmitted: usize,
+}
+
+/// A request in flight and the bytes it still has to move (after short transfers).
+pub(crate) struct Slot {
+    pub(crate) req: IoReq,
+    pub(crate) fd: i32,
+    /// Bytes already transferred before the current submission.
+    pub(crate) done: u64,
+}
+
+/// What one reaped completion means.
+pub(crate) enum Reaped {
+    /// The request finished: `res` is the last result (bytes or `-errno`).
+    Finished(Slot, i32),
+}
+
+impl Ring {
+    /// A ring with `entries` submission slots whose async completions signal `eventfd`.
+    pub(crate) fn new(entries: u32, eventfd: BorrowedFd<'_>) -> io::Result<Ring> {
+        let ring = IoUring::new(entries.next_power_of_two().clamp(8, 4096))?;
+        ring.submitter()
+            .register_eventfd_async(eventfd.as_raw_fd())?;
+        Ok(Ring {
+            ring,
+            slab: Vec::new(),
+            free: Vec::new(),
+            unsubmitted: 0,
+        })
+    }
+
+    /// Requests handed to the ring and not yet reaped.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.slab.len() - self.free.len()
+    }
+
+    /// Queue `req` on descriptor `fd` (no syscall unless the submission ring is full). On
+    /// failure the request comes back with the error.
+    pub(crate) fn push(
+        &mut self,
+        req: IoReq,
+        fd: BorrowedFd<'_>,
+    ) -> Result<(), (IoReq, io::Error)> {
+        let slot = Slot {
+            req,
+            fd: fd.as_raw_fd(),
+            done: 0,
+        };
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slab[i] = Some(slot);
+                i
+            }
+            None => {
+                self.slab.push(Some(slot));
+                self.slab.len() - 1
+            }
+        };
+        self.queue(idx).map_err(|e| {
+            let slot = self.slab[idx].take().expect("just filled");
+            self.free.push(idx);
+            (slot.req, e)
+        })
+    }
+
+    /// Build and push the submission entry for slab slot `idx`.
+    fn queue(&mut self, idx: usize) -> io::Result<()> {
+        let s = self.slab[idx].as_ref().expect("queued slot is occupied");
+        let fd = types::Fd(s.fd);
+        let off = s.req.offset + s.done;
+        let iov = s.req.iov.raw();
+        let n = iov.len().min(crate::guest::IOV_MAX) as u32;
+        let entry = match s.req.op {
+            Op::Read => opcode::Readv::new(fd, iov.as_ptr(), n).offset(off).build(),
+            Op::Write => {
+                let flags = if s.req.fua { libc::RWF_DSYNC } else { 0 };
+                opcode::Writev::new(fd, iov.as_ptr(), n)
+                    .offset(off)
+                    .rw_flags(flags)
+                    .build()
+            }
+            Op::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            Op::Discard | Op::WriteZeroes => {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+            }
+        }
+        .user_data(idx as u64);
+        self.push_entry(&entry)
+    }
+
+    fn push_entry(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: the entry's pointers (the iovec array of the request and the guest memory
+            // it names) belong to the request parked in `self.slab`, which is neither moved nor
+            // dropped until the completion for this user_data has been reaped; the iovec `Vec`
+            // is not touched while the request is in flight. The fd stays open because the
+            // request holds an `Arc` of its backend.
+            let pushed = unsafe { self.ring.submission().push(entry) };
+            if pushed.is_ok() {
+                self.unsubmitted += 1;
+                return Ok(());
+            }
+            // Submission ring full: hand what is queued to the kernel and retry.
+            self.submit()?;
+        }
+    }
+
+    /// Pass queued entries to the kernel (one `io_uring_enter`).
+    pub(crate) fn submit(&mut self) -> io::Result<()> {
+        if self.unsubmitted == 0 {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => {
+                    self.unsubmitted = 0;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // Completion ring momentarily full: the caller reaps, then submits again.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reap every completion the kernel has posted. Short transfers and EINTR/EAGAIN are
+    /// resubmitted here; finished requests go to `out`.
+    pub(crate) fn reap(&mut self, out: &mut Vec<Reaped>) {
+        let mut again = Vec::new();
+        for cqe in self.ring.completion() {
+            let idx = cqe.user_data() as usize;
+            let res = cqe.result();
+            let Some(slot) = self.slab.get_mut(idx).and_then(Option::as_mut) else {
+                log::error!("io_uring: completion for unknown request {idx}");
+                continue;
+            };
+            let rw = matches!(slot.req.op, Op::Read | Op::Write);
+            if res == -libc::EINTR || res == -libc::EAGAIN {
+                again.push(idx);
+                continue;
+            }
+            if rw && res > 0 && (res as u64) < slot.req.iov.len() {
+                // Short transfer: move past what was done and ask for the rest.
+                slot.done += res as u64;
+                slot.req.iov.advance(res as u64);
+                again.push(idx);
+                continue;
+            }
+            let slot = self.slab[idx].take().expect("checked above");
+            self.free.push(idx);
+            out.push(Reaped::Finished(slot, res));
+        }
+        for idx in again {
+            if let Err(e) = self.queue(idx) {
+                let slot = self.slab[idx].take().expect("requeued slot is occupied");
+                self.free.push(idx);
+                out.push(Reaped::Finished(
+                    slot,
+                    -e.raw_os_error().unwrap_or(libc::EIO),
+                ));
+            }
+        }
+    }
+}
