@@ -238,3 +238,43 @@ fn ram_runs_inline_and_many_requests_complete_once() {
         assert_eq!(e.in_flight(), 0);
     }
 }
+
+/// Regression: with the ring's eventfd signalled only for "async" completions, a completion the
+/// kernel posted through the submitter's task work was never reaped (an NVMe read on
+/// /proc/self/mem hung). The I/O thread alone must see every completion.
+#[test]
+fn io_thread_reaps_what_the_submitter_does_not() {
+    use crate::{IoHandler, IoThread, Tick};
+    use std::sync::atomic::{AtomicUsize, Ordering as O};
+    struct Count(AtomicUsize);
+    impl IoHandler for Count {
+        fn completions(&self, _t: usize, done: &mut Vec<IoDone>) {
+            self.0.fetch_add(done.len(), O::SeqCst);
+        }
+        fn tick(&self, _t: usize, _now: Instant) -> Tick {
+            Tick::Idle
+        }
+    }
+    let pool = Arc::new(Executor::new(1, "t-iot"));
+    let e = Engine::new(EngineKind::IoUring, 8, pool).unwrap();
+    let h: Arc<dyn IoHandler> = Arc::new(Count(AtomicUsize::new(0)));
+    let t = IoThread::spawn("t-iot".into(), 0, e.clone(), Arc::downgrade(&h)).unwrap();
+    let m = mem();
+    let eio: Arc<dyn BlockBackend> = Arc::new(FdBackend {
+        file: File::options().read(true).open("/proc/self/mem").unwrap(),
+        capacity: 1 << 40,
+    });
+    let t0 = Instant::now();
+    for i in 0..4 {
+        e.submit(req(i, Op::Read, 4096, iov(&m, &[(0, 512)]), &eio));
+    }
+    e.commit();
+    while e.in_flight() > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "completions never reaped"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(t);
+}

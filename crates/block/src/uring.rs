@@ -35,11 +35,13 @@ pub(crate) enum Reaped {
 }
 
 impl Ring {
-    /// A ring with `entries` submission slots whose async completions signal `eventfd`.
+    /// A ring with `entries` submission slots whose completions signal `eventfd`. (Not only the
+    /// async ones: a completion the kernel posts through the submitter's task work is neither
+    /// "async" nor visible when the submitter reaps right after submitting, and it would
+    /// otherwise sit in the ring unnoticed.)
     pub(crate) fn new(entries: u32, eventfd: BorrowedFd<'_>) -> io::Result<Ring> {
         let ring = IoUring::new(entries.next_power_of_two().clamp(8, 4096))?;
-        ring.submitter()
-            .register_eventfd_async(eventfd.as_raw_fd())?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(Ring {
             ring,
             slab: Vec::new(),

@@ -23,7 +23,7 @@ use nvme::namespace::Namespace;
 use nvme::spec::{Cqe, Sqe};
 use nvme::NvmeController;
 use pci::{DeviceContext, GuestMem, InterruptSink, MsiMessage, PciDevice, SlotSpec};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestMemoryRegion};
 
 pub const MEM_SIZE: u64 = 64 << 20;
 pub const ASQ: u64 = 0x10000;
@@ -88,6 +88,7 @@ pub struct TestBackend {
     gate: Mutex<(bool, usize)>, // (closed, readers waiting)
     cv: Condvar,
     pub fail_reads: AtomicBool,
+    pub fail_flushes: AtomicBool,
     pub flushes: AtomicU64,
     pub discards: AtomicU64,
     pub reads: AtomicUsize,
@@ -100,6 +101,7 @@ impl TestBackend {
             gate: Mutex::new((false, 0)),
             cv: Condvar::new(),
             fail_reads: AtomicBool::new(false),
+            fail_flushes: AtomicBool::new(false),
             flushes: AtomicU64::new(0),
             discards: AtomicU64::new(0),
             reads: AtomicUsize::new(0),
@@ -155,6 +157,9 @@ impl BlockBackend for TestBackend {
     }
     fn flush(&self) -> block::Result<()> {
         self.flushes.fetch_add(1, Ordering::SeqCst);
+        if self.fail_flushes.load(Ordering::SeqCst) {
+            return Err(BlockError::Io(std::io::Error::from_raw_os_error(libc::EIO)));
+        }
         self.ram.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> block::Result<()> {
@@ -270,6 +275,8 @@ pub struct TestDriver {
     pub auto_ring: bool,
     /// Guest ranges outside the standard areas that the test placed structures in.
     extra: Vec<(u64, u64)>,
+    /// The guest RAM regions (for [`TestDriver::hide_queues`]).
+    regions: Regions,
 }
 
 impl Drop for TestDriver {
@@ -314,10 +321,61 @@ impl TestDriver {
     pub fn allow(&mut self, addr: u64, len: u64) {
         self.extra.push((addr, len));
     }
+
+    /// Swap in a memory map without the region holding the queues (below DATA), as a frontend
+    /// replacing the guest's memory table would; returns the full map for [`Self::restore`].
+    pub fn hide_queues(&mut self) -> GuestMemoryMmap {
+        let full = (*self.mem.memory()).clone();
+        let data_only: Vec<_> = self
+            .regions
+            .iter()
+            .filter(|r| r.start_addr().0 >= DATA)
+            .cloned()
+            .collect();
+        let g = self.mem.lock().unwrap();
+        g.replace(GuestMemoryMmap::from_arc_regions(data_only).unwrap());
+        full
+    }
+
+    /// Put back a map taken by [`Self::hide_queues`].
+    pub fn restore(&mut self, full: GuestMemoryMmap) {
+        self.mem.lock().unwrap().replace(full);
+    }
+
+    /// Wait until `n` messages with `data` were delivered (interrupts are raised just after the
+    /// completion entry is written, possibly on another thread).
+    pub fn wait_irqs(&self, data: u32, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        while self.irq.count(data) < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} interrupts with data {data:#x}, want {n}",
+                self.irq.count(data)
+            );
+            std::thread::yield_now();
+        }
+    }
 }
 
-fn context(intx: bool) -> (DeviceContext, GuestMem, Arc<Recorder>) {
-    let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+/// Guest RAM is two regions (split where the DATA area starts), as under KVM around the PCI
+/// hole, so transfers and queues exercise region boundaries, and a test can hide the queue
+/// region ([`TestDriver::hide_queues`]).
+fn regions() -> Vec<Arc<vm_memory::GuestRegionMmap>> {
+    [(0, DATA), (DATA, MEM_SIZE - DATA)]
+        .into_iter()
+        .map(|(a, l)| {
+            Arc::new(
+                vm_memory::GuestRegionMmap::from_range(GuestAddress(a), l as usize, None).unwrap(),
+            )
+        })
+        .collect()
+}
+
+type Regions = Vec<Arc<vm_memory::GuestRegionMmap>>;
+
+fn context(intx: bool) -> (DeviceContext, GuestMem, Arc<Recorder>, Regions) {
+    let regions = regions();
+    let mmap = GuestMemoryMmap::from_arc_regions(regions.clone()).unwrap();
     let mem = GuestMem::new(mmap);
     let irq = Arc::new(Recorder::default());
     let ctx = DeviceContext {
@@ -325,7 +383,7 @@ fn context(intx: bool) -> (DeviceContext, GuestMem, Arc<Recorder>) {
         irq: irq.clone(),
         intx_supported: intx,
     };
-    (ctx, mem, irq)
+    (ctx, mem, irq, regions)
 }
 
 impl TestDriver {
@@ -336,16 +394,16 @@ impl TestDriver {
     }
 
     pub fn from_spec_intx(spec: &str, intx: bool) -> Self {
-        let (ctx, mem, irq) = context(intx);
+        let (ctx, mem, irq, regions) = context(intx);
         let dev = nvme::create(&SlotSpec::parse(spec).unwrap(), &ctx)
             .unwrap_or_else(|e| panic!("{spec}: {e}"));
-        Self::wrap(dev, mem, irq)
+        Self::wrap(dev, mem, irq, regions)
     }
 
     /// A controller over the given backends (NSID 1, 2, …); `spec` gives the controller options
     /// (its image list is ignored).
     pub fn with_backends(spec: &str, backends: Vec<Arc<dyn BlockBackend>>) -> Self {
-        let (ctx, mem, irq) = context(true);
+        let (ctx, mem, irq, regions) = context(true);
         let cfg = CtrlConfig::from_spec(&SlotSpec::parse(spec).unwrap()).unwrap();
         let ns = backends
             .into_iter()
@@ -353,10 +411,10 @@ impl TestDriver {
             .map(|(i, b)| Namespace::new(i as u32 + 1, b))
             .collect();
         let dev = Box::new(NvmeController::new(cfg, &ctx, ns));
-        Self::wrap(dev, mem, irq)
+        Self::wrap(dev, mem, irq, regions)
     }
 
-    fn wrap(dev: Box<dyn PciDevice>, mem: GuestMem, irq: Arc<Recorder>) -> Self {
+    fn wrap(dev: Box<dyn PciDevice>, mem: GuestMem, irq: Arc<Recorder>, regions: Regions) -> Self {
         let shadow: Vec<u8> = (DATA..DATA_END).map(pattern).collect();
         mem.memory()
             .write_slice(&shadow, GuestAddress(DATA))
@@ -374,6 +432,7 @@ impl TestDriver {
             stash: Vec::new(),
             auto_ring: true,
             extra: Vec::new(),
+            regions,
         }
     }
 
@@ -636,6 +695,21 @@ impl TestDriver {
         self.next_cid = self.next_cid.wrapping_add(1).max(0x100);
         sqe.cdw0 = (sqe.cdw0 & 0xffff) | (u32::from(cid) << 16);
         self.submit_raw(qid, sqe);
+        cid
+    }
+
+    /// Put `sqe` on SQ `qid` with a fresh CID (returned) without ringing any doorbell.
+    pub fn submit_at(&mut self, qid: u16, mut sqe: Sqe) -> u16 {
+        let cid = self.next_cid;
+        self.next_cid = self.next_cid.wrapping_add(1).max(0x100);
+        sqe.cdw0 = (sqe.cdw0 & 0xffff) | (u32::from(cid) << 16);
+        let q = self.sqs.get_mut(&qid).expect("no such host SQ");
+        let addr = q.base + u64::from(q.tail) * 64;
+        q.tail = (q.tail + 1) % q.size;
+        self.mem
+            .memory()
+            .write_slice(zerocopy::IntoBytes::as_bytes(&sqe), GuestAddress(addr))
+            .unwrap();
         cid
     }
 
