@@ -283,9 +283,13 @@ fn kvm_nvme_mmio_doorbells_exit_twice_per_io() {
     for phase in [1, 2] {
         let (exits, line) = r.phase(phase);
         println!("{line}");
-        // One SQ tail and one CQ head doorbell per command, nothing else.
-        assert_eq!(exits, 64, "{}", r.dump());
+        // One SQ tail and one CQ head doorbell per command, no other register access. Without
+        // shadow doorbells the vCPU itself submits to io_uring, so a completion the kernel
+        // finishes through that thread's task work can add an interrupted-run exit ("other"),
+        // which costs no device work.
+        assert!(line.contains("mmio_read=0 mmio_write=64"), "{line}");
         assert!(line.contains("[slot4.0 nvme bar0] r=0 w=64"), "{line}");
+        assert!((64..=96).contains(&exits), "{}", r.dump());
     }
     assert_eq!(r.device_counter("0:4.0", "ioeventfd_kicks"), 0);
     assert_nvme_data(&img);

@@ -10,7 +10,7 @@
 
 use std::path::PathBuf;
 
-use block::BackendSpec;
+use block::{BackendSpec, EngineKind};
 use pci::registry::SlotOption;
 use pci::{ConfigError, SlotOptions, SlotSpec};
 
@@ -33,6 +33,28 @@ const MODEL_MAX: usize = 40;
 /// real drive uses more).
 const PHYS_MAX: u32 = 32768;
 
+/// Controller-wide options, accepted anywhere in the list: `aio=io_uring|threads` (the I/O
+/// engine) and `iothreads=N` (I/O threads; port `p` is served by thread `p % N`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HbaOptions {
+    /// I/O engine.
+    pub aio: EngineKind,
+    /// I/O threads.
+    pub iothreads: usize,
+}
+
+impl Default for HbaOptions {
+    fn default() -> Self {
+        HbaOptions {
+            aio: EngineKind::default(),
+            iothreads: 1,
+        }
+    }
+}
+
+/// Keys that configure the controller rather than a port.
+const HBA_KEYS: &[&str] = &["aio", "iothreads"];
+
 /// One port as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortConfig {
@@ -44,10 +66,25 @@ pub struct PortConfig {
     pub opts: Vec<SlotOption>,
 }
 
-/// Split the slot's options into ports.
-pub fn parse(spec: &SlotSpec) -> Result<Vec<PortConfig>, ConfigError> {
+/// Split the slot's options into controller options and ports.
+pub fn parse(spec: &SlotSpec) -> Result<(Vec<PortConfig>, HbaOptions), ConfigError> {
     let dev = spec.emul.as_str();
-    let items = &spec.opts.items;
+    let (hba_items, port_items): (Vec<SlotOption>, Vec<SlotOption>) = spec
+        .opts
+        .items
+        .iter()
+        .cloned()
+        .partition(|o| o.value.is_some() && HBA_KEYS.contains(&o.key.as_str()));
+    let ho = SlotOptions::from_items(dev, hba_items);
+    let aio = match ho.get("aio") {
+        Some(v) => v
+            .parse::<EngineKind>()
+            .map_err(|_| ho.bad_value("aio", v, "io_uring or threads"))?,
+        None => EngineKind::default(),
+    };
+    let iothreads = ho.num("iothreads", 1, 32, false)?.unwrap_or(1) as usize;
+    let opts = HbaOptions { aio, iothreads };
+    let items = &port_items;
     let ports = match dev {
         "ahci-hd" | "ahci-cd" => {
             let kind = if dev == "ahci-hd" {
@@ -124,7 +161,7 @@ pub fn parse(spec: &SlotSpec) -> Result<Vec<PortConfig>, ConfigError> {
         let (keys, flags) = key_set(p.kind);
         SlotOptions::from_items(dev, p.opts.clone()).check(keys, flags, 0)?;
     }
-    Ok(ports)
+    Ok((ports, opts))
 }
 
 fn key_set(kind: DriveKind) -> (&'static [&'static str], &'static [&'static str]) {

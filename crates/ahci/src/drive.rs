@@ -51,6 +51,9 @@ pub struct DriveInfo {
     pub write_through: bool,
     /// Lifetime counters reported through SMART.
     pub counters: DriveCounters,
+    /// A flush (or FUA write) failed: data may be lost, so FLUSH CACHE keeps failing until the
+    /// HBA or the port is reset, even if a later fdatasync would succeed.
+    pub flush_failed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for DriveInfo {
@@ -103,6 +106,7 @@ impl DriveInfo {
             physical,
             write_through: false,
             counters: DriveCounters::default(),
+            flush_failed: Default::default(),
         }
     }
 

@@ -1,20 +1,22 @@
-//! The HBA: generic host control registers (AHCI 1.3.1 §3.1), the ABAR register decoder, HBA
-//! reset, and interrupt aggregation from ports to MSI or INTx.
+//! The HBA: generic host control registers (AHCI 1.3.1 §3.1), HBA reset, and interrupt
+//! aggregation from ports to MSI or INTx.
 //!
 //! Interrupts follow §10.6: a port's bit in IS is set while any of its enabled PxIS bits is set,
 //! and each 0→1 transition of such a bit sends an MSI message (the port's own vector when the
 //! guest granted one per port, otherwise vector 0). INTx is a level: asserted while GHC.IE is
 //! set and IS is non-zero. Recomputing after every IS/PxIS write re-raises a port whose
 //! condition is still pending, so no completion is ever lost between the two clears.
+//!
+//! The HBA never holds a port's lock: which ports have interrupt conditions arrives as a bit
+//! mask the ports keep current ([`crate::Shared::pending`]).
 
 use std::sync::Mutex;
 
-use pci::{InterruptMode, PciFunction};
+use pci::{InterruptMode, Interrupts, PciFunction};
 
-use crate::port::{Effects, Port};
 use crate::regs::{cap, ghc, hba as reg};
 
-/// HBA global state plus its ports.
+/// HBA global state.
 #[derive(Debug)]
 pub struct Hba {
     /// CAP (fixed at creation).
@@ -23,8 +25,8 @@ pub struct Hba {
     pub ghc: u32,
     /// IS.
     pub is: u32,
-    /// The ports, index = port number.
-    pub ports: Vec<Port>,
+    /// Number of ports.
+    pub nports: usize,
     /// GHC.HR: a reset waits for in-flight jobs before the links come up again.
     pub reset_pending: bool,
     /// Current INTx level.
@@ -36,10 +38,17 @@ pub struct Hba {
 /// Number of command slots per port.
 pub const SLOTS: u32 = 32;
 
+/// What a global register write asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalEffects {
+    /// GHC.HR was written: reset the HBA.
+    pub reset: bool,
+}
+
 impl Hba {
-    /// An HBA with `ports`, just out of reset.
-    pub fn new(ports: Vec<Port>) -> Self {
-        let np = ports.len() as u32;
+    /// An HBA with `nports` ports, just out of reset.
+    pub fn new(nports: usize) -> Self {
+        let np = nports as u32;
         let cap = cap::S64A
             | cap::SNCQ
             | cap::SSNTF
@@ -57,7 +66,7 @@ impl Hba {
             cap,
             ghc: 0,
             is: 0,
-            ports,
+            nports,
             reset_pending: false,
             intx: false,
             interrupts: 0,
@@ -71,22 +80,22 @@ impl Hba {
 
     /// Ports Implemented.
     pub fn pi(&self) -> u32 {
-        ((1u64 << self.ports.len()) - 1) as u32
+        ((1u64 << self.nports) - 1) as u32
     }
 
     /// The guest granted one MSI vector per port.
-    fn per_port_vectors(&self, f: &PciFunction) -> bool {
-        f.mode() == InterruptMode::Msi && f.msi_vectors() >= self.ports.len()
+    fn per_port_vectors(&self, irq: &Interrupts) -> bool {
+        irq.mode() == InterruptMode::Msi && irq.msi_vectors() >= self.nports
     }
 
     /// GHC.MRSM: more than one but fewer than needed vectors were granted, so the HBA reverted
     /// to a single message.
-    fn mrsm(&self, f: &PciFunction) -> bool {
-        f.mode() == InterruptMode::Msi && f.msi_vectors() > 1 && f.msi_vectors() < self.ports.len()
+    fn mrsm(&self, irq: &Interrupts) -> bool {
+        irq.mode() == InterruptMode::Msi && irq.msi_vectors() > 1 && irq.msi_vectors() < self.nports
     }
 
     /// Read the global register at `off` (below the port blocks).
-    pub fn read_global(&self, off: u64, func: &Mutex<PciFunction>) -> u32 {
+    pub fn read_global(&self, off: u64, irq: &Interrupts) -> u32 {
         match off {
             reg::CAP => self.cap,
             reg::GHC => {
@@ -94,7 +103,7 @@ impl Hba {
                 if self.reset_pending {
                     v |= ghc::HR;
                 }
-                if self.mrsm(&lock(func)) {
+                if self.mrsm(irq) {
                     v |= ghc::MRSM;
                 }
                 v
@@ -106,92 +115,71 @@ impl Hba {
         }
     }
 
-    /// Global register write. Returns true when an HBA reset was requested.
+    /// Global register write; `pending` is the ports' interrupt-condition mask.
     pub fn write_global(
         &mut self,
         off: u64,
         val: u32,
         mask: u32,
+        pending: u32,
+        irq: &Interrupts,
         func: &Mutex<PciFunction>,
-    ) -> bool {
+    ) -> GlobalEffects {
         let v = val & mask;
         match off {
             reg::GHC => {
                 if v & ghc::HR != 0 {
-                    return true;
+                    return GlobalEffects { reset: true };
                 }
                 let was = self.ghc & ghc::IE != 0;
                 self.ghc = (self.ghc & !mask) | (v & ghc::IE);
                 if !was && self.ghc & ghc::IE != 0 && self.is != 0 {
                     // Conditions that arrived while interrupts were off are signalled now.
                     let bits = self.is;
-                    self.send(&mut lock(func), bits);
+                    self.send(irq, bits);
                 }
-                self.update_irq(func);
+                self.update_irq(pending, irq, func);
             }
             reg::IS => {
                 self.is &= !v;
-                self.update_irq(func);
+                self.update_irq(pending, irq, func);
             }
             _ => {}
         }
-        false
-    }
-
-    /// HBA reset: every port resets; GHC.HR reads 1 until in-flight jobs finish.
-    pub fn reset(&mut self, func: &Mutex<PciFunction>) {
-        for p in &mut self.ports {
-            p.hba_reset();
-        }
-        self.ghc = 0;
-        self.is = 0;
-        self.reset_pending = true;
-        self.update_irq(func);
-    }
-
-    /// Route a port register write; `port` and `off` are already decoded.
-    pub fn write_port(&mut self, port: usize, off: u64, val: u32, mask: u32) -> Effects {
-        let cap = self.cap;
-        self.ports[port].write(off, val, mask, cap)
+        GlobalEffects::default()
     }
 
     /// Send interrupt messages for the ports in `bits` that just became pending.
-    fn send(&mut self, f: &mut PciFunction, bits: u32) {
-        match f.mode() {
+    fn send(&mut self, irq: &Interrupts, bits: u32) {
+        match irq.mode() {
             InterruptMode::Intx => {}
-            _ if self.per_port_vectors(f) => {
-                for p in 0..self.ports.len() {
-                    if bits & (1 << p) != 0 && f.trigger(p as u16) {
+            _ if self.per_port_vectors(irq) => {
+                for p in 0..self.nports {
+                    if bits & (1 << p) != 0 && irq.trigger(p as u16) {
                         self.interrupts += 1;
                     }
                 }
             }
             _ => {
-                if f.trigger(0) {
+                if irq.trigger(0) {
                     self.interrupts += 1;
                 }
             }
         }
     }
 
-    /// Recompute IS from the ports, signal new conditions, and drive INTx.
-    pub fn update_irq(&mut self, func: &Mutex<PciFunction>) {
-        let mut newly = 0u32;
-        for (i, p) in self.ports.iter().enumerate() {
-            let bit = 1u32 << i;
-            if p.pending_irq() != 0 && self.is & bit == 0 {
-                self.is |= bit;
-                newly |= bit;
-            }
-        }
+    /// Fold the ports' conditions (`pending`) into IS, signal new ones, and drive INTx.
+    pub fn update_irq(&mut self, pending: u32, irq: &Interrupts, func: &Mutex<PciFunction>) {
+        let newly = pending & !self.is;
+        self.is |= newly;
         let enabled = self.ghc & ghc::IE != 0;
-        let mut f = lock(func);
         if enabled && newly != 0 {
-            self.send(&mut f, newly);
+            self.send(irq, newly);
         }
         let level = enabled && self.is != 0;
         if level != self.intx {
             self.intx = level;
+            let mut f = lock(func);
             f.set_intx(level);
             if level && f.mode() == InterruptMode::Intx && f.cfg.interrupt_pin() != 0 {
                 self.interrupts += 1;

@@ -11,9 +11,11 @@
 //! * `ata`, `ncq`, `atapi`, `identify`, `log`: the device command sets.
 //! * `prdt`: scatter/gather over guest memory; `config`: bhyve option parsing.
 //!
-//! Threads: register accesses run on the caller's thread and never wait for the disk; each
-//! command runs as a job on a [`block::Executor`]. Lock order: device state, then the PCI
-//! function.
+//! Threads and locks: register accesses run on the caller's thread and never wait for the disk.
+//! Each port has its own lock (two ports never contend); the HBA's global registers have one
+//! more, taken after a port's lock has been dropped (never the other way round), then the PCI
+//! function. Data moves between guest memory and the disk through a [`block::Engine`]
+//! (io_uring, or worker threads) on the port's I/O thread, with no bounce buffer.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -37,15 +39,17 @@ mod testdrv;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Instant;
 
-use block::Executor;
+use block::{Engine, Executor, IoDone, IoHandler, IoThread, Tick};
 use pci::config::BarKind;
 use pci::{
-    caps, BarInfo, ConfigError, ConfigSpace, DataMatch, DeviceContext, GuestMem, IoEvent,
-    PciDevice, PciFunction, SlotSpec,
+    caps, BarInfo, ConfigError, ConfigSpace, DataMatch, DeviceContext, GuestMem, Interrupts,
+    IoEvent, PciDevice, PciFunction, SlotSpec,
 };
+use vm_memory::GuestAddressSpace;
 
 pub use drive::{DriveInfo, DriveKind};
 
@@ -53,6 +57,7 @@ use hba::{lock, Hba};
 use port::Port;
 use regs::hba as hreg;
 use regs::port as preg;
+use slot::PortState;
 
 /// Emulation name on the command line.
 pub const NAME: &str = "ahci";
@@ -70,8 +75,8 @@ pub const CLASS: (u8, u8, u8) = (0x01, 0x06, 0x01);
 pub const REVISION: u8 = 0x02;
 /// The ABAR is BAR5.
 pub const ABAR: u8 = 5;
-/// Worker threads per controller (blocking file I/O overlaps across them).
-const IO_THREADS: usize = 4;
+/// Worker threads per controller for blocking work (pool engine, verify, TRIM).
+const POOL_THREADS: usize = 4;
 
 /// Per-controller counters.
 #[derive(Debug, Default)]
@@ -82,17 +87,219 @@ pub(crate) struct Stats {
     pub(crate) errors: AtomicU64,
 }
 
-/// State shared by the register path and the I/O jobs.
+/// State shared by the register path, the I/O threads and the worker pool.
 pub(crate) struct Shared {
-    /// Device state (HBA and ports). Locked before `func`.
-    pub(crate) state: Mutex<Hba>,
+    /// The HBA's global registers (taken with no port lock held).
+    pub(crate) hba: Mutex<Hba>,
+    /// The ports, each with its own lock.
+    pub(crate) ports: Vec<Mutex<PortState>>,
+    /// Bit per port: it has an enabled interrupt condition (PxIS & PxIE), kept current by
+    /// [`PortGuard`] whenever a port's lock is released.
+    pub(crate) pending: AtomicU32,
+    /// A reset (HBA or link) waits for running commands to finish.
+    pub(crate) settling: AtomicBool,
     /// Config space and interrupt delivery.
     pub(crate) func: Mutex<PciFunction>,
+    /// Lock-free interrupt delivery.
+    pub(crate) irq: Arc<Interrupts>,
     pub(crate) mem: GuestMem,
-    pub(crate) exec: Executor,
+    pub(crate) pool: Arc<Executor>,
+    pub(crate) threads: OnceLock<Vec<IoThread>>,
     pub(crate) stats: Stats,
     /// Port index → drive description (also held by each port).
     pub(crate) drives: Vec<Arc<DriveInfo>>,
+    pub(crate) me: Weak<Shared>,
+}
+
+/// A locked port; releasing it publishes the port's interrupt condition to the HBA.
+pub(crate) struct PortGuard<'a> {
+    g: MutexGuard<'a, PortState>,
+    pending: &'a AtomicU32,
+    bit: u32,
+}
+
+impl std::ops::Deref for PortGuard<'_> {
+    type Target = PortState;
+    fn deref(&self) -> &PortState {
+        &self.g
+    }
+}
+
+impl std::ops::DerefMut for PortGuard<'_> {
+    fn deref_mut(&mut self) -> &mut PortState {
+        &mut self.g
+    }
+}
+
+impl Drop for PortGuard<'_> {
+    fn drop(&mut self) {
+        if self.g.port.pending_irq() != 0 {
+            self.pending.fetch_or(self.bit, Relaxed);
+        } else {
+            self.pending.fetch_and(!self.bit, Relaxed);
+        }
+    }
+}
+
+impl Shared {
+    /// Lock port `i`.
+    pub(crate) fn port(&self, i: usize) -> PortGuard<'_> {
+        PortGuard {
+            g: lock(&self.ports[i]),
+            pending: &self.pending,
+            bit: 1 << i,
+        }
+    }
+
+    /// The I/O thread serving port `pidx`.
+    pub(crate) fn thread_of(&self, pidx: usize) -> usize {
+        pidx % self.threads.get().map_or(1, |t| t.len().max(1))
+    }
+
+    /// The engine serving port `pidx`.
+    pub(crate) fn engine(&self, pidx: usize) -> &Engine {
+        self.threads.get().expect("threads start with the HBA")[self.thread_of(pidx)].engine()
+    }
+
+    /// Fold the ports' interrupt conditions into IS and signal.
+    pub(crate) fn update_irq(&self) {
+        let pending = self.pending.load(Relaxed);
+        lock(&self.hba).update_irq(pending, &self.irq, &self.func);
+    }
+
+    /// Submit queued requests, complete what is already done on this thread, then interrupts.
+    pub(crate) fn run_work(&self, mut work: slot::Work) {
+        let mut done = Vec::new();
+        for _ in 0..64 {
+            let engines = std::mem::take(&mut work.engines);
+            if engines == 0 {
+                break;
+            }
+            for (i, t) in self.threads.get().into_iter().flatten().enumerate() {
+                if engines & (1 << (i % 64)) != 0 {
+                    t.engine().commit();
+                    t.engine().reap(&mut done);
+                }
+            }
+            if done.is_empty() {
+                break;
+            }
+            self.complete_batch(&mut done, &mut work);
+        }
+        if self.settling.load(Relaxed) {
+            self.settle();
+        }
+        self.update_irq();
+    }
+
+    /// Complete reaped requests, one port lock per run of requests on the same port.
+    fn complete_batch(&self, done: &mut Vec<IoDone>, work: &mut slot::Work) {
+        let mut i = 0;
+        while i < done.len() {
+            let pidx = slot::port_of(done[i].req.tag);
+            if pidx >= self.ports.len() {
+                i += 1;
+                continue;
+            }
+            let mut ps = self.port(pidx);
+            while i < done.len() && slot::port_of(done[i].req.tag) == pidx {
+                let d = &mut done[i];
+                let mut r = slot::io_result(d, &ps);
+                let durable =
+                    d.req.op == block::Op::Flush || (d.req.op == block::Op::Write && d.req.fua);
+                let info = Arc::clone(&ps.port.info);
+                if durable {
+                    if d.result.is_err() {
+                        info.flush_failed.store(true, Relaxed);
+                    } else if info.flush_failed.load(Relaxed) && r == plan::IoResult::Ok {
+                        // A failed flush may have lost data: keep saying so until reset.
+                        r = plan::IoResult::WriteError { lba: 0 };
+                    }
+                }
+                let iov = std::mem::take(&mut d.req.iov);
+                slot::complete(self, &mut ps, d.req.tag, r, Some(iov), work);
+                i += 1;
+            }
+        }
+        done.clear();
+    }
+
+    /// A blocking job of command `t` finished with `r`.
+    pub(crate) fn complete_result(&self, t: u64, r: plan::IoResult, iov: Option<block::GuestIov>) {
+        let pidx = slot::port_of(t);
+        if pidx >= self.ports.len() {
+            return;
+        }
+        let mut work = slot::Work::default();
+        {
+            let mut ps = self.port(pidx);
+            slot::complete(self, &mut ps, t, r, iov, &mut work);
+        }
+        self.run_work(work);
+    }
+
+    /// Finish an HBA reset once no port has a command running, and bring up links whose
+    /// reset waits for their port to drain.
+    pub(crate) fn settle(&self) {
+        let mut all_idle = true;
+        let mut any_waiting = false;
+        for i in 0..self.ports.len() {
+            let ps = self.port(i);
+            all_idle &= ps.port.in_flight == 0;
+            any_waiting |= ps.port.link_pending;
+        }
+        {
+            let mut hba = lock(&self.hba);
+            if hba.reset_pending {
+                if !all_idle {
+                    return;
+                }
+                hba.reset_pending = false;
+            }
+        }
+        let iss = lock(&self.hba).iss();
+        let mem = self.mem.memory();
+        let mut work = slot::Work::default();
+        let mut still = false;
+        for i in 0..self.ports.len() {
+            let mut ps = self.port(i);
+            if ps.port.link_pending {
+                if ps.port.in_flight == 0 {
+                    ps.port.finish_link_reset(&mem, iss);
+                    slot::kick(self, &mut ps, i, &mut work);
+                } else {
+                    still = true;
+                }
+            }
+        }
+        let _ = any_waiting;
+        self.settling.store(still, Relaxed);
+        if work.engines != 0 {
+            self.run_work(work);
+        }
+    }
+
+    /// Kick every port (Bus Master Enable came back).
+    fn kick_all(&self) {
+        let mut work = slot::Work::default();
+        for i in 0..self.ports.len() {
+            let mut ps = self.port(i);
+            slot::kick(self, &mut ps, i, &mut work);
+        }
+        self.run_work(work);
+    }
+}
+
+impl IoHandler for Shared {
+    fn completions(&self, _thread: usize, done: &mut Vec<IoDone>) {
+        let mut work = slot::Work::default();
+        self.complete_batch(done, &mut work);
+        self.run_work(work);
+    }
+
+    fn tick(&self, _thread: usize, _now: Instant) -> Tick {
+        Tick::Idle
+    }
 }
 
 /// An AHCI controller.
@@ -111,28 +318,46 @@ impl std::fmt::Debug for Ahci {
 
 /// Build an AHCI controller from a `-s` slot specification (`ahci`, `ahci-hd` or `ahci-cd`).
 pub fn create(spec: &SlotSpec, ctx: &DeviceContext) -> Result<Box<dyn PciDevice>, ConfigError> {
-    let ports = config::parse(spec)?;
+    let (ports, hopts) = config::parse(spec)?;
     let drives = ports
         .iter()
         .enumerate()
         .map(|(i, p)| config::open(&spec.emul, i, p))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Box::new(Ahci::new(drives, ctx)))
+    let dev = Ahci::with_options(drives, ctx, hopts).map_err(|e| ConfigError::Device {
+        device: spec.emul.clone(),
+        msg: format!("cannot start I/O thread: {e}"),
+    })?;
+    Ok(Box::new(dev))
 }
 
 impl Ahci {
-    /// A controller with one port per drive (1–32 drives).
+    /// A controller with one port per drive (1–32 drives), default engine and one I/O thread.
     ///
     /// # Panics
-    /// If `drives` is empty or has more than 32 entries (a caller bug; [`create`] checks).
+    /// If `drives` is empty or has more than 32 entries (a caller bug; [`create`] checks), or an
+    /// I/O thread cannot start.
     pub fn new(drives: Vec<DriveInfo>, ctx: &DeviceContext) -> Ahci {
+        Self::with_options(drives, ctx, config::HbaOptions::default())
+            .unwrap_or_else(|e| panic!("AHCI: cannot start I/O thread: {e}"))
+    }
+
+    /// A controller with one port per drive, with engine and thread options.
+    pub fn with_options(
+        drives: Vec<DriveInfo>,
+        ctx: &DeviceContext,
+        opts: config::HbaOptions,
+    ) -> std::io::Result<Ahci> {
         assert!(
             (1..=hreg::MAX_PORTS).contains(&drives.len()),
             "AHCI needs 1 to 32 ports"
         );
         let n = drives.len();
         let drives: Vec<Arc<DriveInfo>> = drives.into_iter().map(Arc::new).collect();
-        let ports = drives.iter().map(|d| Port::new(Arc::clone(d))).collect();
+        let ports = drives
+            .iter()
+            .map(|d| Mutex::new(PortState::new(Port::new(Arc::clone(d)))))
+            .collect();
 
         let (class, subclass, prog_if) = CLASS;
         let mut cfg = ConfigSpace::new(VENDOR_ID, DEVICE_ID, class, subclass, prog_if, REVISION);
@@ -153,32 +378,46 @@ impl Ahci {
         let msi = caps::add_msi(&mut cfg, log2_vectors);
         caps::add_pm(&mut cfg);
         let func = PciFunction::new(cfg, Some(msi), None, Arc::clone(&ctx.irq));
-
-        let shared = Arc::new(Shared {
-            state: Mutex::new(Hba::new(ports)),
+        let irq = func.interrupts();
+        let pool = Arc::new(Executor::new(POOL_THREADS, "ahci-pool"));
+        let shared = Arc::new_cyclic(|me| Shared {
+            hba: Mutex::new(Hba::new(n)),
+            ports,
+            pending: AtomicU32::new(0),
+            settling: AtomicBool::new(true),
             func: Mutex::new(func),
+            irq,
             mem: ctx.mem.clone(),
-            exec: Executor::new(IO_THREADS, "ahci-io"),
+            pool: pool.clone(),
+            threads: OnceLock::new(),
             stats: Stats::default(),
             drives,
+            me: me.clone(),
         });
-        // Power-on: the HBA comes out of reset with every link trained (no staggered spin-up).
-        {
-            let mut hba = lock(&shared.state);
-            slot::settle(&shared, &mut hba);
+        let mut threads = Vec::new();
+        for i in 0..opts.iothreads.clamp(1, n) {
+            let engine = Engine::new(opts.aio, 64, pool.clone())?;
+            let handler: Weak<dyn IoHandler> = Arc::downgrade(&shared) as _;
+            threads.push(IoThread::spawn(format!("ahci-io{i}"), i, engine, handler)?);
         }
-        Ahci { shared, bar_size }
+        let _ = shared.threads.set(threads);
+        // Power-on: the HBA comes out of reset with every link trained (no staggered spin-up).
+        shared.settle();
+        Ok(Ahci { shared, bar_size })
     }
 
-    fn read32(&self, hba: &Hba, off: u64) -> u32 {
+    fn read32(&self, off: u64) -> u32 {
+        let sh = &self.shared;
         if off < hreg::PORT_BASE {
-            return hba.read_global(off, &self.shared.func);
+            return lock(&sh.hba).read_global(off, &sh.irq);
         }
         let p = ((off - hreg::PORT_BASE) / hreg::PORT_STRIDE) as usize;
-        match hba.ports.get(p) {
-            Some(port) => port.read((off - hreg::PORT_BASE) % hreg::PORT_STRIDE),
-            None => 0,
+        if p >= sh.ports.len() {
+            return 0;
         }
+        sh.port(p)
+            .port
+            .read((off - hreg::PORT_BASE) % hreg::PORT_STRIDE)
     }
 
     /// Offset of port `p`'s PxCI in the ABAR.
@@ -186,26 +425,49 @@ impl Ahci {
         hreg::PORT_BASE + u64::from(p) * hreg::PORT_STRIDE + preg::CI
     }
 
-    fn write32(&self, hba: &mut Hba, off: u64, val: u32, mask: u32) {
+    fn write32(&self, off: u64, val: u32, mask: u32, work: &mut slot::Work) {
         let sh = &self.shared;
         if off < hreg::PORT_BASE {
-            if hba.write_global(off, val, mask, &sh.func) {
-                hba.reset(&sh.func);
-                slot::settle(sh, hba);
+            let pending = sh.pending.load(Relaxed);
+            let fx = lock(&sh.hba).write_global(off, val, mask, pending, &sh.irq, &sh.func);
+            if fx.reset {
+                self.hba_reset();
             }
             return;
         }
         let p = ((off - hreg::PORT_BASE) / hreg::PORT_STRIDE) as usize;
-        if p >= hba.ports.len() {
+        if p >= sh.ports.len() {
             return;
         }
-        let fx = hba.write_port(p, (off - hreg::PORT_BASE) % hreg::PORT_STRIDE, val, mask);
+        let cap = lock(&sh.hba).cap;
+        let mut ps = sh.port(p);
+        let fx = ps
+            .port
+            .write((off - hreg::PORT_BASE) % hreg::PORT_STRIDE, val, mask, cap);
         if fx.kick {
-            slot::kick(sh, hba, p);
+            slot::kick(sh, &mut ps, p, work);
         }
+        drop(ps);
         if fx.settle {
-            slot::settle(sh, hba);
+            sh.settling.store(true, Relaxed);
         }
+    }
+
+    /// GHC.HR: every port resets; GHC.HR reads 1 until running commands finish.
+    fn hba_reset(&self) {
+        let sh = &self.shared;
+        {
+            let mut hba = lock(&sh.hba);
+            hba.ghc = 0;
+            hba.is = 0;
+            hba.reset_pending = true;
+        }
+        for i in 0..sh.ports.len() {
+            let mut ps = sh.port(i);
+            ps.port.hba_reset();
+            ps.port.info.flush_failed.store(false, Relaxed);
+        }
+        sh.settling.store(true, Relaxed);
     }
 }
 
@@ -219,26 +481,26 @@ impl PciDevice for Ahci {
     }
 
     fn config_write(&self, offset: u16, data: &[u8]) {
+        let was = self.shared.irq.bus_master();
         lock(&self.shared.func).config_write(usize::from(offset), data);
+        if !was && self.shared.irq.bus_master() {
+            self.shared.kick_all(); // Bus Master Enable is back: fetching resumes
+        }
     }
 
     fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) {
-        if bar != ABAR {
+        if bar != ABAR || !pci::bar_access_ok(offset, data.len(), self.bar_size) {
             data.fill(0xff);
             return;
         }
-        let hba = lock(&self.shared.state);
         let mut cached: Option<(u64, u32)> = None;
         for (i, b) in data.iter_mut().enumerate() {
-            let Some(off) = offset.checked_add(i as u64).filter(|o| *o < self.bar_size) else {
-                *b = 0xff;
-                continue;
-            };
+            let off = offset + i as u64;
             let dw = off & !3;
             let v = match cached {
                 Some((d, v)) if d == dw => v,
                 _ => {
-                    let v = self.read32(&hba, dw);
+                    let v = self.read32(dw);
                     cached = Some((dw, v));
                     v
                 }
@@ -248,15 +510,13 @@ impl PciDevice for Ahci {
     }
 
     fn bar_write(&self, bar: u8, offset: u64, data: &[u8]) {
-        if bar != ABAR {
+        if bar != ABAR || !pci::bar_access_ok(offset, data.len(), self.bar_size) {
             return;
         }
         // Gather the bytes into (dword, value, byte-mask) writes, applied in address order.
         let mut writes: Vec<(u64, u32, u32)> = Vec::new();
         for (i, &b) in data.iter().enumerate() {
-            let Some(off) = offset.checked_add(i as u64).filter(|o| *o < self.bar_size) else {
-                continue;
-            };
+            let off = offset + i as u64;
             let (dw, shift) = (off & !3, (off & 3) * 8);
             match writes.last_mut() {
                 Some((d, v, m)) if *d == dw => {
@@ -266,11 +526,11 @@ impl PciDevice for Ahci {
                 _ => writes.push((dw, u32::from(b) << shift, 0xff << shift)),
             }
         }
-        let mut hba = lock(&self.shared.state);
+        let mut work = slot::Work::default();
         for (dw, v, m) in writes {
-            self.write32(&mut hba, dw, v, m);
+            self.write32(dw, v, m, &mut work);
         }
-        hba.update_irq(&self.shared.func);
+        self.shared.run_work(work);
     }
 
     fn bars(&self) -> Vec<BarInfo> {
@@ -284,9 +544,11 @@ impl PciDevice for Ahci {
     }
 
     fn shutdown(&self) {
-        self.shared.exec.wait_idle();
-        for be in self
-            .shared
+        let sh = &self.shared;
+        while (0..sh.ports.len()).any(|i| sh.port(i).port.in_flight > 0) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        for be in sh
             .drives
             .iter()
             .filter(|d| !d.read_only)
@@ -300,7 +562,7 @@ impl PciDevice for Ahci {
 
     fn stats(&self) -> Vec<(String, u64)> {
         let s = &self.shared.stats;
-        let interrupts = lock(&self.shared.state).interrupts;
+        let interrupts = lock(&self.shared.hba).interrupts;
         vec![
             ("commands".into(), s.commands.load(Relaxed)),
             ("read_bytes".into(), s.read_bytes.load(Relaxed)),

@@ -55,19 +55,20 @@ pub fn in_ram(mem: &Mem, addr: u64, len: u64) -> bool {
         && GuestMemoryBackend::check_range(mem, GuestAddress(addr), len)
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Segment {
-    addr: u64,
-    len: u64,
-}
-
-/// A validated scatter/gather list with a cursor: bytes are moved front to back.
-#[derive(Debug, Default)]
+/// A validated scatter/gather list with a cursor: bytes are moved front to back. The list is
+/// not copied into host memory (a PRDT may have 65535 entries): it is validated once when
+/// loaded, then read again from guest memory as the transfer proceeds, each entry re-checked,
+/// so a guest that rewrites its PRDT mid-command only fails its own command.
+#[derive(Debug, Default, Clone)]
 pub struct Sg {
-    segs: Vec<Segment>,
+    /// Guest address of the PRDT.
+    table: u64,
+    /// Bytes the command transfers.
+    need: u64,
     /// An entry with the Interrupt bit is part of the transfer (PxIS.DPS at completion).
     pub interrupt: bool,
-    idx: usize,
+    /// Cursor: entry index and offset within it.
+    idx: u32,
     off: u64,
     moved: u64,
 }
@@ -75,11 +76,35 @@ pub struct Sg {
 /// Entries read from guest memory per batch.
 const BATCH: usize = 64;
 
+/// One PRDT entry as (guest address, byte count), checked.
+fn entry_at(mem: &Mem, table: u64, idx: u32) -> Result<(u64, u64, bool), PrdtFault> {
+    let addr = table
+        .checked_add(u64::from(idx) * PRDT_ENTRY_SIZE as u64)
+        .ok_or(PrdtFault::OutsideRam)?;
+    let mut raw = [0u8; PRDT_ENTRY_SIZE];
+    read_guest(mem, addr, &mut raw).map_err(|_| PrdtFault::OutsideRam)?;
+    decode(&raw)
+}
+
+fn decode(raw: &[u8]) -> Result<(u64, u64, bool), PrdtFault> {
+    let e = PrdtEntry::read_from_bytes(raw).map_err(|_| PrdtFault::Malformed)?;
+    let dbc = e.dbc.get();
+    if dbc & prd::RESERVED_MASK != 0 {
+        return Err(PrdtFault::Malformed);
+    }
+    let base = u64::from(e.dba.get() & !1) | (u64::from(e.dbau.get()) << 32);
+    Ok((base, u64::from(dbc & prd::DBC_MASK) + 1, dbc & prd::I != 0))
+}
+
 impl Sg {
-    /// Load the entries of the PRDT at `table` (with `entries` entries) that cover the first
+    /// Validate the entries of the PRDT at `table` (with `entries` entries) that cover the first
     /// `need` bytes. Entries past those are never read, as an HBA would not fetch them.
     pub fn load(mem: &Mem, table: u64, entries: u16, need: u64) -> Result<Sg, PrdtFault> {
-        let mut sg = Sg::default();
+        let mut sg = Sg {
+            table,
+            need,
+            ..Default::default()
+        };
         let mut total = 0u64;
         let mut next = 0usize;
         let mut raw = [0u8; PRDT_ENTRY_SIZE * BATCH];
@@ -94,18 +119,12 @@ impl Sg {
                 if total >= need {
                     break;
                 }
-                let e = PrdtEntry::read_from_bytes(chunk).map_err(|_| PrdtFault::Malformed)?;
-                let dbc = e.dbc.get();
-                if dbc & prd::RESERVED_MASK != 0 {
-                    return Err(PrdtFault::Malformed);
-                }
-                let base = u64::from(e.dba.get() & !1) | (u64::from(e.dbau.get()) << 32);
-                let len = (u64::from(dbc & prd::DBC_MASK) + 1).min(need - total);
+                let (base, len, irq) = decode(chunk)?;
+                let len = len.min(need - total);
                 if !in_ram(mem, base, len) {
                     return Err(PrdtFault::OutsideRam);
                 }
-                sg.interrupt |= dbc & prd::I != 0;
-                sg.segs.push(Segment { addr: base, len });
+                sg.interrupt |= irq;
                 total += len;
             }
             next += n;
@@ -121,42 +140,87 @@ impl Sg {
         self.moved
     }
 
-    /// Visit the next `len` bytes of the list as (guest address, offset into the caller's buffer,
-    /// length) pieces.
+    /// Bytes not yet moved.
+    pub fn remaining(&self) -> u64 {
+        self.need - self.moved
+    }
+
+    /// Visit the next `len` bytes of the list as (guest address, offset into the caller's
+    /// buffer, length) pieces, advancing the cursor.
     fn walk(
         &mut self,
-        len: usize,
-        mut f: impl FnMut(u64, usize, usize) -> Result<(), GuestFault>,
+        mem: &Mem,
+        len: u64,
+        mut f: impl FnMut(u64, u64, u64) -> Result<(), GuestFault>,
     ) -> Result<(), GuestFault> {
-        let mut done = 0usize;
-        while done < len {
-            let seg = *self.segs.get(self.idx).ok_or(GuestFault)?;
-            let n = ((seg.len - self.off) as usize).min(len - done);
-            f(seg.addr + self.off, done, n)?;
+        let mut done = 0u64;
+        while done < len && self.moved < self.need {
+            let (base, elen, _) = entry_at(mem, self.table, self.idx).map_err(|_| GuestFault)?;
+            let elen = elen.min(self.need - (self.moved - self.off));
+            if self.off >= elen {
+                self.idx += 1;
+                self.off = 0;
+                continue;
+            }
+            let n = (elen - self.off).min(len - done);
+            let addr = base + self.off;
+            if !in_ram(mem, addr, n) {
+                return Err(GuestFault);
+            }
+            f(addr, done, n)?;
             done += n;
-            self.off += n as u64;
-            self.moved += n as u64;
-            if self.off == seg.len {
+            self.off += n;
+            self.moved += n;
+            if self.off == elen {
                 self.idx += 1;
                 self.off = 0;
             }
+        }
+        if done < len {
+            return Err(GuestFault);
         }
         Ok(())
     }
 
     /// Copy `data` to the next bytes of the list (device to host).
     pub fn write(&mut self, mem: &Mem, data: &[u8]) -> Result<(), GuestFault> {
-        self.walk(data.len(), |addr, at, n| {
-            write_guest(mem, addr, &data[at..at + n])
+        self.walk(mem, data.len() as u64, |addr, at, n| {
+            write_guest(mem, addr, &data[at as usize..(at + n) as usize])
         })
     }
 
     /// Fill `buf` from the next bytes of the list (host to device).
     pub fn read(&mut self, mem: &Mem, buf: &mut [u8]) -> Result<(), GuestFault> {
-        let len = buf.len();
-        self.walk(len, |addr, at, n| {
-            read_guest(mem, addr, &mut buf[at..at + n])
+        let len = buf.len() as u64;
+        self.walk(mem, len, |addr, at, n| {
+            read_guest(mem, addr, &mut buf[at as usize..(at + n) as usize])
         })
+    }
+
+    /// Append the next pieces of the list to `iov`, at most `max_bytes` bytes and until `iov`
+    /// holds `max_segs` segments; returns the bytes added.
+    pub fn fill_iov(
+        &mut self,
+        mem: &Mem,
+        iov: &mut block::GuestIov,
+        max_segs: usize,
+        max_bytes: u64,
+    ) -> Result<u64, GuestFault> {
+        let start = self.moved;
+        while self.moved < self.need && iov.segments() < max_segs && self.moved - start < max_bytes
+        {
+            let (base, elen, _) = entry_at(mem, self.table, self.idx).map_err(|_| GuestFault)?;
+            let elen = elen.min(self.need - (self.moved - self.off));
+            let n = (elen - self.off).min(max_bytes - (self.moved - start));
+            iov.push_guest(base + self.off, n).map_err(|_| GuestFault)?;
+            self.off += n;
+            self.moved += n;
+            if self.off == elen {
+                self.idx += 1;
+                self.off = 0;
+            }
+        }
+        Ok(self.moved - start)
     }
 }
 
@@ -187,6 +251,7 @@ mod tests {
         let mut sg = Sg::load(&mem, 0x100, 3, 12).unwrap();
         assert!(sg.interrupt);
         sg.write(&mem, &[1; 12]).unwrap();
+        assert_eq!(sg.remaining(), 0);
         let mut b = [0u8; 8];
         mem.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
         assert_eq!(b, [1, 1, 1, 1, 1, 1, 0, 0]);

@@ -1,16 +1,19 @@
-//! Command slots: fetching commands from the command list, running each as an I/O job, and
-//! reporting completion through FISes, registers and interrupts.
+//! Command slots: fetching commands from the command list, running them, and reporting
+//! completion through FISes, registers and interrupts.
 //!
-//! Fetching happens under the device lock when the guest sets PxCI (or when a command finishes
-//! and the next may start); it only reads the 32-byte header and the command FIS, then submits a
-//! job to the block executor, so the MMIO path never waits for the disk. The job decodes the
-//! command under the lock, moves data with no lock held, and completes under the lock again. NCQ
-//! commands run concurrently (up to 32); a non-queued command runs alone, after the queue drains.
+//! Everything here runs under one port's lock, never the HBA's: a PxCI write (or a completion
+//! that frees the port for the next command) fetches the 32-byte header and the command FIS,
+//! decodes the command, and either finishes it at once (non-data commands, IDENTIFY, logs,
+//! ATAPI responses: small data generated here) or hands its data to the port's I/O engine as
+//! iovecs straight over the PRDT's guest buffers. Large transfers run as a chain of bounded
+//! chunks. Completions come back through [`complete`], on the submitting thread or the port's
+//! I/O thread. NCQ commands run concurrently (up to 32); a non-queued command runs alone,
+//! after the queue drains.
 
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use block::{GuestIov, IoDone, IoReq, Op};
 use vm_memory::GuestAddressSpace;
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -21,7 +24,6 @@ use crate::fis::{
     fis_type, header, rx, table, CommandHeader, DmaSetupFis, H2dRegisterFis, SetDeviceBitsFis,
     TaskFile, CONTROL_SRST, FIS_A, FIS_D, FIS_I,
 };
-use crate::hba::{lock, Hba};
 use crate::ncq::NcqError;
 use crate::plan::{Action, IoResult, Plan, Proto};
 use crate::port::Port;
@@ -29,12 +31,19 @@ use crate::prdt::{read_guest, write_guest, Mem, PrdtFault, Sg};
 use crate::regs::{pxis, serr, ssts};
 use crate::Shared;
 
-/// Largest piece of a transfer staged in host memory at once.
-const CHUNK: u64 = 1 << 20;
+/// Most iovecs in one backend request; longer transfers run chunk after chunk.
+const MAX_SEGMENTS: usize = 256;
+/// Most bytes in one backend request.
+const MAX_CHUNK: u64 = 4 << 20;
+/// Host buffer for verify and TRIM range lists.
+const STAGE: usize = 64 << 10;
+/// Commands a port may have running, abandoned ones included: new commands wait while a stop
+/// or reset leaves old ones running, so a port never holds more than this.
+const MAX_JOBS: u32 = 32;
 
 /// A command taken from the command list.
 #[derive(Clone, Copy, Debug)]
-struct Fetched {
+pub struct Fetched {
     slot: u8,
     header: CommandHeader,
     header_addr: u64,
@@ -43,11 +52,78 @@ struct Fetched {
     generation: u64,
 }
 
-/// Start every command the port can start now (HBA lock held).
-pub fn kick(shared: &Arc<Shared>, hba: &mut Hba, pidx: usize) {
-    let mem = shared.mem.memory();
-    let p = &mut hba.ports[pidx];
-    while p.cmd & crate::regs::pxcmd::ST != 0 && !p.halted && p.link_up() && p.nonqueued.is_none() {
+/// A command running on the backend.
+pub struct Job {
+    f: Fetched,
+    plan: Plan,
+    sg: Sg,
+    /// Disk offset of the next chunk.
+    next: u64,
+    /// Backend requests still running.
+    parts: u32,
+    result: IoResult,
+    /// The drive's backend (for later chunks).
+    be: Arc<dyn block::BlockBackend>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("slot", &self.f.slot)
+            .field("plan", &self.plan)
+            .field("parts", &self.parts)
+            .finish()
+    }
+}
+
+/// A port with the commands it has running.
+#[derive(Debug)]
+pub struct PortState {
+    /// The registers and the device.
+    pub port: Port,
+    /// Running commands (this generation's and abandoned ones).
+    pub jobs: Vec<Job>,
+}
+
+impl PortState {
+    /// A port with nothing running.
+    pub fn new(port: Port) -> Self {
+        PortState {
+            port,
+            jobs: Vec::new(),
+        }
+    }
+}
+
+fn tag(port: usize, slot: u8, generation: u64) -> u64 {
+    ((port as u64) << 56) | (u64::from(slot) << 48) | (generation & 0xffff_ffff_ffff)
+}
+
+fn untag(t: u64) -> (usize, u8, u64) {
+    ((t >> 56) as usize, (t >> 48) as u8, t & 0xffff_ffff_ffff)
+}
+
+/// Deferred work: I/O threads whose engines got requests.
+#[derive(Default)]
+pub struct Work {
+    /// Bit per I/O thread.
+    pub engines: u64,
+}
+
+/// Start every command the port can start now (port lock held).
+pub fn kick(sh: &Shared, ps: &mut PortState, pidx: usize, work: &mut Work) {
+    let mem = sh.mem.memory();
+    loop {
+        let p = &mut ps.port;
+        let ready = p.cmd & crate::regs::pxcmd::ST != 0
+            && !p.halted
+            && p.link_up()
+            && p.nonqueued.is_none()
+            && p.in_flight < MAX_JOBS
+            && sh.irq.bus_master();
+        if !ready {
+            return;
+        }
         let pending = p.ci & !p.queued;
         if pending == 0 {
             return;
@@ -78,13 +154,7 @@ pub fn kick(shared: &Arc<Shared>, hba: &mut Hba, pidx: usize) {
         p.next_slot = (slot + 1) % 32;
         p.in_flight += 1;
         p.set_ipm(ssts::IPM_ACTIVE); // issuing a command wakes the link
-        let job = Job {
-            shared: Arc::clone(shared),
-            pidx,
-            f,
-            armed: true,
-        };
-        shared.exec.submit(Box::new(move || run(job)));
+        start(sh, ps, pidx, f, &mem, work);
     }
 }
 
@@ -140,89 +210,33 @@ fn accept_queued(mem: &Mem, p: &mut Port, f: &Fetched) {
     }
 }
 
-/// Finish pending resets whose jobs have drained, then restart command processing (HBA lock
-/// held).
-pub fn settle(shared: &Arc<Shared>, hba: &mut Hba) {
-    if hba.reset_pending {
-        if hba.ports.iter().any(|p| p.in_flight > 0) {
-            return;
-        }
-        hba.reset_pending = false;
+/// Decode a fetched command and run it: at once, or on the backend.
+fn start(sh: &Shared, ps: &mut PortState, pidx: usize, f: Fetched, mem: &Mem, work: &mut Work) {
+    let p = &mut ps.port;
+    let info = Arc::clone(&p.info);
+    if !f.fis.is_command() {
+        device_control(mem, p, &f);
+        finish(sh, ps, &f, None);
+        return;
     }
-    let mem = shared.mem.memory();
-    let iss = hba.iss();
-    for i in 0..hba.ports.len() {
-        let p = &mut hba.ports[i];
-        if p.link_pending && p.in_flight == 0 {
-            p.finish_link_reset(&mem, iss);
-            kick(shared, hba, i);
-        }
-    }
-}
-
-/// One command's job. It completes exactly once: through [`Job::finish`], or, should the job
-/// ever panic, by its drop, which retires it without reporting anything (so PxCMD.CR and HBA
-/// reset never wait forever for it).
-struct Job {
-    shared: Arc<Shared>,
-    pidx: usize,
-    f: Fetched,
-    armed: bool,
-}
-
-impl Job {
-    fn finish(mut self, done: Option<(Plan, IoResult, Option<Sg>)>) {
-        self.armed = false;
-        finish(&self.shared, self.pidx, &self.f, done);
-    }
-}
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        if self.armed {
-            finish(&self.shared, self.pidx, &self.f, None);
-        }
-    }
-}
-
-/// The I/O job of one command.
-fn run(job: Job) {
-    let (shared, pidx, f) = (&job.shared, job.pidx, job.f);
-    let mem = shared.mem.memory();
-    let info = Arc::clone(&shared.drives[pidx]);
     let mut acmd = [0u8; table::ACMD_LEN];
-    let packet =
-        info.kind == DriveKind::Cdrom && f.fis.is_command() && f.fis.command == ata::cmd::PACKET;
-    let acmd_ok = !packet || read_guest(&mem, f.header.ctba() + table::ACMD, &mut acmd).is_ok();
-
-    let plan = {
-        let mut hba = lock(&shared.state);
-        let p = &mut hba.ports[pidx];
-        if p.generation != f.generation {
-            drop(hba);
-            return job.finish(None);
-        }
-        if !acmd_ok {
-            drop(hba);
-            return job.finish(Some((
-                Plan::done(ata::ok(), Proto::NonData),
-                IoResult::HostFault(pxis::HBFS),
-                None,
-            )));
-        }
-        if !f.fis.is_command() {
-            device_control(&mem, p, &f);
-            drop(hba);
-            return job.finish(None);
-        }
-        ata::prepare(&info, &mut p.dev, &f.fis, &acmd, f.slot)
-    };
-
+    let packet = info.kind == DriveKind::Cdrom && f.fis.command == ata::cmd::PACKET;
+    if packet && read_guest(mem, f.header.ctba() + table::ACMD, &mut acmd).is_err() {
+        let plan = Plan::done(ata::ok(), Proto::NonData);
+        finish(
+            sh,
+            ps,
+            &f,
+            Some((plan, IoResult::HostFault(pxis::HBFS), None)),
+        );
+        return;
+    }
+    let plan = ata::prepare(&info, &mut p.dev, &f.fis, &acmd, f.slot);
     let mut sg = None;
     let mut result = IoResult::Ok;
     if let Some((len, to_host)) = plan.transfer() {
         match Sg::load(
-            &mem,
+            mem,
             f.header.ctba() + table::PRDT,
             f.header.prdtl.get(),
             len,
@@ -232,18 +246,182 @@ fn run(job: Job) {
             Err(_) => result = IoResult::HostFault(pxis::HBFS),
         }
     }
-    if result == IoResult::Ok {
-        let mut none = Sg::default();
-        result = execute(
-            shared,
-            &info,
-            &mem,
-            &plan.action,
-            sg.as_mut().unwrap_or(&mut none),
-        );
+    let be = info.backend.clone();
+    let (be, mut sg) = match (result, be, sg) {
+        (IoResult::Ok, Some(be), sg) => (be, sg.unwrap_or_default()),
+        (IoResult::Ok, None, sg) => {
+            // No medium: decoding refuses medium access before it gets here.
+            let mut sg = sg.unwrap_or_default();
+            let r = match &plan.action {
+                Action::DataIn { data, .. } => host(sg.write(mem, data)),
+                Action::Done(_) | Action::Flush => IoResult::Ok,
+                _ => IoResult::ReadError { lba: 0 },
+            };
+            finish(sh, ps, &f, Some((plan, r, Some(sg))));
+            return;
+        }
+        (r, _, sg) => {
+            finish(sh, ps, &f, Some((plan, r, sg)));
+            return;
+        }
+    };
+    let t = tag(pidx, f.slot, f.generation);
+    let engine = sh.engine(pidx);
+    let ebit = 1 << (sh.thread_of(pidx) % 64);
+    let parts = match &plan.action {
+        Action::Done(_) => {
+            finish(sh, ps, &f, Some((plan, IoResult::Ok, Some(sg))));
+            return;
+        }
+        Action::DataIn { data, .. } => {
+            let r = host(sg.write(mem, data));
+            finish(sh, ps, &f, Some((plan, r, Some(sg))));
+            return;
+        }
+        Action::Flush if info.read_only => {
+            finish(sh, ps, &f, Some((plan, IoResult::Ok, Some(sg))));
+            return;
+        }
+        Action::Flush => {
+            engine.submit(IoReq {
+                tag: t,
+                op: Op::Flush,
+                offset: 0,
+                len: 0,
+                fua: false,
+                iov: GuestIov::new(),
+                backend: be.clone(),
+            });
+            work.engines |= ebit;
+            1
+        }
+        Action::Read { offset, .. } | Action::Write { offset, .. } => {
+            let (op, fua) = match plan.action {
+                Action::Write { flush, .. } => (Op::Write, flush),
+                _ => (Op::Read, false),
+            };
+            let offset = *offset;
+            let mut iov = GuestIov::new();
+            iov.set_memory(sh.mem.memory().into_inner());
+            if sg.fill_iov(mem, &mut iov, MAX_SEGMENTS, MAX_CHUNK).is_err() {
+                finish(
+                    sh,
+                    ps,
+                    &f,
+                    Some((plan, IoResult::HostFault(pxis::HBFS), Some(sg))),
+                );
+                return;
+            }
+            let next = offset + iov.len();
+            engine.submit(IoReq {
+                tag: t,
+                op,
+                offset,
+                len: iov.len(),
+                fua,
+                iov,
+                backend: be.clone(),
+            });
+            work.engines |= ebit;
+            ps.jobs.push(Job {
+                f,
+                plan,
+                sg,
+                next,
+                parts: 1,
+                result: IoResult::Ok,
+                be,
+            });
+            return;
+        }
+        Action::Verify { offset, len, lba } => {
+            let (offset, len, lba, b) = (*offset, *len, *lba, be.clone());
+            let sector = u64::from(info.logical.max(1));
+            blocking(sh, t, move |_| verify(&*b, offset, len, lba, sector));
+            1
+        }
+        Action::Trim { .. } => {
+            let (list, info2, m, b) = (sg.clone(), Arc::clone(&info), sh.mem.clone(), be.clone());
+            blocking(sh, t, move |_| trim(&info2, &*b, &m.memory(), list));
+            1
+        }
+    };
+    ps.jobs.push(Job {
+        f,
+        plan,
+        sg,
+        next: 0,
+        parts,
+        result: IoResult::Ok,
+        be,
+    });
+}
+
+fn host(r: Result<(), crate::prdt::GuestFault>) -> IoResult {
+    r.map_or(IoResult::HostFault(pxis::HBFS), |_| IoResult::Ok)
+}
+
+/// Run `job` on the worker pool; its result completes command `t`.
+fn blocking(sh: &Shared, t: u64, job: impl FnOnce(&Shared) -> IoResult + Send + 'static) {
+    let Some(me) = sh.me.upgrade() else { return };
+    sh.pool.submit(Box::new(move || {
+        let r = job(&me);
+        me.complete_result(t, r, None);
+    }));
+}
+
+/// READ VERIFY: read the range back in bounded chunks (the data goes nowhere).
+fn verify(be: &dyn block::BlockBackend, offset: u64, len: u64, lba: u64, sector: u64) -> IoResult {
+    let mut buf = vec![0u8; (len as usize).min(STAGE)];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(buf.len() as u64) as usize;
+        if be
+            .read_vectored(offset + pos, &mut [std::io::IoSliceMut::new(&mut buf[..n])])
+            .is_err()
+        {
+            return IoResult::ReadError {
+                lba: lba + pos / sector,
+            };
+        }
+        pos += n as u64;
     }
-    drop(mem);
-    job.finish(Some((plan, result, sg)));
+    IoResult::Ok
+}
+
+/// DATA SET MANAGEMENT TRIM: 8-byte entries of LBA (47:0) and length (63:48); zero-length
+/// entries are padding. Every range is checked before any is discarded; the list is read from
+/// guest memory twice in bounded pieces rather than copied whole.
+fn trim(info: &DriveInfo, be: &dyn block::BlockBackend, mem: &Mem, list: Sg) -> IoResult {
+    let each = |apply: bool| -> IoResult {
+        let mut sg = list.clone();
+        let mut buf = vec![0u8; STAGE];
+        let sector = u64::from(info.logical);
+        while sg.remaining() > 0 {
+            let n = sg.remaining().min(STAGE as u64) as usize;
+            if sg.read(mem, &mut buf[..n]).is_err() {
+                return IoResult::HostFault(pxis::HBFS);
+            }
+            for e in buf[..n].chunks_exact(8) {
+                let v = u64::from_le_bytes(e.try_into().unwrap_or([0; 8]));
+                let (lba, cnt) = (v & 0xffff_ffff_ffff, v >> 48);
+                if cnt == 0 {
+                    continue;
+                }
+                if !apply && lba + cnt > info.sectors {
+                    return IoResult::BadRange;
+                }
+                if apply && be.discard(lba * sector, cnt * sector).is_err() {
+                    return IoResult::WriteError { lba };
+                }
+            }
+        }
+        IoResult::Ok
+    };
+    match each(false) {
+        IoResult::Ok => each(true),
+        r => r,
+    }
 }
 
 /// A Register H2D FIS with C clear updates the Device Control register: SRST asserted resets the
@@ -269,114 +447,77 @@ fn device_control(mem: &Mem, p: &mut Port, f: &Fetched) {
     }
 }
 
-/// Move the data of `action`, with no lock held.
-fn execute(shared: &Shared, info: &DriveInfo, mem: &Mem, action: &Action, sg: &mut Sg) -> IoResult {
-    let host = IoResult::HostFault(pxis::HBFS);
-    let lba_at = |off: u64| off / u64::from(info.logical);
-    let Some(be) = info.backend.as_deref() else {
-        // No medium: decoding refuses medium access before it gets here.
-        return match action {
-            Action::DataIn { data, .. } => sg.write(mem, data).map_or(host, |_| IoResult::Ok),
-            Action::Done(_) | Action::Flush => IoResult::Ok,
-            _ => IoResult::ReadError { lba: 0 },
-        };
+/// One backend request of command `t` finished (port lock held). Starts the next chunk, or
+/// finishes the command.
+pub fn complete(
+    sh: &Shared,
+    ps: &mut PortState,
+    t: u64,
+    r: IoResult,
+    iov: Option<GuestIov>,
+    work: &mut Work,
+) {
+    drop(iov);
+    let (pidx, slot, generation) = untag(t);
+    let Some(i) = ps
+        .jobs
+        .iter()
+        .position(|j| j.f.slot == slot && j.f.generation & 0xffff_ffff_ffff == generation)
+    else {
+        return;
     };
-    match action {
-        Action::Done(_) => IoResult::Ok,
-        Action::DataIn { data, .. } => sg.write(mem, data).map_or(host, |_| IoResult::Ok),
-        Action::Read { offset, len, .. } | Action::Verify { offset, len, .. } => {
-            let to_host = matches!(action, Action::Read { .. });
-            let mut buf = vec![0u8; (*len).min(CHUNK) as usize];
-            let mut pos = 0;
-            while pos < *len {
-                let n = (*len - pos).min(CHUNK) as usize;
-                let chunk = &mut buf[..n];
-                if be
-                    .read_vectored(offset + pos, &mut [IoSliceMut::new(chunk)])
-                    .is_err()
-                {
-                    return IoResult::ReadError {
-                        lba: lba_at(offset + pos),
-                    };
-                }
-                if to_host {
-                    if sg.write(mem, &buf[..n]).is_err() {
-                        return host;
-                    }
-                    shared.stats.read_bytes.fetch_add(n as u64, Relaxed);
-                    info.counters.read_bytes.fetch_add(n as u64, Relaxed);
-                }
-                pos += n as u64;
-            }
-            IoResult::Ok
-        }
-        Action::Write {
-            offset, len, flush, ..
-        } => {
-            let mut buf = vec![0u8; (*len).min(CHUNK) as usize];
-            let mut pos = 0;
-            while pos < *len {
-                let n = (*len - pos).min(CHUNK) as usize;
-                if sg.read(mem, &mut buf[..n]).is_err() {
-                    return host;
-                }
-                if be
-                    .write_vectored(offset + pos, &[IoSlice::new(&buf[..n])])
-                    .is_err()
-                {
-                    return IoResult::WriteError {
-                        lba: lba_at(offset + pos),
-                    };
-                }
-                shared.stats.written_bytes.fetch_add(n as u64, Relaxed);
-                info.counters.written_bytes.fetch_add(n as u64, Relaxed);
-                pos += n as u64;
-            }
-            if *flush && be.flush().is_err() {
-                return IoResult::WriteError {
-                    lba: lba_at(*offset),
-                };
-            }
-            IoResult::Ok
-        }
-        Action::Flush => {
-            if info.read_only || be.flush().is_ok() {
-                IoResult::Ok
-            } else {
-                IoResult::WriteError { lba: 0 }
-            }
-        }
-        Action::Trim { len } => {
-            let mut list = vec![0u8; *len as usize];
-            if sg.read(mem, &mut list).is_err() {
-                return host;
-            }
-            trim(info, be, &list)
+    let j = &mut ps.jobs[i];
+    j.parts = j.parts.saturating_sub(1);
+    if j.result == IoResult::Ok {
+        j.result = r;
+    }
+    if j.parts > 0 {
+        return;
+    }
+    let live = j.f.generation == ps.port.generation && !ps.port.halted;
+    if live && j.result == IoResult::Ok && j.sg.remaining() > 0 {
+        if let Some(req) = next_chunk(sh, j, t) {
+            sh.engine(pidx).submit(req);
+            work.engines |= 1 << (sh.thread_of(pidx) % 64);
+            return;
         }
     }
+    let j = ps.jobs.swap_remove(i);
+    let f = j.f;
+    finish(sh, ps, &f, Some((j.plan, j.result, Some(j.sg))));
+    kick(sh, ps, pidx, work);
 }
 
-/// DATA SET MANAGEMENT TRIM: 8-byte entries of LBA (47:0) and length (63:48); zero-length
-/// entries are padding. Every range is checked before any is discarded.
-fn trim(info: &DriveInfo, be: &dyn block::BlockBackend, list: &[u8]) -> IoResult {
-    let ranges: Vec<(u64, u64)> = list
-        .chunks_exact(8)
-        .map(|e| {
-            let v = u64::from_le_bytes(e.try_into().unwrap_or([0; 8]));
-            (v & 0xffff_ffff_ffff, v >> 48)
-        })
-        .filter(|&(_, n)| n != 0)
-        .collect();
-    if ranges.iter().any(|&(lba, n)| lba + n > info.sectors) {
-        return IoResult::BadRange;
+/// The next chunk of a large transfer, or `None` (with the job's result set) if it cannot go.
+fn next_chunk(sh: &Shared, j: &mut Job, t: u64) -> Option<IoReq> {
+    let be = j.be.clone();
+    let mem = sh.mem.memory();
+    let mut iov = GuestIov::new();
+    iov.set_memory(sh.mem.memory().into_inner());
+    if !sh.irq.bus_master()
+        || j.sg
+            .fill_iov(&mem, &mut iov, MAX_SEGMENTS, MAX_CHUNK)
+            .is_err()
+    {
+        j.result = IoResult::HostFault(pxis::HBFS);
+        return None;
     }
-    let sector = u64::from(info.logical);
-    for (lba, n) in ranges {
-        if be.discard(lba * sector, n * sector).is_err() {
-            return IoResult::WriteError { lba };
-        }
-    }
-    IoResult::Ok
+    let (op, fua) = match j.plan.action {
+        Action::Write { flush, .. } => (Op::Write, flush),
+        _ => (Op::Read, false),
+    };
+    let offset = j.next;
+    j.next += iov.len();
+    j.parts = 1;
+    Some(IoReq {
+        tag: t,
+        op,
+        offset,
+        len: iov.len(),
+        fua,
+        iov,
+        backend: be,
+    })
 }
 
 /// The device's outputs for a finished plan.
@@ -395,17 +536,15 @@ fn outcome(info: &DriveInfo, p: &mut Port, plan: &Plan, result: IoResult) -> Tas
     }
 }
 
-/// Complete a job under the lock: report the command (unless it was abandoned), then start what
-/// can start next and signal interrupts.
+/// A command is done: report it (unless it was abandoned) and free its place.
 fn finish(
-    shared: &Arc<Shared>,
-    pidx: usize,
+    sh: &Shared,
+    ps: &mut PortState,
     f: &Fetched,
     done: Option<(Plan, IoResult, Option<Sg>)>,
 ) {
-    let mem = shared.mem.memory();
-    let mut hba = lock(&shared.state);
-    let p = &mut hba.ports[pidx];
+    let mem = sh.mem.memory();
+    let p = &mut ps.port;
     p.in_flight = p.in_flight.saturating_sub(1);
     let live = p.generation == f.generation;
     if live {
@@ -416,23 +555,31 @@ fn finish(
         }
     }
     if let (true, Some((plan, result, sg))) = (live && !p.halted, done) {
-        shared.stats.commands.fetch_add(1, Relaxed);
+        sh.stats.commands.fetch_add(1, Relaxed);
         match result {
             IoResult::HostFault(bit) => p.fatal(bit, f.slot),
             _ => {
                 let info = Arc::clone(&p.info);
                 let tf = outcome(&info, p, &plan, result);
                 if tf.status & status::ERR != 0 {
-                    shared.stats.errors.fetch_add(1, Relaxed);
+                    sh.stats.errors.fetch_add(1, Relaxed);
                 }
                 let (moved, irq) = sg.map_or((0, false), |s| (s.moved(), s.interrupt));
+                match plan.action {
+                    Action::Read { .. } if result == IoResult::Ok => {
+                        sh.stats.read_bytes.fetch_add(moved, Relaxed);
+                        info.counters.read_bytes.fetch_add(moved, Relaxed);
+                    }
+                    Action::Write { .. } if result == IoResult::Ok => {
+                        sh.stats.written_bytes.fetch_add(moved, Relaxed);
+                        info.counters.written_bytes.fetch_add(moved, Relaxed);
+                    }
+                    _ => {}
+                }
                 report(&mem, p, f, plan.proto, &tf, moved, irq);
             }
         }
     }
-    kick(shared, &mut hba, pidx);
-    settle(shared, &mut hba);
-    hba.update_irq(&shared.func);
 }
 
 /// Post the FISes that report a finished command and update the port registers (AHCI 1.3.1
@@ -531,4 +678,31 @@ fn report(
     if !ok {
         p.fatal(pxis::HBFS, f.slot);
     }
+}
+
+/// Map an engine result to the command's outcome.
+pub fn io_result(d: &IoDone, ps: &PortState) -> IoResult {
+    let (_, slot, generation) = untag(d.req.tag);
+    let first_lba = ps
+        .jobs
+        .iter()
+        .find(|j| j.f.slot == slot && j.f.generation & 0xffff_ffff_ffff == generation)
+        .map(|j| match j.plan.action {
+            Action::Read { lba, offset, .. } | Action::Write { lba, offset, .. } => {
+                let sector = u64::from(ps.port.info.logical.max(1));
+                lba + d.req.offset.saturating_sub(offset) / sector
+            }
+            _ => 0,
+        })
+        .unwrap_or(0);
+    match (&d.result, d.req.op) {
+        (Ok(()), _) => IoResult::Ok,
+        (Err(_), Op::Read) => IoResult::ReadError { lba: first_lba },
+        (Err(_), _) => IoResult::WriteError { lba: first_lba },
+    }
+}
+
+/// Where the port index of a request tag is.
+pub fn port_of(t: u64) -> usize {
+    untag(t).0
 }

@@ -83,6 +83,8 @@ pub struct TestBackend {
     gate: (Mutex<bool>, Condvar),
     /// Number of requests waiting at the gate.
     pub waiting: Mutex<usize>,
+    /// Flushes fail (EIO) while set.
+    pub fail_flush: std::sync::atomic::AtomicBool,
 }
 
 impl TestBackend {
@@ -94,6 +96,7 @@ impl TestBackend {
             fail_reads: Mutex::default(),
             gate: (Mutex::new(true), Condvar::new()),
             waiting: Mutex::new(0),
+            fail_flush: Default::default(),
         })
     }
 
@@ -144,6 +147,9 @@ impl BlockBackend for TestBackend {
         r
     }
     fn flush(&self) -> block::Result<()> {
+        if self.fail_flush.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(block::BlockError::Io(std::io::Error::from_raw_os_error(5)));
+        }
         self.inner.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> block::Result<()> {

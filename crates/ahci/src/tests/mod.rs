@@ -6,4 +6,5 @@ mod atapi_cmds;
 mod bad_input;
 mod config;
 mod hba_regs;
+mod hostile;
 mod ncq;
