@@ -51,6 +51,7 @@ use pci::{
 };
 use vm_memory::GuestAddressSpace;
 
+pub use config::HbaOptions;
 pub use drive::{DriveInfo, DriveKind};
 
 use hba::{lock, Hba};
@@ -177,8 +178,7 @@ impl Shared {
             }
             for (i, t) in self.threads.get().into_iter().flatten().enumerate() {
                 if engines & (1 << (i % 64)) != 0 {
-                    t.engine().commit();
-                    t.engine().reap(&mut done);
+                    t.engine().commit_and_reap(&mut done);
                 }
             }
             if done.is_empty() {

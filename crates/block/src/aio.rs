@@ -225,7 +225,31 @@ impl Engine {
         }
     }
 
-    /// Hand the batch queued since the last commit to the kernel.
+    /// Hand the batch queued since the last submission to the kernel and move every finished
+    /// request to `out`: what the kernel completes during the submission is reaped here, on
+    /// the submitting thread, without waking the I/O thread.
+    pub fn commit_and_reap(&self, out: &mut Vec<IoDone>) {
+        let before = out.len();
+        {
+            let mut d = lock(&self.0.done);
+            out.append(&mut d);
+        }
+        if let Some(r) = &self.0.ring {
+            let mut reaped = Vec::new();
+            if let Err(e) = lock(r).submit_and_reap(&mut reaped) {
+                log::error!("io_uring_enter failed: {e}");
+            }
+            for Reaped::Finished(slot, res) in reaped {
+                out.push(finish_uring(slot, res));
+            }
+        }
+        let n = out.len() - before;
+        if n > 0 {
+            self.0.in_flight.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+
+    /// Hand the batch queued since the last submission to the kernel (without reaping).
     pub fn commit(&self) {
         if let Some(r) = &self.0.ring {
             if let Err(e) = lock(r).submit() {

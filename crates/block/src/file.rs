@@ -79,6 +79,11 @@ pub struct RawFile {
     rmw: RwLock<()>,
     can_punch: AtomicBool,
     can_zero_range: AtomicBool,
+    /// The image lives in memory (tmpfs, ramfs): reads and writes are memory copies that never
+    /// wait for a device, so they run on the submitting thread. io_uring cannot do better there:
+    /// those filesystems cannot read without blocking, so every request would be punted to an
+    /// io_uring worker thread and cost two thread hops.
+    in_memory: bool,
     stats: Stats,
 }
 
@@ -116,6 +121,16 @@ fn round_down(x: u64, a: u64) -> u64 {
 
 fn round_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
+}
+
+/// Whether `file` is on a filesystem that keeps its data in memory (tmpfs, ramfs).
+fn in_memory_fs(file: &File) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    rustix::fs::fstatfs(file).is_ok_and(|s| {
+        let t = s.f_type as u64;
+        t == TMPFS_MAGIC || t == RAMFS_MAGIC
+    })
 }
 
 /// Direct-I/O alignment (file offset, memory) of `file` as the kernel reports it (statx
@@ -200,6 +215,7 @@ impl RawFile {
                 chunk,
             }
         });
+        let in_memory = !opts.direct && in_memory_fs(&file);
         Ok(RawFile {
             file,
             path: path.to_path_buf(),
@@ -214,6 +230,7 @@ impl RawFile {
             rmw: RwLock::new(()),
             can_punch: AtomicBool::new(true),
             can_zero_range: AtomicBool::new(true),
+            in_memory,
             stats: Stats::new(),
         })
     }
@@ -609,6 +626,9 @@ impl BlockBackend for RawFile {
 
     fn dispatch(&self) -> Dispatch<'_> {
         use std::os::fd::AsFd;
+        if self.in_memory {
+            return Dispatch::Inline;
+        }
         Dispatch::Fd {
             fd: self.file.as_fd(),
             direct: self.direct.as_ref().map(|d| (d.align, d.mem_align)),

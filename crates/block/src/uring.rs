@@ -147,6 +147,20 @@ impl Ring {
         }
     }
 
+    /// Submit what is queued and reap what is already complete, without the completion eventfd
+    /// firing for completions this call reaps itself (the kernel finishes many requests during
+    /// the submission). Notifications are off only inside this call; a completion posted after
+    /// it re-enables them signals as usual, and one posted before is reaped by its second look.
+    pub(crate) fn submit_and_reap(&mut self, out: &mut Vec<Reaped>) -> io::Result<()> {
+        self.ring.completion().disable_eventfd();
+        let r = self.submit();
+        self.reap(out);
+        self.ring.completion().enable_eventfd();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.reap(out);
+        r.and_then(|()| self.submit())
+    }
+
     /// Reap every completion the kernel has posted. Short transfers and EINTR/EAGAIN are
     /// resubmitted here; finished requests go to `out`.
     pub(crate) fn reap(&mut self, out: &mut Vec<Reaped>) {

@@ -851,8 +851,7 @@ impl Shared {
                 .expect("threads start with the controller");
             for (i, t) in threads.iter().enumerate() {
                 if engines & (1 << (i % 64)) != 0 {
-                    t.engine().commit();
-                    t.engine().reap(&mut done);
+                    t.engine().commit_and_reap(&mut done);
                 }
             }
             if done.is_empty() {

@@ -35,6 +35,8 @@ const ADAPTIVE_MAX_BATCH: u32 = 32;
 
 thread_local! {
     static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
+    /// When this I/O thread last completed something (polled mode).
+    static LAST_DONE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 /// The I/O thread index the current thread is, if it is one.
@@ -1032,6 +1034,7 @@ impl Shared {
 impl IoHandler for Shared {
     fn completions(&self, thread: usize, done: &mut Vec<IoDone>) {
         CURRENT.with(|c| c.set(Some(thread)));
+        LAST_DONE.with(|c| c.set(Some(Instant::now())));
         let mut work = Work::default();
         self.complete_batch(done, &mut work);
         self.run_work(work);
@@ -1043,7 +1046,11 @@ impl IoHandler for Shared {
         for cqid in self.my_groups(thread) {
             let mut work = Work::default();
             {
-                let mut g = self.group(cqid);
+                // A group busy on another thread is being served there; look again soon.
+                let Ok(mut g) = self.groups[usize::from(cqid)].try_lock() else {
+                    next = next.min(Tick::At(now + Duration::from_micros(20)));
+                    continue;
+                };
                 if let Some(cq) = g.cq.as_mut() {
                     match cq.coal.deadline {
                         Some(d) if d <= now => self.signal(cq, &mut work),
@@ -1069,6 +1076,20 @@ impl IoHandler for Shared {
                 }
             }
             self.run_work(work);
+        }
+        // Polled mode: while requests are in flight and completions keep coming, spin on the
+        // completion ring instead of sleeping until the kernel signals.
+        if self.cfg.poll_us > 0 {
+            let busy = self
+                .threads
+                .get()
+                .is_some_and(|t| t[thread].engine().in_flight() > 0);
+            let recent = LAST_DONE.with(Cell::get).is_some_and(|t| {
+                now.saturating_duration_since(t) < Duration::from_micros(self.cfg.poll_us.into())
+            });
+            if busy && recent {
+                next = Tick::Spin;
+            }
         }
         next
     }
