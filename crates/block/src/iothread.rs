@@ -132,7 +132,10 @@ fn run(index: usize, engine: &Engine, shared: &Shared, handler: &Weak<dyn IoHand
         drop(h);
         let mut timeout = match tick {
             Tick::Spin => {
-                std::hint::spin_loop();
+                // Polling must not starve the threads it polls for (the vCPU or vhost-user
+                // thread that rings, the guest itself on a small host): give up the CPU
+                // whenever someone else wants it.
+                std::thread::yield_now();
                 continue;
             }
             Tick::At(t) => Some(t.saturating_duration_since(Instant::now())),

@@ -869,8 +869,12 @@ impl Shared {
         }
         if let Some(threads) = self.threads.get() {
             for (i, t) in threads.iter().enumerate() {
-                if work.wake & (1 << (i % 64)) != 0 && crate::io::current_thread() != Some(i) {
-                    t.wake();
+                if work.wake & (1 << (i % 64)) != 0 {
+                    if crate::io::current_thread() == Some(i) {
+                        crate::io::again();
+                    } else {
+                        t.wake();
+                    }
                 }
             }
         }

@@ -32,11 +32,21 @@ const STAGE: usize = 128 << 10;
 const MAX_ROUNDS: usize = 16;
 /// Adaptive coalescing never holds more completions than this per interrupt.
 const ADAPTIVE_MAX_BATCH: u32 = 32;
+/// Adaptive coalescing looks for a deeper queue at most this often.
+const PROBE_EVERY: Duration = Duration::from_millis(10);
 
 thread_local! {
     static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
     /// When this I/O thread last completed something (polled mode).
     static LAST_DONE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// This I/O thread's own work asked for a wake-up (a deadline or polling window set while
+    /// it was already past deciding when to run next).
+    static AGAIN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Ask the current I/O thread to run its tick again at once.
+pub(crate) fn again() {
+    AGAIN.with(|a| a.set(true));
 }
 
 /// The I/O thread index the current thread is, if it is one.
@@ -732,10 +742,10 @@ impl Shared {
             return;
         }
         let iv = cq.iv;
-        let depth = cq.outstanding() + cq.reserved;
+        self.sync_head(cq);
+        let outstanding = cq.outstanding();
         let c = &mut cq.coal;
         c.unsignalled += 1;
-        c.depth = c.depth.saturating_sub(c.depth / 8).max(depth);
         let cd = self
             .vector_cd
             .get(usize::from(iv))
@@ -748,11 +758,7 @@ impl Shared {
             // Host-requested coalescing (feature 08h): the threshold, or at most TIME × 100 µs.
             (c.unsignalled < thr).then(|| Duration::from_micros(u64::from(time) * 100))
         } else if self.cfg.coalesce == Coalesce::Adaptive {
-            // Depth 1, or nothing more to come: no reason to wait. Otherwise gather about half
-            // the queue depth, for at most coalesce_us.
-            let batch = (c.depth / 2).clamp(2, ADAPTIVE_MAX_BATCH);
-            (c.depth > 1 && cq.reserved > 0 && c.unsignalled < batch)
-                .then(|| Duration::from_micros(self.cfg.coalesce_us.into()))
+            self.adaptive(c, outstanding)
         } else {
             None
         };
@@ -767,10 +773,48 @@ impl Shared {
         }
     }
 
+    /// Adaptive coalescing: how long to hold the interrupt for a completion, if at all.
+    ///
+    /// A guest that takes one completion per interrupt (queue depth 1, or a host that waits
+    /// for each command) gets every interrupt at once. A guest with more in flight shows it in
+    /// the entries it has not consumed when an interrupt goes out ([`Coalescing::depth`]); then
+    /// completions are gathered up to twice that depth (at most 32) or for `coalesce_us`. At
+    /// most every [`PROBE_EVERY`] an interrupt is held once to learn whether more would come
+    /// (a guest slower than the device never shows its depth otherwise).
+    fn adaptive(&self, c: &mut crate::queue::Coalescing, outstanding: u32) -> Option<Duration> {
+        let hold = Duration::from_micros(self.cfg.coalesce_us.into());
+        let deep = c.depth16 >= 2 * 16;
+        if deep {
+            let target = (c.depth16 * 2 / 16).clamp(2, ADAPTIVE_MAX_BATCH);
+            return (outstanding < target).then_some(hold);
+        }
+        let now = Instant::now();
+        if c.last_probe
+            .is_none_or(|t| now.duration_since(t) >= PROBE_EVERY)
+        {
+            c.last_probe = Some(now);
+            return (outstanding < ADAPTIVE_MAX_BATCH).then_some(hold);
+        }
+        None
+    }
+
+    /// With shadow doorbells, learn how far the host has consumed the CQ (it rings no doorbell).
+    fn sync_head(&self, cq: &mut CompQueue) {
+        if self.flag(flag::SHADOW) && cq.id != 0 {
+            let mem = self.mem.memory();
+            self.sync_shadow_head(cq, &mem, self.shadow.0.load(Ordering::Acquire));
+        }
+    }
+
     /// Send the CQ's interrupt (unless INTMS masks it, in which case it stays owed).
     fn signal(&self, cq: &mut CompQueue, work: &mut Work) {
-        cq.coal.unsignalled = 0;
-        cq.coal.deadline = None;
+        self.sync_head(cq);
+        // How many entries this interrupt hands the guest: the depth it runs at.
+        let n = cq.outstanding().min(ADAPTIVE_MAX_BATCH) * 16;
+        let c = &mut cq.coal;
+        c.depth16 = n.max(c.depth16 - c.depth16 / 8);
+        c.unsignalled = 0;
+        c.deadline = None;
         if self.may_signal(cq.iv) {
             cq.irq_owed = false;
             work.irqs.push(cq.iv);
@@ -1076,6 +1120,9 @@ impl IoHandler for Shared {
                 }
             }
             self.run_work(work);
+        }
+        if AGAIN.with(|a| a.replace(false)) {
+            next = Tick::Spin;
         }
         // Polled mode: while requests are in flight and completions keep coming, spin on the
         // completion ring instead of sleeping until the kernel signals.

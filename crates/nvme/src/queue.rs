@@ -189,8 +189,10 @@ pub struct Coalescing {
     pub unsignalled: u32,
     /// When the oldest of them was posted, if a deadline applies.
     pub deadline: Option<std::time::Instant>,
-    /// Recent queue depth estimate (adaptive mode).
-    pub depth: u32,
+    /// Entries the guest takes per interrupt (a decaying maximum, ×16), adaptive mode.
+    pub depth16: u32,
+    /// When adaptive mode last held an interrupt to look for a deeper queue.
+    pub last_probe: Option<std::time::Instant>,
 }
 
 /// A completion queue.

@@ -25,6 +25,17 @@ pub(crate) const CMD_VQ: u16 = 0;
 pub(crate) const IRQ_VQ: u16 = 1;
 /// virt-pci's ring size (MAX_SUPPORTED_QUEUE_SIZE in virtio_uml.c).
 const QUEUE_SIZE: usize = 256;
+/// Used cmd-vq entries UML may have unseen before we signal (half the ring).
+/// Posted writes the device completes before it signals the cmd vq: a quarter of the ring.
+/// UML drops a posted write when the ring is full, so the signal must come long before that,
+/// even if UML keeps adding writes while the SIGIO is on its way.
+const fn unsignalled_limit(ring: usize) -> usize {
+    if ring / 4 > 1 {
+        ring / 4
+    } else {
+        1
+    }
+}
 
 type Mem = <GuestMem as GuestAddressSpace>::T;
 
@@ -44,6 +55,8 @@ pub struct Counters {
     pub mmio_reads: AtomicU64,
     /// BAR writes and memsets (posted).
     pub mmio_writes: AtomicU64,
+    /// Used-ring signals sent on the cmd queue.
+    pub cmd_signals: AtomicU64,
 }
 
 impl Counters {
@@ -56,6 +69,7 @@ impl Counters {
             ("uml_mmio_reads".into(), g(&self.mmio_reads)),
             ("uml_mmio_writes".into(), g(&self.mmio_writes)),
             ("uml_malformed".into(), g(&self.malformed)),
+            ("uml_cmd_signals".into(), g(&self.cmd_signals)),
         ]
     }
 }
@@ -73,6 +87,8 @@ pub(crate) struct UmlBackend {
     /// device, so dropping it (the trait's default) kills the device ~50 ms after setup.
     backend_req: Mutex<Option<Backend>>,
     pub(crate) counters: Arc<Counters>,
+    /// Used cmd-vq entries not yet signalled.
+    unsignalled: std::sync::atomic::AtomicUsize,
 }
 
 impl UmlBackend {
@@ -98,6 +114,7 @@ impl UmlBackend {
             irq_attached: AtomicBool::new(false),
             backend_req: Mutex::new(None),
             counters,
+            unsignalled: Default::default(),
         }
     }
 
@@ -106,6 +123,7 @@ impl UmlBackend {
     fn process_cmd_queue(&self, vring: &VringRwLock) {
         let mem = self.mem.memory();
         let mut completed = 0usize;
+        let ring = usize::from(vring.get_ref().get_queue().size());
         loop {
             if let Err(e) = vring.disable_notification() {
                 debug!("{}: cmd vq: disable_notification: {e}", self.name);
@@ -135,8 +153,15 @@ impl UmlBackend {
                 }
             }
         }
-        // Posted writes are freed by UML only when it sees the used ring, so always tell it.
-        if completed > 0 && vring.needs_notification().unwrap_or(true) {
+        // UML needs no signal for its reads (it polls the used ring for the reply, and frees
+        // the posted writes it meets on the way) and frees posted-write buffers only when it
+        // sees them. Signalling every batch costs it a SIGIO per batch; signalling never would
+        // let the ring fill up (and UML drops a posted write it cannot add). So: signal once a
+        // quarter of the ring is used and unseen.
+        let unseen = self.unsignalled.fetch_add(completed, Ordering::Relaxed) + completed;
+        if unseen >= unsignalled_limit(ring) && vring.needs_notification().unwrap_or(true) {
+            self.unsignalled.store(0, Ordering::Relaxed);
+            self.counters.cmd_signals.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = vring.signal_used_queue() {
                 debug!("{}: cmd vq: signal: {e}", self.name);
             }
