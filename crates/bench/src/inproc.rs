@@ -26,6 +26,10 @@ pub struct Options {
     pub disk_mib: u64,
     /// Only these workloads (all when empty).
     pub only: Vec<String>,
+    /// Only these targets: nvme, ahci, fio (all when empty).
+    pub targets: Vec<String>,
+    /// Only these backends: ram, file (all when empty).
+    pub backends: Vec<String>,
     /// I/O engine.
     pub aio: EngineKind,
     /// Extra NVMe options (`,poll=50`).
@@ -165,21 +169,32 @@ pub fn run(o: &Options) -> Result<Vec<Sample>> {
     for rep in 0..o.repeat {
         for w in &workloads {
             // Interleaved: every configuration of this workload, then the next workload.
-            let s = nvme_run(&spec_ram, w, o.secs, rep, "ram")?;
-            eprintln!("{}", line(&s));
-            out.push(s);
-            let s = nvme_run(&spec_file, w, o.secs, rep, "file")?;
-            eprintln!("{}", line(&s));
-            out.push(s);
-            let ram: Arc<dyn BlockBackend> = Arc::new(Ram::new(size, 512)?);
-            let s = ahci_run(ram, o.aio, w, o.secs, rep, "ram")?;
-            eprintln!("{}", line(&s));
-            out.push(s);
-            let f: Arc<dyn BlockBackend> =
-                Arc::new(RawFile::open(&file, &RawFileOptions::default())?);
-            let s = ahci_run(f, o.aio, w, o.secs, rep, "file")?;
-            eprintln!("{}", line(&s));
-            out.push(s);
+            let want = |t: &str, b: &str| {
+                (o.targets.is_empty() || o.targets.iter().any(|x| x == t))
+                    && (o.backends.is_empty() || o.backends.iter().any(|x| x == b))
+            };
+            let mut keep = |s: Sample| {
+                eprintln!("{}", line(&s));
+                out.push(s);
+            };
+            if want("nvme", "ram") {
+                keep(nvme_run(&spec_ram, w, o.secs, rep, "ram")?);
+            }
+            if want("nvme", "file") {
+                keep(nvme_run(&spec_file, w, o.secs, rep, "file")?);
+            }
+            if want("ahci", "ram") {
+                let ram: Arc<dyn BlockBackend> = Arc::new(Ram::new(size, 512)?);
+                keep(ahci_run(ram, o.aio, w, o.secs, rep, "ram")?);
+            }
+            if want("ahci", "file") {
+                let f: Arc<dyn BlockBackend> =
+                    Arc::new(RawFile::open(&file, &RawFileOptions::default())?);
+                keep(ahci_run(f, o.aio, w, o.secs, rep, "file")?);
+            }
+            if !want("fio", "file") {
+                continue;
+            }
             let r = crate::fio::run(&file, w, o.secs, size)?;
             let m = Meas {
                 ios: r.ios,
@@ -188,9 +203,7 @@ pub fn run(o: &Options) -> Result<Vec<Sample>> {
                 irqs: None,
             };
             let s = sample("fio", "file", w, rep, m);
-            let s = Sample { iops: r.iops, ..s };
-            eprintln!("{}", line(&s));
-            out.push(s);
+            keep(Sample { iops: r.iops, ..s });
         }
     }
     Ok(out)

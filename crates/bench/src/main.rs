@@ -45,6 +45,12 @@ enum Cmd {
         /// Only this workload (repeatable), e.g. randread-4k-qd32.
         #[arg(long)]
         only: Vec<String>,
+        /// Only this target (repeatable): nvme, ahci, fio.
+        #[arg(long)]
+        target: Vec<String>,
+        /// Only this backend (repeatable): ram, file.
+        #[arg(long)]
+        backend: Vec<String>,
         /// I/O engine of the models.
         #[arg(long, default_value = "io_uring")]
         aio: String,
@@ -108,6 +114,8 @@ fn main() -> Result<()> {
             repeat,
             disk_mib,
             only,
+            target,
+            backend,
             aio,
             nvme_opts,
             dir,
@@ -119,6 +127,8 @@ fn main() -> Result<()> {
                 repeat,
                 disk_mib,
                 only,
+                targets: target,
+                backends: backend,
                 aio: aio.parse().map_err(anyhow::Error::msg)?,
                 nvme_extra: nvme_opts,
                 dir,

@@ -25,9 +25,11 @@ pub struct Workload {
 }
 
 /// The workloads the benchmark runs: QD1 and QD32 of 4k random read, 4k random write and 128k
-/// sequential read.
-pub const WORKLOADS: [Workload; 6] = [
+/// sequential read, and 4k random read at QD4 (where a host waits for each batch of
+/// completions, and adaptive interrupt coalescing must not make it wait longer).
+pub const WORKLOADS: [Workload; 7] = [
     w("randread-4k-qd1", "randread", false, true, 4096, 1),
+    w("randread-4k-qd4", "randread", false, true, 4096, 4),
     w("randread-4k-qd32", "randread", false, true, 4096, 32),
     w("randwrite-4k-qd1", "randwrite", true, true, 4096, 1),
     w("randwrite-4k-qd32", "randwrite", true, true, 4096, 32),

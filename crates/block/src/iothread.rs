@@ -115,7 +115,16 @@ impl Drop for IoThread {
 /// Longest a thread sleeps while requests are in flight.
 const SAFETY: Duration = Duration::from_millis(2);
 
+/// The thread's timer slack: coalescing deadlines are tens of microseconds, and the default
+/// slack (50 µs) would stretch each of them.
+const TIMER_SLACK_NS: u64 = 1_000;
+
 fn run(index: usize, engine: &Engine, shared: &Shared, handler: &Weak<dyn IoHandler>) {
+    if let Err(e) =
+        rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(TIMER_SLACK_NS))
+    {
+        log::debug!("I/O thread {index}: timer slack: {e}");
+    }
     let mut done = Vec::new();
     let mut buf = [0u8; 8];
     loop {

@@ -223,6 +223,7 @@ impl Shared {
         g.cq = None;
         g.poll_until = None;
         self.cq_assert[qid].store(false, Ordering::Relaxed);
+        self.cq_held[qid].store(false, Ordering::Relaxed);
         Outcome::status(Status::SUCCESS)
     }
 

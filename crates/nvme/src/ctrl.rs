@@ -150,6 +150,8 @@ pub struct Shared {
     pub sq_cq: Box<[AtomicU16]>,
     /// CQ ID → it has entries the host has not consumed and interrupts enabled (INTx level).
     pub cq_assert: Box<[AtomicBool]>,
+    /// CQ ID → its interrupt is held (a coalescing deadline is set).
+    pub cq_held: Box<[AtomicBool]>,
     /// [`flag`] bits.
     pub flags: AtomicU32,
     /// Shadow doorbell and EventIdx buffer addresses.
@@ -213,6 +215,10 @@ pub struct Work {
     pub engines: u64,
     /// I/O threads to wake (new deadline or polling window).
     pub wake: u64,
+    /// CQs whose I/O thread must learn of a (new or earlier) coalescing deadline, if the
+    /// interrupt is still held once the lock is dropped. A window opened and closed within one
+    /// doorbell (a host that takes a full batch) costs no wake-up.
+    pub held: Vec<u16>,
     /// Vectors to interrupt.
     pub irqs: Vec<u16>,
     /// Asynchronous events to report.
@@ -464,6 +470,7 @@ impl Shared {
         for (i, g) in self.groups.iter().enumerate() {
             *lock(g) = Group::default();
             self.cq_assert[i].store(false, Ordering::Relaxed);
+            self.cq_held[i].store(false, Ordering::Relaxed);
         }
         self.cq_assert[0].store(false, Ordering::Relaxed);
         for q in self.sq_cq.iter() {
@@ -776,6 +783,8 @@ impl Shared {
                         cq.irq_owed = false;
                         cq.coal.unsignalled = 0;
                         cq.coal.deadline = None;
+                        cq.coal.wake_at = None;
+                        self.cq_held[usize::from(cq.id)].store(false, Ordering::Release);
                         Some(cq.iv)
                     }
                     _ => None,
@@ -867,9 +876,15 @@ impl Shared {
         for iv in work.irqs {
             self.fire(iv);
         }
+        let mut wake = work.wake;
+        for cq in work.held {
+            if self.cq_held[usize::from(cq)].load(Ordering::Acquire) {
+                wake |= 1 << (self.thread_of(cq) % 64);
+            }
+        }
         if let Some(threads) = self.threads.get() {
             for (i, t) in threads.iter().enumerate() {
-                if work.wake & (1 << (i % 64)) != 0 {
+                if wake & (1 << (i % 64)) != 0 {
                     if crate::io::current_thread() == Some(i) {
                         crate::io::again();
                     } else {

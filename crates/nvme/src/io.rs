@@ -34,6 +34,8 @@ const MAX_ROUNDS: usize = 16;
 const ADAPTIVE_MAX_BATCH: u32 = 32;
 /// Adaptive coalescing looks for a deeper queue at most this often.
 const PROBE_EVERY: Duration = Duration::from_millis(10);
+/// The shortest wait for a guest's next submission before adaptive mode gives up on it.
+const QUIET_MIN: Duration = Duration::from_micros(2);
 
 thread_local! {
     static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
@@ -232,6 +234,9 @@ impl Shared {
         for _ in 0..MAX_ROUNDS {
             if shadow && !self.read_shadow_tail(sq, mem, tail_slot, work) {
                 return;
+            }
+            if sq.pending() > 0 {
+                self.submitted(cq);
             }
             while sq.pending() > 0 {
                 if !self.flag(flag::ACCEPTING) || self.flag(flag::FATAL) || !self.irq.bus_master() {
@@ -762,15 +767,104 @@ impl Shared {
         } else {
             None
         };
-        match hold {
-            None => self.signal(cq, work),
-            Some(d) => {
-                if cq.coal.deadline.is_none() {
-                    cq.coal.deadline = Some(Instant::now() + d);
-                    work.wake |= 1 << (self.thread_of(cq.id) % 64);
+        let Some(d) = hold else {
+            return self.signal(cq, work);
+        };
+        let first = cq.coal.deadline.is_none();
+        if !first && (self.cfg.coalesce != Coalesce::Adaptive || cq.reserved != 0) {
+            return; // the I/O thread already waits for this CQ's deadline
+        }
+        let now = Instant::now();
+        if first {
+            cq.coal.deadline = Some(now + d);
+        }
+        match self.due(cq) {
+            Some(due) if due <= now => self.signal(cq, work),
+            Some(due) if cq.coal.wake_at.is_none_or(|w| due < w) => {
+                cq.coal.wake_at = Some(due);
+                self.cq_held[usize::from(cq.id)].store(true, Ordering::Release);
+                if !work.held.contains(&cq.id) {
+                    work.held.push(cq.id);
                 }
             }
+            _ => {}
         }
+    }
+
+    /// When a held interrupt must go out: at its deadline or, in adaptive mode, once the device
+    /// has nothing left of the guest's and the guest has been quiet for twice its usual gap
+    /// between submissions. A guest that waits for its completions (any fixed queue depth)
+    /// submits nothing more, and holding its interrupt longer would only stall it.
+    fn due(&self, cq: &CompQueue) -> Option<Instant> {
+        let c = &cq.coal;
+        let deadline = c.deadline?;
+        if self.cfg.coalesce != Coalesce::Adaptive || cq.reserved != 0 {
+            return Some(deadline);
+        }
+        let Some(quiet) = c.quiet_since else {
+            return Some(deadline);
+        };
+        let grace = Duration::from_nanos(2 * u64::from(c.submit_gap_ns)).max(QUIET_MIN);
+        Some(deadline.min(quiet + grace))
+    }
+
+    /// The I/O thread looks at a held interrupt: send it if due (in adaptive mode, drop it if
+    /// the host has already consumed every entry, as a polling host does), else say when to
+    /// look again.
+    fn held_tick(&self, cq: &mut CompQueue, now: Instant, work: &mut Work) -> Option<Instant> {
+        let due = self.due(cq)?;
+        if due <= now {
+            let adaptive = self.cfg.coalesce == Coalesce::Adaptive;
+            if adaptive && self.coalescing.load(Ordering::Relaxed) >> 8 & 0xff == 0 {
+                self.sync_head(cq);
+                if cq.outstanding() == 0 {
+                    self.cancel_hold(cq);
+                    return None;
+                }
+            }
+            self.signal(cq, work);
+            return None;
+        }
+        let deadline = cq.coal.deadline?;
+        let at = if due < deadline {
+            // The guest is still submitting: look again later, backing off, so a busy guest
+            // costs a few wake-ups per window rather than one per submission.
+            let c = &mut cq.coal;
+            let step = u64::from(c.recheck_ns).max(QUIET_MIN.as_nanos() as u64);
+            c.recheck_ns = (step * 2).min(u64::from(u32::MAX)) as u32;
+            due.max(now + Duration::from_nanos(step)).min(deadline)
+        } else {
+            deadline
+        };
+        cq.coal.wake_at = Some(at);
+        Some(at)
+    }
+
+    /// Forget a held interrupt without sending it.
+    fn cancel_hold(&self, cq: &mut CompQueue) {
+        let c = &mut cq.coal;
+        c.unsignalled = 0;
+        c.deadline = None;
+        c.wake_at = None;
+        c.recheck_ns = 0;
+        self.cq_held[usize::from(cq.id)].store(false, Ordering::Release);
+    }
+
+    /// The guest submitted on one of `cq`'s SQs: learn its pace (adaptive mode; one clock read
+    /// per batch of submissions).
+    fn submitted(&self, cq: &mut CompQueue) {
+        if self.cfg.coalesce != Coalesce::Adaptive {
+            return;
+        }
+        let now = Instant::now();
+        let c = &mut cq.coal;
+        if let Some(q) = c.quiet_since {
+            // A long silence is the guest waiting for us or idle, not its pace.
+            let cap = u128::from(self.cfg.coalesce_us) * 1000;
+            let gap = now.duration_since(q).as_nanos().min(cap) as u32;
+            c.submit_gap_ns = c.submit_gap_ns - c.submit_gap_ns / 8 + gap / 8;
+        }
+        c.quiet_since = Some(now);
     }
 
     /// Adaptive coalescing: how long to hold the interrupt for a completion, if at all.
@@ -815,6 +909,12 @@ impl Shared {
         c.depth16 = n.max(c.depth16 - c.depth16 / 8);
         c.unsignalled = 0;
         c.deadline = None;
+        c.wake_at = None;
+        c.recheck_ns = 0;
+        self.cq_held[usize::from(cq.id)].store(false, Ordering::Release);
+        if self.cfg.coalesce == Coalesce::Adaptive {
+            c.quiet_since = Some(Instant::now());
+        }
         if self.may_signal(cq.iv) {
             cq.irq_owed = false;
             work.irqs.push(cq.iv);
@@ -1096,10 +1196,8 @@ impl IoHandler for Shared {
                     continue;
                 };
                 if let Some(cq) = g.cq.as_mut() {
-                    match cq.coal.deadline {
-                        Some(d) if d <= now => self.signal(cq, &mut work),
-                        Some(d) => next = next.min(Tick::At(d)),
-                        None => {}
+                    if let Some(at) = self.held_tick(cq, now, &mut work) {
+                        next = next.min(Tick::At(at));
                     }
                 }
                 if let Some(until) = g.poll_until {

@@ -147,6 +147,7 @@ impl NvmeController {
             groups: (0..=maxq).map(|_| Mutex::new(Group::default())).collect(),
             sq_cq: (0..=maxq).map(|_| AtomicU16::new(0)).collect(),
             cq_assert: (0..=maxq).map(|_| AtomicBool::new(false)).collect(),
+            cq_held: (0..=maxq).map(|_| AtomicBool::new(false)).collect(),
             flags: AtomicU32::new(0),
             shadow: (AtomicU64::new(0), AtomicU64::new(0)),
             volatile_wc: AtomicBool::new(features.volatile_wc),

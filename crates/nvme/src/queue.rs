@@ -193,6 +193,16 @@ pub struct Coalescing {
     pub depth16: u32,
     /// When adaptive mode last held an interrupt to look for a deeper queue.
     pub last_probe: Option<std::time::Instant>,
+    /// When the guest last submitted on this CQ's SQs, or last got an interrupt, whichever is
+    /// later (adaptive mode): the start of the time the guest is "thinking".
+    pub quiet_since: Option<std::time::Instant>,
+    /// How long the guest usually takes to submit again (a moving average, ns).
+    pub submit_gap_ns: u32,
+    /// When the CQ's I/O thread was last told to look at this CQ.
+    pub wake_at: Option<std::time::Instant>,
+    /// How long the I/O thread waits before it looks again at a guest that keeps submitting
+    /// while its interrupt is held (doubles each time, ns).
+    pub recheck_ns: u32,
 }
 
 /// A completion queue.
