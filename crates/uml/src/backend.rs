@@ -3,6 +3,7 @@
 
 use crate::irq::UmlInterrupts;
 use crate::msg::{self, HDR_LEN, MAX_XFER};
+use crate::sigbus::Watch;
 use log::{debug, error, trace, warn};
 use pci::{GuestMem, PciDevice};
 use std::io::{self, Read, Write};
@@ -25,7 +26,6 @@ pub(crate) const CMD_VQ: u16 = 0;
 pub(crate) const IRQ_VQ: u16 = 1;
 /// virt-pci's ring size (MAX_SUPPORTED_QUEUE_SIZE in virtio_uml.c).
 const QUEUE_SIZE: usize = 256;
-/// Used cmd-vq entries UML may have unseen before we signal (half the ring).
 /// Posted writes the device completes before it signals the cmd vq: a quarter of the ring.
 /// UML drops a posted write when the ring is full, so the signal must come long before that,
 /// even if UML keeps adding writes while the SIGIO is on its way.
@@ -57,6 +57,9 @@ pub struct Counters {
     pub mmio_writes: AtomicU64,
     /// Used-ring signals sent on the cmd queue.
     pub cmd_signals: AtomicU64,
+    /// Guest-memory pages lost because the peer shrank its memory file under them (after the
+    /// first, the device stops serving that peer).
+    pub memory_faults: AtomicU64,
 }
 
 impl Counters {
@@ -70,6 +73,7 @@ impl Counters {
             ("uml_mmio_writes".into(), g(&self.mmio_writes)),
             ("uml_malformed".into(), g(&self.malformed)),
             ("uml_cmd_signals".into(), g(&self.cmd_signals)),
+            ("uml_memory_faults".into(), g(&self.memory_faults)),
         ]
     }
 }
@@ -89,6 +93,10 @@ pub(crate) struct UmlBackend {
     pub(crate) counters: Arc<Counters>,
     /// Used cmd-vq entries not yet signalled.
     unsignalled: std::sync::atomic::AtomicUsize,
+    /// Turns SIGBUS on our guest-memory mappings into lost pages (see [`crate::sigbus`]).
+    watch: Option<Watch>,
+    /// The peer's memory file shrank under us: commands are no longer executed.
+    broken: AtomicBool,
 }
 
 impl UmlBackend {
@@ -115,7 +123,29 @@ impl UmlBackend {
             backend_req: Mutex::new(None),
             counters,
             unsignalled: Default::default(),
+            watch: Watch::new(),
+            broken: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the peer's memory is still whole; logs the moment it is found not to be.
+    fn memory_ok(&self) -> bool {
+        if self.broken.load(Ordering::Acquire) {
+            return false;
+        }
+        let lost = self.watch.as_ref().map_or(0, Watch::faults);
+        if lost == 0 {
+            return true;
+        }
+        self.counters.memory_faults.store(lost, Ordering::Relaxed);
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            error!(
+                "{}: UML's memory file shrank under mapped guest memory ({lost} page(s) lost); \
+                 no longer executing its commands",
+                self.name
+            );
+        }
+        false
     }
 
     /// Drain the cmd queue in FIFO order. Notifications from UML are suppressed while we work,
@@ -138,7 +168,13 @@ impl UmlBackend {
                 };
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                let len = self.run_chain(chain, &mem);
+                // After a lost page nothing the peer sends can be trusted to be what it wrote;
+                // complete its commands without running them.
+                let len = if self.memory_ok() {
+                    self.run_chain(chain, &mem)
+                } else {
+                    0
+                };
                 if let Err(e) = vring.add_used(head, len) {
                     error!("{}: cmd vq: add_used({head}): {e}", self.name);
                 }
@@ -256,7 +292,8 @@ impl VhostUserBackend for UmlBackend {
     fn set_event_idx(&self, _enabled: bool) {}
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+        let mut ranges = Vec::new();
         for r in mem.memory().iter() {
             debug!(
                 "{}: guest memory {:#x}..{:#x}",
@@ -264,6 +301,12 @@ impl VhostUserBackend for UmlBackend {
                 r.start_addr().0,
                 r.start_addr().0 + r.len()
             );
+            if let Ok(p) = r.get_host_address(MemoryRegionAddress(0)) {
+                ranges.push((p as usize, r.len() as usize));
+            }
+        }
+        if let Some(w) = &self.watch {
+            w.set_ranges(&ranges);
         }
         Ok(())
     }

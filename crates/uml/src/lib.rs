@@ -18,10 +18,14 @@
 //! device.shutdown();
 //! ```
 
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod backend;
 mod irq;
 pub mod msg;
 mod shim;
+mod sigbus;
 
 pub use backend::Counters;
 pub use irq::UmlInterrupts;

@@ -10,7 +10,7 @@
 //!
 //! Setup-time traffic only: the data path is the virtqueues and fds, so the extra hop is free.
 
-use log::{debug, info, trace, warn};
+use log::{debug, error, info, trace, warn};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -60,6 +60,64 @@ fn recv_message(sock: &mut UnixStream) -> io::Result<Option<Message>> {
         body,
         file,
     }))
+}
+
+/// vhost-user header flag: the front-end wants a reply (REPLY_ACK).
+const NEED_REPLY: u32 = 1 << 3;
+/// vhost-user header flags of a reply: version 1, reply bit.
+const REPLY_FLAGS: u32 = 0x1 | (1 << 2);
+
+/// Why a SET_MEM_TABLE is refused before the back-end maps it, if it is.
+///
+/// The back-end maps each region from its file. A region reaching past the end of the file maps
+/// pages with nothing behind them, and the first access to one (a vring, a data buffer) raises
+/// SIGBUS. The relay forwards one file descriptor per message, so a table must have one region.
+pub(crate) fn check_mem_table(msg: &Message) -> Option<String> {
+    if msg.request != u32::from(FrontendReq::SET_MEM_TABLE) {
+        return None;
+    }
+    if msg.body.len() < MEM_TABLE_HDR {
+        return Some(format!("a {}-byte body", msg.body.len()));
+    }
+    let u64_at = |o: usize| {
+        msg.body
+            .get(o..o + 8)
+            .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+    };
+    let num = u32::from_ne_bytes([msg.body[0], msg.body[1], msg.body[2], msg.body[3]]);
+    if num != 1 {
+        return Some(format!(
+            "{num} regions (one file descriptor per table is relayed)"
+        ));
+    }
+    let Some(file) = &msg.file else {
+        return Some("no file descriptor".into());
+    };
+    let region = MEM_TABLE_HDR;
+    let (Some(size), Some(offset)) = (u64_at(region + 8), u64_at(region + 24)) else {
+        return Some(format!("a {}-byte body", msg.body.len()));
+    };
+    let file_len = match file.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => return Some(format!("fstat of the region's file: {e}")),
+    };
+    match offset.checked_add(size) {
+        Some(end) if end <= file_len => None,
+        _ => Some(format!(
+            "region of {size:#x} bytes at file offset {offset:#x} reaches past the end of its \
+             {file_len:#x}-byte file"
+        )),
+    }
+}
+
+/// The reply to a refused request: REPLY_ACK with a non-zero (failure) value.
+fn refusal(msg: &Message) -> Message {
+    Message {
+        request: msg.request,
+        flags: REPLY_FLAGS,
+        body: 1u64.to_ne_bytes().to_vec(),
+        file: None,
+    }
 }
 
 /// Apply the UML fix-ups to one message in place.
@@ -114,6 +172,18 @@ fn forward(mut from: UnixStream, mut to: UnixStream) {
                 );
                 if let Err(e) = fix_message(&mut msg) {
                     warn!("vhost-user request {}: fix-up failed: {e}", msg.request);
+                }
+                if let Some(why) = check_mem_table(&msg) {
+                    error!("SET_MEM_TABLE refused: {why}");
+                    if msg.flags & NEED_REPLY != 0 {
+                        if let Err(e) = send_message(&mut from, &refusal(&msg)) {
+                            debug!("vhost-user relay to UML: {e}");
+                            break;
+                        }
+                        continue;
+                    }
+                    // No way to say no: drop the connection rather than map the table.
+                    break;
                 }
                 if let Err(e) = send_message(&mut to, &msg) {
                     debug!("vhost-user relay to back-end: {e}");

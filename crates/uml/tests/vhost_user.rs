@@ -127,6 +127,8 @@ struct FakeUml {
     irq: DrvQueue,
     /// Our end of the back-end request channel; UML unplugs the device if it sees EOF here.
     backend_req: UnixStream,
+    /// The memory file (UML's physmem).
+    file: std::fs::File,
 }
 
 const CMD_OUT: u64 = BASE + 0x40000;
@@ -136,6 +138,15 @@ const IRQ_BUFS: u64 = BASE + 0x50000;
 
 impl FakeUml {
     fn connect(path: &std::path::Path, dir: &TempDir) -> Self {
+        Self::connect_sized(path, dir, BASE + SIZE).expect("SET_MEM_TABLE accepted")
+    }
+
+    /// Connect with a memory file of `file_len` bytes (the table always says BASE + SIZE).
+    fn connect_sized(
+        path: &std::path::Path,
+        dir: &TempDir,
+        file_len: u64,
+    ) -> Result<Self, vhost::Error> {
         // UML's physmem file: the shared region starts at offset BASE.
         let file_path = dir.as_path().join("physmem");
         let file = OpenOptions::new()
@@ -145,7 +156,7 @@ impl FakeUml {
             .truncate(true)
             .open(&file_path)
             .unwrap();
-        file.set_len(BASE + SIZE).unwrap();
+        file.set_len(file_len).unwrap();
         let mem = GuestMemoryMmap::from_ranges_with_files(&[(
             GuestAddress(BASE),
             SIZE as usize,
@@ -178,7 +189,7 @@ impl FakeUml {
             mmap_offset: BASE,
             mmap_handle: file.as_raw_fd(),
         };
-        fe.set_mem_table(&[region]).unwrap();
+        fe.set_mem_table(&[region])?;
 
         let cmd = DrvQueue::new(0);
         let irq = DrvQueue::new(1);
@@ -192,13 +203,14 @@ impl FakeUml {
             fe.set_vring_kick(i, &q.kick).unwrap();
             fe.set_vring_enable(i, true).unwrap();
         }
-        FakeUml {
+        Ok(FakeUml {
             fe,
             mem,
             cmd,
             irq,
             backend_req,
-        }
+            file,
+        })
     }
 
     fn hdr(op: u8, bar: u8, size: u32, addr: u64) -> [u8; 16] {
@@ -290,6 +302,7 @@ struct Server {
     stop: uml::StopHandle,
     device: Arc<Scratch>,
     ctx: UmlContext,
+    counters: Arc<uml::Counters>,
 }
 
 fn start(path: &std::path::Path) -> Server {
@@ -299,12 +312,14 @@ fn start(path: &std::path::Path) -> Server {
     let server =
         UmlDevice::new(listener, device.clone(), ctx.mem.clone(), ctx.irq.clone()).unwrap();
     let stop = server.stop_handle();
+    let counters = server.counters();
     let thread = thread::spawn(move || server.run());
     Server {
         thread,
         stop,
         device,
         ctx,
+        counters,
     }
 }
 
@@ -494,4 +509,64 @@ fn stop_while_connected() {
     join_within(server.thread, Duration::from_secs(5)).unwrap();
     // UML sees the connection go away.
     assert!(uml.fe.get_features().is_err());
+}
+
+/// A memory table whose region reaches past the end of its file is refused (a failed REPLY_ACK)
+/// instead of mapped: the first access to the unbacked part would raise SIGBUS.
+#[test]
+fn mem_table_past_the_end_of_its_file_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.as_path().join("dev.sock");
+    let server = start(&path);
+    let refused = FakeUml::connect_sized(&path, &dir, BASE + SIZE / 2);
+    assert!(
+        refused.is_err(),
+        "a table past the end of its file was accepted"
+    );
+    {
+        use vm_memory::GuestAddressSpace;
+        let m = server.ctx.mem.memory();
+        assert!(
+            m.read_obj::<u32>(GuestAddress(BASE)).is_err(),
+            "the device got the refused memory"
+        );
+    }
+    server.stop.stop();
+    let _ = join_within(server.thread, Duration::from_secs(5));
+}
+
+/// The peer shrinks its memory file after SET_MEM_TABLE. The device's next access to a page
+/// past the new end raised SIGBUS and killed the process (and every other device in it). Now
+/// that page is lost instead: the access reads zeros, the loss is counted, and the device stops
+/// executing that peer's commands; the process lives on.
+#[test]
+fn memory_file_truncated_under_the_device_loses_pages_not_the_process() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.as_path().join("dev.sock");
+    let server = start(&path);
+    let mut uml = FakeUml::connect(&path, &dir);
+    assert_eq!(uml.cfg_read(0, 2), u64::from(scratch::VENDOR));
+    // A posted write whose data sits in the last page, which the peer then cuts off.
+    let far = BASE + SIZE - 0x1000;
+    uml.mem
+        .write_slice(&0x1234_5678u32.to_le_bytes(), GuestAddress(far))
+        .unwrap();
+    uml.file.set_len(BASE + SIZE / 2).unwrap();
+    uml.mem
+        .write_slice(
+            &FakeUml::hdr(msg::OP_MMIO_WRITE, 0, 4, 0x20),
+            GuestAddress(CMD_OUT),
+        )
+        .unwrap();
+    let head = uml
+        .cmd
+        .add(&uml.mem, &[(CMD_OUT, 16, false), (far, 4, false)]);
+    uml.cmd.kick();
+    assert_eq!(uml.cmd.wait_used(&uml.mem).0, head);
+    // The process is alive; the device refuses to run anything more for this peer.
+    let (len, _) = uml.read(msg::OP_CFG_READ, 0, 2, 0, 8);
+    assert_eq!(len, 0, "a command ran after guest memory was lost");
+    assert_eq!(server.counters.memory_faults.load(Ordering::Relaxed), 1);
+    server.stop.stop();
+    let _ = join_within(server.thread, Duration::from_secs(5));
 }
