@@ -154,6 +154,7 @@ fn ahci_run(
 
 /// Run the matrix; every sample is returned, in the order taken.
 pub fn run(o: &Options) -> Result<Vec<Sample>> {
+    crate::ensure_packages(&["fio", "fonts-dejavu-core"])?;
     let dir = o.dir.clone();
     let file = dir.join(format!("rhyve-bench-{}.img", std::process::id()));
     fill(&file, o.disk_mib)?;

@@ -107,6 +107,22 @@ fn now() -> String {
         .unwrap_or_default()
 }
 
+/// Install missing Debian packages through the project's helper (when run from a checkout).
+pub fn ensure_packages(pkgs: &[&str]) -> Result<()> {
+    if !std::path::Path::new("guest/common.sh").exists() {
+        return Ok(());
+    }
+    let status = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source guest/common.sh && rhyve_ensure_pkgs rhyve-bench {}",
+            pkgs.join(" ")
+        ))
+        .status()?;
+    anyhow::ensure!(status.success(), "installing {pkgs:?} failed");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Inproc {

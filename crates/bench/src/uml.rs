@@ -53,6 +53,9 @@ pub struct Args {
     /// Output directory.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+    /// The rhyve binary to run (default: build and use target/release/rhyve).
+    #[arg(long)]
+    rhyve: Option<PathBuf>,
 }
 
 /// One run.
@@ -181,7 +184,7 @@ fn start_device(env: &Env, t: &Target, run: &Path, a: &Args) -> Result<(Child, S
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .spawn()
-                .context("qemu-storage-daemon (apt-get install qemu-system-common)")?;
+                .context("qemu-storage-daemon (apt-get install qemu-utils)")?;
             if !wait_for(&sock, Duration::from_secs(10)) {
                 bail!("qemu-storage-daemon did not create {}", sock.display());
             }
@@ -373,7 +376,15 @@ pub fn main(mut a: Args) -> Result<()> {
         "bash guest/mkinitramfs.sh {} >/dev/null",
         initrd.display()
     ))?;
-    sh("cargo build --release --quiet --bin rhyve")?;
+    // qemu-storage-daemon is in qemu-utils on Debian 12; fio comes with the guest tools.
+    crate::ensure_packages(&["qemu-utils", "fio", "fonts-dejavu-core"])?;
+    let rhyve = match &a.rhyve {
+        Some(p) => p.clone(),
+        None => {
+            sh("cargo build --release --quiet --bin rhyve")?;
+            PathBuf::from("target/release/rhyve")
+        }
+    };
     let image = a
         .dir
         .join(format!("rhyve-umlbench-{}.img", std::process::id()));
@@ -385,7 +396,7 @@ pub fn main(mut a: Args) -> Result<()> {
     let env = Env {
         kernel,
         initrd,
-        rhyve: PathBuf::from("target/release/rhyve"),
+        rhyve,
         image: image.clone(),
         work: work.clone(),
     };
