@@ -17,6 +17,8 @@
 #![warn(missing_docs)]
 
 mod aio;
+#[cfg(feature = "test-support")]
+pub mod crashtest;
 mod exec;
 mod file;
 mod guest;

@@ -5,6 +5,7 @@ mod ata_cmds;
 mod atapi_cmds;
 mod bad_input;
 mod config;
+mod crash;
 mod hba_regs;
 mod hostile;
 mod ncq;

@@ -1,0 +1,388 @@
+//! Crash-durability campaigns for device models (feature `test-support`).
+//!
+//! A test re-runs its own binary as a *child* that drives a device model over an image file:
+//! it writes self-describing 4 KiB blocks, flushes now and then, and reports on stdout every
+//! write the device acknowledged and every flush that completed. The *parent* kills the child
+//! with SIGKILL at a random moment, then reads the image: every write that was acknowledged and
+//! then covered by a completed flush (or was itself FUA) must be there, or a later write of the
+//! same block. Acknowledged writes no flush covered may be lost; they are counted, not failed.
+//!
+//! Blocks name their own LBA and write number, and carry a pattern derived from both, so a
+//! block is either empty, exactly one write, or corrupt.
+
+use std::fmt;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Size of one test block.
+pub const BLOCK: usize = 4096;
+const MAGIC: &[u8; 8] = b"RHYVECRS";
+/// Environment variables that turn a test into the child.
+const ENV_IMAGE: &str = "RHYVE_CRASH_IMAGE";
+const ENV_SEQ: &str = "RHYVE_CRASH_SEQ_BASE";
+const ENV_SEED: &str = "RHYVE_CRASH_SEED";
+/// A child stops on its own after this long (an orphan must not write forever).
+pub const CHILD_LIFETIME: Duration = Duration::from_secs(30);
+
+/// The content of block `lba` as written by write number `seq` (never 0).
+pub fn pattern(lba: u64, seq: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK];
+    b[..8].copy_from_slice(MAGIC);
+    b[8..16].copy_from_slice(&lba.to_le_bytes());
+    b[16..24].copy_from_slice(&seq.to_le_bytes());
+    let mut x = lba.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seq | 1;
+    for chunk in b[24..].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = chunk.len();
+        chunk.copy_from_slice(&x.to_le_bytes()[..n]);
+    }
+    b
+}
+
+/// What a block of the image holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Never written (all zeros).
+    Empty,
+    /// Exactly write number `seq` of this block.
+    Write(u64),
+    /// Anything else.
+    Corrupt,
+}
+
+/// Classify block `lba`'s bytes.
+pub fn parse(lba: u64, data: &[u8]) -> Found {
+    if data.iter().all(|&b| b == 0) {
+        return Found::Empty;
+    }
+    if data.len() != BLOCK || &data[..8] != MAGIC {
+        return Found::Corrupt;
+    }
+    let seq = u64::from_le_bytes(data[16..24].try_into().expect("8 bytes"));
+    if seq != 0 && data == pattern(lba, seq).as_slice() {
+        Found::Write(seq)
+    } else {
+        Found::Corrupt
+    }
+}
+
+/// What the child is to do, when this process is one.
+#[derive(Clone, Debug)]
+pub struct ChildArgs {
+    /// The image to write.
+    pub image: PathBuf,
+    /// Write numbers start above this (so they grow across runs).
+    pub seq_base: u64,
+    /// Seed for the child's choices.
+    pub seed: u64,
+}
+
+/// `Some` when this process was started as a campaign's child.
+pub fn child_args() -> Option<ChildArgs> {
+    let image = std::env::var_os(ENV_IMAGE)?;
+    let num = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Some(ChildArgs {
+        image: image.into(),
+        seq_base: num(ENV_SEQ),
+        seed: num(ENV_SEED) | 1,
+    })
+}
+
+/// The child's report to the parent, one line per event on stdout.
+#[derive(Debug, Default)]
+pub struct Journal {
+    acks: u64,
+}
+
+impl Journal {
+    fn line(&self, s: &str) {
+        let mut out = std::io::stdout().lock();
+        // The parent reads lines as they come; a line cut short by the kill is ignored.
+        let _ = writeln!(out, "CRASH {s}");
+        let _ = out.flush();
+    }
+
+    /// Set-up is done; writes begin.
+    pub fn ready(&mut self) {
+        self.line("READY");
+    }
+
+    /// The device acknowledged write `seq` of block `lba` (`fua`: with Force Unit Access).
+    pub fn acked(&mut self, seq: u64, lba: u64, fua: bool) {
+        self.acks += 1;
+        self.line(&format!("{} {seq} {lba}", if fua { "F" } else { "A" }));
+    }
+
+    /// Writes acknowledged so far: what a flush submitted now covers.
+    pub fn acks(&self) -> u64 {
+        self.acks
+    }
+
+    /// A flush submitted when `covers` writes had been acknowledged has completed.
+    pub fn flushed(&mut self, covers: u64) {
+        self.line(&format!("D {covers}"));
+    }
+}
+
+/// A small deterministic generator for the child's and the parent's choices.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// From a seed (any value).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A value in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// The outcome of a campaign.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Kills.
+    pub runs: usize,
+    /// Writes acknowledged, over all runs.
+    pub acked: u64,
+    /// Flushes that completed.
+    pub flushes: u64,
+    /// Blocks with a durable write, checked after the last kill (summed over runs).
+    pub durable_checked: u64,
+    /// Durable writes missing after a kill (must be 0).
+    pub durable_lost: u64,
+    /// Acknowledged writes no flush covered that were missing after a kill (allowed).
+    pub unflushed_lost: u64,
+    /// Blocks that were neither empty nor one whole write.
+    pub corrupt: u64,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} kills: {} writes acknowledged, {} flushes; durable blocks checked {}, \
+             durable writes lost {}, unflushed writes lost {}, corrupt blocks {}",
+            self.runs,
+            self.acked,
+            self.flushes,
+            self.durable_checked,
+            self.durable_lost,
+            self.unflushed_lost,
+            self.corrupt
+        )
+    }
+}
+
+/// The whole parent side of a device's crash test: a fresh image of `blocks` blocks, `runs`
+/// kills of test `test`'s child, and the verdict (no durable write lost, no corrupt block),
+/// printed with `device`'s name.
+pub fn assert_durable(device: &str, test: &str, blocks: u64, runs: usize, seed: u64) {
+    let image = std::env::temp_dir().join(format!(
+        "rhyve-crash-{}-{}.img",
+        device.to_lowercase(),
+        std::process::id()
+    ));
+    struct Remove<'a>(&'a Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _cleanup = Remove(&image);
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(blocks * BLOCK as u64))
+        .expect("create the image");
+    let r = campaign(test, &image, blocks, runs, seed);
+    eprintln!("{device} crash durability: {r}");
+    assert!(r.flushes > 0 && r.durable_checked > 0, "{r}");
+    assert_eq!(r.durable_lost, 0, "{r}");
+    assert_eq!(r.corrupt, 0, "{r}");
+}
+
+/// Run `runs` child/kill/check rounds of test `test` (this binary's test of that exact name)
+/// against `image` (`blocks` 4 KiB blocks, already created).
+pub fn campaign(test: &str, image: &Path, blocks: u64, runs: usize, seed: u64) -> Report {
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut rng = Rng::new(seed);
+    let mut durable = vec![0u64; blocks as usize];
+    let mut acked = vec![0u64; blocks as usize];
+    let mut report = Report {
+        runs,
+        ..Report::default()
+    };
+    for run in 0..runs {
+        let mut child = Command::new(&exe)
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env(ENV_IMAGE, image)
+            .env(ENV_SEQ, ((run as u64 + 1) << 32).to_string())
+            .env(ENV_SEED, rng.next_u64().to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the child");
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let reader = std::thread::spawn(move || read_events(stdout, tx));
+        // Wait for the child to start writing, let it run a random while, then kill it.
+        let t0 = Instant::now();
+        let mut events = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(Event::Ready) => break,
+                Ok(e) => events.push(e),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("run {run}: the child never got ready ({:?})", t0.elapsed());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5 + rng.below(150)));
+        child.kill().expect("SIGKILL the child");
+        let _ = child.wait();
+        reader.join().expect("reader thread");
+        events.extend(rx.try_iter());
+        // Apply the events in order.
+        let mut acks: Vec<(u64, u64)> = Vec::new();
+        for e in events {
+            match e {
+                Event::Ready => {}
+                Event::Ack { seq, lba, fua } => {
+                    let i = lba as usize;
+                    assert!(i < acked.len(), "run {run}: child wrote block {lba}");
+                    acked[i] = acked[i].max(seq);
+                    if fua {
+                        durable[i] = durable[i].max(seq);
+                    }
+                    acks.push((seq, lba));
+                    report.acked += 1;
+                }
+                Event::Flushed { covers } => {
+                    for &(seq, lba) in acks.iter().take(covers as usize) {
+                        let i = lba as usize;
+                        durable[i] = durable[i].max(seq);
+                    }
+                    report.flushes += 1;
+                }
+            }
+        }
+        check(image, &durable, &acked, run, &mut report);
+    }
+    report
+}
+
+fn check(image: &Path, durable: &[u64], acked: &[u64], run: usize, report: &mut Report) {
+    let f = std::fs::File::open(image).expect("open the image");
+    let mut buf = vec![0u8; BLOCK];
+    for (lba, (&d, &a)) in durable.iter().zip(acked).enumerate() {
+        f.read_exact_at(&mut buf, lba as u64 * BLOCK as u64)
+            .expect("read the image");
+        let found = parse(lba as u64, &buf);
+        let on_disk = match found {
+            Found::Empty => 0,
+            Found::Write(s) => s,
+            Found::Corrupt => {
+                report.corrupt += 1;
+                0
+            }
+        };
+        if d > 0 {
+            report.durable_checked += 1;
+            if on_disk < d {
+                report.durable_lost += 1;
+                if report.durable_lost <= 10 {
+                    eprintln!("run {run}: block {lba}: durable write {d:#x} lost, found {found:?}");
+                }
+            }
+        }
+        if a > d && on_disk < a {
+            report.unflushed_lost += 1;
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Ready,
+    Ack { seq: u64, lba: u64, fua: bool },
+    Flushed { covers: u64 },
+}
+
+fn read_events(stdout: impl Read, tx: mpsc::Sender<Event>) {
+    let mut r = BufReader::new(stdout);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if !line.ends_with('\n') {
+            return; // cut short by the kill
+        }
+        // The test harness prints around our lines (and may leave its own unfinished).
+        let Some(at) = line.find("CRASH ") else {
+            continue;
+        };
+        let mut w = line[at..].split_whitespace();
+        w.next();
+        let n = |w: &mut std::str::SplitWhitespace<'_>| w.next().and_then(|x| x.parse().ok());
+        let e = match w.next() {
+            Some("READY") => Some(Event::Ready),
+            Some(k @ ("A" | "F")) => match (n(&mut w), n(&mut w)) {
+                (Some(seq), Some(lba)) => Some(Event::Ack {
+                    seq,
+                    lba,
+                    fua: k == "F",
+                }),
+                _ => None,
+            },
+            Some("D") => n(&mut w).map(|covers| Event::Flushed { covers }),
+            _ => None,
+        };
+        if let Some(e) = e {
+            if tx.send(e).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_describe_themselves() {
+        let b = pattern(7, 99);
+        assert_eq!(parse(7, &b), Found::Write(99));
+        assert_eq!(parse(8, &b), Found::Corrupt, "another block's write");
+        let mut torn = b.clone();
+        torn[2048..].copy_from_slice(&pattern(7, 100)[2048..]);
+        assert_eq!(parse(7, &torn), Found::Corrupt);
+        assert_eq!(parse(7, &[0u8; BLOCK]), Found::Empty);
+    }
+}
