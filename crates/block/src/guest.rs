@@ -24,7 +24,9 @@ pub struct OutsideRam {
 }
 
 /// Size of the discard buffer that bit-bucket segments point at.
-const SINK_LEN: usize = 64 << 10;
+/// Bytes of bit bucket one iovec carries ([`GuestIov::push_sink`] adds one per this many).
+pub const SINK_SEGMENT: u64 = 64 << 10;
+const SINK_LEN: usize = SINK_SEGMENT as usize;
 
 /// Where bit-bucket bytes go: read data nobody wants. The kernel writes it; nothing reads it.
 fn sink() -> *mut u8 {
@@ -93,6 +95,11 @@ impl GuestIov {
     /// True when the list holds no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Segments the list can hold without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.iov.capacity()
     }
 
     /// Number of host segments.

@@ -34,7 +34,7 @@ mod uring;
 pub use aio::{Engine, EngineKind, IoDone, IoReq, Op};
 pub use exec::Executor;
 pub use file::{RawFile, RawFileOptions};
-pub use guest::{GuestIov, OutsideRam};
+pub use guest::{GuestIov, OutsideRam, SINK_SEGMENT};
 pub use iothread::{IoHandler, IoThread, Tick};
 pub use opts::{open, validate_sector_size, BackendSpec};
 pub use ram::Ram;
@@ -127,26 +127,55 @@ pub trait BlockBackend: Send + Sync {
     fn dispatch(&self) -> Dispatch<'_> {
         Dispatch::Blocking
     }
-    /// Read straight into guest memory. The default stages the data in a host buffer; backends
-    /// that can, override it to transfer directly.
+    /// Read straight into guest memory. The default ([`read_iov_staged`]) goes through a
+    /// bounded host buffer; backends that can, override it to transfer directly.
     fn read_iov(&self, offset: u64, iov: &GuestIov) -> Result<()> {
-        let mut buf = vec![0u8; usize::try_from(iov.len()).map_err(|_| io_too_large())?];
-        self.read_vectored(offset, &mut [IoSliceMut::new(&mut buf)])?;
-        iov.copy_from(0, &buf);
-        Ok(())
+        read_iov_staged(self, offset, iov)
     }
-    /// Write straight from guest memory. The default stages the data in a host buffer.
+    /// Write straight from guest memory. The default ([`write_iov_staged`]) goes through a
+    /// bounded host buffer.
     fn write_iov(&self, offset: u64, iov: &GuestIov) -> Result<()> {
-        let mut buf = vec![0u8; usize::try_from(iov.len()).map_err(|_| io_too_large())?];
-        iov.copy_to(0, &mut buf);
-        self.write_vectored(offset, &[IoSlice::new(&buf)])
+        write_iov_staged(self, offset, iov)
     }
     /// Count an operation an engine performed on the descriptor from [`Dispatch::Fd`].
     fn account(&self, _op: Op, _bytes: u64, _ok: bool) {}
 }
 
-fn io_too_large() -> BlockError {
-    BlockError::Io(std::io::Error::from_raw_os_error(libc::EFBIG))
+/// Largest host buffer the staged transfers use: a request is moved piece by piece, so the
+/// host memory it needs does not grow with its length.
+pub const STAGE_MAX: usize = 1 << 20;
+
+/// [`BlockBackend::read_iov`] for backends without a direct path: `read_vectored` into a host
+/// buffer of at most [`STAGE_MAX`] bytes, copied to guest memory piece by piece.
+pub fn read_iov_staged<B: BlockBackend + ?Sized>(b: &B, offset: u64, iov: &GuestIov) -> Result<()> {
+    let total = iov.len();
+    let mut buf = vec![0u8; total.min(STAGE_MAX as u64) as usize];
+    let mut done = 0u64;
+    while done < total {
+        let n = (total - done).min(buf.len() as u64) as usize;
+        b.read_vectored(offset + done, &mut [IoSliceMut::new(&mut buf[..n])])?;
+        iov.copy_from(done, &buf[..n]);
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// [`BlockBackend::write_iov`] for backends without a direct path (see [`read_iov_staged`]).
+pub fn write_iov_staged<B: BlockBackend + ?Sized>(
+    b: &B,
+    offset: u64,
+    iov: &GuestIov,
+) -> Result<()> {
+    let total = iov.len();
+    let mut buf = vec![0u8; total.min(STAGE_MAX as u64) as usize];
+    let mut done = 0u64;
+    while done < total {
+        let n = (total - done).min(buf.len() as u64) as usize;
+        iov.copy_to(done, &mut buf[..n]);
+        b.write_vectored(offset + done, &[IoSlice::new(&buf[..n])])?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Checks that `[offset, offset + len)` lies within a disk of `capacity` bytes.

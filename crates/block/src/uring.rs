@@ -4,6 +4,7 @@
 //! [`Ring`] guarantees that by owning every submitted request in a slab until then.
 #![allow(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -12,12 +13,21 @@ use io_uring::{opcode, squeue, types, IoUring};
 use crate::aio::{IoReq, Op};
 
 /// A ring plus the requests in flight on it, indexed by their `user_data`.
+///
+/// At most as many requests are in the kernel as the completion queue has entries: more would
+/// overflow it, and the kernel keeps overflowed completions until an `io_uring_enter` asks for
+/// events (and refuses submissions meanwhile). The rest wait in `backlog`, in order, and go in
+/// as completions are reaped.
 pub(crate) struct Ring {
     ring: IoUring,
     slab: Vec<Option<Slot>>,
     free: Vec<usize>,
     /// Entries pushed but not yet passed to the kernel.
     unsubmitted: usize,
+    /// Most requests in the kernel at once (the completion queue's size).
+    cap: usize,
+    /// Requests waiting for room.
+    backlog: VecDeque<Slot>,
 }
 
 /// A request in flight and the bytes it still has to move (after short transfers).
@@ -42,16 +52,23 @@ impl Ring {
     pub(crate) fn new(entries: u32, eventfd: BorrowedFd<'_>) -> io::Result<Ring> {
         let ring = IoUring::new(entries.next_power_of_two().clamp(8, 4096))?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let cap = ring.params().cq_entries() as usize;
         Ok(Ring {
             ring,
             slab: Vec::new(),
             free: Vec::new(),
             unsubmitted: 0,
+            cap,
+            backlog: VecDeque::new(),
         })
     }
 
-    /// Requests handed to the ring and not yet reaped.
+    /// Requests handed to the ring and not yet reaped (waiting ones included).
     pub(crate) fn in_flight(&self) -> usize {
+        self.in_kernel() + self.backlog.len()
+    }
+
+    fn in_kernel(&self) -> usize {
         self.slab.len() - self.free.len()
     }
 
@@ -67,6 +84,15 @@ impl Ring {
             fd: fd.as_raw_fd(),
             done: 0,
         };
+        if self.in_kernel() >= self.cap || !self.backlog.is_empty() {
+            self.backlog.push_back(slot);
+            return Ok(());
+        }
+        self.start(slot).map_err(|(slot, e)| (slot.req, e))
+    }
+
+    /// Put `slot` in the slab and queue its entry.
+    fn start(&mut self, slot: Slot) -> Result<(), (Slot, io::Error)> {
         let idx = match self.free.pop() {
             Some(i) => {
                 self.slab[i] = Some(slot);
@@ -80,7 +106,7 @@ impl Ring {
         self.queue(idx).map_err(|e| {
             let slot = self.slab[idx].take().expect("just filled");
             self.free.push(idx);
-            (slot.req, e)
+            (slot, e)
         })
     }
 
@@ -112,7 +138,9 @@ impl Ring {
     }
 
     fn push_entry(&mut self, entry: &squeue::Entry) -> io::Result<()> {
-        loop {
+        // Never more in the kernel than the completion queue holds, so a submission always
+        // makes room: one retry after submitting is enough.
+        for _ in 0..2 {
             // SAFETY: the entry's pointers (the iovec array of the request and the guest memory
             // it names) belong to the request parked in `self.slab`, which is neither moved nor
             // dropped until the completion for this user_data has been reaped; the iovec `Vec`
@@ -126,6 +154,7 @@ impl Ring {
             // Submission ring full: hand what is queued to the kernel and retry.
             self.submit()?;
         }
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
     }
 
     /// Pass queued entries to the kernel (one `io_uring_enter`).
@@ -192,6 +221,18 @@ impl Ring {
             if let Err(e) = self.queue(idx) {
                 let slot = self.slab[idx].take().expect("requeued slot is occupied");
                 self.free.push(idx);
+                out.push(Reaped::Finished(
+                    slot,
+                    -e.raw_os_error().unwrap_or(libc::EIO),
+                ));
+            }
+        }
+        // Room freed up: start waiting requests.
+        while self.in_kernel() < self.cap {
+            let Some(slot) = self.backlog.pop_front() else {
+                break;
+            };
+            if let Err((slot, e)) = self.start(slot) {
                 out.push(Reaped::Finished(
                     slot,
                     -e.raw_os_error().unwrap_or(libc::EIO),

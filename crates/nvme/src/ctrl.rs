@@ -53,6 +53,8 @@ pub struct Counters {
     pub doorbells: AtomicU64,
     /// Shadow-doorbell polls that found new submissions.
     pub polled: AtomicU64,
+    /// Most commands ever in flight at once (bounded by [`crate::io::MAX_INFLIGHT`]).
+    pub inflight_peak: AtomicU64,
 }
 
 /// A command whose completion is held back: Abort waiting on its target.
@@ -128,6 +130,8 @@ pub mod flag {
     pub const FATAL: u32 = 1 << 1;
     /// Shadow doorbells are configured.
     pub const SHADOW: u32 = 1 << 2;
+    /// Fetching stopped at [`crate::io::MAX_INFLIGHT`]; the next completion resumes it.
+    pub const STARVED: u32 = 1 << 3;
 }
 
 /// Everything the controller shares between the register path, the I/O path and its threads.
@@ -235,6 +239,8 @@ pub struct Work {
     pub fatal: Option<&'static str>,
     /// `inflight` reached zero.
     pub idle: bool,
+    /// Room under the in-flight limit again: fetch from every queue.
+    pub refetch: bool,
     /// Some CQ's INTx condition may have changed.
     pub intx: bool,
 }
@@ -557,13 +563,23 @@ impl Shared {
 
     /// A command (or blocking job) started on a backend.
     pub fn begin(&self) {
-        self.inflight.fetch_add(1, Ordering::AcqRel);
+        let n = self.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.counters
+            .inflight_peak
+            .fetch_max(n as u64, Ordering::Relaxed);
     }
 
-    /// A command (or blocking job) finished on a backend; `work.idle` when it was the last.
+    /// A command (or blocking job) finished on a backend; `work.idle` when it was the last,
+    /// `work.refetch` when fetching had stopped at the in-flight limit.
     pub fn end(&self, work: &mut Work) {
-        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
             work.idle = true;
+        }
+        // Pairs with the fetcher's flag-then-recheck: one of the two sees the other.
+        if self.flags.load(Ordering::SeqCst) & flag::STARVED != 0
+            && self.flags.fetch_and(!flag::STARVED, Ordering::SeqCst) & flag::STARVED != 0
+        {
+            work.refetch = true;
         }
     }
 
@@ -895,6 +911,9 @@ impl Shared {
         }
         if let Some(why) = work.fatal {
             self.fatal(why);
+        }
+        if work.refetch {
+            self.refetch_all();
         }
         let admin = !work.events.is_empty()
             || !work.errors.is_empty()

@@ -23,6 +23,10 @@ use crate::prp::{self, DataPtr, Walker};
 use crate::queue::{make_cqe, Chunks, CompQueue, Group, Slot, SubQueue};
 use crate::spec::{aer, io_op, DsmRange, Sqe, Status, NSID_ALL};
 
+/// Most commands a controller has in flight at once, all queues together. Fetching pauses at
+/// this many (commands wait in their SQs, as on a real controller with a finite number of
+/// command contexts), so host memory does not grow with `maxq` × `qsz`.
+pub const MAX_INFLIGHT: usize = 4096;
 /// Most iovecs one backend request carries; larger transfers run as a chain of chunks, so the
 /// host memory a command needs does not grow with its transfer size.
 pub const MAX_SEGMENTS: usize = 256;
@@ -129,7 +133,19 @@ fn map_chunk(
                 Some(a) => iov
                     .push_guest(a, seg.len)
                     .map_err(|_| Status::DATA_TRANSFER_ERROR)?,
-                None => iov.push_sink(seg.len),
+                None => {
+                    // A bit bucket takes one iovec per SINK_SEGMENT bytes: only what fits in
+                    // this chunk, the rest goes to the next one.
+                    let room = MAX_SEGMENTS.saturating_sub(iov.segments()).max(1) as u64;
+                    let n = seg.len.min(room * block::SINK_SEGMENT);
+                    iov.push_sink(n);
+                    if n < seg.len {
+                        walker.put_back(prp::Segment {
+                            addr: None,
+                            len: seg.len - n,
+                        });
+                    }
+                }
             },
         }
     }
@@ -241,6 +257,12 @@ impl Shared {
             while sq.pending() > 0 {
                 if !self.flag(flag::ACCEPTING) || self.flag(flag::FATAL) || !self.irq.bus_master() {
                     return;
+                }
+                if self.inflight.load(Ordering::SeqCst) >= MAX_INFLIGHT {
+                    self.flags.fetch_or(flag::STARVED, Ordering::SeqCst);
+                    if self.inflight.load(Ordering::SeqCst) >= MAX_INFLIGHT {
+                        return; // a completion clears STARVED and fetches again
+                    }
                 }
                 if cq.room() == 0 && shadow {
                     self.sync_shadow_head(cq, mem, db);
@@ -848,6 +870,21 @@ impl Shared {
         c.wake_at = None;
         c.recheck_ns = 0;
         self.cq_held[usize::from(cq.id)].store(false, Ordering::Release);
+    }
+
+    /// Fetch from every queue (fetching stopped at [`MAX_INFLIGHT`] and room freed up).
+    pub(crate) fn refetch_all(&self) {
+        for g in self.groups.iter() {
+            let mut work = Work::default();
+            {
+                let mut g = crate::ctrl::lock(g);
+                if g.cq.is_none() {
+                    continue;
+                }
+                self.fetch_group(&mut g, None, &mut work);
+            }
+            self.run_work(work);
+        }
     }
 
     /// The guest submitted on one of `cq`'s SQs: learn its pace (adaptive mode; one clock read

@@ -302,6 +302,7 @@ impl PciDevice for NvmeController {
             ("interrupts".into(), g(&c.interrupts)),
             ("doorbell_writes".into(), g(&c.doorbells)),
             ("shadow_polls".into(), g(&c.polled)),
+            ("inflight_peak".into(), g(&c.inflight_peak)),
         ]
     }
 

@@ -94,6 +94,8 @@ pub struct Walker {
     described: u64,
     walked: usize,
     stage: Stage,
+    /// The unused tail of a segment the caller gave back ([`Walker::put_back`]).
+    carry: Option<Segment>,
 }
 
 impl Walker {
@@ -124,12 +126,20 @@ impl Walker {
             described: 0,
             walked,
             stage,
+            carry: None,
         })
     }
 
-    /// Bytes of the transfer not yet described.
+    /// Bytes of the transfer not yet described (a given-back tail included).
     pub fn remaining(&self) -> u64 {
-        self.len.saturating_sub(self.described)
+        self.len.saturating_sub(self.described) + self.carry.map_or(0, |c| c.len)
+    }
+
+    /// Give back the unused tail of the segment [`Walker::next`] just returned: the next call
+    /// returns it again.
+    pub fn put_back(&mut self, seg: Segment) {
+        debug_assert!(self.carry.is_none());
+        self.carry = Some(seg);
     }
 
     fn enter_segment(seg: SglDescriptor, walked: usize) -> Result<(Stage, usize), Status> {
@@ -164,6 +174,9 @@ impl Walker {
 
     /// The next segment, `None` at the end. Errors are the command's status.
     pub fn next<M: GuestMemory>(&mut self, mem: &M) -> Result<Option<Segment>, Status> {
+        if let Some(c) = self.carry.take() {
+            return Ok(Some(c));
+        }
         loop {
             match (self.stage, self.ptr) {
                 (Stage::Done, _) => {

@@ -165,9 +165,12 @@ impl SubQueue {
         self.iovs.pop().unwrap_or_default()
     }
 
-    /// Return a data-buffer list for reuse.
+    /// Return a data-buffer list for reuse. The pool keeps a few small lists per queue, so what
+    /// it holds stays bounded whatever the guest's transfers looked like.
     pub fn give_iov(&mut self, mut iov: block::GuestIov) {
-        if self.iovs.len() < self.size as usize {
+        const POOL: usize = 64;
+        const POOLED_SEGMENTS: usize = 64;
+        if self.iovs.len() < POOL.min(self.size as usize) && iov.capacity() <= POOLED_SEGMENTS {
             iov.clear();
             self.iovs.push(iov);
         }

@@ -726,3 +726,109 @@ fn host_memory_and_threads_stay_bounded() {
     let x = d.read_mem(b, 4096);
     d.expect(b, &x);
 }
+
+/// Regression: an SGL bit bucket was mapped as one iovec per 64 KiB in a single step, past the
+/// per-request iovec limit: a 32 MiB read that drops all but its last page built a 511-iovec
+/// request. Bit buckets now split across chunks like any other segment.
+#[test]
+fn sgl_bit_buckets_respect_the_iovec_limit() {
+    const LEN: u64 = 32 << 20;
+    let backend = TestBackend::new(LEN, 512);
+    let mut d = TestDriver::with_backends(
+        "4,nvme,ram=32,mdts=0",
+        vec![backend.clone() as Arc<dyn block::BlockBackend>],
+    );
+    d.bring_up();
+    // The disk's last page holds a pattern; everything before it goes to the bit bucket.
+    let tail = data(4096, 9);
+    d.write_blocks(1, 1, (LEN - 4096) / 512, 512, &tail);
+    let buf = d.alloc(4096);
+    let list = d.alloc(32);
+    let mut descs = Vec::new();
+    descs.extend_from_slice(&0u64.to_le_bytes());
+    descs.extend_from_slice(&((LEN - 4096) as u32).to_le_bytes());
+    descs.extend_from_slice(&[0, 0, 0, 0x10]); // bit bucket
+    descs.extend_from_slice(&buf.to_le_bytes());
+    descs.extend_from_slice(&4096u32.to_le_bytes());
+    descs.extend_from_slice(&[0, 0, 0, 0x00]); // data block
+    d.write_mem(list, &descs);
+    let mut s = TestDriver::rw(0x02, 1, 0, (LEN / 512) as u32, 0, 0);
+    s.cdw0 |= 0x40 << 8; // PSDT: SGL
+    s.dptr = [list, 32 | (0x30u64 << 56)]; // Last Segment descriptor, 2 entries
+    let c = d.io(1, s);
+    assert_ok(&c);
+    let got = d.read_mem(buf, 4096);
+    assert_eq!(got, tail);
+    d.expect(buf, &got);
+    let most = backend.max_segments.load(Ordering::SeqCst);
+    assert!(
+        most <= nvme::io::MAX_SEGMENTS + 2,
+        "one request carried {most} iovecs"
+    );
+}
+
+/// Regression: nothing bounded the commands a controller held but its queues' geometry, so a
+/// guest with 8 queues of 1024 entries behind a stalled disk had 8184 commands (and their
+/// iovec lists) in flight. Fetching now pauses at `MAX_INFLIGHT`, and resumes as commands
+/// complete: every command still completes, exactly once.
+#[test]
+fn commands_in_flight_are_capped_and_fetching_resumes() {
+    let backend = TestBackend::new(1 << 20, 512);
+    let mut d = TestDriver::with_backends(
+        "4,nvme,ram=1,maxq=8,qsz=1024",
+        vec![backend.clone() as Arc<dyn block::BlockBackend>],
+    );
+    d.bring_up();
+    for q in 2..=8 {
+        d.create_pair(q, 1024);
+    }
+    // Queue 1 was created with 64 entries by bring_up; use 2..=8 (7 × 1023 = 7161 commands).
+    backend.hold();
+    d.auto_ring = false;
+    let b = d.alloc(4096);
+    let mut submitted = std::collections::HashMap::new();
+    for q in 2..=8u16 {
+        for _ in 0..1023 {
+            let cid = d.submit_at(q, TestDriver::rw(0x02, 1, 0, 8, b, 0));
+            submitted.insert((q, cid), ());
+        }
+        let t = d.sqs[&q].tail;
+        d.bar_write32(0, 0x1000 + 8 * u64::from(q), t);
+    }
+    backend.wait_parked(1);
+    std::thread::sleep(Duration::from_millis(50));
+    let peak = d
+        .dev
+        .stats()
+        .into_iter()
+        .find(|(k, _)| k == "inflight_peak")
+        .map(|(_, v)| v)
+        .unwrap();
+    assert_eq!(
+        peak, 4096,
+        "commands in flight at once (7161 fetched without a limit)"
+    );
+    backend.release();
+    // Fetching resumes on its own as commands complete; each completes exactly once.
+    let mut last = Instant::now();
+    while !submitted.is_empty() {
+        for q in 2..=8u16 {
+            while let Some(c) = d.poll_cq(q, Duration::ZERO) {
+                assert_ok(&c);
+                assert!(
+                    submitted.remove(&(q, c.cid)).is_some(),
+                    "CID {:#x} on queue {q} completed twice or was never submitted",
+                    c.cid
+                );
+                last = Instant::now();
+            }
+            d.ring_cq_head(q);
+        }
+        assert!(
+            last.elapsed() < Duration::from_secs(5),
+            "stalled with {} commands outstanding",
+            submitted.len()
+        );
+        std::thread::yield_now();
+    }
+}

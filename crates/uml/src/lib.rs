@@ -29,6 +29,7 @@ mod sigbus;
 
 pub use backend::Counters;
 pub use irq::UmlInterrupts;
+pub use shim::check_mem_table_body;
 
 use backend::UmlBackend;
 use log::{debug, info};

@@ -76,34 +76,42 @@ pub(crate) fn check_mem_table(msg: &Message) -> Option<String> {
     if msg.request != u32::from(FrontendReq::SET_MEM_TABLE) {
         return None;
     }
-    if msg.body.len() < MEM_TABLE_HDR {
-        return Some(format!("a {}-byte body", msg.body.len()));
+    let file_len = match &msg.file {
+        None => None,
+        Some(f) => match f.metadata() {
+            Ok(m) => Some(m.len()),
+            Err(e) => return Some(format!("fstat of the region's file: {e}")),
+        },
+    };
+    check_mem_table_body(&msg.body, file_len).err()
+}
+
+/// Check a SET_MEM_TABLE body against the size of the file sent with it (`None`: no file):
+/// one region that lies inside the file. The error says what is wrong.
+pub fn check_mem_table_body(body: &[u8], file_len: Option<u64>) -> Result<(), String> {
+    if body.len() < MEM_TABLE_HDR {
+        return Err(format!("a {}-byte body", body.len()));
     }
     let u64_at = |o: usize| {
-        msg.body
-            .get(o..o + 8)
+        body.get(o..o + 8)
             .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
     };
-    let num = u32::from_ne_bytes([msg.body[0], msg.body[1], msg.body[2], msg.body[3]]);
+    let num = u32::from_ne_bytes([body[0], body[1], body[2], body[3]]);
     if num != 1 {
-        return Some(format!(
+        return Err(format!(
             "{num} regions (one file descriptor per table is relayed)"
         ));
     }
-    let Some(file) = &msg.file else {
-        return Some("no file descriptor".into());
+    let Some(file_len) = file_len else {
+        return Err("no file descriptor".into());
     };
     let region = MEM_TABLE_HDR;
     let (Some(size), Some(offset)) = (u64_at(region + 8), u64_at(region + 24)) else {
-        return Some(format!("a {}-byte body", msg.body.len()));
-    };
-    let file_len = match file.metadata() {
-        Ok(m) => m.len(),
-        Err(e) => return Some(format!("fstat of the region's file: {e}")),
+        return Err(format!("a {}-byte body", body.len()));
     };
     match offset.checked_add(size) {
-        Some(end) if end <= file_len => None,
-        _ => Some(format!(
+        Some(end) if end <= file_len => Ok(()),
+        _ => Err(format!(
             "region of {size:#x} bytes at file offset {offset:#x} reaches past the end of its \
              {file_len:#x}-byte file"
         )),

@@ -92,6 +92,8 @@ pub struct TestBackend {
     pub flushes: AtomicU64,
     pub discards: AtomicU64,
     pub reads: AtomicUsize,
+    /// Most iovecs any one request carried.
+    pub max_segments: AtomicUsize,
 }
 
 impl TestBackend {
@@ -104,6 +106,7 @@ impl TestBackend {
             fail_flushes: AtomicBool::new(false),
             flushes: AtomicU64::new(0),
             discards: AtomicU64::new(0),
+            max_segments: AtomicUsize::new(0),
             reads: AtomicUsize::new(0),
         })
     }
@@ -168,6 +171,16 @@ impl BlockBackend for TestBackend {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> block::Result<()> {
         self.ram.write_zeroes(offset, len)
+    }
+    fn read_iov(&self, offset: u64, iov: &block::GuestIov) -> block::Result<()> {
+        self.max_segments
+            .fetch_max(iov.segments(), Ordering::SeqCst);
+        block::read_iov_staged(self, offset, iov)
+    }
+    fn write_iov(&self, offset: u64, iov: &block::GuestIov) -> block::Result<()> {
+        self.max_segments
+            .fetch_max(iov.segments(), Ordering::SeqCst);
+        block::write_iov_staged(self, offset, iov)
     }
 }
 

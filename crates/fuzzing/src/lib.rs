@@ -1,0 +1,276 @@
+//! Fuzz harnesses for rhyve's guest-facing surfaces, and the invariants they hold the devices
+//! to. `fuzz/` (cargo-fuzz, nightly) drives them with libFuzzer; `tests/replay.rs` replays the
+//! committed corpora through the same functions on stable Rust.
+//!
+//! Every harness checks more than "no panic":
+//! * **No stray DMA**: guest RAM below [`WINDOW`] is a canary no command can name (every
+//!   pointer the guest controls is moved out of it before the device sees it), and it must be
+//!   intact at the end.
+//! * **Exactly once** (NVMe): every command the harness submitted on a queue it tracks
+//!   completes once, and nothing else completes there.
+//! * **Bounded resources**: host heap (through [`CountingAlloc`], installed by the binaries)
+//!   and threads stay under a bound derived from the device's configuration.
+//! * **No hang**: no single operation on the device takes longer than [`MAX_OP`].
+//!
+//! A violated invariant panics, which libFuzzer reports as a crash with the input.
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod ahci;
+#[allow(unsafe_code)] // a GlobalAlloc wrapper
+pub mod alloc;
+pub mod nvme;
+pub mod pci_config;
+pub mod uml_msg;
+
+pub use alloc::CountingAlloc;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ::pci::{DeviceContext, GuestMem, InterruptSink, MsiMessage, PciDevice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Longest any single device operation may take.
+pub const MAX_OP: Duration = Duration::from_secs(1);
+/// Guest RAM: the canary `[0, WINDOW)` and the window `[WINDOW, RAM_END)` where the guest's
+/// queues, buffers and descriptor lists live.
+pub const WINDOW: u64 = 0x2_0000;
+/// End of guest RAM; addresses from here up are outside RAM.
+pub const RAM_END: u64 = 0x4_0000;
+/// The canary byte pattern.
+const CANARY: u8 = 0xa5;
+
+/// Move a guest-chosen address out of the canary: addresses below [`WINDOW`] are shifted into
+/// the window (keeping their page offset); others (the window, or outside RAM) are kept.
+pub fn steer(addr: u64) -> u64 {
+    if addr < WINDOW {
+        addr + WINDOW
+    } else {
+        addr
+    }
+}
+
+/// Guest memory for a harness: the canary filled, the window zeroed.
+pub fn guest_memory() -> GuestMemoryMmap {
+    let mem =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM_END as usize)]).expect("guest memory");
+    mem.write_slice(&[CANARY; WINDOW as usize], GuestAddress(0))
+        .expect("canary");
+    mem
+}
+
+/// Fill the window from fuzz bytes (repeated), with every aligned u64 steered out of the
+/// canary: whatever the device later reads as a pointer (PRP list entries, SGL descriptors,
+/// PRDT entries, command table addresses) cannot name the canary.
+pub fn fill_window(mem: &GuestMemoryMmap, seed: &[u8]) {
+    let len = (RAM_END - WINDOW) as usize;
+    let mut w = vec![0u8; len];
+    if !seed.is_empty() {
+        for (i, b) in w.iter_mut().enumerate() {
+            *b = seed[i % seed.len()];
+        }
+    }
+    steer_words(&mut w);
+    mem.write_slice(&w, GuestAddress(WINDOW)).expect("window");
+}
+
+/// Steer every aligned u64 of `bytes` (an image of window memory) out of the canary.
+pub fn steer_words(bytes: &mut [u8]) {
+    for c in bytes.chunks_exact_mut(8) {
+        let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        c.copy_from_slice(&steer(v).to_le_bytes());
+    }
+}
+
+/// Re-steer the window in place (the device may have written pointer-like values into it since:
+/// log pages, read data), except `keep` ranges (the harness's own queues).
+pub fn resteer_window(mem: &GuestMemoryMmap, keep: &[(u64, u64)]) {
+    let len = (RAM_END - WINDOW) as usize;
+    let mut w = vec![0u8; len];
+    mem.read_slice(&mut w, GuestAddress(WINDOW))
+        .expect("window");
+    let orig = w.clone();
+    steer_words(&mut w);
+    for &(a, l) in keep {
+        let (s, e) = (
+            (a.saturating_sub(WINDOW) as usize).min(len),
+            (a.saturating_add(l).saturating_sub(WINDOW) as usize).min(len),
+        );
+        if s < e {
+            w[s..e].copy_from_slice(&orig[s..e]);
+        }
+    }
+    if w != orig {
+        mem.write_slice(&w, GuestAddress(WINDOW)).expect("window");
+    }
+}
+
+/// Panic unless the canary is intact.
+pub fn check_canary(mem: &GuestMemoryMmap) {
+    let mut c = vec![0u8; WINDOW as usize];
+    mem.read_slice(&mut c, GuestAddress(0)).expect("canary");
+    if let Some(i) = c.iter().position(|&b| b != CANARY) {
+        panic!(
+            "stray DMA: canary byte {i:#x} is {:#04x} (the guest never named the canary)",
+            c[i]
+        );
+    }
+}
+
+/// Run `f`, panicking if it takes longer than [`MAX_OP`].
+pub fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let r = f();
+    let took = t.elapsed();
+    assert!(took < MAX_OP, "{what} took {took:?}");
+    r
+}
+
+/// Threads of this process before any harness ran, plus what one device may leave behind
+/// while it winds down: a harness checks at its start that devices do not leak threads.
+pub fn check_thread_leak(per_device: usize) {
+    static BASE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(threads);
+    let now = threads();
+    assert!(
+        now <= base + per_device,
+        "{now} threads before a run, {base} at the first: devices leak threads"
+    );
+}
+
+/// Threads of this process.
+pub fn threads() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Interrupts a device sent, for harnesses that check them.
+#[derive(Default)]
+pub struct Recorder {
+    /// MSI/MSI-X messages, in order.
+    pub msis: Mutex<Vec<MsiMessage>>,
+    /// INTx level changes.
+    pub intx: AtomicUsize,
+}
+
+impl InterruptSink for Recorder {
+    fn msi(&self, msg: MsiMessage) {
+        self.msis
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(msg);
+    }
+    fn intx(&self, _pin: u8, _asserted: bool) {
+        self.intx.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A device built the way the frontends build it, over harness memory.
+pub struct Bench {
+    /// The device.
+    pub dev: Box<dyn PciDevice>,
+    /// Guest RAM (the device shares it).
+    pub mem: GuestMemoryMmap,
+    /// Its interrupts.
+    pub irq: Arc<Recorder>,
+}
+
+impl Bench {
+    /// Build device `spec` (bhyve `-s` syntax) with `make`.
+    pub fn new(
+        spec: &str,
+        make: fn(
+            &::pci::SlotSpec,
+            &DeviceContext,
+        ) -> Result<Box<dyn PciDevice>, ::pci::ConfigError>,
+    ) -> Bench {
+        let mem = guest_memory();
+        let irq = Arc::new(Recorder::default());
+        let ctx = DeviceContext {
+            mem: GuestMem::new(mem.clone()),
+            irq: irq.clone(),
+            intx_supported: true,
+        };
+        let spec = ::pci::SlotSpec::parse(spec).expect("harness spec");
+        let dev = make(&spec, &ctx).expect("harness device");
+        Bench { dev, mem, irq }
+    }
+
+    /// Config read of `len` (1, 2, 4) bytes.
+    pub fn cfg_read(&self, off: u16, len: usize) -> u32 {
+        let mut b = [0u8; 4];
+        timed("config read", || self.dev.config_read(off, &mut b[..len]));
+        u32::from_le_bytes(b)
+    }
+
+    /// Config write of the low `len` bytes of `v`.
+    pub fn cfg_write(&self, off: u16, len: usize, v: u32) {
+        timed("config write", || {
+            self.dev.config_write(off, &v.to_le_bytes()[..len])
+        });
+    }
+
+    /// BAR read of `len` (≤ 8) bytes.
+    pub fn bar_read(&self, bar: u8, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        timed("BAR read", || self.dev.bar_read(bar, off, &mut b[..len]));
+        u64::from_le_bytes(b)
+    }
+
+    /// BAR write of the low `len` bytes of `v`.
+    pub fn bar_write(&self, bar: u8, off: u64, len: usize, v: u64) {
+        timed("BAR write", || {
+            self.dev.bar_write(bar, off, &v.to_le_bytes()[..len])
+        });
+    }
+
+    /// Offset of capability `id` in config space.
+    pub fn find_cap(&self, id: u8) -> Option<u16> {
+        let mut p = self.cfg_read(0x34, 1) as u16 & 0xfc;
+        for _ in 0..48 {
+            if p == 0 {
+                return None;
+            }
+            if self.cfg_read(p, 1) as u8 == id {
+                return Some(p);
+            }
+            p = self.cfg_read(p + 1, 1) as u16 & 0xfc;
+        }
+        None
+    }
+
+    /// Memory space and bus mastering on, MSI-X on with every vector pointing at `data = n`.
+    pub fn enable_msix(&self) -> bool {
+        self.cfg_write(4, 2, 0x6);
+        let Some(cap) = self.find_cap(0x11) else {
+            return false;
+        };
+        let n = (self.cfg_read(cap + 2, 2) & 0x7ff) + 1;
+        let table = self.cfg_read(cap + 4, 4);
+        let (bir, off) = ((table & 7) as u8, u64::from(table & !7));
+        for v in 0..u64::from(n) {
+            self.bar_write(bir, off + v * 16, 4, 0xfee0_0000);
+            self.bar_write(bir, off + v * 16 + 4, 4, 0);
+            self.bar_write(bir, off + v * 16 + 8, 4, v);
+            self.bar_write(bir, off + v * 16 + 12, 4, 0);
+        }
+        self.cfg_write(cap + 2, 2, 1 << 15);
+        true
+    }
+}
+
+/// Bytes read from the harness input, for harnesses that parse raw bytes themselves.
+pub fn le_u64(b: &[u8]) -> u64 {
+    let mut x = [0u8; 8];
+    let n = b.len().min(8);
+    x[..n].copy_from_slice(&b[..n]);
+    u64::from_le_bytes(x)
+}

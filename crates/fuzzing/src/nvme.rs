@@ -1,0 +1,680 @@
+//! NVMe: register writes in any order and width, admin and I/O commands with fuzzed fields,
+//! PRP lists and SGLs in guest memory, shadow doorbells, resets and shutdowns, on one of a few
+//! controller configurations.
+//!
+//! The harness is a host driver that keeps a model of the queues it created itself: what it
+//! submitted there must complete exactly once. Raw register and config writes may break the
+//! model (a new admin queue, Bus Master Enable cleared); then only the other invariants are
+//! checked until the next bring-up.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use arbitrary::{Arbitrary, Unstructured};
+use nvme::spec::{admin_op, cc, csts, reg};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::{alloc, steer, Bench, RAM_END, WINDOW};
+
+/// Controller configurations the input picks from, with the heap bound each is held to.
+const CONFIGS: [(&str, usize); 4] = [
+    ("4,nvme,ram=1,maxq=4,qsz=64,coalesce=host,poll=0", 24 << 20),
+    (
+        "4,nvme,ram=1,ram=1,maxq=2,qsz=16,mdts=0,coalesce=adaptive,poll=0",
+        24 << 20,
+    ),
+    (
+        "4,nvme,ram=1,sectorsz=4096,maxq=4,qsz=32,mdts=1,poll=50",
+        24 << 20,
+    ),
+    (
+        "4,nvme,ram=2,maxq=8,qsz=256,iothreads=2,aio=threads,coalesce=host",
+        32 << 20,
+    ),
+];
+/// Threads a configuration may add (I/O threads, pool workers, a shutdown job), at most.
+const THREADS: usize = 24;
+
+/// Harness queue layout in the window.
+const ASQ: u64 = WINDOW;
+const ACQ: u64 = WINDOW + 0x1000;
+const QSIZE: u16 = 64;
+/// I/O queue pairs the harness may create (1..=3).
+const HARNESS_QUEUES: u8 = 3;
+fn io_sq(q: u8) -> u64 {
+    WINDOW + 0x2000 + u64::from(q - 1) * 0x2000
+}
+fn io_cq(q: u8) -> u64 {
+    io_sq(q) + 0x1000
+}
+/// Shadow doorbell and EventIdx pages the harness offers.
+const SHADOW: u64 = WINDOW + 0x8000;
+const EVENTIDX: u64 = WINDOW + 0x9000;
+
+/// One fuzzed command (64-byte SQE fields).
+#[derive(Arbitrary, Debug, Clone)]
+pub struct Cmd {
+    opcode: u8,
+    flags: u8,
+    nsid: u32,
+    cdw2: u32,
+    cdw3: u32,
+    mptr: u64,
+    dptr: [u64; 2],
+    cdw: [u32; 6],
+}
+
+/// One step of the input.
+#[derive(Arbitrary, Debug)]
+pub enum Op {
+    /// Reset, then bring the controller up as Linux does (MSI-X, admin queues, CC.EN).
+    BringUp,
+    /// Create I/O queue pair `q` (1–3) through admin commands.
+    CreatePair {
+        q: u8,
+        entries: u8,
+        vector: u8,
+        ien: bool,
+    },
+    /// An admin command.
+    Admin(Cmd),
+    /// An I/O command on the harness's queue pair `q`.
+    Io { q: u8, cmd: Cmd },
+    /// Several I/O commands, one doorbell.
+    Burst { q: u8, cmds: Vec<Cmd> },
+    /// A raw BAR0 write (any register, any doorbell, any width).
+    Reg { off: u16, width: u8, value: u64 },
+    /// A raw BAR0 read.
+    RegRead { off: u16, width: u8 },
+    /// A raw config-space write.
+    Cfg { off: u16, width: u8, value: u32 },
+    /// A raw write to the MSI-X table/PBA BAR.
+    Msix { off: u16, width: u8, value: u64 },
+    /// Raw bytes into the window (descriptor lists, data).
+    Poke { off: u32, bytes: Vec<u8> },
+    /// Doorbell Buffer Config with the harness's shadow pages.
+    Dbbuf,
+    /// A shadow doorbell value (SQ tail or CQ head of queue `q`), then optionally the MMIO one.
+    Shadow {
+        q: u8,
+        cq: bool,
+        value: u32,
+        ring: bool,
+    },
+    /// Consume completions.
+    Reap,
+    /// Wait for the controller to finish what it has.
+    Settle,
+    /// CC.EN = 0 and wait for RDY to clear.
+    Reset,
+    /// Normal shutdown notification.
+    Shutdown,
+}
+
+/// A whole input.
+#[derive(Arbitrary, Debug)]
+pub struct Input {
+    config: u8,
+    /// Allow SGLs and unsteered memory (the canary is then not checked).
+    sgl_mode: bool,
+    window: Vec<u8>,
+    ops: Vec<Op>,
+}
+
+/// Run one input from raw fuzzer bytes.
+pub fn run(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    if let Ok(input) = Input::arbitrary(&mut u) {
+        run_input(&input);
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct HostCq {
+    head: u16,
+    phase: bool,
+    size: u16,
+}
+
+#[derive(Clone, Copy, Default)]
+struct HostSq {
+    tail: u16,
+    size: u16,
+}
+
+struct Host {
+    b: Bench,
+    strict: bool,
+    /// The queue model is trustworthy (no raw writes since the last bring-up).
+    model: bool,
+    ready: bool,
+    sqs: HashMap<u16, HostSq>,
+    cqs: HashMap<u16, HostCq>,
+    /// Outstanding (sqid, cid) → opcode.
+    outstanding: HashMap<(u16, u16), u8>,
+    /// Status of completed admin commands, by CID (for the harness's own set-up commands).
+    admin_status: HashMap<u16, u16>,
+    next_cid: u16,
+    shadow: bool,
+}
+
+/// Run one structured input.
+pub fn run_input(input: &Input) {
+    let (spec, heap_bound) = CONFIGS[usize::from(input.config) % CONFIGS.len()];
+    crate::check_thread_leak(THREADS);
+    let base_threads = crate::threads();
+    let base_heap = alloc::live().unwrap_or(0);
+    alloc::reset_peak();
+    {
+        let b = Bench::new(spec, nvme::create);
+        let strict = !input.sgl_mode;
+        if strict {
+            crate::fill_window(&b.mem, &input.window);
+        } else {
+            let mut w = input.window.clone();
+            w.truncate((RAM_END - WINDOW) as usize);
+            b.mem.write_slice(&w, GuestAddress(WINDOW)).expect("window");
+        }
+        let mut h = Host {
+            b,
+            strict,
+            model: false,
+            ready: false,
+            sqs: HashMap::new(),
+            cqs: HashMap::new(),
+            outstanding: HashMap::new(),
+            admin_status: HashMap::new(),
+            next_cid: 1,
+            shadow: false,
+        };
+        for op in input.ops.iter().take(256) {
+            h.step(op);
+        }
+        h.settle();
+        h.check_done();
+        if h.strict {
+            crate::check_canary(&h.b.mem);
+        }
+        assert!(
+            crate::threads() <= base_threads + THREADS,
+            "{} threads, {base_threads} before the controller",
+            crate::threads()
+        );
+        crate::timed("shutdown", || h.b.dev.shutdown());
+    }
+    alloc::check_peak(spec, base_heap, heap_bound);
+}
+
+fn width(w: u8) -> usize {
+    [1, 2, 4, 8][usize::from(w) % 4]
+}
+
+impl Host {
+    fn r32(&self, off: u64) -> u32 {
+        self.b.bar_read(0, off, 4) as u32
+    }
+    fn w32(&self, off: u64, v: u32) {
+        self.b.bar_write(0, off, 4, u64::from(v));
+    }
+    fn w64(&self, off: u64, v: u64) {
+        self.b.bar_write(0, off, 8, v);
+    }
+
+    /// Wait (up to CAP.TO's 2 s) for CSTS to satisfy `f`; false if CFS came instead or the
+    /// wait ran out (which `must` turns into a failure: the spec bounds it).
+    fn wait_csts(&self, what: &str, must: bool, f: impl Fn(u32) -> bool) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(2) {
+            let s = self.r32(reg::CSTS);
+            if f(s) || s & csts::CFS != 0 {
+                return f(s);
+            }
+            std::thread::yield_now();
+        }
+        assert!(!must, "{what}: CSTS stuck at {:#x}", self.r32(reg::CSTS));
+        false
+    }
+
+    fn forget_queues(&mut self) {
+        self.sqs.clear();
+        self.cqs.clear();
+        self.outstanding.clear();
+        self.ready = false;
+        self.shadow = false;
+    }
+
+    fn reset(&mut self) {
+        let cc_now = self.r32(reg::CC);
+        self.w32(reg::CC, cc_now & !cc::EN);
+        self.wait_csts("reset", true, |s| s & csts::RDY == 0);
+        self.forget_queues();
+    }
+
+    fn bring_up(&mut self) {
+        self.reset();
+        self.b.enable_msix();
+        let zero = vec![0u8; 0x1000];
+        for a in [ASQ, ACQ] {
+            self.b
+                .mem
+                .write_slice(&zero, GuestAddress(a))
+                .expect("queue");
+        }
+        let n = u32::from(QSIZE - 1);
+        self.w32(reg::AQA, n | (n << 16));
+        self.w64(reg::ASQ, ASQ);
+        self.w64(reg::ACQ, ACQ);
+        self.w32(
+            reg::CC,
+            cc::EN | (6 << cc::IOSQES_SHIFT) | (4 << cc::IOCQES_SHIFT),
+        );
+        if !self.wait_csts("enable", false, |s| s & csts::RDY != 0) {
+            return; // CFS: a fuzzed register left something the controller refuses
+        }
+        self.sqs.insert(
+            0,
+            HostSq {
+                tail: 0,
+                size: QSIZE,
+            },
+        );
+        self.cqs.insert(
+            0,
+            HostCq {
+                head: 0,
+                phase: true,
+                size: QSIZE,
+            },
+        );
+        self.model = true;
+        self.ready = true;
+    }
+
+    /// Harness-owned memory that window re-steering must leave alone.
+    fn keep(&self) -> Vec<(u64, u64)> {
+        let mut k = vec![(ASQ, 0x2000), (SHADOW, 0x2000)];
+        for q in 1..=HARNESS_QUEUES {
+            k.push((io_sq(q), 0x2000));
+        }
+        k
+    }
+
+    fn sqe_bytes(&self, c: &Cmd, cid: u16) -> [u8; 64] {
+        let mut s = [0u8; 64];
+        let cdw0 = u32::from(c.opcode) | (u32::from(c.flags) << 8) | (u32::from(cid) << 16);
+        s[0..4].copy_from_slice(&cdw0.to_le_bytes());
+        s[4..8].copy_from_slice(&c.nsid.to_le_bytes());
+        s[8..12].copy_from_slice(&c.cdw2.to_le_bytes());
+        s[12..16].copy_from_slice(&c.cdw3.to_le_bytes());
+        let (mptr, d0, d1) = if self.strict {
+            // PRP only; every pointer out of the canary.
+            (steer(c.mptr), steer(c.dptr[0]), steer(c.dptr[1]))
+        } else {
+            (c.mptr, c.dptr[0], c.dptr[1])
+        };
+        let flags = if self.strict { c.flags & 0x3f } else { c.flags };
+        s[1] = flags;
+        s[16..24].copy_from_slice(&mptr.to_le_bytes());
+        s[24..32].copy_from_slice(&d0.to_le_bytes());
+        s[32..40].copy_from_slice(&d1.to_le_bytes());
+        for (i, d) in c.cdw.iter().enumerate() {
+            s[40 + i * 4..44 + i * 4].copy_from_slice(&d.to_le_bytes());
+        }
+        s
+    }
+
+    /// Put commands on SQ `sqid` (harness-tracked) and ring once; returns their CIDs.
+    fn submit(&mut self, sqid: u16, cmds: &[Cmd]) -> Vec<u16> {
+        let mut cids = Vec::new();
+        let Some(&sq) = self.sqs.get(&sqid) else {
+            return cids;
+        };
+        if self.strict {
+            crate::resteer_window(&self.b.mem, &self.keep());
+        }
+        let base = if sqid == 0 { ASQ } else { io_sq(sqid as u8) };
+        let mut tail = sq.tail;
+        for c in cmds {
+            // Keep one slot free, and room in the CQ (the harness reaps before it fills).
+            if self.in_flight(sqid) + 2 >= usize::from(sq.size) {
+                break;
+            }
+            let cid = self.next_cid;
+            self.next_cid = self.next_cid.wrapping_add(1).max(1);
+            let bytes = self.sqe_bytes(c, cid);
+            self.b
+                .mem
+                .write_slice(&bytes, GuestAddress(base + u64::from(tail) * 64))
+                .expect("SQE");
+            tail = (tail + 1) % sq.size;
+            self.outstanding.insert((sqid, cid), c.opcode);
+            cids.push(cid);
+            if sqid == 0
+                && matches!(
+                    c.opcode,
+                    admin_op::DELETE_IO_SQ
+                        | admin_op::CREATE_IO_SQ
+                        | admin_op::DELETE_IO_CQ
+                        | admin_op::CREATE_IO_CQ
+                        | admin_op::DOORBELL_BUFFER_CONFIG
+                )
+            {
+                // Raw queue management: the harness no longer knows the queue set.
+                self.model = false;
+            }
+        }
+        self.sqs.get_mut(&sqid).expect("sq").tail = tail;
+        if self.shadow && sqid != 0 {
+            let _ = self
+                .b
+                .mem
+                .write_obj(u32::from(tail), GuestAddress(SHADOW + u64::from(sqid) * 8));
+        }
+        self.w32(reg::DOORBELL_BASE + u64::from(sqid) * 8, u32::from(tail));
+        self.reap();
+        cids
+    }
+
+    fn in_flight(&self, sqid: u16) -> usize {
+        self.outstanding.keys().filter(|(s, _)| *s == sqid).count()
+    }
+
+    /// Consume every new CQE on the harness's CQs.
+    fn reap(&mut self) {
+        let ids: Vec<u16> = self.cqs.keys().copied().collect();
+        for id in ids {
+            let base = if id == 0 { ACQ } else { io_cq(id as u8) };
+            let mut cq = self.cqs[&id];
+            let mut moved = false;
+            for _ in 0..cq.size {
+                let mut e = [0u8; 16];
+                if self
+                    .b
+                    .mem
+                    .read_slice(&mut e, GuestAddress(base + u64::from(cq.head) * 16))
+                    .is_err()
+                {
+                    break;
+                }
+                let dw2 = u32::from_le_bytes(e[8..12].try_into().expect("4"));
+                let dw3 = u32::from_le_bytes(e[12..16].try_into().expect("4"));
+                if ((dw3 >> 16) & 1 == 1) != cq.phase {
+                    break;
+                }
+                let (sqid, cid) = ((dw2 >> 16) as u16, dw3 as u16);
+                let was = self.outstanding.remove(&(sqid, cid));
+                if id == 0 {
+                    self.admin_status.insert(cid, (dw3 >> 17) as u16);
+                }
+                if self.model {
+                    assert!(
+                        !self.sqs.contains_key(&sqid) || was.is_some(),
+                        "CQ {id}: completion for SQ {sqid} CID {cid:#x} that is not outstanding \
+                         (duplicate or never submitted)"
+                    );
+                }
+                cq.head = (cq.head + 1) % cq.size;
+                if cq.head == 0 {
+                    cq.phase = !cq.phase;
+                }
+                moved = true;
+            }
+            self.cqs.insert(id, cq);
+            if moved {
+                if self.shadow && id != 0 {
+                    let _ = self.b.mem.write_obj(
+                        u32::from(cq.head),
+                        GuestAddress(SHADOW + u64::from(id) * 8 + 4),
+                    );
+                }
+                self.w32(
+                    reg::DOORBELL_BASE + u64::from(id) * 8 + 4,
+                    u32::from(cq.head),
+                );
+            }
+        }
+    }
+
+    /// Reap until nothing is outstanding but AERs, or nothing has completed for a while (the
+    /// RAM backends complete at once or on a pool thread within microseconds; a queue the
+    /// controller stopped serving makes no progress at all).
+    fn settle(&mut self) {
+        let mut last = (Instant::now(), self.outstanding.len());
+        while last.0.elapsed() < Duration::from_millis(50) {
+            self.reap();
+            if self
+                .outstanding
+                .values()
+                .all(|&op| op == admin_op::ASYNC_EVENT_REQUEST)
+            {
+                return;
+            }
+            if self.outstanding.len() != last.1 {
+                last = (Instant::now(), self.outstanding.len());
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Everything submitted on a tracked queue completed, unless the controller may have
+    /// dropped it (it failed, or Bus Master Enable is clear).
+    fn check_done(&self) {
+        if !self.model || !self.ready {
+            return;
+        }
+        let s = self.r32(reg::CSTS);
+        if s & (csts::CFS | csts::SHST_MASK) != 0 || s & csts::RDY == 0 {
+            return;
+        }
+        let missing: Vec<_> = self
+            .outstanding
+            .iter()
+            .filter(|(_, &op)| op != admin_op::ASYNC_EVENT_REQUEST)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{} submitted commands never completed: {missing:?}",
+            missing.len()
+        );
+    }
+
+    fn create_pair(&mut self, q: u8, entries: u8, vector: u8, ien: bool) {
+        let q = 1 + q % HARNESS_QUEUES;
+        if !self.ready || self.sqs.contains_key(&u16::from(q)) {
+            return;
+        }
+        let size = u16::from(entries).clamp(2, QSIZE);
+        let zero = vec![0u8; 0x2000];
+        self.b
+            .mem
+            .write_slice(&zero, GuestAddress(io_sq(q)))
+            .expect("queue");
+        let qid = u32::from(q);
+        let cq = Cmd {
+            opcode: admin_op::CREATE_IO_CQ,
+            flags: 0,
+            nsid: 0,
+            cdw2: 0,
+            cdw3: 0,
+            mptr: 0,
+            dptr: [io_cq(q), 0],
+            cdw: [
+                qid | (u32::from(size - 1) << 16),
+                1 | (u32::from(ien) << 1) | (u32::from(vector % 8) << 16),
+                0,
+                0,
+                0,
+                0,
+            ],
+        };
+        let sq = Cmd {
+            opcode: admin_op::CREATE_IO_SQ,
+            dptr: [io_sq(q), 0],
+            cdw: [
+                qid | (u32::from(size - 1) << 16),
+                1 | (qid << 16),
+                0,
+                0,
+                0,
+                0,
+            ],
+            ..cq.clone()
+        };
+        let model = self.model;
+        for c in [cq, sq] {
+            let cids = self.submit(0, std::slice::from_ref(&c));
+            self.settle();
+            self.model = model;
+            let ok = cids
+                .first()
+                .and_then(|cid| self.admin_status.get(cid))
+                .is_some_and(|&st| st == 0);
+            if !ok {
+                return;
+            }
+        }
+        self.cqs.insert(
+            u16::from(q),
+            HostCq {
+                head: 0,
+                phase: true,
+                size,
+            },
+        );
+        self.sqs.insert(u16::from(q), HostSq { tail: 0, size });
+    }
+
+    fn step(&mut self, op: &Op) {
+        match op {
+            Op::BringUp => self.bring_up(),
+            Op::CreatePair {
+                q,
+                entries,
+                vector,
+                ien,
+            } => self.create_pair(*q, *entries, *vector, *ien),
+            Op::Admin(c) => {
+                self.submit(0, std::slice::from_ref(c));
+            }
+            Op::Io { q, cmd } => {
+                self.submit(u16::from(1 + q % HARNESS_QUEUES), std::slice::from_ref(cmd));
+            }
+            Op::Burst { q, cmds } => {
+                let n = cmds.len().min(32);
+                self.submit(u16::from(1 + q % HARNESS_QUEUES), &cmds[..n]);
+            }
+            Op::Reg {
+                off,
+                width: w,
+                value,
+            } => {
+                let off = u64::from(*off) % 0x2000;
+                if matches!(off, 0x14..=0x17 | 0x24..=0x37) || off >= reg::DOORBELL_BASE {
+                    self.model = false;
+                }
+                self.b.bar_write(0, off, width(*w), *value);
+            }
+            Op::RegRead { off, width: w } => {
+                self.b.bar_read(0, u64::from(*off) % 0x2000, width(*w));
+            }
+            Op::Cfg {
+                off,
+                width: w,
+                value,
+            } => {
+                let off = *off % 0x1000;
+                self.model = false;
+                self.b.cfg_write(off, width(*w).min(4), *value);
+            }
+            Op::Msix {
+                off,
+                width: w,
+                value,
+            } => {
+                self.b
+                    .bar_write(4, u64::from(*off) % 0x1000, width(*w), *value);
+            }
+            Op::Poke { off, bytes } => {
+                let len = (RAM_END - WINDOW) as usize;
+                let off = (*off as usize) % len;
+                let mut v: Vec<u8> = bytes.iter().take(len - off).copied().collect();
+                if self.strict {
+                    // Whole words only, so every pointer-sized value gets steered.
+                    let start = off & !7;
+                    let mut w = vec![0u8; (off - start + v.len()).div_ceil(8) * 8];
+                    let _ = self
+                        .b
+                        .mem
+                        .read_slice(&mut w, GuestAddress(WINDOW + start as u64));
+                    w[off - start..off - start + v.len()].copy_from_slice(&v);
+                    crate::steer_words(&mut w);
+                    v = w;
+                    let _ = self
+                        .b
+                        .mem
+                        .write_slice(&v, GuestAddress(WINDOW + start as u64));
+                } else {
+                    let _ = self
+                        .b
+                        .mem
+                        .write_slice(&v, GuestAddress(WINDOW + off as u64));
+                }
+            }
+            Op::Dbbuf => {
+                if !self.ready {
+                    return;
+                }
+                let zero = vec![0u8; 0x2000];
+                self.b
+                    .mem
+                    .write_slice(&zero, GuestAddress(SHADOW))
+                    .expect("shadow");
+                let c = Cmd {
+                    opcode: admin_op::DOORBELL_BUFFER_CONFIG,
+                    flags: 0,
+                    nsid: 0,
+                    cdw2: 0,
+                    cdw3: 0,
+                    mptr: 0,
+                    dptr: [SHADOW, EVENTIDX],
+                    cdw: [0; 6],
+                };
+                let model = self.model;
+                let cids = self.submit(0, &[c]);
+                self.settle();
+                self.model = model;
+                self.shadow = cids
+                    .first()
+                    .and_then(|cid| self.admin_status.get(cid))
+                    .is_some_and(|&st| st == 0);
+            }
+            Op::Shadow { q, cq, value, ring } => {
+                let q = u64::from(*q % 8);
+                let slot = SHADOW + q * 8 + if *cq { 4 } else { 0 };
+                let _ = self.b.mem.write_obj(*value, GuestAddress(slot));
+                self.model = false;
+                if *ring {
+                    self.w32(reg::DOORBELL_BASE + q * 8 + if *cq { 4 } else { 0 }, *value);
+                }
+            }
+            Op::Reap => self.reap(),
+            Op::Settle => self.settle(),
+            Op::Reset => self.reset(),
+            Op::Shutdown => {
+                let c = self.r32(reg::CC);
+                let enabled = self.r32(reg::CSTS) & csts::RDY != 0;
+                self.w32(
+                    reg::CC,
+                    (c & !(cc::SHN_MASK << cc::SHN_SHIFT)) | (1 << cc::SHN_SHIFT),
+                );
+                // An enabled controller must finish its shutdown within CAP.TO.
+                if enabled && self.ready {
+                    self.wait_csts("shutdown", true, |s| {
+                        s & csts::SHST_MASK == csts::SHST_COMPLETE << csts::SHST_SHIFT
+                    });
+                }
+                self.forget_queues();
+            }
+        }
+    }
+}
