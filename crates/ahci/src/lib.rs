@@ -379,7 +379,7 @@ impl Ahci {
         caps::add_pm(&mut cfg);
         let func = PciFunction::new(cfg, Some(msi), None, Arc::clone(&ctx.irq));
         let irq = func.interrupts();
-        let pool = Arc::new(Executor::new(POOL_THREADS, "ahci-pool"));
+        let pool = Arc::new(Executor::try_new(POOL_THREADS, "ahci-pool")?);
         let shared = Arc::new_cyclic(|me| Shared {
             hba: Mutex::new(Hba::new(n)),
             ports,

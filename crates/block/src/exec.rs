@@ -54,8 +54,15 @@ impl std::fmt::Debug for Executor {
 
 impl Executor {
     /// Starts `threads` workers (at least one) named `name-0`, `name-1`, ...
-    /// Panics if the OS cannot create a thread, like `std::thread::spawn`.
+    /// Panics if the OS cannot create a thread, like `std::thread::spawn`; devices use
+    /// [`Executor::try_new`].
     pub fn new(threads: usize, name: &str) -> Executor {
+        Self::try_new(threads, name).expect("cannot spawn executor thread")
+    }
+
+    /// [`Executor::new`], failing with the OS error when a thread cannot be created (the
+    /// workers already started are stopped).
+    pub fn try_new(threads: usize, name: &str) -> std::io::Result<Executor> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -65,16 +72,19 @@ impl Executor {
             work: Condvar::new(),
             idle: Condvar::new(),
         });
-        let workers = (0..threads.max(1))
-            .map(|i| {
-                let shared = Arc::clone(&shared);
-                std::thread::Builder::new()
-                    .name(format!("{name}-{i}"))
-                    .spawn(move || worker(shared))
-                    .expect("cannot spawn executor thread")
-            })
-            .collect();
-        Executor { shared, workers }
+        let mut ex = Executor {
+            shared,
+            workers: Vec::new(),
+        };
+        for i in 0..threads.max(1) {
+            let shared = Arc::clone(&ex.shared);
+            // On error, dropping `ex` stops and joins the workers started so far.
+            let w = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || worker(shared))?;
+            ex.workers.push(w);
+        }
+        Ok(ex)
     }
 
     /// Queues `job` to run on a worker. Never blocks on the workers (the queue is unbounded).

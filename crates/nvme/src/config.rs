@@ -173,7 +173,8 @@ impl CtrlConfig {
                 .map_err(|_| o.bad_value("aio", v, "io_uring or threads"))?,
             None => EngineKind::default(),
         };
-        let iothreads = o.num("iothreads", 1, 64, false)?.unwrap_or(1) as u16;
+        // A thread per I/O queue at most: more would never serve one.
+        let iothreads = (o.num("iothreads", 1, 64, false)?.unwrap_or(1) as u16).min(maxq.max(1));
         let coalesce = match o.choice("coalesce", &["host", "adaptive", "off"])? {
             Some("adaptive") => Coalesce::Adaptive,
             Some(_) => Coalesce::Host,

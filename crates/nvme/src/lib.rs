@@ -135,7 +135,7 @@ impl NvmeController {
             shutdown_seq: 0,
         };
         let name = format!("nvme-{}", cfg.serial);
-        let pool = Arc::new(Executor::new(POOL_THREADS, &name));
+        let pool = Arc::new(Executor::try_new(POOL_THREADS, &name)?);
         let (aio, iothreads, qsz) = (cfg.aio, cfg.iothreads, cfg.qsz);
         let shared = Arc::new_cyclic(|me| Shared {
             cfg,
