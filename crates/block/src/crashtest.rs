@@ -27,6 +27,14 @@ const ENV_SEQ: &str = "RHYVE_CRASH_SEQ_BASE";
 const ENV_SEED: &str = "RHYVE_CRASH_SEED";
 /// A child stops on its own after this long (an orphan must not write forever).
 pub const CHILD_LIFETIME: Duration = Duration::from_secs(30);
+/// Test blocks in a campaign's image (16 MiB).
+pub const BLOCKS: u64 = 4096;
+/// Kills per campaign.
+pub const RUNS: usize = 100;
+/// Writes a child keeps in flight.
+pub const DEPTH: usize = 24;
+/// A child flushes after this many acknowledged writes.
+pub const FLUSH_EVERY: u64 = 40;
 
 /// The content of block `lba` as written by write number `seq` (never 0).
 pub fn pattern(lba: u64, seq: u64) -> Vec<u8> {
@@ -99,13 +107,59 @@ pub fn child_args() -> Option<ChildArgs> {
     })
 }
 
-/// The child's report to the parent, one line per event on stdout.
-#[derive(Debug, Default)]
+/// One write the child is to make.
+#[derive(Clone, Debug)]
+pub struct BlockWrite {
+    /// Block number.
+    pub lba: u64,
+    /// Write number.
+    pub seq: u64,
+    /// With Force Unit Access.
+    pub fua: bool,
+    /// The block's new content ([`pattern`]).
+    pub data: Vec<u8>,
+}
+
+/// The child's side: it picks the writes (a random block with no write in flight, one time in
+/// eight FUA) and reports to the parent, one line per event on stdout.
+#[derive(Debug)]
 pub struct Journal {
     acks: u64,
+    rng: Rng,
+    busy: Vec<bool>,
+    seq: u64,
 }
 
 impl Journal {
+    /// The journal of a child started with `a`.
+    pub fn new(a: &ChildArgs) -> Journal {
+        Journal {
+            acks: 0,
+            rng: Rng::new(a.seed),
+            busy: vec![false; BLOCKS as usize],
+            seq: a.seq_base,
+        }
+    }
+
+    /// The next write; its block has no other write in flight until it is acknowledged.
+    pub fn next_write(&mut self) -> BlockWrite {
+        let lba = loop {
+            let l = self.rng.below(BLOCKS);
+            if !self.busy[l as usize] {
+                break l;
+            }
+        };
+        self.busy[lba as usize] = true;
+        self.seq += 1;
+        let fua = self.rng.below(8) == 0;
+        BlockWrite {
+            lba,
+            seq: self.seq,
+            fua,
+            data: pattern(lba, self.seq),
+        }
+    }
+
     fn line(&self, s: &str) {
         let mut out = std::io::stdout().lock();
         // The parent reads lines as they come; a line cut short by the kill is ignored.
@@ -120,6 +174,9 @@ impl Journal {
 
     /// The device acknowledged write `seq` of block `lba` (`fua`: with Force Unit Access).
     pub fn acked(&mut self, seq: u64, lba: u64, fua: bool) {
+        if let Some(b) = self.busy.get_mut(lba as usize) {
+            *b = false;
+        }
         self.acks += 1;
         self.line(&format!("{} {seq} {lba}", if fua { "F" } else { "A" }));
     }
@@ -197,10 +254,20 @@ impl fmt::Display for Report {
     }
 }
 
-/// The whole parent side of a device's crash test: a fresh image of `blocks` blocks, `runs`
-/// kills of test `test`'s child, and the verdict (no durable write lost, no corrupt block),
-/// printed with `device`'s name.
-pub fn assert_durable(device: &str, test: &str, blocks: u64, runs: usize, seed: u64) {
+/// A device's crash test: in the child (see [`child_args`]) run `child`, else the campaign
+/// with [`assert_durable`].
+pub fn child_or_campaign(device: &str, test: &str, seed: u64, child: fn(ChildArgs)) {
+    match child_args() {
+        Some(a) => child(a),
+        None => assert_durable(device, test, seed),
+    }
+}
+
+/// The whole parent side of a device's crash test: a fresh image of [`BLOCKS`] blocks,
+/// [`RUNS`] kills of test `test`'s child, and the verdict (no durable write lost, no corrupt
+/// block), printed with `device`'s name.
+pub fn assert_durable(device: &str, test: &str, seed: u64) {
+    let (blocks, runs) = (BLOCKS, RUNS);
     let image = std::env::temp_dir().join(format!(
         "rhyve-crash-{}-{}.img",
         device.to_lowercase(),

@@ -1,12 +1,23 @@
+//! Time the harnesses over a corpus: `cargo run --release -p fuzzing --example timing -- TARGET DIR`.
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let run: fn(&[u8]) = match args[1].as_str() {
+        "nvme" => fuzzing::nvme::run,
+        "ahci" => fuzzing::ahci::run,
+        "pci_config" => fuzzing::pci_config::run,
+        _ => fuzzing::uml_msg::run,
+    };
+    let files: Vec<_> = std::fs::read_dir(&args[2])
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
     let t = std::time::Instant::now();
-    for i in 0..50u8 {
-        fuzzing::nvme::run(&[i, 0, 0, 0, 0]);
+    for f in &files {
+        run(f);
     }
-    println!("nvme: {:?} per run", t.elapsed() / 50);
-    let t = std::time::Instant::now();
-    for i in 0..50u8 {
-        fuzzing::ahci::run(&[i, 0, 0, 0, 0]);
-    }
-    println!("ahci: {:?} per run", t.elapsed() / 50);
+    println!(
+        "{} inputs, {:?} per input",
+        files.len(),
+        t.elapsed() / files.len() as u32
+    );
 }

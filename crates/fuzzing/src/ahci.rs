@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use ahci::regs::{ghc, hba, port as preg, pxcmd, pxis};
-use arbitrary::{Arbitrary, Unstructured};
+use arbitrary::Arbitrary;
 use block::BlockBackend;
 use pci::{DeviceContext, GuestMem, PciDevice};
 use std::sync::Arc;
@@ -93,10 +93,7 @@ pub struct Input {
 
 /// Run one input from raw fuzzer bytes.
 pub fn run(data: &[u8]) {
-    let mut u = Unstructured::new(data);
-    if let Ok(input) = Input::arbitrary(&mut u) {
-        run_input(&input);
-    }
+    crate::run_with(data, run_input);
 }
 
 struct Host {

@@ -173,6 +173,10 @@ impl InterruptSink for Recorder {
     }
 }
 
+/// A device constructor as the registry holds them (`nvme::create`, `ahci::create`).
+pub type MakeDevice =
+    fn(&::pci::SlotSpec, &DeviceContext) -> Result<Box<dyn PciDevice>, ::pci::ConfigError>;
+
 /// A device built the way the frontends build it, over harness memory.
 pub struct Bench {
     /// The device.
@@ -185,13 +189,7 @@ pub struct Bench {
 
 impl Bench {
     /// Build device `spec` (bhyve `-s` syntax) with `make`.
-    pub fn new(
-        spec: &str,
-        make: fn(
-            &::pci::SlotSpec,
-            &DeviceContext,
-        ) -> Result<Box<dyn PciDevice>, ::pci::ConfigError>,
-    ) -> Bench {
+    pub fn new(spec: &str, make: MakeDevice) -> Bench {
         let mem = guest_memory();
         let irq = Arc::new(Recorder::default());
         let ctx = DeviceContext {
@@ -264,6 +262,13 @@ impl Bench {
         }
         self.cfg_write(cap + 2, 2, 1 << 15);
         true
+    }
+}
+
+/// Decode fuzzer bytes as `I` and run it (inputs that do not decode are skipped).
+pub fn run_with<'a, I: arbitrary::Arbitrary<'a>>(data: &'a [u8], run: impl FnOnce(&I)) {
+    if let Ok(input) = I::arbitrary(&mut arbitrary::Unstructured::new(data)) {
+        run(&input);
     }
 }
 

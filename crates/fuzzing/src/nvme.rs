@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use arbitrary::{Arbitrary, Unstructured};
+use arbitrary::Arbitrary;
 use nvme::spec::{admin_op, cc, csts, reg};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -123,10 +123,7 @@ pub struct Input {
 
 /// Run one input from raw fuzzer bytes.
 pub fn run(data: &[u8]) {
-    let mut u = Unstructured::new(data);
-    if let Ok(input) = Input::arbitrary(&mut u) {
-        run_input(&input);
-    }
+    crate::run_with(data, run_input);
 }
 
 #[derive(Clone, Copy, Default)]
@@ -439,8 +436,12 @@ impl Host {
     /// RAM backends complete at once or on a pool thread within microseconds; a queue the
     /// controller stopped serving makes no progress at all).
     fn settle(&mut self) {
+        self.settle_for(Duration::from_millis(1));
+    }
+
+    fn settle_for(&mut self, quiet: Duration) {
         let mut last = (Instant::now(), self.outstanding.len());
-        while last.0.elapsed() < Duration::from_millis(50) {
+        while last.0.elapsed() < quiet {
             self.reap();
             if self
                 .outstanding
@@ -452,15 +453,23 @@ impl Host {
             if self.outstanding.len() != last.1 {
                 last = (Instant::now(), self.outstanding.len());
             }
-            std::thread::sleep(Duration::from_micros(100));
+            std::thread::yield_now();
         }
     }
 
     /// Everything submitted on a tracked queue completed, unless the controller may have
     /// dropped it (it failed, or Bus Master Enable is clear).
-    fn check_done(&self) {
+    fn check_done(&mut self) {
         if !self.model || !self.ready {
             return;
+        }
+        if self
+            .outstanding
+            .values()
+            .any(|&op| op != admin_op::ASYNC_EVENT_REQUEST)
+        {
+            // Give a descheduled worker every chance before calling it lost.
+            self.settle_for(Duration::from_secs(1));
         }
         let s = self.r32(reg::CSTS);
         if s & (csts::CFS | csts::SHST_MASK) != 0 || s & csts::RDY == 0 {

@@ -13,7 +13,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use arbitrary::{Arbitrary, Unstructured};
+use arbitrary::Arbitrary;
 use pci::config::{BarKind, ConfigSpace};
 use pci::function::InterruptMode;
 use pci::{caps, InterruptSink, MsiMessage, PciFunction};
@@ -55,10 +55,7 @@ pub struct Input {
 
 /// Run one input from raw fuzzer bytes.
 pub fn run(data: &[u8]) {
-    let mut u = Unstructured::new(data);
-    if let Ok(input) = Input::arbitrary(&mut u) {
-        run_input(&input);
-    }
+    crate::run_with(data, run_input);
 }
 
 #[derive(Default)]
@@ -150,8 +147,8 @@ impl H {
             && !self.msix_fmask()
             && self.bme()
         {
-            for v in 0..self.n {
-                if before[v] && !self.entry(v).1 {
+            for (v, &was) in before.iter().enumerate() {
+                if was && !self.entry(v).1 {
                     expect.push(self.entry(v).0);
                     self.pending[v] = false;
                 }

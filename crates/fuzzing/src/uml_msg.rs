@@ -8,7 +8,7 @@
 
 use std::sync::Mutex;
 
-use arbitrary::{Arbitrary, Unstructured};
+use arbitrary::Arbitrary;
 use pci::{BarInfo, BarKind, PciDevice};
 use uml::msg;
 
@@ -34,10 +34,7 @@ pub struct Input {
 
 /// Run one input from raw fuzzer bytes.
 pub fn run(data: &[u8]) {
-    let mut u = Unstructured::new(data);
-    if let Ok(input) = Input::arbitrary(&mut u) {
-        run_input(&input);
-    }
+    crate::run_with(data, run_input);
 }
 
 /// Records accesses and checks their bounds.

@@ -6,30 +6,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use block::crashtest::{self, Journal, Rng, BLOCK};
+use block::crashtest::{self, Journal, BLOCK, DEPTH, FLUSH_EVERY};
 use common::*;
-
-/// Test blocks in the image (16 MiB).
-const BLOCKS: u64 = 4096;
-/// Kills.
-const RUNS: usize = 100;
-/// Commands in flight.
-const DEPTH: usize = 24;
-/// A Flush after this many acknowledged writes.
-const FLUSH_EVERY: u64 = 40;
 
 #[test]
 fn flushed_and_fua_writes_survive_sigkill() {
-    if let Some(a) = crashtest::child_args() {
-        child(a);
-        return;
-    }
-    crashtest::assert_durable(
+    crashtest::child_or_campaign(
         "NVMe",
         "flushed_and_fua_writes_survive_sigkill",
-        BLOCKS,
-        RUNS,
         0x6e76_6d65,
+        child,
     );
 }
 
@@ -51,12 +37,10 @@ enum Job {
 /// then, each acknowledgement reported, until killed.
 fn child(a: crashtest::ChildArgs) {
     let mut d = TestDriver::ready(&format!("4,nvme,{}", a.image.display()));
-    let mut rng = Rng::new(a.seed);
-    let mut journal = Journal::default();
+    let mut journal = Journal::new(&a);
     let mut free: Vec<u64> = (0..DEPTH).map(|_| d.alloc(BLOCK as u64)).collect();
     let mut jobs: std::collections::HashMap<u16, Job> = Default::default();
-    let mut busy = vec![false; BLOCKS as usize];
-    let (mut seq, mut since_flush, mut flushing) = (a.seq_base, 0u64, false);
+    let (mut since_flush, mut flushing) = (0u64, false);
     journal.ready();
     let t0 = Instant::now();
     while t0.elapsed() < crashtest::CHILD_LIFETIME {
@@ -69,21 +53,18 @@ fn child(a: crashtest::ChildArgs) {
                 continue;
             }
             let Some(buf) = free.pop() else { break };
-            let lba = loop {
-                let l = rng.below(BLOCKS);
-                if !busy[l as usize] {
-                    break l;
-                }
-            };
-            seq += 1;
-            let fua = rng.below(8) == 0;
-            d.write_mem(buf, &crashtest::pattern(lba, seq));
+            let crashtest::BlockWrite {
+                lba,
+                seq,
+                fua,
+                data,
+            } = journal.next_write();
+            d.write_mem(buf, &data);
             let mut s = TestDriver::rw(0x01, 1, lba * 8, 8, buf, 0);
             if fua {
                 s.cdw12 |= 1 << 30;
             }
             let cid = d.submit(1, s);
-            busy[lba as usize] = true;
             jobs.insert(cid, Job::Write { seq, lba, fua, buf });
         }
         let Some(c) = d.poll_cq(1, Duration::from_secs(10)) else {
@@ -96,7 +77,6 @@ fn child(a: crashtest::ChildArgs) {
         {
             Job::Write { seq, lba, fua, buf } => {
                 journal.acked(seq, lba, fua);
-                busy[lba as usize] = false;
                 free.push(buf);
                 since_flush += 1;
             }

@@ -35,6 +35,19 @@ fn write_u32(d: &TestDriver, addr: u64, v: u32) {
     d.mem.memory().write_obj(v, GuestAddress(addr)).unwrap();
 }
 
+/// Resident memory of this process, KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap()
+}
+
 fn threads() -> usize {
     std::fs::read_to_string("/proc/self/status")
         .unwrap()
@@ -140,11 +153,7 @@ impl pci::PciDevice for ArcDevice {
 /// behind a 1024-entry SQ has at most one command executed until the host consumes it.
 #[test]
 fn a_full_cq_stops_fetching() {
-    let backend = TestBackend::new(1 << 20, 512);
-    let mut d = TestDriver::with_backends(
-        "4,nvme,ram=1,qsz=1024",
-        vec![backend.clone() as Arc<dyn block::BlockBackend>],
-    );
+    let (mut d, backend) = TestDriver::on("4,nvme,ram=1,qsz=1024", 1 << 20);
     d.bring_up();
     d.auto_ring = false;
     d.create_pair_sized(2, 2, 1024);
@@ -173,11 +182,7 @@ fn a_full_cq_stops_fetching() {
 /// 40 refills of 63 reads, at most 63 are accepted while the backend stalls.
 #[test]
 fn a_stalled_backend_holds_at_most_the_cq() {
-    let backend = TestBackend::new(1 << 20, 512);
-    let mut d = TestDriver::with_backends(
-        "4,nvme,ram=1",
-        vec![backend.clone() as Arc<dyn block::BlockBackend>],
-    );
+    let (mut d, backend) = TestDriver::on("4,nvme,ram=1", 1 << 20);
     d.bring_up(); // pair 1: 64/64
     d.auto_ring = false;
     backend.hold();
@@ -208,11 +213,7 @@ fn a_stalled_backend_holds_at_most_the_cq() {
 /// job at a time, and SHST belongs to the latest request.
 #[test]
 fn shutdown_storm_spawns_no_threads_and_shst_follows_the_latest() {
-    let backend = TestBackend::new(1 << 20, 512);
-    let mut d = TestDriver::with_backends(
-        "4,nvme,ram=1",
-        vec![backend.clone() as Arc<dyn block::BlockBackend>],
-    );
+    let (mut d, backend) = TestDriver::on("4,nvme,ram=1", 1 << 20);
     d.bring_up();
     let base = threads();
     let cc = d.reg(0x14);
@@ -238,11 +239,7 @@ fn shutdown_storm_spawns_no_threads_and_shst_follows_the_latest() {
 /// commands. Nothing is fetched once CFS is set, until reset.
 #[test]
 fn nothing_is_fetched_after_controller_fatal_status() {
-    let backend = TestBackend::new(1 << 20, 512);
-    let mut d = TestDriver::with_backends(
-        "4,nvme,ram=1",
-        vec![backend.clone() as Arc<dyn block::BlockBackend>],
-    );
+    let (mut d, backend) = TestDriver::on("4,nvme,ram=1", 1 << 20);
     d.bring_up();
     let (db, _) = configure_shadow(&mut d);
     backend.hold();
@@ -292,11 +289,7 @@ fn nothing_is_fetched_after_controller_fatal_status() {
 /// again resumes.
 #[test]
 fn bus_master_enable_fences_dma_and_interrupts() {
-    let backend = TestBackend::new(1 << 20, 512);
-    let mut d = TestDriver::with_backends(
-        "4,nvme,ram=1",
-        vec![backend.clone() as Arc<dyn block::BlockBackend>],
-    );
+    let (mut d, backend) = TestDriver::on("4,nvme,ram=1", 1 << 20);
     d.bring_up();
     d.write_blocks(1, 1, 0, 512, &data(512, 7));
     let irqs = d.irq.count(msix_data(1));
@@ -344,11 +337,7 @@ fn bus_master_enable_fences_dma_and_interrupts() {
 /// Write Fault until the controller is reset, and SMART counts a media error.
 #[test]
 fn a_failed_flush_is_reported_until_reset() {
-    let backend = TestBackend::new(1 << 20, 512);
-    let mut d = TestDriver::with_backends(
-        "4,nvme,ram=1",
-        vec![backend.clone() as Arc<dyn block::BlockBackend>],
-    );
+    let (mut d, backend) = TestDriver::on("4,nvme,ram=1", 1 << 20);
     d.bring_up();
     let media = |d: &mut TestDriver| {
         let (c, log) = d.get_log(0x02, 0, 512, 0, false);
@@ -671,29 +660,14 @@ impl block::BlockBackend for FdBackend {
 /// and threads after a storm of hostile commands on every queue.
 #[test]
 fn host_memory_and_threads_stay_bounded() {
-    let backend = TestBackend::new(1 << 20, 512);
-    let mut d = TestDriver::with_backends(
-        "4,nvme,ram=1,maxq=4,qsz=256",
-        vec![backend.clone() as Arc<dyn block::BlockBackend>],
-    );
+    let (mut d, backend) = TestDriver::on("4,nvme,ram=1,maxq=4,qsz=256", 1 << 20);
     d.bring_up();
     for q in 2..=4 {
         d.create_pair_sized(q, 4, 256);
     }
     let base_threads = threads();
-    let rss = || {
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .unwrap()
-            .trim()
-            .trim_end_matches(" kB")
-            .parse::<u64>()
-            .unwrap()
-    };
     backend.hold();
-    let before = rss();
+    let before = rss_kib();
     let b = d.alloc(4096);
     for _ in 0..50 {
         for q in 1..=4 {
@@ -714,7 +688,7 @@ fn host_memory_and_threads_stay_bounded() {
         }
     }
     std::thread::sleep(Duration::from_millis(100));
-    let grown = rss().saturating_sub(before);
+    let grown = rss_kib().saturating_sub(before);
     assert!(grown < 8 << 10, "RSS grew {grown} KiB");
     assert!(
         threads() <= base_threads,
@@ -733,11 +707,7 @@ fn host_memory_and_threads_stay_bounded() {
 #[test]
 fn sgl_bit_buckets_respect_the_iovec_limit() {
     const LEN: u64 = 32 << 20;
-    let backend = TestBackend::new(LEN, 512);
-    let mut d = TestDriver::with_backends(
-        "4,nvme,ram=32,mdts=0",
-        vec![backend.clone() as Arc<dyn block::BlockBackend>],
-    );
+    let (mut d, backend) = TestDriver::on("4,nvme,ram=32,mdts=0", LEN);
     d.bring_up();
     // The disk's last page holds a pattern; everything before it goes to the bit bucket.
     let tail = data(4096, 9);
@@ -773,11 +743,7 @@ fn sgl_bit_buckets_respect_the_iovec_limit() {
 /// complete: every command still completes, exactly once.
 #[test]
 fn commands_in_flight_are_capped_and_fetching_resumes() {
-    let backend = TestBackend::new(1 << 20, 512);
-    let mut d = TestDriver::with_backends(
-        "4,nvme,ram=1,maxq=8,qsz=1024",
-        vec![backend.clone() as Arc<dyn block::BlockBackend>],
-    );
+    let (mut d, backend) = TestDriver::on("4,nvme,ram=1,maxq=8,qsz=1024", 1 << 20);
     d.bring_up();
     for q in 2..=8 {
         d.create_pair(q, 1024);
@@ -840,26 +806,11 @@ fn commands_in_flight_are_capped_and_fetching_resumes() {
 /// and worker scratch), and no thread is added.
 #[test]
 fn worst_guest_stays_within_the_documented_bounds() {
-    let backend = TestBackend::new(1 << 20, 512);
-    let mut d = TestDriver::with_backends(
-        "4,nvme,ram=1,maxq=64,qsz=512",
-        vec![backend.clone() as Arc<dyn block::BlockBackend>],
-    );
+    let (mut d, backend) = TestDriver::on("4,nvme,ram=1,maxq=64,qsz=512", 1 << 20);
     d.bring_up();
     for q in 2..=64 {
         d.create_pair(q, 512);
     }
-    let rss = || {
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .unwrap()
-            .trim()
-            .trim_end_matches(" kB")
-            .parse::<u64>()
-            .unwrap()
-    };
     // 128 pages, every other one: no two segments merge.
     let bufs = d.alloc(256 * 4096);
     let list = d.alloc(4096);
@@ -869,7 +820,7 @@ fn worst_guest_stays_within_the_documented_bounds() {
     d.write_mem(list, &entries);
     backend.hold();
     d.auto_ring = false;
-    let (base_threads, before) = (threads(), rss());
+    let (base_threads, before) = (threads(), rss_kib());
     for q in 2..=64u16 {
         for _ in 0..511 {
             d.submit_at(q, TestDriver::rw(0x02, 1, 0, 1024, bufs, list));
@@ -879,7 +830,7 @@ fn worst_guest_stays_within_the_documented_bounds() {
     }
     backend.wait_parked(1);
     std::thread::sleep(Duration::from_millis(100));
-    let grown_kib = rss().saturating_sub(before);
+    let grown_kib = rss_kib().saturating_sub(before);
     let bound_kib = 4096 * 17 / 2 + 63 * 511 * 3 / 10 + 10 * 1024;
     assert!(
         grown_kib <= bound_kib,

@@ -4,33 +4,22 @@
 
 use std::time::Instant;
 
-use block::crashtest::{self, Journal, Rng, BLOCK};
+use block::crashtest::{self, Journal, BLOCK, FLUSH_EVERY};
 
 use crate::ata::cmd;
 use crate::regs::{hba, port as preg, pxis};
 use crate::testdrv::{Cmd, Driver, BUF};
 
-/// Test blocks in the image (16 MiB).
-const BLOCKS: u64 = 4096;
-/// Kills.
-const RUNS: usize = 100;
 /// NCQ tags in use.
-const DEPTH: u8 = 24;
-/// A flush after this many acknowledged writes.
-const FLUSH_EVERY: u64 = 40;
+const DEPTH: u8 = crashtest::DEPTH as u8;
 
 #[test]
 fn flushed_and_fua_writes_survive_sigkill() {
-    if let Some(a) = crashtest::child_args() {
-        child(a);
-        return;
-    }
-    crashtest::assert_durable(
+    crashtest::child_or_campaign(
         "AHCI",
         "tests::crash::flushed_and_fua_writes_survive_sigkill",
-        BLOCKS,
-        RUNS,
         0x6168_6369,
+        child,
     );
 }
 
@@ -41,17 +30,15 @@ fn child(a: crashtest::ChildArgs) {
     let mut d = Driver::from_spec(&format!("5,ahci-hd,{}", a.image.display()))
         .unwrap()
         .start();
-    let mut rng = Rng::new(a.seed);
-    let mut journal = Journal::default();
+    let mut journal = Journal::new(&a);
     let mut tags: [Option<(u64, u64, bool)>; 32] = [None; 32];
-    let mut busy = vec![false; BLOCKS as usize];
-    let (mut seq, mut since_flush) = (a.seq_base, 0u64);
+    let mut since_flush = 0u64;
     journal.ready();
     let t0 = Instant::now();
     while t0.elapsed() < crashtest::CHILD_LIFETIME {
         if since_flush >= FLUSH_EVERY {
             while tags.iter().any(Option::is_some) {
-                reap(&mut d, &mut tags, &mut busy, &mut journal);
+                reap(&mut d, &mut tags, &mut journal);
             }
             let covers = journal.acks();
             let done = d.exec(0, 0, &Cmd::ata(cmd::FLUSH_CACHE_EXT));
@@ -64,16 +51,14 @@ fn child(a: crashtest::ChildArgs) {
             if tags[usize::from(tag)].is_some() {
                 continue;
             }
-            let lba = loop {
-                let l = rng.below(BLOCKS);
-                if !busy[l as usize] {
-                    break l;
-                }
-            };
-            seq += 1;
-            let fua = rng.below(8) == 0;
+            let crashtest::BlockWrite {
+                lba,
+                seq,
+                fua,
+                data,
+            } = journal.next_write();
             let buf = BUF + u64::from(tag) * BLOCK as u64;
-            d.write_mem(buf, &crashtest::pattern(lba, seq));
+            d.write_mem(buf, &data);
             let mut c = Cmd::fpdma(cmd::WRITE_FPDMA, tag, lba * 8, 8)
                 .write()
                 .buf(buf, BLOCK as u64);
@@ -82,25 +67,19 @@ fn child(a: crashtest::ChildArgs) {
             }
             d.build(0, tag, &c);
             tags[usize::from(tag)] = Some((seq, lba, fua));
-            busy[lba as usize] = true;
             issue |= 1 << tag;
         }
         if issue != 0 {
             d.pw(0, preg::SACT, issue);
             d.pw(0, preg::CI, issue);
         }
-        since_flush += reap(&mut d, &mut tags, &mut busy, &mut journal);
+        since_flush += reap(&mut d, &mut tags, &mut journal);
     }
     std::process::exit(0);
 }
 
 /// Report the writes that completed since the last look; returns how many.
-fn reap(
-    d: &mut Driver,
-    tags: &mut [Option<(u64, u64, bool)>; 32],
-    busy: &mut [bool],
-    journal: &mut Journal,
-) -> u64 {
+fn reap(d: &mut Driver, tags: &mut [Option<(u64, u64, bool)>; 32], journal: &mut Journal) -> u64 {
     let is = d.pr(0, preg::IS);
     assert_eq!(is & pxis::TFES, 0, "a write failed: PxIS {is:#x}");
     d.pw(0, preg::IS, is);
@@ -113,7 +92,6 @@ fn reap(
         }
         if let Some((seq, lba, fua)) = t.take() {
             journal.acked(seq, lba, fua);
-            busy[lba as usize] = false;
             n += 1;
         }
     }

@@ -449,6 +449,14 @@ impl TestDriver {
         }
     }
 
+    /// A controller from `spec` whose one namespace is a fresh [`TestBackend`] of `bytes`
+    /// (512-byte sectors), not brought up yet.
+    pub fn on(spec: &str, bytes: u64) -> (Self, Arc<TestBackend>) {
+        let backend = TestBackend::new(bytes, 512);
+        let d = Self::with_backends(spec, vec![backend.clone() as Arc<dyn BlockBackend>]);
+        (d, backend)
+    }
+
     /// The usual bring-up: MSI-X on, controller enabled, I/O queue pair 1 (64 entries) created.
     pub fn ready(spec: &str) -> Self {
         let mut d = Self::from_spec(spec);
