@@ -228,6 +228,15 @@ fn start_device(env: &Env, t: &Target, run: &Path, a: &Args) -> Result<(Child, S
     }
 }
 
+/// How the guest names host path `p`: the guest's /tmp is its own, and the host's /tmp is at
+/// `$RHYVE_HOST_TMP` (guest/README.md); everything else is the same path.
+fn guest_path(p: &Path) -> String {
+    match p.strip_prefix("/tmp") {
+        Ok(rest) => format!("\"$RHYVE_HOST_TMP/{}\"", rest.display()),
+        Err(_) => format!("\"{}\"", p.display()),
+    }
+}
+
 fn run_one(env: &Env, a: &Args, t: &Target, w: &Workload, rep: usize) -> Result<Sample> {
     let run = env.work.join(format!("{}-{}-{rep}", t.name, w.name));
     let _ = std::fs::remove_dir_all(&run);
@@ -244,7 +253,7 @@ fn run_one(env: &Env, a: &Args, t: &Target, w: &Workload, rep: usize) -> Result<
              --iodepth={qd} --size={size} --time_based --runtime={secs} {extra} \
              --output-format=json --output=$O/fio.json\n\
              touch $O/end\ncat /proc/interrupts > $O/irq1\n",
-            o = out.display(),
+            o = guest_path(&out),
             dev = t.dev,
             rw = w.fio_rw,
             bs = w.bs,
@@ -365,7 +374,7 @@ pub fn main(mut a: Args) -> Result<()> {
         .filter(|w| a.only.is_empty() || a.only.iter().any(|n| n == w.name))
         .collect();
     std::fs::create_dir_all(&a.out)?;
-    // Not under /tmp: the guest has a private /tmp, and writes its results through hostfs.
+    // The guest writes its results here through hostfs (see `guest_path`).
     let work = std::env::current_dir()?
         .join("target")
         .join(format!("rhyve-umlbench-{}", std::process::id()));
