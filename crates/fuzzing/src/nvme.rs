@@ -633,11 +633,25 @@ impl Host {
                 if !self.ready {
                     return;
                 }
+                // As a driver does: the shadow slots start out with the doorbell values the
+                // controller already has (zero for queues not created yet).
                 let zero = vec![0u8; 0x2000];
                 self.b
                     .mem
                     .write_slice(&zero, GuestAddress(SHADOW))
                     .expect("shadow");
+                for (&q, sq) in &self.sqs {
+                    let _ = self
+                        .b
+                        .mem
+                        .write_obj(u32::from(sq.tail), GuestAddress(SHADOW + u64::from(q) * 8));
+                }
+                for (&q, cq) in &self.cqs {
+                    let _ = self.b.mem.write_obj(
+                        u32::from(cq.head),
+                        GuestAddress(SHADOW + u64::from(q) * 8 + 4),
+                    );
+                }
                 let c = Cmd {
                     opcode: admin_op::DOORBELL_BUFFER_CONFIG,
                     flags: 0,
