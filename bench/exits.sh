@@ -25,7 +25,13 @@ GUEST
     target/release/rhyve uml --socket-dir "$tmp/s-$name" --stats -s "${spec//IMG/$tmp/$name.img}" \
         >"$tmp/$name.ready" 2>"$tmp/$name.stats" &
     local pid=$!
-    for _ in $(seq 100); do grep -q '^virtio_uml' "$tmp/$name.ready" 2>/dev/null && break; sleep 0.1; done
+    local i
+    for i in $(seq 100); do grep -q '^virtio_uml' "$tmp/$name.ready" 2>/dev/null && break; sleep 0.1; done
+    if ! grep -q '^virtio_uml' "$tmp/$name.ready" 2>/dev/null; then
+        echo "exits: rhyve did not get ready for $name in 10 s" >&2
+        kill "$pid" 2>/dev/null || true
+        exit 1
+    fi
     local sock
     sock=$(sed -n 's/^virtio_uml.device=\(.*\):[0-9]*$/\1/p' "$tmp/$name.ready")
     bash guest/run-uml.sh --kernel "$kernel" --initrd "$tmp/initrd.gz" --script "$tmp/$name.sh" \
@@ -34,16 +40,18 @@ GUEST
     local iops stats
     iops=$(tr -d '\r' <"$tmp/$name.console" | grep -E '^[0-9]+;[0-9]+$' | tail -1 | awk -F';' '{print $1+$2}')
     stats=$(tail -1 "$tmp/$name.stats")
-    python3 - "$name" "$iops" "$stats" <<'PY'
+    python3 - "$name" "$iops" "$stats" "$tmp" <<'PY'
 import sys
-name, iops, stats = sys.argv[1], int(sys.argv[2] or 0), sys.argv[3]
+name, iops, stats, tmp = sys.argv[1], int(sys.argv[2] or 0), sys.argv[3], sys.argv[4]
 kv = dict(x.split('=') for x in stats.split(': ', 1)[1].split() if '=' in x)
 g = lambda k: int(kv.get(k, 0))
 ios = g('read_commands') + g('write_commands') or g('commands')
+if ios == 0:
+    sys.exit(f"exits: {name}: no I/O was counted (stats line: {stats!r})")
 r, w, m = g('uml_mmio_reads'), g('uml_mmio_writes'), g('msi_sent')
 print(f"{name:14} {ios:8d} I/Os  {r/ios:6.3f} MMIO reads  {w/ios:6.3f} MMIO writes  "
       f"{m/ios:6.3f} MSIs  {(r+w+m)/ios:6.3f} exits+irqs per I/O  {iops:7d} IOPS")
-open(f"/dev/shm/{name}.exits", "w").write(f"{(r+w+m)/ios}")
+open(f"{tmp}/{name}.exits", "w").write(f"{(r+w+m)/ios}")
 PY
 }
 
@@ -51,9 +59,9 @@ echo "fio randrw 4k iodepth 32, ${mib} MiB, release build, real Linux drivers in
 run nvme /dev/nvme0n1 "4,nvme,IMG"
 run nvme-nodbbuf /dev/nvme0n1 "4,nvme,IMG,dbbuf=off"
 run ahci /dev/sda "5,ahci-hd,IMG"
-python3 - <<'PY'
-r = {n: float(open(f"/dev/shm/{n}.exits").read()) for n in ("nvme", "nvme-nodbbuf", "ahci")}
+python3 - "$tmp" <<'PY'
+import sys
+r = {n: float(open(f"{sys.argv[1]}/{n}.exits").read()) for n in ("nvme", "nvme-nodbbuf", "ahci")}
 print(f"ratio nvme(shadow doorbells) / nvme(MMIO doorbells): {r['nvme'] / r['nvme-nodbbuf']:.2f}")
 print(f"ratio nvme(shadow doorbells) / ahci:                {r['nvme'] / r['ahci']:.2f}")
 PY
-rm -f /dev/shm/nvme.exits /dev/shm/nvme-nodbbuf.exits /dev/shm/ahci.exits

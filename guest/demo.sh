@@ -24,6 +24,11 @@ GUEST
 target/release/rhyve uml --socket-dir "$tmp/sock" --stats -s "4,nvme,$img,ser=RHYVE0001" >"$tmp/ready" &
 rh=$!
 for _ in $(seq 100); do grep -q '^virtio_uml' "$tmp/ready" 2>/dev/null && break; sleep 0.1; done
+if ! grep -q '^virtio_uml' "$tmp/ready" 2>/dev/null; then
+    echo "demo: rhyve did not get ready in 10 s" >&2
+    kill "$rh" 2>/dev/null || true
+    exit 1
+fi
 sock=$(sed -n 's/^virtio_uml.device=\(.*\):[0-9]*$/\1/p' "$tmp/ready")
 bash guest/run-uml.sh --kernel "$kernel" --initrd "$tmp/initrd.gz" --script "$tmp/demo-guest.sh" \
     --device "$sock" --timeout 300 | grep -vE '^(\[|run-uml:)' | sed -n '/^== nvme list/,$p'
