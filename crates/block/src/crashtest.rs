@@ -9,13 +9,21 @@
 //!
 //! Blocks name their own LBA and write number, and carry a pattern derived from both, so a
 //! block is either empty, exactly one write, or corrupt.
+//!
+//! Killing a process keeps what it wrote to the page cache, so on a plain image file a kill only
+//! shows that nothing is acknowledged before it reaches the kernel. The second mode puts a
+//! [`VolatileCache`] in front of the file: writes stay in the child's memory until a flush, so
+//! the kill is a power cut, and a Flush or FUA that does not reach the backend loses data.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
+
+use crate::BlockBackend;
 use std::time::{Duration, Instant};
 
 /// Size of one test block.
@@ -25,6 +33,7 @@ const MAGIC: &[u8; 8] = b"RHYVECRS";
 const ENV_IMAGE: &str = "RHYVE_CRASH_IMAGE";
 const ENV_SEQ: &str = "RHYVE_CRASH_SEQ_BASE";
 const ENV_SEED: &str = "RHYVE_CRASH_SEED";
+const ENV_CACHE: &str = "RHYVE_CRASH_CACHE";
 /// A child stops on its own after this long (an orphan must not write forever).
 pub const CHILD_LIFETIME: Duration = Duration::from_secs(30);
 /// Test blocks in a campaign's image (16 MiB).
@@ -89,6 +98,151 @@ pub struct ChildArgs {
     pub seq_base: u64,
     /// Seed for the child's choices.
     pub seed: u64,
+    /// Put a [`VolatileCache`] in front of the image (power-cut mode).
+    pub cache: bool,
+}
+
+impl ChildArgs {
+    /// The child's disk: the image file, or the image behind a volatile cache.
+    pub fn backend(&self) -> Arc<dyn BlockBackend> {
+        if self.cache {
+            Arc::new(VolatileCache::open(&self.image).expect("open the image"))
+        } else {
+            Arc::new(
+                crate::RawFile::open(&self.image, &crate::RawFileOptions::default())
+                    .expect("open the image"),
+            )
+        }
+    }
+}
+
+/// A disk with a volatile write cache in front of an image file: writes stay in this process's
+/// memory until a flush writes them out and syncs the file. Killing the process loses what no
+/// flush covered, as a power cut loses a drive's cache.
+pub struct VolatileCache {
+    file: std::fs::File,
+    capacity: u64,
+    /// Dirty 512-byte sectors.
+    dirty: Mutex<BTreeMap<u64, Box<[u8; SECTOR]>>>,
+}
+
+const SECTOR: usize = 512;
+
+impl VolatileCache {
+    /// Cache in front of `path`.
+    pub fn open(path: &Path) -> std::io::Result<VolatileCache> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let capacity = file.metadata()?.len() / SECTOR as u64 * SECTOR as u64;
+        Ok(VolatileCache {
+            file,
+            capacity,
+            dirty: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn check(&self, offset: u64, len: u64) -> crate::Result<()> {
+        let end = offset.checked_add(len);
+        if offset % SECTOR as u64 != 0
+            || len % SECTOR as u64 != 0
+            || end.is_none_or(|e| e > self.capacity)
+        {
+            return Err(crate::BlockError::OutOfRange {
+                offset,
+                len,
+                capacity: self.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    fn put(&self, offset: u64, data: &[u8]) {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, s) in data.chunks(SECTOR).enumerate() {
+            let mut b = Box::new([0u8; SECTOR]);
+            b.copy_from_slice(s);
+            d.insert(offset / SECTOR as u64 + i as u64, b);
+        }
+    }
+}
+
+impl BlockBackend for VolatileCache {
+    fn info(&self) -> crate::BackendInfo {
+        crate::BackendInfo {
+            capacity: self.capacity,
+            sector_size: SECTOR as u32,
+            read_only: false,
+            discard_zeroes: true,
+        }
+    }
+    fn read_vectored(
+        &self,
+        offset: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> crate::Result<()> {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        self.check(offset, len as u64)?;
+        let mut data = vec![0u8; len];
+        self.file.read_exact_at(&mut data, offset)?;
+        {
+            let d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            let first = offset / SECTOR as u64;
+            for (s, b) in d.range(first..first + (len / SECTOR) as u64) {
+                let at = (s - first) as usize * SECTOR;
+                data[at..at + SECTOR].copy_from_slice(&b[..]);
+            }
+        }
+        let mut at = 0;
+        for b in bufs.iter_mut() {
+            let n = b.len();
+            b.copy_from_slice(&data[at..at + n]);
+            at += n;
+        }
+        Ok(())
+    }
+    fn write_vectored(&self, offset: u64, bufs: &[std::io::IoSlice<'_>]) -> crate::Result<()> {
+        let data: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        self.check(offset, data.len() as u64)?;
+        self.put(offset, &data);
+        Ok(())
+    }
+    fn flush(&self) -> crate::Result<()> {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        // Runs of adjacent sectors go out in one write each, so a 4 KiB page is written whole
+        // (a kill cuts a write only between pages): a drive whose atomic write unit is a page.
+        let mut run: Vec<u8> = Vec::new();
+        let mut start = 0u64;
+        for (&s, b) in d.iter() {
+            if !run.is_empty() && start + (run.len() / SECTOR) as u64 != s {
+                self.file.write_all_at(&run, start * SECTOR as u64)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                start = s;
+            }
+            run.extend_from_slice(&b[..]);
+        }
+        if !run.is_empty() {
+            self.file.write_all_at(&run, start * SECTOR as u64)?;
+        }
+        self.file.sync_data()?;
+        d.clear();
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> crate::Result<()> {
+        self.write_zeroes(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> crate::Result<()> {
+        self.check(offset, len)?;
+        let zero = [0u8; SECTOR];
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        for s in offset / SECTOR as u64..(offset + len) / SECTOR as u64 {
+            d.insert(s, Box::new(zero));
+        }
+        Ok(())
+    }
 }
 
 /// `Some` when this process was started as a campaign's child.
@@ -104,6 +258,7 @@ pub fn child_args() -> Option<ChildArgs> {
         image: image.into(),
         seq_base: num(ENV_SEQ),
         seed: num(ENV_SEED) | 1,
+        cache: num(ENV_CACHE) != 0,
     })
 }
 
@@ -120,14 +275,16 @@ pub struct BlockWrite {
     pub data: Vec<u8>,
 }
 
-/// The child's side: it picks the writes (a random block with no write in flight, one time in
-/// eight FUA) and reports to the parent, one line per event on stdout.
+/// The child's side: it picks the writes (a random block with no write in flight, some FUA) and
+/// reports to the parent, one line per event on stdout.
 #[derive(Debug)]
 pub struct Journal {
     acks: u64,
     rng: Rng,
     busy: Vec<bool>,
     seq: u64,
+    /// One write in this many is FUA.
+    fua_one_in: u64,
 }
 
 impl Journal {
@@ -138,6 +295,9 @@ impl Journal {
             rng: Rng::new(a.seed),
             busy: vec![false; BLOCKS as usize],
             seq: a.seq_base,
+            // Behind a volatile cache a FUA write flushes everything before it: rare, so that
+            // what only a Flush command covers is at stake between them.
+            fua_one_in: if a.cache { 200 } else { 8 },
         }
     }
 
@@ -151,7 +311,7 @@ impl Journal {
         };
         self.busy[lba as usize] = true;
         self.seq += 1;
-        let fua = self.rng.below(8) == 0;
+        let fua = self.rng.below(self.fua_one_in) == 0;
         BlockWrite {
             lba,
             seq: self.seq,
@@ -256,21 +416,25 @@ impl fmt::Display for Report {
 
 /// A device's crash test: in the child (see [`child_args`]) run `child`, else the campaign
 /// with [`assert_durable`].
-pub fn child_or_campaign(device: &str, test: &str, seed: u64, child: fn(ChildArgs)) {
+///
+/// With `cache`, the child's disk is a [`VolatileCache`] (a power cut): then some unflushed
+/// writes must be lost, or the test could not tell a flush that does nothing.
+pub fn child_or_campaign(device: &str, test: &str, seed: u64, cache: bool, child: fn(ChildArgs)) {
     match child_args() {
         Some(a) => child(a),
-        None => assert_durable(device, test, seed),
+        None => assert_durable(device, test, seed, cache),
     }
 }
 
 /// The whole parent side of a device's crash test: a fresh image of [`BLOCKS`] blocks,
 /// [`RUNS`] kills of test `test`'s child, and the verdict (no durable write lost, no corrupt
 /// block), printed with `device`'s name.
-pub fn assert_durable(device: &str, test: &str, seed: u64) {
+pub fn assert_durable(device: &str, test: &str, seed: u64, cache: bool) {
     let (blocks, runs) = (BLOCKS, RUNS);
     let image = std::env::temp_dir().join(format!(
-        "rhyve-crash-{}-{}.img",
+        "rhyve-crash-{}-{}-{}.img",
         device.to_lowercase(),
+        u8::from(cache),
         std::process::id()
     ));
     struct Remove<'a>(&'a Path);
@@ -283,8 +447,19 @@ pub fn assert_durable(device: &str, test: &str, seed: u64) {
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(blocks * BLOCK as u64))
         .expect("create the image");
-    let r = campaign(test, &image, blocks, runs, seed);
-    eprintln!("{device} crash durability: {r}");
+    let r = campaign(test, &image, blocks, runs, seed, cache);
+    let mode = if cache {
+        "power cut (volatile cache)"
+    } else {
+        "SIGKILL"
+    };
+    eprintln!("{device} crash durability, {mode}: {r}");
+    if cache {
+        assert!(
+            r.unflushed_lost > 0,
+            "a power cut lost no unflushed write: the cache is not volatile ({r})"
+        );
+    }
     assert!(r.flushes > 0 && r.durable_checked > 0, "{r}");
     assert_eq!(r.durable_lost, 0, "{r}");
     assert_eq!(r.corrupt, 0, "{r}");
@@ -292,7 +467,14 @@ pub fn assert_durable(device: &str, test: &str, seed: u64) {
 
 /// Run `runs` child/kill/check rounds of test `test` (this binary's test of that exact name)
 /// against `image` (`blocks` 4 KiB blocks, already created).
-pub fn campaign(test: &str, image: &Path, blocks: u64, runs: usize, seed: u64) -> Report {
+pub fn campaign(
+    test: &str,
+    image: &Path,
+    blocks: u64,
+    runs: usize,
+    seed: u64,
+    cache: bool,
+) -> Report {
     let exe = std::env::current_exe().expect("test binary path");
     let mut rng = Rng::new(seed);
     let mut durable = vec![0u64; blocks as usize];
@@ -305,6 +487,7 @@ pub fn campaign(test: &str, image: &Path, blocks: u64, runs: usize, seed: u64) -
         let mut child = Command::new(&exe)
             .args([test, "--exact", "--nocapture", "--test-threads=1"])
             .env(ENV_IMAGE, image)
+            .env(ENV_CACHE, u8::from(cache).to_string())
             .env(ENV_SEQ, ((run as u64 + 1) << 32).to_string())
             .env(ENV_SEED, rng.next_u64().to_string())
             .stdout(Stdio::piped())

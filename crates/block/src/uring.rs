@@ -88,7 +88,16 @@ impl Ring {
             self.backlog.push_back(slot);
             return Ok(());
         }
-        self.start(slot).map_err(|(slot, e)| (slot.req, e))
+        match self.start(slot) {
+            Ok(()) => Ok(()),
+            // The submission ring would not take it: it waits like any request beyond the
+            // completion ring's size (started on the next reap).
+            Err((slot, e)) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                self.backlog.push_back(slot);
+                Ok(())
+            }
+            Err((slot, e)) => Err((slot.req, e)),
+        }
     }
 
     /// Put `slot` in the slab and queue its entry.
@@ -141,11 +150,12 @@ impl Ring {
         // Never more in the kernel than the completion queue holds, so a submission always
         // makes room: one retry after submitting is enough.
         for _ in 0..2 {
-            // SAFETY: the entry's pointers (the iovec array of the request and the guest memory
-            // it names) belong to the request parked in `self.slab`, which is neither moved nor
-            // dropped until the completion for this user_data has been reaped; the iovec `Vec`
-            // is not touched while the request is in flight. The fd stays open because the
-            // request holds an `Arc` of its backend.
+            // SAFETY: the entry points at the request's iovec array (a heap buffer owned by the
+            // request) and, through it, at guest memory the request keeps mapped. The request
+            // stays in `self.slab` until the completion for this user_data is reaped; the slab
+            // may move its slots when it grows, but the heap buffer does not move with them, and
+            // the iovec `Vec` is not touched while the request is in flight. The fd stays open
+            // because the request holds an `Arc` of its backend.
             let pushed = unsafe { self.ring.submission().push(entry) };
             if pushed.is_ok() {
                 self.unsubmitted += 1;

@@ -432,16 +432,21 @@ impl Host {
                 if off >= hba::PORT_BASE || off == hba::GHC {
                     self.running = [false; PORTS];
                 }
-                let v = match off
-                    .checked_sub(hba::PORT_BASE)
-                    .map(|o| o % hba::PORT_STRIDE)
-                {
-                    // List and FIS bases stay in the window.
-                    Some(0x00 | 0x08) => steer(*value & 0xffff_ffff),
-                    Some(0x04 | 0x0c) => 0,
-                    _ => *value,
-                };
-                self.w(off, width(*w), v);
+                self.w(off, width(*w), *value);
+                if let Some(o) = off.checked_sub(hba::PORT_BASE) {
+                    // List and FIS bases stay in the window, however the write landed (any
+                    // width, any byte of the two 64-bit registers).
+                    let p = (o / hba::PORT_STRIDE) as usize;
+                    if p < PORTS && o % hba::PORT_STRIDE < 0x10 {
+                        for (lo, hi) in [(preg::CLB, preg::CLBU), (preg::FB, preg::FBU)] {
+                            let a = u64::from(self.pr(p, lo)) | (u64::from(self.pr(p, hi)) << 32);
+                            if steer(a) != a || a >> 32 != 0 {
+                                self.pw(p, lo, steer(a & 0xffff_ffff) as u32);
+                                self.pw(p, hi, 0);
+                            }
+                        }
+                    }
+                }
             }
             Op::RegRead { off, width: w } => {
                 self.r(u64::from(*off) % 0x200, width(*w));

@@ -251,7 +251,9 @@ impl Shared {
             if shadow && !self.read_shadow_tail(sq, mem, tail_slot, work) {
                 return;
             }
-            if sq.pending() > 0 {
+            if sq.tail != sq.paced_tail {
+                // New submissions (not entries still waiting for room): the host's pace.
+                sq.paced_tail = sq.tail;
                 self.submitted(cq);
             }
             while sq.pending() > 0 {
@@ -873,18 +875,37 @@ impl Shared {
     }
 
     /// Fetch from every queue (fetching stopped at [`MAX_INFLIGHT`] and room freed up).
+    ///
+    /// Completions during the refetch may ask for another one; that runs as a further round of
+    /// this loop on the same thread, not as a nested call (which could recurse as deep as the
+    /// guest's backlog).
     pub(crate) fn refetch_all(&self) {
-        for g in self.groups.iter() {
-            let mut work = Work::default();
-            {
-                let mut g = crate::ctrl::lock(g);
-                if g.cq.is_none() {
-                    continue;
-                }
-                self.fetch_group(&mut g, None, &mut work);
-            }
-            self.run_work(work);
+        thread_local! {
+            static ACTIVE: Cell<bool> = const { Cell::new(false) };
+            static AGAIN: Cell<bool> = const { Cell::new(false) };
         }
+        if ACTIVE.with(|a| a.replace(true)) {
+            AGAIN.with(|a| a.set(true));
+            return;
+        }
+        loop {
+            AGAIN.with(|a| a.set(false));
+            for g in self.groups.iter() {
+                let mut work = Work::default();
+                {
+                    let mut g = crate::ctrl::lock(g);
+                    if g.cq.is_none() {
+                        continue;
+                    }
+                    self.fetch_group(&mut g, None, &mut work);
+                }
+                self.run_work(work);
+            }
+            if !AGAIN.with(Cell::get) {
+                break;
+            }
+        }
+        ACTIVE.with(|a| a.set(false));
     }
 
     /// The guest submitted on one of `cq`'s SQs: learn its pace (adaptive mode; one clock read

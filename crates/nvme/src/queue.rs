@@ -98,6 +98,8 @@ pub struct SubQueue {
     pub active: bool,
     /// Deleted: leaves its group when the lock is next released.
     pub gone: bool,
+    /// The tail when the host's submission pace was last sampled (adaptive coalescing).
+    pub paced_tail: u32,
 }
 
 impl SubQueue {
@@ -120,6 +122,7 @@ impl SubQueue {
             iovs: Vec::new(),
             active: false,
             gone: false,
+            paced_tail: 0,
         }
     }
 

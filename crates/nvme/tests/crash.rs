@@ -1,6 +1,7 @@
-//! Crash durability: the controller is killed with SIGKILL at random moments while it writes,
-//! 100 times over; every write it acknowledged and then covered with a completed Flush (or
-//! wrote with FUA) must be in the image file afterwards.
+//! Crash durability: the controller is killed at random moments while it writes, 100 times
+//! over; every write it acknowledged and then covered with a completed Flush (or wrote with
+//! FUA) must be in the image file afterwards. Once with SIGKILL on the image file (the real
+//! backend, io_uring), once as a power cut (a volatile write cache in front of the file).
 
 mod common;
 
@@ -15,6 +16,18 @@ fn flushed_and_fua_writes_survive_sigkill() {
         "NVMe",
         "flushed_and_fua_writes_survive_sigkill",
         0x6e76_6d65,
+        false,
+        child,
+    );
+}
+
+#[test]
+fn flushed_and_fua_writes_survive_a_power_cut() {
+    crashtest::child_or_campaign(
+        "NVMe",
+        "flushed_and_fua_writes_survive_a_power_cut",
+        0x6e76_6d66,
+        true,
         child,
     );
 }
@@ -36,7 +49,13 @@ enum Job {
 /// The child: random 4 KiB writes (one in flight per block), some with FUA, a Flush now and
 /// then, each acknowledgement reported, until killed.
 fn child(a: crashtest::ChildArgs) {
-    let mut d = TestDriver::ready(&format!("4,nvme,{}", a.image.display()));
+    let mut d = if a.cache {
+        let mut d = TestDriver::with_backends("4,nvme,ram=1", vec![a.backend()]);
+        d.bring_up();
+        d
+    } else {
+        TestDriver::ready(&format!("4,nvme,{}", a.image.display()))
+    };
     let mut journal = Journal::new(&a);
     let mut free: Vec<u64> = (0..DEPTH).map(|_| d.alloc(BLOCK as u64)).collect();
     let mut jobs: std::collections::HashMap<u16, Job> = Default::default();

@@ -66,10 +66,13 @@ impl Watch {
         Some(Watch { owner })
     }
 
-    /// Watch exactly these host ranges (address, length) from now on.
+    /// Watch exactly these host ranges (address, length) from now on. The new ranges are
+    /// watched before the old ones are let go (the old mapping may still be in use).
     pub(crate) fn set_ranges(&self, ranges: &[(usize, usize)]) {
-        self.clear();
         let me = self.owner + 1;
+        let old: Vec<usize> = (0..RANGES)
+            .filter(|&i| TABLE[i].owner.load(Ordering::Acquire) == me)
+            .collect();
         for &(start, len) in ranges {
             let claimed = TABLE.iter().find(|r| {
                 r.owner
@@ -83,6 +86,11 @@ impl Watch {
             r.start.store(start, Ordering::Relaxed);
             r.len.store(len, Ordering::Relaxed);
             r.owner.store(me, Ordering::Release);
+        }
+        for i in old {
+            let _ = TABLE[i]
+                .owner
+                .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
         }
     }
 
@@ -115,31 +123,37 @@ fn install() {
         PAGE.store(page as usize, Ordering::Relaxed);
     }
     // SAFETY: an all-zero sigaction is a valid value (empty mask, no flags, SIG_DFL).
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only reads the current one into `old`, which is writable.
+    if unsafe { libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old) } == 0 {
+        // Known before ours is in place, so a fault that is not ours never finds it missing.
+        PREVIOUS_RAW.store(Box::into_raw(Box::new(old)) as usize, Ordering::Release);
+    }
+    // SAFETY: as above.
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
     act.sa_sigaction = on_sigbus as *const () as usize;
     act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
-    // SAFETY: as above.
-    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
     // SAFETY: `act` is a fully initialised sigaction whose handler is async-signal-safe (it
-    // only reads atomics and calls mmap/sigaction); `old` is writable.
-    let rc = unsafe { libc::sigaction(libc::SIGBUS, &act, &mut old) };
+    // only reads atomics and calls mmap/sigaction).
+    let rc = unsafe { libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut()) };
     if rc != 0 {
         log::warn!(
             "cannot install the SIGBUS handler ({}); a peer truncating its memory file would \
              kill rhyve",
             std::io::Error::last_os_error()
         );
-        return;
     }
-    PREVIOUS_RAW.store(Box::into_raw(Box::new(old)) as usize, Ordering::Release);
 }
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler; si_addr is the
-    // faulting address for SIGBUS.
-    let addr = unsafe { (*info).si_addr() } as usize;
+    // faulting address for a SIGBUS the kernel raised on an access.
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    // Only an access beyond the end of a mapped file (BUS_ADRERR) is ours; a SIGBUS sent by
+    // kill(2) or for a hardware error goes where it would have gone without us.
+    let access = code == libc::BUS_ADRERR;
     let page = PAGE.load(Ordering::Relaxed);
-    for r in &TABLE {
+    for r in TABLE.iter().filter(|_| access) {
         let owner = r.owner.load(Ordering::Acquire);
         if owner == 0 || owner == BUSY {
             continue;
@@ -148,8 +162,8 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
             r.start.load(Ordering::Relaxed),
             r.len.load(Ordering::Relaxed),
         );
-        if addr < start || addr - start >= len {
-            continue;
+        if addr < start || addr - start >= len || r.owner.load(Ordering::Acquire) != owner {
+            continue; // not this range (or the slot changed hands meanwhile)
         }
         let base = addr & !(page - 1);
         // SAFETY: the page lies inside a guest-memory mapping this process made (it is

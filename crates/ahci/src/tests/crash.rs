@@ -1,6 +1,7 @@
-//! Crash durability: the HBA is killed with SIGKILL at random moments while NCQ writes run, 100
-//! times over; every write it acknowledged and then covered with a completed FLUSH CACHE EXT
-//! (or wrote with FUA) must be in the image file afterwards.
+//! Crash durability: the HBA is killed at random moments while NCQ writes run, 100 times over;
+//! every write it acknowledged and then covered with a completed FLUSH CACHE EXT (or wrote with
+//! FUA) must be in the image file afterwards. Once with SIGKILL on the image file, once as a
+//! power cut (a volatile write cache in front of the file).
 
 use std::time::Instant;
 
@@ -19,6 +20,18 @@ fn flushed_and_fua_writes_survive_sigkill() {
         "AHCI",
         "tests::crash::flushed_and_fua_writes_survive_sigkill",
         0x6168_6369,
+        false,
+        child,
+    );
+}
+
+#[test]
+fn flushed_and_fua_writes_survive_a_power_cut() {
+    crashtest::child_or_campaign(
+        "AHCI",
+        "tests::crash::flushed_and_fua_writes_survive_a_power_cut",
+        0x6168_636a,
+        true,
         child,
     );
 }
@@ -27,9 +40,13 @@ fn flushed_and_fua_writes_survive_sigkill() {
 /// after every few dozen (with the queue drained, as ATA requires for a non-queued command),
 /// each acknowledgement reported, until killed.
 fn child(a: crashtest::ChildArgs) {
-    let mut d = Driver::from_spec(&format!("5,ahci-hd,{}", a.image.display()))
-        .unwrap()
-        .start();
+    let mut d = if a.cache {
+        Driver::started(vec![crate::testdrv::disk(a.backend(), 512, 512)])
+    } else {
+        Driver::from_spec(&format!("5,ahci-hd,{}", a.image.display()))
+            .unwrap()
+            .start()
+    };
     let mut journal = Journal::new(&a);
     let mut tags: [Option<(u64, u64, bool)>; 32] = [None; 32];
     let mut since_flush = 0u64;
