@@ -145,8 +145,8 @@ impl VolatileCache {
 
     fn check(&self, offset: u64, len: u64) -> crate::Result<()> {
         let end = offset.checked_add(len);
-        if offset % SECTOR as u64 != 0
-            || len % SECTOR as u64 != 0
+        if !offset.is_multiple_of(SECTOR as u64)
+            || !len.is_multiple_of(SECTOR as u64)
             || end.is_none_or(|e| e > self.capacity)
         {
             return Err(crate::BlockError::OutOfRange {
