@@ -178,7 +178,14 @@ impl UmlBackend {
                 if let Err(e) = vring.add_used(head, len) {
                     error!("{}: cmd vq: add_used({head}): {e}", self.name);
                 }
-                completed += 1;
+                if len > 0 {
+                    // A read: UML spins for its reply and takes every used buffer up to it,
+                    // posted writes included, so nothing before it stays unseen.
+                    completed = 0;
+                    self.unsignalled.store(0, Ordering::Relaxed);
+                } else {
+                    completed += 1;
+                }
             }
             match vring.enable_notification() {
                 Ok(true) => continue, // more arrived while notifications were off
@@ -193,7 +200,7 @@ impl UmlBackend {
         // the posted writes it meets on the way) and frees posted-write buffers only when it
         // sees them. Signalling every batch costs it a SIGIO per batch; signalling never would
         // let the ring fill up (and UML drops a posted write it cannot add). So: signal once a
-        // quarter of the ring is used and unseen.
+        // quarter of the ring is posted writes UML has not seen.
         let unseen = self.unsignalled.fetch_add(completed, Ordering::Relaxed) + completed;
         if unseen >= unsignalled_limit(ring) && vring.needs_notification().unwrap_or(true) {
             self.unsignalled.store(0, Ordering::Relaxed);

@@ -414,7 +414,15 @@ fn uml_like_session() {
             false,
         );
     }
-    assert!(uml.cmd.call.read().unwrap() > 0);
+    // The signal follows the used entry the write's completion was seen by: wait for it.
+    let t0 = Instant::now();
+    while uml.cmd.call.read().is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no used-ring signal after a quarter ring of posted writes"
+        );
+        thread::yield_now();
+    }
 
     // Malformed: unknown op, short header, oversize read. All complete, len 0, reply all-ones.
     let (len, out) = uml.read(42, 0, 4, 0, 8);
