@@ -1,4 +1,6 @@
-//! [`Executor`]: a fixed pool of worker threads running submitted jobs.
+//! [`Executor`]: a pool of up to N worker threads running submitted jobs. One worker starts
+//! with the pool; the others start when jobs find every worker busy, so a device that seldom
+//! needs the pool does not keep idle threads.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -13,6 +15,8 @@ struct State {
     /// Jobs submitted and not yet finished (queued + running).
     in_flight: usize,
     shutdown: bool,
+    /// Workers waiting for a job.
+    waiting: usize,
 }
 
 struct Shared {
@@ -35,18 +39,20 @@ thread_local! {
     static WORKER_OF: Cell<usize> = const { Cell::new(0) };
 }
 
-/// A fixed pool of worker threads. Jobs run in submission order per worker, concurrently
-/// across workers. Dropping the executor runs every job already submitted, then joins the
-/// threads.
+/// A pool of worker threads. Jobs run in submission order per worker, concurrently across
+/// workers. Dropping the executor runs every job already submitted, then joins the threads.
 pub struct Executor {
     shared: Arc<Shared>,
-    workers: Vec<JoinHandle<()>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Most workers.
+    max: usize,
+    name: String,
 }
 
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Executor")
-            .field("threads", &self.workers.len())
+            .field("threads", &self.threads())
             .field("in_flight", &self.in_flight())
             .finish()
     }
@@ -60,40 +66,55 @@ impl Executor {
         Self::try_new(threads, name).expect("cannot spawn executor thread")
     }
 
-    /// [`Executor::new`], failing with the OS error when a thread cannot be created (the
-    /// workers already started are stopped).
+    /// A pool of up to `threads` workers (at least one), the first started now, failing with
+    /// the OS error when it cannot be created.
     pub fn try_new(threads: usize, name: &str) -> std::io::Result<Executor> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 in_flight: 0,
                 shutdown: false,
+                waiting: 0,
             }),
             work: Condvar::new(),
             idle: Condvar::new(),
         });
-        let mut ex = Executor {
+        let ex = Executor {
             shared,
-            workers: Vec::new(),
+            workers: Mutex::new(Vec::new()),
+            max: threads.max(1),
+            name: name.to_string(),
         };
-        for i in 0..threads.max(1) {
-            let shared = Arc::clone(&ex.shared);
-            // On error, dropping `ex` stops and joins the workers started so far.
-            let w = std::thread::Builder::new()
-                .name(format!("{name}-{i}"))
-                .spawn(move || worker(shared))?;
-            ex.workers.push(w);
-        }
+        ex.spawn()?;
         Ok(ex)
     }
 
-    /// Queues `job` to run on a worker. Never blocks on the workers (the queue is unbounded).
+    /// Start one more worker.
+    fn spawn(&self) -> std::io::Result<()> {
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = Arc::clone(&self.shared);
+        let w = std::thread::Builder::new()
+            .name(format!("{}-{}", self.name, workers.len()))
+            .spawn(move || worker(shared))?;
+        workers.push(w);
+        Ok(())
+    }
+
+    /// Queues `job` to run on a worker. Never blocks on the workers (the queue is unbounded);
+    /// starts another worker, up to the pool's size, when every one is busy.
     pub fn submit(&self, job: Box<dyn FnOnce() + Send>) {
         let mut st = self.shared.lock();
         st.queue.push_back(job);
         st.in_flight += 1;
+        let more = st.queue.len() > st.waiting;
         drop(st);
         self.shared.work.notify_one();
+        if more && self.threads() < self.max {
+            if let Err(e) = self.spawn() {
+                // The workers there are will get to it.
+                log::warn!("{}: cannot start another worker: {e}", self.name);
+            }
+        }
     }
 
     /// Blocks until every job submitted so far (and any submitted meanwhile) has finished.
@@ -114,9 +135,9 @@ impl Executor {
         self.shared.lock().in_flight
     }
 
-    /// Number of worker threads.
+    /// Number of worker threads started so far.
     pub fn threads(&self) -> usize {
-        self.workers.len()
+        self.workers.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     fn id(&self) -> usize {
@@ -141,7 +162,9 @@ fn worker(shared: Arc<Shared>) {
         } else if st.shutdown {
             return;
         } else {
+            st.waiting += 1;
             st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.waiting -= 1;
         }
     }
 }
@@ -151,7 +174,8 @@ impl Drop for Executor {
         self.shared.lock().shutdown = true;
         self.shared.work.notify_all();
         let me = std::thread::current().id();
-        for w in self.workers.drain(..) {
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in workers {
             // A job holding the last reference drops the executor on a worker: that worker
             // finishes on its own once the queue is empty; joining it would deadlock.
             if w.thread().id() != me {
@@ -170,7 +194,7 @@ mod tests {
     #[test]
     fn wait_idle_waits_for_many_jobs() {
         let ex = Executor::new(4, "t-exec");
-        assert_eq!(ex.threads(), 4);
+        assert_eq!(ex.threads(), 1, "one worker starts with the pool");
         let done = Arc::new(AtomicUsize::new(0));
         for i in 0..2000 {
             let done = Arc::clone(&done);
@@ -186,6 +210,29 @@ mod tests {
         assert_eq!(ex.in_flight(), 0);
         // Idle executor: returns at once.
         ex.wait_idle();
+    }
+
+    /// Workers start as jobs find every worker busy, up to the pool's size, and no further.
+    #[test]
+    fn workers_start_on_demand_up_to_the_limit() {
+        let ex = Executor::new(3, "t-lazy");
+        assert_eq!(ex.threads(), 1);
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        for _ in 0..6 {
+            let gate = Arc::clone(&gate);
+            ex.submit(Box::new(move || {
+                let (m, cv) = &*gate;
+                let mut open = m.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+            }));
+        }
+        assert_eq!(ex.threads(), 3, "six blocked jobs, a pool of three");
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        ex.wait_idle();
+        assert_eq!(ex.threads(), 3);
     }
 
     #[test]

@@ -488,6 +488,13 @@ impl Host {
     }
 
     fn settle_for(&mut self, quiet: Duration) {
+        // A controller that is not running, has failed, or may not master the bus completes
+        // nothing more: no point waiting for it.
+        let s = self.r32(reg::CSTS);
+        if s & csts::RDY == 0 || s & csts::CFS != 0 || self.b.cfg_read(4, 2) & 0x4 == 0 {
+            self.reap();
+            return;
+        }
         let mut last = (Instant::now(), self.outstanding.len());
         while last.0.elapsed() < quiet {
             self.reap();

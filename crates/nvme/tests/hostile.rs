@@ -691,7 +691,8 @@ fn host_memory_and_threads_stay_bounded() {
     let grown = rss_kib().saturating_sub(before);
     assert!(grown < 8 << 10, "RSS grew {grown} KiB");
     assert!(
-        threads() <= base_threads,
+        // Pool workers start on demand, up to 4; nothing beyond the documented bound.
+        threads() <= base_threads + 3,
         "{} threads, {base_threads} before",
         threads()
     );
@@ -837,7 +838,10 @@ fn worst_guest_stays_within_the_documented_bounds() {
         "host memory grew {grown_kib} KiB with {} commands submitted, bound {bound_kib} KiB",
         63 * 511
     );
-    assert!(threads() <= base_threads, "threads were added");
+    assert!(
+        threads() <= base_threads + 3,
+        "threads beyond the on-demand pool workers were added"
+    );
     backend.release();
     let mut left = 63 * 511;
     let mut last = Instant::now();
