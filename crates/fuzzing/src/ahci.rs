@@ -154,9 +154,10 @@ pub fn run_input(input: &Input) {
             irq,
             intx_supported: true,
         };
+        // RAM drives run inline: io_uring would only cost a setup and teardown per run.
         let opts = ahci::HbaOptions {
             iothreads: 1 + usize::from(input.config >> 7),
-            ..Default::default()
+            aio: block::EngineKind::Threads,
         };
         let dev = ahci::Ahci::with_options(drives, &ctx, opts).expect("AHCI");
         let mut h = Host {
