@@ -140,8 +140,7 @@ fn drives(config: u8) -> Vec<ahci::DriveInfo> {
 
 /// Run one structured input.
 pub fn run_input(input: &Input) {
-    crate::check_thread_leak(THREADS);
-    let base_threads = crate::threads();
+    let base_threads = crate::check_thread_leak(THREADS);
     let drives = drives(input.config);
     let base_heap = alloc::live().unwrap_or(0);
     alloc::reset_peak();

@@ -25,7 +25,7 @@ pub mod uml_msg;
 
 pub use alloc::CountingAlloc;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,8 +71,8 @@ pub fn fill_window(mem: &GuestMemoryMmap, seed: &[u8]) {
     let len = (RAM_END - WINDOW) as usize;
     let mut w = vec![0u8; len];
     if !seed.is_empty() {
-        for (i, b) in w.iter_mut().enumerate() {
-            *b = seed[i % seed.len()];
+        for c in w.chunks_mut(seed.len()) {
+            c.copy_from_slice(&seed[..c.len()]);
         }
     }
     steer_words(&mut w);
@@ -90,24 +90,27 @@ pub fn steer_words(bytes: &mut [u8]) {
 /// Re-steer the window in place (the device may have written pointer-like values into it since:
 /// log pages, read data), except `keep` ranges (the harness's own queues).
 pub fn resteer_window(mem: &GuestMemoryMmap, keep: &[(u64, u64)]) {
+    thread_local! {
+        // Reused: a fresh 128 KiB buffer per call is an mmap, page faults and an munmap.
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let len = (RAM_END - WINDOW) as usize;
-    let mut w = vec![0u8; len];
-    mem.read_slice(&mut w, GuestAddress(WINDOW))
-        .expect("window");
-    let orig = w.clone();
-    steer_words(&mut w);
-    for &(a, l) in keep {
-        let (s, e) = (
-            (a.saturating_sub(WINDOW) as usize).min(len),
-            (a.saturating_add(l).saturating_sub(WINDOW) as usize).min(len),
-        );
-        if s < e {
-            w[s..e].copy_from_slice(&orig[s..e]);
+    BUF.with_borrow_mut(|w| {
+        w.resize(len, 0);
+        mem.read_slice(w, GuestAddress(WINDOW)).expect("window");
+        for (i, c) in w.chunks_exact(8).enumerate() {
+            let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            let addr = WINDOW + 8 * i as u64;
+            if steer(v) != v
+                && !keep
+                    .iter()
+                    .any(|&(a, l)| addr >= a && addr < a.saturating_add(l))
+            {
+                mem.write_obj(steer(v).to_le_bytes(), GuestAddress(addr))
+                    .expect("window");
+            }
         }
-    }
-    if w != orig {
-        mem.write_slice(&w, GuestAddress(WINDOW)).expect("window");
-    }
+    });
 }
 
 /// Panic unless the canary is intact.
@@ -122,26 +125,119 @@ pub fn check_canary(mem: &GuestMemoryMmap) {
     }
 }
 
-/// Run `f`, panicking if it takes more than [`MAX_OP`] of this thread's CPU or
+/// Run `f`, aborting the process if it takes more than [`MAX_OP`] of this thread's CPU or
 /// [`MAX_OP_WALL`] by the clock.
-pub fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
-    let cpu = || {
-        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-        Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+///
+/// A watchdog thread samples the operation in progress every [`WATCH_EVERY`] instead of reading
+/// clocks around each call: on this kind of machine a CPU-clock read is a system call, and two
+/// of them per operation were most of a fuzz run's time. An operation that spins or blocks never
+/// returns, so the watchdog, not the caller, has to report it; it aborts (libFuzzer keeps the
+/// input as a crash).
+pub fn timed<T>(what: &'static str, f: impl FnOnce() -> T) -> T {
+    WATCHED.with(|w| {
+        *w.what.lock().unwrap() = what;
+        w.seq.fetch_add(1, Ordering::SeqCst); // odd: in progress
+        let r = f();
+        w.seq.fetch_add(1, Ordering::SeqCst);
+        r
+    })
+}
+
+/// How often the watchdog looks at the operations in progress.
+pub const WATCH_EVERY: Duration = Duration::from_millis(50);
+
+/// One thread's operation in progress, as the watchdog sees it.
+struct Watched {
+    /// Odd while an operation runs; bumped at its start and end.
+    seq: AtomicU64,
+    /// Which operation.
+    what: Mutex<&'static str>,
+    /// `/proc/self/task/TID/schedstat` of the thread, whose first field is its CPU time in ns.
+    schedstat: String,
+}
+
+thread_local! {
+    static WATCHED: Arc<Watched> = {
+        let w = Arc::new(Watched {
+            seq: AtomicU64::new(0),
+            what: Mutex::new(""),
+            schedstat: format!("/proc/self/task/{}/schedstat", rustix::thread::gettid().as_raw_nonzero()),
+        });
+        watchdog().lock().unwrap().push(Arc::downgrade(&w));
+        w
     };
-    let (t, c) = (Instant::now(), cpu());
-    let r = f();
-    let (took, spent) = (t.elapsed(), cpu().saturating_sub(c));
-    assert!(
-        spent < MAX_OP && took < MAX_OP_WALL,
-        "{what} took {took:?} ({spent:?} of CPU)"
-    );
-    r
+}
+
+/// The watched threads, and the watchdog thread started with the first.
+fn watchdog() -> &'static Mutex<Vec<std::sync::Weak<Watched>>> {
+    static LIST: std::sync::OnceLock<Mutex<Vec<std::sync::Weak<Watched>>>> =
+        std::sync::OnceLock::new();
+    LIST.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("fuzz-watchdog".into())
+            .spawn(watch)
+            .expect("watchdog thread");
+        Mutex::new(Vec::new())
+    })
+}
+
+/// CPU time of a thread so far, from its schedstat file.
+fn thread_cpu(schedstat: &str) -> Option<Duration> {
+    let s = std::fs::read_to_string(schedstat).ok()?;
+    Some(Duration::from_nanos(
+        s.split_whitespace().next()?.parse().ok()?,
+    ))
+}
+
+/// The watchdog: an operation seen in progress (the same odd sequence number) for more than
+/// [`MAX_OP`] of its thread's CPU or [`MAX_OP_WALL`] by the clock aborts the process.
+fn watch() {
+    // Per watched thread: the sequence number first seen in progress, when, and its CPU then.
+    let mut seen: Vec<(std::sync::Weak<Watched>, u64, Instant, Duration)> = Vec::new();
+    loop {
+        std::thread::sleep(WATCH_EVERY);
+        let list: Vec<_> = {
+            let mut l = watchdog().lock().unwrap();
+            l.retain(|w| w.strong_count() > 0);
+            l.clone()
+        };
+        seen.retain(|(w, ..)| w.strong_count() > 0);
+        for weak in list {
+            let Some(w) = weak.upgrade() else { continue };
+            let seq = w.seq.load(Ordering::SeqCst);
+            let i = match seen.iter().position(|(s, ..)| s.ptr_eq(&weak)) {
+                Some(i) => i,
+                None => {
+                    seen.push((weak.clone(), 0, Instant::now(), Duration::ZERO));
+                    seen.len() - 1
+                }
+            };
+            let entry = &mut seen[i];
+            if seq % 2 == 0 {
+                entry.1 = seq;
+                continue;
+            }
+            let cpu = thread_cpu(&w.schedstat).unwrap_or_default();
+            if entry.1 != seq {
+                *entry = (weak.clone(), seq, Instant::now(), cpu);
+                continue;
+            }
+            let (took, spent) = (entry.2.elapsed(), cpu.saturating_sub(entry.3));
+            if spent >= MAX_OP || took >= MAX_OP_WALL {
+                eprintln!(
+                    "fuzzing: {} took more than {took:?} ({spent:?} of CPU): a device operation hangs",
+                    w.what.lock().unwrap()
+                );
+                std::process::abort();
+            }
+        }
+    }
 }
 
 /// Threads of this process before any harness ran, plus what one device may leave behind
 /// while it winds down: a harness checks at its start that devices do not leak threads.
-pub fn check_thread_leak(per_device: usize) {
+/// Returns the threads now.
+pub fn check_thread_leak(per_device: usize) -> usize {
     static BASE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let base = *BASE.get_or_init(threads);
     // A device dropped by one of its own threads (a job still holding it) lets that thread
@@ -156,6 +252,7 @@ pub fn check_thread_leak(per_device: usize) {
         now <= base + per_device,
         "{now} threads before a run, {base} at the first: devices leak threads"
     );
+    now
 }
 
 /// Threads of this process.

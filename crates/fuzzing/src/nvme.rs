@@ -167,8 +167,7 @@ struct Host {
 /// Run one structured input.
 pub fn run_input(input: &Input) {
     let (spec, heap_bound) = CONFIGS[usize::from(input.config) % CONFIGS.len()];
-    crate::check_thread_leak(THREADS);
-    let base_threads = crate::threads();
+    let base_threads = crate::check_thread_leak(THREADS);
     let base_heap = alloc::live().unwrap_or(0);
     alloc::reset_peak();
     {
