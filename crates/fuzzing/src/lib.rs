@@ -245,7 +245,7 @@ pub fn check_thread_leak(per_device: usize) -> usize {
     let t = Instant::now();
     let mut now = threads();
     while now > base + per_device && t.elapsed() < Duration::from_secs(2) {
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_micros(50));
         now = threads();
     }
     assert!(
