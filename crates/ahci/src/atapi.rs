@@ -3,104 +3,13 @@
 //! A PACKET command carries a SCSI CDB in the command table's ACMD area. Success ends with status
 //! DRDY|DSC; failure is CHECK CONDITION, reported as ERR with the sense key in the high nibble
 //! of the Error register, and the full sense (key, ASC, ASCQ) is kept for REQUEST SENSE. The
-//! medium can be ejected and reloaded (START STOP UNIT) unless the host prevents removal.
+//! medium can be ejected and reloaded (START STOP UNIT) unless the host prevents removal. That
+//! sense and tray state lives in `drive` with the device's other settings.
 
-use crate::drive::{DriveInfo, DriveState, CD_BLOCK};
+use crate::drive::{DriveInfo, DriveState, Sense, CD_BLOCK};
 use crate::fis::{H2dRegisterFis, TaskFile};
 use crate::plan::{Action, Plan, Proto};
-
-/// SCSI/MMC operation codes handled here.
-#[allow(dead_code)] // the complete table, whether or not every entry is used yet
-pub mod op {
-    /// TEST UNIT READY.
-    pub const TEST_UNIT_READY: u8 = 0x00;
-    /// REQUEST SENSE.
-    pub const REQUEST_SENSE: u8 = 0x03;
-    /// INQUIRY.
-    pub const INQUIRY: u8 = 0x12;
-    /// START STOP UNIT.
-    pub const START_STOP_UNIT: u8 = 0x1b;
-    /// PREVENT ALLOW MEDIUM REMOVAL.
-    pub const PREVENT_ALLOW: u8 = 0x1e;
-    /// READ CAPACITY(10).
-    pub const READ_CAPACITY: u8 = 0x25;
-    /// READ(10).
-    pub const READ_10: u8 = 0x28;
-    /// READ TOC/PMA/ATIP.
-    pub const READ_TOC: u8 = 0x43;
-    /// GET CONFIGURATION.
-    pub const GET_CONFIGURATION: u8 = 0x46;
-    /// GET EVENT STATUS NOTIFICATION.
-    pub const GET_EVENT_STATUS: u8 = 0x4a;
-    /// READ DISC INFORMATION.
-    pub const READ_DISC_INFO: u8 = 0x51;
-    /// MODE SENSE(10).
-    pub const MODE_SENSE_10: u8 = 0x5a;
-    /// READ(12).
-    pub const READ_12: u8 = 0xa8;
-    /// MECHANISM STATUS.
-    pub const MECHANISM_STATUS: u8 = 0xbd;
-}
-
-/// Sense keys (SPC-4 §4.5.6).
-#[allow(dead_code)] // the complete table, whether or not every entry is used yet
-pub mod key {
-    /// No sense.
-    pub const NO_SENSE: u8 = 0x0;
-    /// Not ready.
-    pub const NOT_READY: u8 = 0x2;
-    /// Medium error.
-    pub const MEDIUM_ERROR: u8 = 0x3;
-    /// Illegal request.
-    pub const ILLEGAL_REQUEST: u8 = 0x5;
-    /// Unit attention.
-    pub const UNIT_ATTENTION: u8 = 0x6;
-}
-
-/// Additional sense codes (ASC) used here.
-#[allow(dead_code)] // the complete table, whether or not every entry is used yet
-pub mod asc {
-    /// Unrecovered read error.
-    pub const UNRECOVERED_READ: u8 = 0x11;
-    /// Invalid command operation code.
-    pub const INVALID_OPCODE: u8 = 0x20;
-    /// Logical block address out of range.
-    pub const LBA_OUT_OF_RANGE: u8 = 0x21;
-    /// Invalid field in CDB.
-    pub const INVALID_FIELD: u8 = 0x24;
-    /// Not ready to ready change, medium may have changed.
-    pub const MEDIUM_CHANGED: u8 = 0x28;
-    /// Power on, reset, or bus device reset occurred.
-    pub const POWER_ON_RESET: u8 = 0x29;
-    /// Saving parameters not supported.
-    pub const SAVING_NOT_SUPPORTED: u8 = 0x39;
-    /// Medium not present (ASCQ 1: tray closed, 2: tray open).
-    pub const MEDIUM_NOT_PRESENT: u8 = 0x3a;
-    /// Medium removal prevented (ASCQ 2).
-    pub const REMOVAL_PREVENTED: u8 = 0x53;
-}
-
-/// Media event codes of GET EVENT STATUS NOTIFICATION (MMC-6 §6.7.2.5).
-#[allow(dead_code)] // the complete table, whether or not every entry is used yet
-pub mod media_event {
-    /// No change.
-    pub const NO_CHANGE: u8 = 0;
-    /// New media loaded.
-    pub const NEW_MEDIA: u8 = 2;
-    /// Media removed.
-    pub const MEDIA_REMOVAL: u8 = 3;
-}
-
-/// MMC profiles.
-#[allow(dead_code)] // the complete table, whether or not every entry is used yet
-pub mod profile {
-    /// No current profile (no medium).
-    pub const NONE: u16 = 0x0000;
-    /// CD-ROM.
-    pub const CD_ROM: u16 = 0x0008;
-    /// DVD-ROM.
-    pub const DVD_ROM: u16 = 0x0010;
-}
+use crate::spec::{asc, key, media_event, op, profile, status};
 
 /// Largest CD (80 minutes); bigger images are presented as DVD-ROM media.
 pub const CD_MAX_BLOCKS: u64 = 80 * 60 * 75;
@@ -109,76 +18,10 @@ pub const REASON_COMPLETE: u16 = 0x03;
 /// Read speed reported in the capabilities page (KB/s, 40x).
 const READ_SPEED_KBS: u16 = 40 * 176;
 
-/// Sense data: key, additional sense code and qualifier.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Sense {
-    /// Sense key.
-    pub key: u8,
-    /// Additional sense code.
-    pub asc: u8,
-    /// Additional sense code qualifier.
-    pub ascq: u8,
-}
-
-impl Sense {
-    /// A sense triple.
-    pub const fn new(key: u8, asc: u8, ascq: u8) -> Self {
-        Sense { key, asc, ascq }
-    }
-}
-
-/// The drive's removable-medium and sense state.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AtapiState {
-    /// Sense of the last command, for REQUEST SENSE.
-    pub sense: Sense,
-    /// A unit attention waiting to be reported.
-    pub unit_attention: Option<Sense>,
-    /// An image is attached.
-    pub has_image: bool,
-    /// The medium is loaded (not ejected).
-    pub loaded: bool,
-    /// The tray is open.
-    pub tray_open: bool,
-    /// Medium removal is prevented.
-    pub locked: bool,
-    /// Media event waiting for GET EVENT STATUS NOTIFICATION.
-    pub event: u8,
-}
-
-impl AtapiState {
-    /// Power-on state: medium loaded if there is one, power-on unit attention pending.
-    pub fn new(has_image: bool) -> Self {
-        AtapiState {
-            sense: Sense::default(),
-            unit_attention: Some(Sense::new(key::UNIT_ATTENTION, asc::POWER_ON_RESET, 0)),
-            has_image,
-            loaded: has_image,
-            tray_open: false,
-            locked: false,
-            event: media_event::NO_CHANGE,
-        }
-    }
-
-    /// DEVICE RESET: sense is cleared and removal is allowed again.
-    pub fn reset(&mut self) {
-        self.sense = Sense::default();
-        self.locked = false;
-    }
-
-    fn not_present(&self) -> Sense {
-        Sense::new(
-            key::NOT_READY,
-            asc::MEDIUM_NOT_PRESENT,
-            if self.tray_open { 2 } else { 1 },
-        )
-    }
-}
-
 /// Outputs of a PACKET command that completed with GOOD status.
 pub fn good() -> TaskFile {
     TaskFile {
-        status: crate::ata::status::GOOD,
+        status: status::GOOD,
         count: REASON_COMPLETE,
         ..Default::default()
     }
@@ -188,7 +31,7 @@ pub fn good() -> TaskFile {
 pub fn check_condition(st: &mut DriveState, sense: Sense) -> TaskFile {
     st.atapi.sense = sense;
     TaskFile {
-        status: crate::ata::status::FAILED,
+        status: status::FAILED,
         error: sense.key << 4,
         count: REASON_COMPLETE,
         ..Default::default()

@@ -5,14 +5,20 @@
 //! The immutable half ([`DriveInfo`]) is shared with I/O jobs without locking; the mutable half
 //! (`DriveState`) lives in the port under the device lock, and jobs take what they need from it
 //! when they start.
+//!
+//! The state the command sets keep (ATAPI sense and tray, the pending NCQ error, the SMART
+//! counters) is defined here rather than beside the commands that change it, so this module
+//! needs only the bottom layer (`spec`, `fis`, `regs`) and every command set can build on it
+//! without a cycle.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Instant;
 
 use block::BlockBackend;
 
-use crate::atapi::AtapiState;
-use crate::log::DriveCounters;
-use crate::ncq::NcqError;
+use crate::fis::TaskFile;
+use crate::spec::{asc, key, media_event};
 
 /// What kind of device a port has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,5 +206,103 @@ impl DriveState {
         self.ncq_error = None;
         self.srst = false;
         self.power = PowerMode::Active;
+    }
+}
+
+/// Per-drive counters that SMART reports (and that outlive resets).
+#[derive(Debug)]
+pub struct DriveCounters {
+    /// When the drive was created ("power on").
+    pub created: Instant,
+    /// Bytes read by the host.
+    pub read_bytes: AtomicU64,
+    /// Bytes written by the host.
+    pub written_bytes: AtomicU64,
+}
+
+impl Default for DriveCounters {
+    fn default() -> Self {
+        DriveCounters {
+            created: Instant::now(),
+            read_bytes: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(0),
+        }
+    }
+}
+
+/// What the NCQ Command Error log reports about the failed queued command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NcqError {
+    /// Tag of the failed command.
+    pub tag: u8,
+    /// Its outputs (status, error, LBA, count, device).
+    pub tf: TaskFile,
+}
+
+/// Sense data: key, additional sense code and qualifier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Sense {
+    /// Sense key.
+    pub key: u8,
+    /// Additional sense code.
+    pub asc: u8,
+    /// Additional sense code qualifier.
+    pub ascq: u8,
+}
+
+impl Sense {
+    /// A sense triple.
+    pub const fn new(key: u8, asc: u8, ascq: u8) -> Self {
+        Sense { key, asc, ascq }
+    }
+}
+
+/// The drive's removable-medium and sense state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct AtapiState {
+    /// Sense of the last command, for REQUEST SENSE.
+    pub sense: Sense,
+    /// A unit attention waiting to be reported.
+    pub unit_attention: Option<Sense>,
+    /// An image is attached.
+    pub has_image: bool,
+    /// The medium is loaded (not ejected).
+    pub loaded: bool,
+    /// The tray is open.
+    pub tray_open: bool,
+    /// Medium removal is prevented.
+    pub locked: bool,
+    /// Media event waiting for GET EVENT STATUS NOTIFICATION.
+    pub event: u8,
+}
+
+impl AtapiState {
+    /// Power-on state: medium loaded if there is one, power-on unit attention pending.
+    pub fn new(has_image: bool) -> Self {
+        AtapiState {
+            sense: Sense::default(),
+            unit_attention: Some(Sense::new(key::UNIT_ATTENTION, asc::POWER_ON_RESET, 0)),
+            has_image,
+            loaded: has_image,
+            tray_open: false,
+            locked: false,
+            event: media_event::NO_CHANGE,
+        }
+    }
+
+    /// DEVICE RESET: sense is cleared and removal is allowed again.
+    pub fn reset(&mut self) {
+        self.sense = Sense::default();
+        self.locked = false;
+    }
+
+    /// The sense a medium access reports with no medium: the qualifier tells an open tray from
+    /// a closed empty one.
+    pub fn not_present(&self) -> Sense {
+        Sense::new(
+            key::NOT_READY,
+            asc::MEDIUM_NOT_PRESENT,
+            if self.tray_open { 2 } else { 1 },
+        )
     }
 }

@@ -3,13 +3,18 @@
 //! memory ABAR in BAR5, MSI (one vector per port when granted) and INTx where the frontend has it.
 //!
 //! Lineage: FreeBSD bhyve's `pci_ahci.c` (configuration syntax, overall shape) and QEMU's AHCI;
-//! the behaviour follows the specifications. Module map:
+//! the behaviour follows the specifications. Module map, lowest layer first: a module uses only
+//! modules listed before it, except that `slot` and this root use each other.
 //!
-//! * [`regs`], [`fis`]: register map and in-memory structures, typed and size-checked.
+//! * [`regs`], [`fis`], `spec`: register map, in-memory structures (typed and size-checked) and
+//!   the ATA/ATAPI opcode, status and sense tables; none imports anything else from the crate.
+//! * [`drive`]: the device, with all the state the command sets keep in it.
+//! * `plan`, `reply`: what a decoded command does, and the outputs commands complete with.
+//! * `identify`, `logpage`, `atapi`, `ncq`, `ata`: the device command sets; `ata` decodes every
+//!   command and hands queued and PACKET commands to `ncq` and `atapi`.
+//! * `prdt`: scatter/gather over guest memory; `config`: bhyve option parsing.
 //! * `hba`, `port`: register semantics, resets, interrupts.
 //! * `slot`: command fetch, the I/O job per command, completion FISes.
-//! * `ata`, `ncq`, `atapi`, `identify`, `log`: the device command sets.
-//! * `prdt`: scatter/gather over guest memory; `config`: bhyve option parsing.
 //!
 //! Threads and locks: register accesses run on the caller's thread and never wait for the disk.
 //! Each port has its own lock (two ports never contend); the HBA's global registers have one
@@ -26,13 +31,15 @@ pub mod drive;
 pub mod fis;
 mod hba;
 mod identify;
-mod log;
+mod logpage;
 mod ncq;
 mod plan;
 mod port;
 mod prdt;
 pub mod regs;
+mod reply;
 mod slot;
+mod spec;
 
 #[cfg(test)]
 mod testdrv;

@@ -4,13 +4,16 @@
 //! Up to 32 queued commands run at once, each identified by its tag (which AHCI requires to equal
 //! the command slot) and completed by a Set Device Bits FIS. When one fails, the device reports
 //! the error through Set Device Bits with ERR, stops completing the others, and keeps the failed
-//! command's tag and registers in the NCQ Command Error log (10h) until the host reads it.
+//! command's tag and registers in the NCQ Command Error log (10h) until the host reads it. That
+//! pending error is part of the drive's state (`drive::NcqError`), which the slot code sets when
+//! it reports the failure.
 
-use crate::ata::{self, cmd, error};
-use crate::drive::{DriveInfo, DriveState, PowerMode};
-use crate::fis::{H2dRegisterFis, TaskFile};
+use crate::drive::{DriveInfo, DriveState, NcqError, PowerMode};
+use crate::fis::H2dRegisterFis;
 use crate::identify::DSM_MAX_BLOCKS;
 use crate::plan::{Action, Plan, Proto};
+use crate::reply::{self, check_range, fail};
+use crate::spec::{cmd, error};
 
 /// SEND FPDMA QUEUED subcommand: DATA SET MANAGEMENT.
 pub const SEND_DSM: u8 = 0x00;
@@ -21,15 +24,6 @@ pub const DEVICE_FUA: u8 = 1 << 7;
 /// NCQ Command Error log byte 0: no queued command failed (NQ).
 pub const LOG_NQ: u8 = 1 << 7;
 
-/// What the NCQ Command Error log reports about the failed queued command.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NcqError {
-    /// Tag of the failed command.
-    pub tag: u8,
-    /// Its outputs (status, error, LBA, count, device).
-    pub tf: TaskFile,
-}
-
 /// The tag field of an FPDMA command (Count 7:3).
 pub fn tag_of(fis: &H2dRegisterFis) -> u8 {
     fis.count >> 3
@@ -38,7 +32,7 @@ pub fn tag_of(fis: &H2dRegisterFis) -> u8 {
 /// Decode a queued command arriving in `slot`.
 pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, slot: u8) -> Plan {
     let proto = Proto::Ncq { tag: slot };
-    let abort = || Plan::done(ata::abort(), proto);
+    let abort = || Plan::done(reply::abort(), proto);
     // While an NCQ error is outstanding the device aborts queued commands (ACS-4 §7.21.2), and a
     // tag that is not its slot cannot be completed through SActive, so it is refused too.
     if st.ncq_error.is_some() || tag_of(fis) != slot {
@@ -52,11 +46,11 @@ pub fn prepare(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis, slot
                 n => u64::from(n),
             };
             let lba = fis.lba48();
-            if let Err(tf) = ata::check_range(info, lba, count) {
+            if let Err(tf) = check_range(info, lba, count) {
                 return Plan::done(tf, proto);
             }
             if write && info.read_only {
-                return Plan::done(ata::fail(error::ABRT, lba), proto);
+                return Plan::done(fail(error::ABRT, lba), proto);
             }
             st.power = PowerMode::Active;
             let sector = u64::from(info.logical);
@@ -120,7 +114,7 @@ mod tests {
     fn error_log_layout() {
         let e = NcqError {
             tag: 7,
-            tf: ata::fail(error::IDNF, 0x0102_0304_0506),
+            tf: fail(error::IDNF, 0x0102_0304_0506),
         };
         let p = error_log(Some(&e));
         assert_eq!(p[0], 7);

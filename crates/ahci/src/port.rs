@@ -11,14 +11,15 @@ use std::sync::Arc;
 
 use zerocopy::IntoBytes;
 
-use crate::ata;
 use crate::drive::{DriveInfo, DriveState};
 use crate::fis::{rx, TaskFile};
 use crate::prdt::{write_guest, GuestFault, Mem};
 use crate::regs::{cap, port as reg, pxcmd, pxis, sctl, serr, ssts, tfd};
+use crate::reply;
+use crate::spec::status;
 
 /// PxTFD while the device is resetting: BSY.
-const TFD_RESETTING: u32 = ata::status::BSY as u32;
+const TFD_RESETTING: u32 = status::BSY as u32;
 
 /// A port and the device attached to it.
 #[derive(Debug)]
@@ -222,7 +223,7 @@ impl Port {
         // Command List Override clears BSY and DRQ so a wedged device can be reset; it is only
         // honoured while the engine is stopped and reads back as zero.
         if new & pxcmd::CLO != 0 && old & pxcmd::ST == 0 {
-            self.tfd &= !u32::from(ata::status::BSY | ata::status::DRQ);
+            self.tfd &= !u32::from(status::BSY | status::DRQ);
         }
         self.interface_control((new >> pxcmd::ICC_SHIFT) & 0xf, hba_cap);
         match (old & pxcmd::ST != 0, new & pxcmd::ST != 0) {
@@ -345,7 +346,7 @@ impl Port {
             ssts::DET_PRESENT | (spd << ssts::SPD_SHIFT) | (ssts::IPM_ACTIVE << ssts::IPM_SHIFT);
         self.serr |= serr::DIAG_X | serr::DIAG_N;
         self.dev.reset();
-        let tf = ata::signature(&self.info);
+        let tf = reply::signature(&self.info);
         self.sig = self.info.signature();
         self.set_tfd(&tf);
         if self.post(mem, rx::RFIS, tf.d2h(false).as_bytes()).is_err() {

@@ -17,18 +17,19 @@ use block::{GuestIov, IoDone, IoReq, Op};
 use vm_memory::GuestAddressSpace;
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::ata::{self, status};
+use crate::ata;
 use crate::atapi;
-use crate::drive::{DriveInfo, DriveKind};
+use crate::drive::{DriveInfo, DriveKind, NcqError};
 use crate::fis::{
     fis_type, header, rx, table, CommandHeader, DmaSetupFis, H2dRegisterFis, SetDeviceBitsFis,
     TaskFile, CONTROL_SRST, FIS_A, FIS_D, FIS_I,
 };
-use crate::ncq::NcqError;
 use crate::plan::{Action, IoResult, Plan, Proto};
 use crate::port::Port;
 use crate::prdt::{read_guest, write_guest, Mem, PrdtFault, Sg};
 use crate::regs::{pxis, serr, ssts};
+use crate::reply;
+use crate::spec::{cmd, error, status};
 use crate::Shared;
 
 /// Most iovecs in one backend request; longer transfers run chunk after chunk.
@@ -192,11 +193,11 @@ fn accept_queued(mem: &Mem, p: &mut Port, f: &Fetched) {
     p.queued |= bit;
     let tf = TaskFile {
         status: status::DRDY,
-        device: ata::DEVICE_LBA,
+        device: reply::DEVICE_LBA,
         ..Default::default()
     };
     p.set_tfd(&tf);
-    let write = f.fis.command != ata::cmd::READ_FPDMA;
+    let write = f.fis.command != cmd::READ_FPDMA;
     let mut ds = DmaSetupFis {
         fis_type: fis_type::DMA_SETUP,
         flags: if write { FIS_A } else { FIS_D },
@@ -220,9 +221,9 @@ fn start(sh: &Shared, ps: &mut PortState, pidx: usize, f: Fetched, mem: &Mem, wo
         return;
     }
     let mut acmd = [0u8; table::ACMD_LEN];
-    let packet = info.kind == DriveKind::Cdrom && f.fis.command == ata::cmd::PACKET;
+    let packet = info.kind == DriveKind::Cdrom && f.fis.command == cmd::PACKET;
     if packet && read_guest(mem, f.header.ctba() + table::ACMD, &mut acmd).is_err() {
-        let plan = Plan::done(ata::ok(), Proto::NonData);
+        let plan = Plan::done(reply::ok(), Proto::NonData);
         finish(
             sh,
             ps,
@@ -389,9 +390,9 @@ fn verify(be: &dyn block::BlockBackend, offset: u64, len: u64, lba: u64, sector:
     IoResult::Ok
 }
 
-/// DATA SET MANAGEMENT TRIM: 8-byte entries of LBA (47:0) and length (63:48); zero-length
-/// entries are padding. Every range is checked before any is discarded; the list is read from
-/// guest memory twice in bounded pieces rather than copied whole.
+/// DATA SET MANAGEMENT TRIM (entries decoded by [`ata::dsm_ranges`]). Every range is checked
+/// before any is discarded; the list is read from guest memory twice in bounded pieces rather
+/// than copied whole.
 fn trim(info: &DriveInfo, be: &dyn block::BlockBackend, mem: &Mem, list: Sg) -> IoResult {
     let each = |apply: bool| -> IoResult {
         let mut sg = list.clone();
@@ -402,12 +403,7 @@ fn trim(info: &DriveInfo, be: &dyn block::BlockBackend, mem: &Mem, list: Sg) -> 
             if sg.read(mem, &mut buf[..n]).is_err() {
                 return IoResult::HostFault(pxis::HBFS);
             }
-            for e in buf[..n].chunks_exact(8) {
-                let v = u64::from_le_bytes(e.try_into().unwrap_or([0; 8]));
-                let (lba, cnt) = (v & 0xffff_ffff_ffff, v >> 48);
-                if cnt == 0 {
-                    continue;
-                }
+            for (lba, cnt) in ata::dsm_ranges(&buf[..n]) {
                 if !apply && lba + cnt > info.sectors {
                     return IoResult::BadRange;
                 }
@@ -438,7 +434,7 @@ fn device_control(mem: &Mem, p: &mut Port, f: &Fetched) {
         }
     } else if p.dev.srst {
         p.dev.srst = false;
-        let tf = ata::signature(&p.info);
+        let tf = reply::signature(&p.info);
         p.sig = p.info.signature();
         p.set_tfd(&tf);
         if p.post(mem, rx::RFIS, tf.d2h(false).as_bytes()).is_err() {
@@ -527,12 +523,12 @@ fn outcome(info: &DriveInfo, p: &mut Port, plan: &Plan, result: IoResult) -> Tas
         IoResult::Ok => match &plan.action {
             Action::Done(tf) | Action::DataIn { tf, .. } => *tf,
             _ if cd => atapi::good(),
-            _ => ata::ok(),
+            _ => reply::ok(),
         },
         IoResult::ReadError { .. } if cd => atapi::read_failed(&mut p.dev),
-        IoResult::ReadError { lba } => ata::fail(ata::error::UNC, lba),
-        IoResult::WriteError { lba } => ata::fail(ata::error::ABRT, lba),
-        IoResult::BadRange | IoResult::HostFault(_) => ata::abort(),
+        IoResult::ReadError { lba } => reply::fail(error::UNC, lba),
+        IoResult::WriteError { lba } => reply::fail(error::ABRT, lba),
+        IoResult::BadRange | IoResult::HostFault(_) => reply::abort(),
     }
 }
 

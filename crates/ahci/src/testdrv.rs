@@ -254,7 +254,7 @@ impl Cmd {
     }
     /// A PACKET command carrying `cdb`, data by DMA or PIO.
     pub fn packet(cdb: &[u8], dma: bool) -> Cmd {
-        let mut c = Cmd::ata(crate::ata::cmd::PACKET).features(u16::from(dma));
+        let mut c = Cmd::ata(crate::spec::cmd::PACKET).features(u16::from(dma));
         c.fis.device = 0;
         (c.fis.lba1, c.fis.lba2) = (0xfe, 0xff); // byte count limit
         c.acmd[..cdb.len()].copy_from_slice(cdb);

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use block::BlockBackend;
 
-use crate::ata::{cmd, error, feature, smart};
 use crate::regs::{port as preg, pxis, sig};
+use crate::spec::{cmd, error, feature, smart};
 use crate::testdrv::{disk, pattern, Cmd, Driver, TestBackend, BUF};
 
 const MIB: u64 = 1 << 20;

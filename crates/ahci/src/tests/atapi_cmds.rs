@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use block::BlockBackend;
 
-use crate::ata::{cmd, error};
-use crate::atapi::op;
 use crate::regs::{port as preg, pxis, sig};
+use crate::spec::{cmd, error, op};
 use crate::testdrv::{cdrom, pattern, Cmd, Done, Driver, TestBackend, BUF};
 
 const BLOCKS: u64 = 1000;

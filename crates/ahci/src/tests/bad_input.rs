@@ -7,10 +7,9 @@ use std::sync::Arc;
 
 use block::BlockBackend;
 
-use crate::ata::{cmd, error};
-use crate::atapi::op;
 use crate::fis::prd;
 use crate::regs::{port as preg, pxcmd, pxis, serr};
+use crate::spec::{cmd, error, op};
 use crate::testdrv::{cdrom, disk, Cmd, Done, Driver, TestBackend, BUF, OUTSIDE, RAM};
 
 const MIB: u64 = 1 << 20;

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use crate::ata::cmd;
 use crate::regs::{port as preg, sig};
+use crate::spec::cmd;
 use crate::testdrv::{Cmd, Driver, BUF};
 
 /// A temporary image file, removed on drop.

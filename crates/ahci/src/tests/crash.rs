@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use block::crashtest::{self, Journal, BLOCK, FLUSH_EVERY};
 
-use crate::ata::cmd;
 use crate::regs::{hba, port as preg, pxis};
+use crate::spec::cmd;
 use crate::testdrv::{Cmd, Driver, BUF};
 
 /// NCQ tags in use.

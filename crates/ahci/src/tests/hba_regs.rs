@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use pci::PciDevice;
 
-use crate::ata::cmd;
 use crate::regs::{cap, ghc, hba, port as preg, pxcmd, pxis, serr, sig};
+use crate::spec::cmd;
 use crate::testdrv::{cdrom, disk, Cmd, Driver, TestBackend, BUF};
 
 fn one_disk() -> Vec<crate::DriveInfo> {

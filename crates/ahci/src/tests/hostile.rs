@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use block::BlockBackend;
 
-use crate::ata::{cmd, error, status};
 use crate::regs::{port as preg, pxcmd};
+use crate::spec::{cmd, error, status};
 use crate::testdrv::{disk, Cmd, Driver, TestBackend, BUF};
 
 const MIB: u64 = 1 << 20;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use block::BlockBackend;
 
-use crate::ata::{cmd, error};
 use crate::regs::{hba, port as preg, pxis};
+use crate::spec::{cmd, error};
 use crate::testdrv::{disk, pattern, Cmd, Driver, TestBackend, BUF};
 
 const MIB: u64 = 1 << 20;

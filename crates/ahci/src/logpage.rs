@@ -1,14 +1,13 @@
 //! General Purpose Logs (ACS-4 §9) and SMART data: what READ LOG (DMA) EXT and SMART READ DATA
-//! return.
+//! return. (Named `logpage`, not `log`, so it does not shadow the `log` crate.)
 //!
 //! Logs are generated from the drive's description and counters when read, so they can never
-//! disagree with IDENTIFY. The NCQ Command Error log (10h) lives in [`crate::ncq`] because it is
-//! part of NCQ error recovery.
+//! disagree with IDENTIFY. The NCQ Command Error log (10h) lives in `ncq` because it is part of
+//! NCQ error recovery; the counters SMART reports are kept with the drive (`drive`).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Instant;
+use std::sync::atomic::Ordering::Relaxed;
 
-use crate::drive::{DriveInfo, DriveState};
+use crate::drive::{DriveCounters, DriveInfo, DriveState};
 use crate::identify;
 
 /// Size of one log page.
@@ -141,27 +140,6 @@ pub fn read_log(
         });
     }
     Some(out)
-}
-
-/// Per-drive counters that SMART reports (and that outlive resets).
-#[derive(Debug)]
-pub struct DriveCounters {
-    /// When the drive was created ("power on").
-    pub created: Instant,
-    /// Bytes read by the host.
-    pub read_bytes: AtomicU64,
-    /// Bytes written by the host.
-    pub written_bytes: AtomicU64,
-}
-
-impl Default for DriveCounters {
-    fn default() -> Self {
-        DriveCounters {
-            created: Instant::now(),
-            read_bytes: AtomicU64::new(0),
-            written_bytes: AtomicU64::new(0),
-        }
-    }
 }
 
 /// SMART attribute IDs reported.
