@@ -5,40 +5,27 @@
 //! The guest runs at CPL0 without SSE, so it also runs on hosts whose /dev/kvm has no VT-x (KVM's
 //! instruction emulator). It reports on COM1 (stdout here); rhyve's own lines are on stderr.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use common::process::{kvm_usable, rhyve_run, vtx_flag};
+use common::{image, root};
 
 /// Longest a guest may take before the harness kills it (a hang guard, not a pass criterion).
 const HANG_GUARD: Duration = Duration::from_secs(300);
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// KVM usable? Tests that need it print why they skip otherwise.
 fn kvm() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let ok = kvm_usable();
     if !ok {
         println!("SKIPPED (no /dev/kvm): cannot open /dev/kvm read-write");
     }
     ok
-}
-
-fn has_vtx() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| {
-            c.lines().any(|l| {
-                l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx" || f == "svm")
-            })
-        })
-        .unwrap_or(false)
 }
 
 /// The test guest ELF, built (and cached) by guest/kvm-test/build.sh.
@@ -61,18 +48,10 @@ fn guest() -> &'static Path {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("kvm")
-        .join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn image(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
-    p
+    common::scratch_in(
+        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kvm"),
+        name,
+    )
 }
 
 struct Run {
@@ -122,50 +101,17 @@ impl Run {
     }
 }
 
-fn rhyve() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rhyve"));
-    c.arg("run")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c
-}
-
-fn collect(mut child: Child) -> Run {
-    let out = child.stdout.take();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(mut out) = out {
-            let _ = out.read_to_string(&mut s);
-        }
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + HANG_GUARD;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+fn collect(child: Child) -> Run {
+    let f = common::process::collect(child, HANG_GUARD);
     Run {
-        code: status.code().unwrap_or(-1),
-        console: t_out.join().unwrap(),
-        log: t_err.join().unwrap(),
+        code: f.status.code().unwrap_or(-1),
+        console: f.stdout,
+        log: f.stderr,
     }
 }
 
 fn run(args: &[&str]) -> Run {
-    collect(rhyve().args(args).spawn().expect("spawn rhyve"))
+    collect(rhyve_run().args(args).spawn().expect("spawn rhyve"))
 }
 
 /// The guest's data pattern (guest/kvm-test/lib.h `pattern`).
@@ -392,7 +338,7 @@ fn kvm_lifecycle_exit_codes() {
         "--cmdline",
         "action=badinsn",
     ]);
-    if has_vtx() {
+    if vtx_flag().is_some() {
         assert_eq!(r.code, 1, "{}", r.dump());
     } else {
         assert_eq!(r.code, 5, "{}", r.dump());
@@ -413,7 +359,7 @@ fn kvm_sigint_flushes_and_exits() {
     let dir = scratch("sigint");
     let img = image(&dir, "nvme.img", 64 << 20);
     let slot = format!("4,nvme,{}", img.display());
-    let mut child = rhyve()
+    let mut child = rhyve_run()
         .args([
             "-m",
             "128M",
@@ -536,7 +482,7 @@ fn pvh_guest() -> PathBuf {
     guest().with_file_name("kvm-test-pvh.elf")
 }
 
-/// The e820 map rhyve gives `mem` bytes of RAM (crates/vmm/src/boot.rs `e820_map`), as the
+/// The e820 map rhyve gives `mem` bytes of RAM (crates/vmm/src/layout.rs `e820_map`), as the
 /// guest prints it: (address, size, type).
 fn expected_memmap(mem: u64) -> Vec<(u64, u64, u32)> {
     let low = mem.min(3 << 30);

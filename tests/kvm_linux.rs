@@ -6,25 +6,14 @@
 //! `vmx` nor `svm`, KVM can only emulate (see shared/notes/kvm-on-this-machine.md) and the test
 //! prints `SKIPPED (no VT-x): …` and returns.
 
-use std::io::Read;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn vtx_flag() -> Option<&'static str> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let flags = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("flags"))?
-        .to_string();
-    ["vmx", "svm"]
-        .into_iter()
-        .find(|f| flags.split_whitespace().any(|x| x == *f))
-}
+use common::process::{collect, kvm_usable, rhyve_run, vtx_flag};
+use common::root;
 
 /// Install Debian packages that are missing (the test runs as root in CI).
 fn ensure_pkgs(pkgs: &[&str]) {
@@ -99,12 +88,7 @@ fn kvm_linux_boots_and_fio_verifies_nvme_and_ahci() {
         );
         return;
     };
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
+    if !kvm_usable() {
         println!(
             "SKIPPED (no /dev/kvm): the CPU has {flag} but /dev/kvm cannot be opened read-write"
         );
@@ -133,8 +117,7 @@ fn kvm_linux_boots_and_fio_verifies_nvme_and_ahci() {
             .set_len(1 << 30)
             .unwrap();
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rhyve"))
-        .arg("run")
+    let child = rhyve_run()
         .args(["-m", "1G", "-c", "2", "--stats", "-s", "0,hostbridge"])
         .args(["-s", &format!("4,nvme,{},ser=RHYVELINUX", nvme.display())])
         .args(["-s", &format!("5,ahci,hd:{}", sata.display())])
@@ -143,36 +126,11 @@ fn kvm_linux_boots_and_fio_verifies_nvme_and_ahci() {
         .arg("--initrd")
         .arg(&initrd)
         .args(["--cmdline", "console=ttyS0 panic=-1 quiet loglevel=4"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn rhyve");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
     // A hang guard only: a healthy run takes well under a minute.
-    let deadline = Instant::now() + Duration::from_secs(900);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let (console, log) = (t_out.join().unwrap(), t_err.join().unwrap());
+    let done = collect(child, Duration::from_secs(900));
+    let (status, console, log) = (done.status, done.stdout, done.stderr);
     std::fs::write(dir.join("console.log"), &console).unwrap();
     let dump = format!("rhyve {status}\n--- console ---\n{console}\n--- rhyve ---\n{log}");
     assert_eq!(status.code(), Some(0), "{dump}");

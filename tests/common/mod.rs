@@ -1,9 +1,12 @@
 //! End-to-end harness: start `rhyve uml`, boot User-Mode Linux with the real drivers against it,
-//! run a shell script inside the guest, and hand back its status and console output.
+//! run a shell script inside the guest, and hand back its status and console output. The KVM
+//! tests (`rhyve run`) use the scratch helpers here and [`process`].
 //!
 //! The UML kernel and initramfs come from `guest/` (built once, cached outside the checkout).
 //! `RHYVE_UML_KERNEL` / `RHYVE_UML_INITRD` override them.
 #![allow(dead_code)]
+
+pub mod process;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -59,7 +62,13 @@ fn scratch_root() -> PathBuf {
 
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
-    let d = scratch_root().join(format!("{name}-{}", std::process::id()));
+    scratch_in(&scratch_root(), name)
+}
+
+/// A fresh scratch directory `NAME-PID` under `area` (removed first, so it holds nothing from an
+/// earlier run); each test binary keeps its own area.
+pub fn scratch_in(area: &Path, name: &str) -> PathBuf {
+    let d = area.join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d

@@ -175,6 +175,14 @@ fn fetch(mem: &Mem, p: &Port, slot: u8) -> Result<Fetched, (u32, u32)> {
         return Err((pxis::IFS, serr::ERR_P | serr::DIAG_H));
     }
     let queued = fis.is_command() && p.info.kind == DriveKind::Disk && ata::is_queued(fis.command);
+    log::trace!(
+        "ahci: slot {slot} command {:#04x} features {:#06x} count {:#x} lba {:#x}{}",
+        fis.command,
+        fis.features16(),
+        fis.count16(),
+        fis.lba48(),
+        if queued { " (queued)" } else { "" }
+    );
     Ok(Fetched {
         slot,
         header,
@@ -553,12 +561,30 @@ fn finish(
     if let (true, Some((plan, result, sg))) = (live && !p.halted, done) {
         sh.stats.commands.fetch_add(1, Relaxed);
         match result {
-            IoResult::HostFault(bit) => p.fatal(bit, f.slot),
+            IoResult::HostFault(bit) => {
+                log::debug!(
+                    "ahci: slot {} command {:#04x}: host fault (PxIS {bit:#x}), port halted",
+                    f.slot,
+                    f.fis.command
+                );
+                p.fatal(bit, f.slot)
+            }
             _ => {
                 let info = Arc::clone(&p.info);
                 let tf = outcome(&info, p, &plan, result);
                 if tf.status & status::ERR != 0 {
                     sh.stats.errors.fetch_add(1, Relaxed);
+                    // What the guest's driver sees, for a user reading RUST_LOG=ahci=debug:
+                    // the error register says why (ABRT refused, IDNF out of range, UNC/ICRC
+                    // a backend failure; for ATAPI the sense key is in its upper nibble).
+                    log::debug!(
+                        "ahci: slot {} command {:#04x} (features {:#04x}) failed: status {:#04x} error {:#04x}",
+                        f.slot,
+                        f.fis.command,
+                        f.fis.features,
+                        tf.status,
+                        tf.error
+                    );
                 }
                 let (moved, irq) = sg.map_or((0, false), |s| (s.moved(), s.interrupt));
                 match plan.action {

@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::testutil::TempFile;
-use crate::{BackendInfo, Ram, RawFile, RawFileOptions};
+use crate::{BackendInfo, BlockBackend, GuestIov, Ram, RawFile, RawFileOptions};
 
 fn mem() -> Arc<GuestMemoryMmap> {
     Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap())

@@ -15,9 +15,9 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rustix::fs::{AtFlags, FallocateFlags, StatxFlags};
 use rustix::io::Errno;
 
-use crate::aio::Op;
 use crate::guest::{self, GuestIov};
 use crate::iov::{self, DrainCursor, FillCursor};
+use crate::req::Op;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::{
     check_range, validate_sector_size, BackendInfo, BlockBackend, BlockError, Dispatch, Result,

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 
-use crate::aio::{Engine, IoDone};
+use crate::aio::Engine;
+use crate::req::IoDone;
 
 /// When a device wants its [`IoHandler::tick`] to run again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

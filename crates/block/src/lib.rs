@@ -26,18 +26,20 @@ mod iothread;
 mod iov;
 mod opts;
 mod ram;
+mod req;
 mod stats;
 #[cfg(test)]
 mod testutil;
 mod uring;
 
-pub use aio::{Engine, EngineKind, IoDone, IoReq, Op};
+pub use aio::{Engine, EngineKind};
 pub use exec::Executor;
 pub use file::{RawFile, RawFileOptions};
 pub use guest::{GuestIov, OutsideRam, SINK_SEGMENT};
 pub use iothread::{IoHandler, IoThread, Tick};
 pub use opts::{open, validate_sector_size, BackendSpec};
 pub use ram::Ram;
+pub use req::{IoDone, IoReq, Op};
 pub use stats::{Stats, StatsSnapshot};
 
 use std::io::{IoSlice, IoSliceMut};

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use crate::aio::{IoReq, Op};
+use crate::req::{IoReq, Op};
 
 /// A ring plus the requests in flight on it, indexed by their `user_data`.
 ///

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
-use nvme::spec::{admin_op, cc, csts, reg};
+use nvme::spec::{cc, csts, reg, AdminOpcode};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::{alloc, steer, Bench, RAM_END, WINDOW};
@@ -359,12 +359,12 @@ impl Host {
             cids.push(cid);
             if sqid == 0
                 && matches!(
-                    c.opcode,
-                    admin_op::DELETE_IO_SQ
-                        | admin_op::CREATE_IO_SQ
-                        | admin_op::DELETE_IO_CQ
-                        | admin_op::CREATE_IO_CQ
-                        | admin_op::DOORBELL_BUFFER_CONFIG
+                    AdminOpcode(c.opcode),
+                    AdminOpcode::DELETE_IO_SQ
+                        | AdminOpcode::CREATE_IO_SQ
+                        | AdminOpcode::DELETE_IO_CQ
+                        | AdminOpcode::CREATE_IO_CQ
+                        | AdminOpcode::DOORBELL_BUFFER_CONFIG
                 )
             {
                 // Raw queue management: the harness no longer knows the queue set.
@@ -389,6 +389,9 @@ impl Host {
 
     /// Consume every new CQE on the harness's CQs.
     fn reap(&mut self) {
+        // Messages sent before this scan began: one of them may announce an entry this scan
+        // finds on one CQ while another CQ sharing its vector was the one checked.
+        let before = self.msi_counts();
         let ids: Vec<u16> = self.cqs.keys().copied().collect();
         let mut moved_cqs = Vec::new();
         for id in ids {
@@ -433,7 +436,7 @@ impl Host {
                 moved_cqs.push(id);
             }
         }
-        self.check_interrupts(&moved_cqs);
+        self.check_interrupts(&moved_cqs, &before);
         for id in moved_cqs {
             let cq = self.cqs[&id];
             if self.shadow && id != 0 {
@@ -449,11 +452,29 @@ impl Host {
         }
     }
 
+    /// MSI-X messages sent so far, per vector.
+    fn msi_counts(&self) -> HashMap<u16, usize> {
+        let mut n = HashMap::new();
+        for m in self
+            .b
+            .irq
+            .msis
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            if let Ok(v) = u16::try_from(m.data) {
+                *n.entry(v).or_insert(0) += 1;
+            }
+        }
+        n
+    }
+
     /// New completions on interrupting CQs must be announced: an MSI-X message for each vector
     /// involved, within the longest coalescing time (host feature 08h allows 25.5 ms). Checked
     /// before the heads are written back, so no interrupt can be legitimately dropped as
     /// consumed.
-    fn check_interrupts(&mut self, cqs: &[u16]) {
+    fn check_interrupts(&mut self, cqs: &[u16], before: &HashMap<u16, usize>) {
         if !self.model {
             return;
         }
@@ -480,7 +501,11 @@ impl Host {
                 now > seen || !self.model,
                 "vector {v}: completions posted but no interrupt within 2 s ({seen} before)"
             );
-            self.irqs_seen.insert(v, now);
+            // The next new entry on this vector needs a message sent after this scan began:
+            // not after this check, because CQs sharing the vector are scanned one by one and
+            // a message counted here may already be the one for an entry the next scan finds.
+            self.irqs_seen
+                .insert(v, before.get(&v).copied().unwrap_or(0).max(seen));
         }
     }
 
@@ -505,7 +530,7 @@ impl Host {
             if self
                 .outstanding
                 .values()
-                .all(|&op| op == admin_op::ASYNC_EVENT_REQUEST)
+                .all(|&op| op == AdminOpcode::ASYNC_EVENT_REQUEST.0)
             {
                 return;
             }
@@ -525,7 +550,7 @@ impl Host {
         if self
             .outstanding
             .values()
-            .any(|&op| op != admin_op::ASYNC_EVENT_REQUEST)
+            .any(|&op| op != AdminOpcode::ASYNC_EVENT_REQUEST.0)
         {
             // Give a descheduled worker every chance before calling it lost.
             self.settle_for(Duration::from_secs(1));
@@ -537,7 +562,7 @@ impl Host {
         let missing: Vec<_> = self
             .outstanding
             .iter()
-            .filter(|(_, &op)| op != admin_op::ASYNC_EVENT_REQUEST)
+            .filter(|(_, &op)| op != AdminOpcode::ASYNC_EVENT_REQUEST.0)
             .collect();
         assert!(
             missing.is_empty(),
@@ -559,7 +584,7 @@ impl Host {
             .expect("queue");
         let qid = u32::from(q);
         let cq = Cmd {
-            opcode: admin_op::CREATE_IO_CQ,
+            opcode: AdminOpcode::CREATE_IO_CQ.0,
             flags: 0,
             nsid: 0,
             cdw2: 0,
@@ -576,7 +601,7 @@ impl Host {
             ],
         };
         let sq = Cmd {
-            opcode: admin_op::CREATE_IO_SQ,
+            opcode: AdminOpcode::CREATE_IO_SQ.0,
             dptr: [io_sq(q), 0],
             cdw: [
                 qid | (u32::from(size - 1) << 16),
@@ -727,7 +752,7 @@ impl Host {
                     );
                 }
                 let c = Cmd {
-                    opcode: admin_op::DOORBELL_BUFFER_CONFIG,
+                    opcode: AdminOpcode::DOORBELL_BUFFER_CONFIG.0,
                     flags: 0,
                     nsid: 0,
                     cdw2: 0,

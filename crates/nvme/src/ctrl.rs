@@ -26,10 +26,12 @@ use pci::{GuestMem, InterruptMode, Interrupts, PciFunction};
 use vm_memory::GuestAddressSpace;
 
 use crate::config::CtrlConfig;
+use crate::error::RateLimit;
 use crate::features::Features;
-use crate::log::Logs;
+use crate::logpage::Logs;
 use crate::namespace::Namespace;
 use crate::queue::{make_cqe, CompQueue, Group, SubQueue};
+use crate::spec::dw::{AerDw0, Aqa, Cap, Cc, Csts};
 use crate::spec::{aer, cc, csts, reg, Sqe, Status};
 
 /// Per-controller counters for `--stats` and the SMART log.
@@ -53,7 +55,7 @@ pub struct Counters {
     pub doorbells: AtomicU64,
     /// Shadow-doorbell polls that found new submissions.
     pub polled: AtomicU64,
-    /// Most commands ever in flight at once (bounded by [`crate::io::MAX_INFLIGHT`]).
+    /// Most commands ever in flight at once (bounded by `io::MAX_INFLIGHT`).
     pub inflight_peak: AtomicU64,
 }
 
@@ -82,7 +84,11 @@ pub struct AsyncEvent {
 impl AsyncEvent {
     /// Completion DW0 of the AER that reports it.
     pub fn dw0(&self) -> u32 {
-        u32::from(self.typ) | (u32::from(self.info) << 8) | (u32::from(self.lid) << 16)
+        AerDw0::new()
+            .with_typ(self.typ)
+            .with_info(self.info)
+            .with_lid(self.lid)
+            .into_bits()
     }
 }
 
@@ -130,7 +136,7 @@ pub mod flag {
     pub const FATAL: u32 = 1 << 1;
     /// Shadow doorbells are configured.
     pub const SHADOW: u32 = 1 << 2;
-    /// Fetching stopped at [`crate::io::MAX_INFLIGHT`]; the next completion resumes it.
+    /// Fetching stopped at `io::MAX_INFLIGHT`; the next completion resumes it.
     pub const STARVED: u32 = 1 << 3;
 }
 
@@ -207,6 +213,24 @@ impl Outcome {
     }
 }
 
+thread_local! {
+    /// The I/O thread index of this thread, if it is one.
+    pub(crate) static CURRENT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// This I/O thread's own work asked for a wake-up (a deadline or polling window set while
+    /// it was already past deciding when to run next).
+    pub(crate) static AGAIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Ask the current I/O thread to run its tick again at once.
+pub(crate) fn again() {
+    AGAIN.with(|a| a.set(true));
+}
+
+/// The I/O thread index the current thread is, if it is one.
+pub(crate) fn current_thread() -> Option<usize> {
+    CURRENT.with(std::cell::Cell::get)
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock means a bug already panicked; the state stays usable, keep serving.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -267,16 +291,18 @@ impl Shared {
 
     /// Memory page size from CC.MPS.
     pub fn page_size(c: &Ctrl) -> u64 {
-        1 << (12 + ((c.cc >> cc::MPS_SHIFT) & cc::MPS_MASK))
+        1 << (12 + Cc::from_bits(c.cc).mps())
     }
 
     /// The CAP register.
     pub fn cap(&self) -> u64 {
-        let mqes = u64::from(self.cfg.qsz - 1);
-        mqes | (1 << 16) // CQR: queues must be physically contiguous
-            | (0x0f << 24) // TO: 7.5 s
-            | (1 << 37) // CSS: NVM command set
-            | (4 << 52) // MPSMAX: 64 KiB (MPSMIN 4 KiB)
+        Cap::new()
+            .with_mqes((self.cfg.qsz - 1) as u16)
+            .with_cqr(true) // queues must be physically contiguous
+            .with_to(0x0f) // 7.5 s
+            .with_css(1) // the NVM command set
+            .with_mpsmax(4) // 64 KiB (MPSMIN is 4 KiB)
+            .into_bits()
     }
 
     /// The I/O thread serving completion queue `cqid`.
@@ -403,28 +429,27 @@ impl Shared {
     }
 
     fn write_cc(&self, mut c: MutexGuard<'_, Ctrl>, new: u32) {
-        let old = c.cc;
+        let (old, new_cc) = (Cc::from_bits(c.cc), Cc::from_bits(new));
         // CC fields other than EN and SHN may only change while disabled.
-        let live = cc::EN | (cc::SHN_MASK << cc::SHN_SHIFT);
-        c.cc = if old & cc::EN != 0 {
-            (old & !live) | (new & live)
+        c.cc = if old.en() {
+            old.with_en(new_cc.en()).with_shn(new_cc.shn()).into_bits()
         } else {
             new
         };
-        let shn_old = (old >> cc::SHN_SHIFT) & cc::SHN_MASK;
-        let shn_new = (new >> cc::SHN_SHIFT) & cc::SHN_MASK;
-        if shn_new == 0 && shn_old != 0 {
+        if new_cc.shn() == 0 && old.shn() != 0 {
             c.csts &= !csts::SHST_MASK; // the host withdrew the shutdown notification
         }
-        if old & cc::EN != 0 && new & cc::EN == 0 {
+        if old.en() && !new_cc.en() {
             self.reset(&mut c, new);
             return;
         }
-        if old & cc::EN == 0 && new & cc::EN != 0 && !c.resetting {
+        if !old.en() && new_cc.en() && !c.resetting {
             self.enable(&mut c);
         }
-        if shn_new != 0 && shn_old == 0 && c.csts & csts::RDY != 0 {
-            c.csts = (c.csts & !csts::SHST_MASK) | (csts::SHST_OCCURRING << csts::SHST_SHIFT);
+        if new_cc.shn() != 0 && old.shn() == 0 && Csts::from_bits(c.csts).rdy() {
+            c.csts = Csts::from_bits(c.csts)
+                .with_shst(csts::SHST_OCCURRING as u8)
+                .into_bits();
             c.shutdown_seq += 1;
             drop(c);
             self.start_shutdown();
@@ -432,10 +457,10 @@ impl Shared {
     }
 
     fn enable(&self, c: &mut Ctrl) {
-        let mps = (c.cc >> cc::MPS_SHIFT) & cc::MPS_MASK;
-        let css = (c.cc >> cc::CSS_SHIFT) & cc::CSS_MASK;
-        let asqs = (c.aqa & 0xfff) + 1;
-        let acqs = ((c.aqa >> 16) & 0xfff) + 1;
+        let (cc, aqa) = (Cc::from_bits(c.cc), Aqa::from_bits(c.aqa));
+        let (mps, css) = (cc.mps(), cc.css());
+        let asqs = u32::from(aqa.asqs()) + 1;
+        let acqs = u32::from(aqa.acqs()) + 1;
         let bad = if mps > 4 {
             Some(format!("CC.MPS={mps} beyond MPSMAX=4"))
         } else if css != 0 && css != 7 {
@@ -446,7 +471,9 @@ impl Shared {
             None
         };
         if let Some(why) = bad {
-            log::warn!(
+            static LIMIT: RateLimit = RateLimit::new();
+            crate::warn_limited!(
+                LIMIT,
                 "nvme {}: enable refused: {why}; controller fatal status set",
                 self.cfg.serial
             );
@@ -456,7 +483,7 @@ impl Shared {
         let page = Self::page_size(c);
         c.admin = Group {
             cq: Some(CompQueue::new(0, c.acq, acqs, true, 0)),
-            sqs: vec![SubQueue::new(0, c.asq, asqs, 0, page, self.next_epoch())],
+            sqs: vec![SubQueue::new(0, c.asq, asqs, page, self.next_epoch())],
             poll_until: None,
         };
         if self.smart_clean.load(Ordering::Relaxed) {
@@ -535,10 +562,9 @@ impl Shared {
             me.save_smart(true);
             let mut c = me.lock();
             if c.shutdown_seq == seq {
-                let shn = (c.cc >> cc::SHN_SHIFT) & cc::SHN_MASK;
-                if shn != 0 && c.csts & csts::SHST_MASK != 0 {
-                    c.csts =
-                        (c.csts & !csts::SHST_MASK) | (csts::SHST_COMPLETE << csts::SHST_SHIFT);
+                let csts_now = Csts::from_bits(c.csts);
+                if Cc::from_bits(c.cc).shn() != 0 && csts_now.shst() != 0 {
+                    c.csts = csts_now.with_shst(csts::SHST_COMPLETE as u8).into_bits();
                 }
                 me.shutdown_running.store(false, Ordering::Release);
                 return;
@@ -652,7 +678,9 @@ impl Shared {
     }
 
     /// A bad doorbell write is reported as an Error status asynchronous event (§5.2.1).
-    pub fn doorbell_error(info: u8) -> AsyncEvent {
+    /// An invalid doorbell write's error event, logged at debug level with `what` was wrong.
+    pub fn doorbell_error(&self, info: u8, what: std::fmt::Arguments<'_>) -> AsyncEvent {
+        log::debug!("nvme {}: doorbell refused: {what}", self.cfg.serial);
         AsyncEvent {
             typ: aer::TYPE_ERROR,
             info,
@@ -675,10 +703,11 @@ impl Shared {
                 return;
             };
             if val >= cq.size || (val + cq.size - cq.head) % cq.size > cq.outstanding() {
-                self.async_event(
-                    &mut c,
-                    Self::doorbell_error(aer::ERR_INVALID_DOORBELL_VALUE),
+                let ev = self.doorbell_error(
+                    aer::ERR_INVALID_DOORBELL_VALUE,
+                    format_args!("admin CQ head {val}: not within the entries posted"),
                 );
+                self.async_event(&mut c, ev);
                 return;
             }
             cq.head = val;
@@ -692,10 +721,11 @@ impl Shared {
                 return;
             };
             if val >= sq.size {
-                self.async_event(
-                    &mut c,
-                    Self::doorbell_error(aer::ERR_INVALID_DOORBELL_VALUE),
+                let ev = self.doorbell_error(
+                    aer::ERR_INVALID_DOORBELL_VALUE,
+                    format_args!("admin SQ tail {val}: beyond its {} entries", sq.size),
                 );
+                self.async_event(&mut c, ev);
                 return;
             }
             sq.tail = val;
@@ -901,8 +931,8 @@ impl Shared {
         if let Some(threads) = self.threads.get() {
             for (i, t) in threads.iter().enumerate() {
                 if wake & (1 << (i % 64)) != 0 {
-                    if crate::io::current_thread() == Some(i) {
-                        crate::io::again();
+                    if current_thread() == Some(i) {
+                        again();
                     } else {
                         t.wake();
                     }

@@ -24,16 +24,6 @@ pub const WCTEMP: u16 = 343;
 /// Critical composite temperature threshold (K).
 pub const CCTEMP: u16 = 358;
 
-/// ONCS bits.
-pub mod oncs {
-    pub const COMPARE: u16 = 1 << 0;
-    pub const DSM: u16 = 1 << 2;
-    pub const WRITE_ZEROES: u16 = 1 << 3;
-    pub const SAVE_SELECT: u16 = 1 << 4;
-    pub const TIMESTAMP: u16 = 1 << 6;
-    pub const VERIFY: u16 = 1 << 7;
-}
-
 fn pad(dst: &mut [u8], s: &str) {
     dst.fill(b' ');
     let n = s.len().min(dst.len());
@@ -52,16 +42,6 @@ fn fnv(seed: u64, parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// ONCS for this configuration.
-pub fn oncs_bits(cfg: &CtrlConfig) -> u16 {
-    oncs::COMPARE
-        | if cfg.dsm { oncs::DSM } else { 0 }
-        | oncs::WRITE_ZEROES
-        | oncs::SAVE_SELECT
-        | oncs::TIMESTAMP
-        | oncs::VERIFY
-}
-
 /// Identify Controller (CNS 01h).
 pub fn controller(cfg: &CtrlConfig, namespaces: &[Namespace]) -> IdentifyController {
     let mut id = IdentifyController::new_zeroed();
@@ -77,12 +57,12 @@ pub fn controller(cfg: &CtrlConfig, namespaces: &[Namespace]) -> IdentifyControl
     id.ver = crate::NVME_VERSION;
     id.oaes = 1 << 8; // Namespace Attribute Notices
     id.cntrltype = 1; // I/O controller
-    id.oacs = (1 << 1) | (u16::from(cfg.dbbuf) << 8); // Format NVM, Doorbell Buffer Config
+    id.oacs = crate::commands::oacs_bits(cfg);
     id.acl = ACL;
     id.aerl = AERL;
     id.frmw = (1 << 1) | 1; // one slot, slot 1 read-only
     id.lpa = (1 << 1) | (1 << 2); // commands supported & effects log, extended data
-    id.elpe = (crate::log::ERROR_LOG_ENTRIES - 1) as u8;
+    id.elpe = (crate::logpage::ERROR_LOG_ENTRIES - 1) as u8;
     id.npss = 0;
     id.wctemp = WCTEMP;
     id.cctemp = CCTEMP;
@@ -91,7 +71,7 @@ pub fn controller(cfg: &CtrlConfig, namespaces: &[Namespace]) -> IdentifyControl
     id.sqes = 0x66;
     id.cqes = 0x44;
     id.nn = namespaces.len() as u32;
-    id.oncs = oncs_bits(cfg);
+    id.oncs = crate::commands::oncs_bits(cfg);
     id.vwc = 0x1 | (0x3 << 1); // present; Flush with NSID FFFFFFFFh supported
     id.sgls = 0x1 | (1 << 16); // SGLs without alignment rules; bit bucket descriptors
     let nqn = format!("nqn.2026-11.io.rhyve:nvme:{}", cfg.serial);

@@ -17,11 +17,13 @@ use pci::InterruptMode;
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
 use crate::config::Coalesce;
-use crate::ctrl::{flag, read_u32, write_u32, Shared, Work};
+use crate::ctrl::{flag, read_u32, write_u32, Shared, Work, AGAIN, CURRENT};
+use crate::error::{NvmeError, RateLimit, Reason};
 use crate::namespace::Namespace;
 use crate::prp::{self, DataPtr, Walker};
 use crate::queue::{make_cqe, Chunks, CompQueue, Group, Slot, SubQueue};
-use crate::spec::{aer, io_op, DsmRange, Sqe, Status, NSID_ALL};
+use crate::spec::dw::{Cdw10Dsm, Cdw11Dsm, Cdw12ReadWrite};
+use crate::spec::{aer, DsmRange, IoOpcode, Sqe, Status, NSID_ALL};
 
 /// Most commands a controller has in flight at once, all queues together. Fetching pauses at
 /// this many (commands wait in their SQs, as on a real controller with a finite number of
@@ -42,22 +44,8 @@ const PROBE_EVERY: Duration = Duration::from_millis(10);
 const QUIET_MIN: Duration = Duration::from_micros(2);
 
 thread_local! {
-    static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
     /// When this I/O thread last completed something (polled mode).
     static LAST_DONE: Cell<Option<Instant>> = const { Cell::new(None) };
-    /// This I/O thread's own work asked for a wake-up (a deadline or polling window set while
-    /// it was already past deciding when to run next).
-    static AGAIN: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Ask the current I/O thread to run its tick again at once.
-pub(crate) fn again() {
-    AGAIN.with(|a| a.set(true));
-}
-
-/// The I/O thread index the current thread is, if it is one.
-pub fn current_thread() -> Option<usize> {
-    CURRENT.with(Cell::get)
 }
 
 type Mem = Arc<GuestMemoryMmap>;
@@ -101,7 +89,9 @@ enum Plan {
 
 /// Map a backend error to the command's status; counts media errors.
 fn backend_status(shared: &Shared, e: &BlockError, write: bool) -> Status {
-    log::warn!("nvme {}: backend error: {e}", shared.cfg.serial);
+    // A guest can repeat the failing I/O as fast as it likes.
+    static LIMIT: RateLimit = RateLimit::new();
+    crate::warn_limited!(LIMIT, "nvme {}: backend error: {e}", shared.cfg.serial);
     let s = match e {
         BlockError::ReadOnly => Status::NS_WRITE_PROTECTED,
         BlockError::OutOfRange { .. } => Status::LBA_OUT_OF_RANGE,
@@ -164,16 +154,23 @@ impl Shared {
             let found = cqid != 0 && g.sq(qid).is_some();
             if !found {
                 drop(g);
-                if mmio.is_some() {
-                    self.report(Self::doorbell_error(aer::ERR_INVALID_DOORBELL));
+                if let Some(v) = mmio {
+                    self.report(self.doorbell_error(
+                        aer::ERR_INVALID_DOORBELL,
+                        format_args!("SQ {qid} tail {v}: no such queue"),
+                    ));
                 }
                 return;
             }
             if let Some(v) = mmio {
                 let sq = g.sq_mut(qid).expect("checked");
                 if v >= sq.size {
+                    let size = sq.size;
                     drop(g);
-                    self.report(Self::doorbell_error(aer::ERR_INVALID_DOORBELL_VALUE));
+                    self.report(self.doorbell_error(
+                        aer::ERR_INVALID_DOORBELL_VALUE,
+                        format_args!("SQ {qid} tail {v}: beyond its {size} entries"),
+                    ));
                     return;
                 }
                 sq.tail = v;
@@ -190,13 +187,19 @@ impl Shared {
             let mut g = self.group(qid);
             let Some(cq) = g.cq.as_mut() else {
                 drop(g);
-                self.report(Self::doorbell_error(aer::ERR_INVALID_DOORBELL));
+                self.report(self.doorbell_error(
+                    aer::ERR_INVALID_DOORBELL,
+                    format_args!("CQ {qid} head {val}: no such queue"),
+                ));
                 return;
             };
             // The new head must lie within the entries the controller has posted.
             if val >= cq.size || (val + cq.size - cq.head) % cq.size > cq.outstanding() {
                 drop(g);
-                self.report(Self::doorbell_error(aer::ERR_INVALID_DOORBELL_VALUE));
+                self.report(self.doorbell_error(
+                    aer::ERR_INVALID_DOORBELL_VALUE,
+                    format_args!("CQ {qid} head {val}: not within the entries posted"),
+                ));
                 return;
             }
             cq.head = val;
@@ -330,15 +333,19 @@ impl Shared {
                 true
             }
             Some(t) => {
-                log::warn!(
+                static LIMIT: RateLimit = RateLimit::new();
+                crate::warn_limited!(
+                    LIMIT,
                     "nvme {}: shadow tail {t:#x} of SQ {} (size {}): queue stopped",
                     self.cfg.serial,
                     sq.id,
                     sq.size
                 );
                 sq.stopped = true;
-                work.events
-                    .push(Self::doorbell_error(aer::ERR_INVALID_DOORBELL_VALUE));
+                work.events.push(self.doorbell_error(
+                    aer::ERR_INVALID_DOORBELL_VALUE,
+                    format_args!("shadow SQ {} tail {t:#x}: queue stopped", sq.id),
+                ));
                 false
             }
             None => {
@@ -399,11 +406,30 @@ impl Shared {
         ns: &[Namespace],
         work: &mut Work,
     ) {
+        let op = IoOpcode(sqe.opcode());
+        log::trace!(
+            "nvme {}: sq {} cid {} {op} nsid {} cdw10-12 {:#x} {:#x} {:#x} dptr {:#x}/{:#x}",
+            self.cfg.serial,
+            sq.id,
+            sqe.cid(),
+            sqe.nsid,
+            sqe.cdw10,
+            sqe.cdw11,
+            sqe.cdw12,
+            sqe.dptr[0],
+            sqe.dptr[1]
+        );
         let plan = match self.prepare_io(sq, &sqe, mem, ns) {
             Ok(p) => p,
-            Err(status) => {
-                work.errors.push((sq.id, sqe, status));
-                self.post_io(cq, sq, sqe.cid(), status, work);
+            Err(e) => {
+                log::debug!(
+                    "nvme {}: sq {} cid {} {op} refused: {e}",
+                    self.cfg.serial,
+                    sq.id,
+                    sqe.cid()
+                );
+                work.errors.push((sq.id, sqe, e.status));
+                self.post_io(cq, sq, sqe.cid(), e.status, work);
                 return;
             }
         };
@@ -419,7 +445,6 @@ impl Shared {
             sqe,
             parts: 0,
             status: Status::SUCCESS,
-            dw0: 0,
             bytes,
             chunks: None,
             abort_waiting: false,
@@ -459,7 +484,7 @@ impl Shared {
                 backend,
             } => {
                 let mut walker = Walker::new(ptr, len, op == Op::Write)?;
-                let mut iov = sq.iovs.pop().unwrap_or_default();
+                let mut iov = sq.take_iov();
                 iov.set_memory(mem.clone());
                 let mapped = map_chunk(&mut walker, &mut iov, mem).and_then(|more| {
                     // A large transfer: prove the whole pointer good before any data moves.
@@ -550,47 +575,73 @@ impl Shared {
         sqe: &Sqe,
         mem: &Mem,
         ns: &[Namespace],
-    ) -> Result<Plan, Status> {
+    ) -> Result<Plan, NvmeError> {
+        let op = IoOpcode(sqe.opcode());
         if sqe.fuse() != 0 {
-            return Err(Status::INVALID_FIELD);
+            return Err(NvmeError::field("fused operations are not supported"));
         }
-        let op = sqe.opcode();
-        if op == io_op::FLUSH && sqe.nsid == NSID_ALL {
+        if op == IoOpcode::FLUSH && sqe.nsid == NSID_ALL {
             return Ok(Plan::Flush(ns.iter().map(|n| n.backend.clone()).collect()));
         }
         let n = usize::try_from(sqe.nsid)
             .ok()
             .and_then(|n| n.checked_sub(1))
             .and_then(|i| ns.get(i))
-            .ok_or(Status::INVALID_NAMESPACE)?;
+            .ok_or(NvmeError::new(
+                Status::INVALID_NAMESPACE,
+                Reason::Namespace { nsid: sqe.nsid },
+            ))?;
         let backend = n.backend.clone();
         let shift = n.lba_shift();
         let slba = u64::from(sqe.cdw10) | (u64::from(sqe.cdw11) << 32);
-        let nlb = u64::from(sqe.cdw12 & 0xffff) + 1;
-        let fua = sqe.cdw12 & (1 << 30) != 0;
+        let rw = Cdw12ReadWrite::from_bits(sqe.cdw12);
+        let nlb = u64::from(rw.nlb()) + 1;
+        let fua = rw.fua();
         let durable = fua || !self.volatile_wc.load(Ordering::Acquire);
         let max_bytes = if self.cfg.mdts == 0 {
             u64::MAX
         } else {
             4096u64 << self.cfg.mdts
         };
-        let ranged = |limit: bool| -> Result<(u64, u64), Status> {
+        let out_of_range = |slba: u64, nlb: u64| {
+            NvmeError::new(
+                Status::LBA_OUT_OF_RANGE,
+                Reason::LbaRange {
+                    slba,
+                    nlb,
+                    nsze: n.nsze(),
+                },
+            )
+        };
+        let read_only = || NvmeError::new(Status::NS_WRITE_PROTECTED, Reason::ReadOnly);
+        let ranged = |limit: bool| -> Result<(u64, u64), NvmeError> {
             if !n.in_range(slba, nlb) {
-                return Err(Status::LBA_OUT_OF_RANGE);
+                return Err(out_of_range(slba, nlb));
             }
             let len = nlb << shift;
             if limit && len > max_bytes {
-                return Err(Status::INVALID_FIELD);
+                return Err(NvmeError::new(
+                    Status::INVALID_FIELD,
+                    Reason::TooLarge {
+                        bytes: len,
+                        max: max_bytes,
+                    },
+                ));
             }
             Ok((slba << shift, len))
         };
         let ptr = || DataPtr::of(sqe, sq.page);
+        // Checked after the namespace, as it always was: a bad NSID with an unsupported
+        // opcode reports the namespace.
+        if crate::commands::io(&self.cfg, op).is_none() {
+            return Err(NvmeError::new(Status::INVALID_OPCODE, Reason::Opcode));
+        }
         Ok(match op {
-            io_op::READ | io_op::WRITE => {
+            IoOpcode::READ | IoOpcode::WRITE => {
                 let (offset, len) = ranged(true)?;
-                let write = op == io_op::WRITE;
+                let write = op == IoOpcode::WRITE;
                 if write && n.read_only {
-                    return Err(Status::NS_WRITE_PROTECTED);
+                    return Err(read_only());
                 }
                 Plan::Transfer {
                     op: if write { Op::Write } else { Op::Read },
@@ -601,25 +652,22 @@ impl Shared {
                     backend,
                 }
             }
-            io_op::COMPARE => {
+            IoOpcode::COMPARE => {
                 let (offset, len) = ranged(true)?;
                 let p = ptr()?;
                 prp::validate(&**mem, p, len, true)?;
-                let (me, mem) = (
-                    self.me.upgrade().ok_or(Status::INTERNAL_ERROR)?,
-                    mem.clone(),
-                );
+                let (me, mem) = (self.me()?, mem.clone());
                 Plan::Blocking(Box::new(move || me.compare(&backend, &mem, p, offset, len)))
             }
-            io_op::VERIFY => {
+            IoOpcode::VERIFY => {
                 let (offset, len) = ranged(self.cfg.mdts != 0)?;
-                let me = self.me.upgrade().ok_or(Status::INTERNAL_ERROR)?;
+                let me = self.me()?;
                 Plan::Blocking(Box::new(move || me.verify(&backend, offset, len)))
             }
-            io_op::WRITE_ZEROES => {
+            IoOpcode::WRITE_ZEROES => {
                 let (offset, len) = ranged(false)?;
                 if n.read_only {
-                    return Err(Status::NS_WRITE_PROTECTED);
+                    return Err(read_only());
                 }
                 Plan::Zeroes {
                     offset,
@@ -628,18 +676,18 @@ impl Shared {
                     backend,
                 }
             }
-            io_op::DATASET_MANAGEMENT if self.cfg.dsm => {
-                let nr = (sqe.cdw10 & 0xff) as usize + 1;
-                let deallocate = sqe.cdw11 & (1 << 2) != 0;
+            IoOpcode::DATASET_MANAGEMENT => {
+                let nr = usize::from(Cdw10Dsm::from_bits(sqe.cdw10).nr()) + 1;
+                let deallocate = Cdw11Dsm::from_bits(sqe.cdw11).ad();
                 let segs = prp::collect(&**mem, ptr()?, (nr * 16) as u64, true)?;
                 let mut raw = [0u8; 256 * 16];
                 prp::copy_from_guest(&**mem, &segs, &mut raw[..nr * 16])?;
                 let mut ranges = Vec::with_capacity(nr);
                 for chunk in raw[..nr * 16].chunks_exact(16) {
                     let r = <DsmRange as zerocopy::FromBytes>::read_from_bytes(chunk)
-                        .map_err(|_| Status::INVALID_FIELD)?;
+                        .map_err(|_| NvmeError::field("range is not 16 bytes"))?;
                     if !n.in_range(r.slba, u64::from(r.nlb)) {
-                        return Err(Status::LBA_OUT_OF_RANGE);
+                        return Err(out_of_range(r.slba, u64::from(r.nlb)));
                     }
                     if r.nlb > 0 {
                         ranges.push((r.slba << shift, u64::from(r.nlb) << shift));
@@ -648,9 +696,9 @@ impl Shared {
                 if !deallocate || ranges.is_empty() {
                     Plan::Nothing // attribute hints only: nothing to do
                 } else if n.read_only {
-                    return Err(Status::NS_WRITE_PROTECTED);
+                    return Err(read_only());
                 } else {
-                    let me = self.me.upgrade().ok_or(Status::INTERNAL_ERROR)?;
+                    let me = self.me()?;
                     Plan::Blocking(Box::new(move || {
                         for (off, len) in ranges {
                             if let Err(e) = backend.discard(off, len) {
@@ -661,9 +709,18 @@ impl Shared {
                     }))
                 }
             }
-            io_op::FLUSH => Plan::Flush(vec![backend]),
-            _ => return Err(Status::INVALID_OPCODE),
+            IoOpcode::FLUSH => Plan::Flush(vec![backend]),
+            // In the table but without a handler: a bug, answered as the spec allows.
+            _ => return Err(NvmeError::new(Status::INVALID_OPCODE, Reason::Opcode)),
         })
+    }
+
+    /// This controller, owned, for work that outlives the call (pool jobs).
+    fn me(&self) -> Result<Arc<Shared>, NvmeError> {
+        self.me.upgrade().ok_or(NvmeError::new(
+            Status::INTERNAL_ERROR,
+            Reason::Sequence("controller is being dropped"),
+        ))
     }
 
     /// Compare: the disk's data against the host's, a bounded chunk at a time.
@@ -1036,10 +1093,11 @@ impl Shared {
     /// Whether a durability promise for `sqe` is broken by an earlier failed flush.
     fn flush_broken(&self, sqe: &Sqe) -> bool {
         let ns = self.ns.read().unwrap_or_else(|e| e.into_inner());
-        let durable = match sqe.opcode() {
-            io_op::FLUSH => true,
-            io_op::WRITE | io_op::WRITE_ZEROES => {
-                sqe.cdw12 & (1 << 30) != 0 || !self.volatile_wc.load(Ordering::Acquire)
+        let durable = match IoOpcode(sqe.opcode()) {
+            IoOpcode::FLUSH => true,
+            IoOpcode::WRITE | IoOpcode::WRITE_ZEROES => {
+                Cdw12ReadWrite::from_bits(sqe.cdw12).fua()
+                    || !self.volatile_wc.load(Ordering::Acquire)
             }
             _ => false,
         };
@@ -1093,7 +1151,7 @@ impl Shared {
     /// Start the next chunk of a large transfer; false when the command is finished.
     fn next_chunk(&self, cqid: u16, sq: &mut SubQueue, slot: u16, t: u64, work: &mut Work) -> bool {
         let mem = self.mem.memory().into_inner();
-        let mut iov = sq.iovs.pop().unwrap_or_default();
+        let mut iov = sq.take_iov();
         let s = sq.slots[usize::from(slot)].as_mut().expect("in flight");
         let Some(ch) = s.chunks.as_mut() else {
             return false;
@@ -1149,16 +1207,16 @@ impl Shared {
             s.status = Status::WRITE_FAULT;
         }
         let c = &self.counters;
-        match s.sqe.opcode() {
-            io_op::READ if s.status.is_success() => {
+        match IoOpcode(s.sqe.opcode()) {
+            IoOpcode::READ if s.status.is_success() => {
                 c.read_cmds.fetch_add(1, Ordering::Relaxed);
                 c.bytes_read.fetch_add(s.bytes, Ordering::Relaxed);
             }
-            io_op::WRITE if s.status.is_success() => {
+            IoOpcode::WRITE if s.status.is_success() => {
                 c.write_cmds.fetch_add(1, Ordering::Relaxed);
                 c.bytes_written.fetch_add(s.bytes, Ordering::Relaxed);
             }
-            io_op::WRITE_ZEROES if s.status.is_success() => {
+            IoOpcode::WRITE_ZEROES if s.status.is_success() => {
                 c.write_cmds.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}

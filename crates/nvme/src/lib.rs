@@ -1,24 +1,32 @@
 //! rhyve's NVMe controller: NVMe Base 2.0 with the NVM command set over the PCIe transport.
 //!
 //! The model is frontend-agnostic: it is a [`pci::PciDevice`] whose BAR0 holds the controller
-//! registers and doorbells and whose BAR4 holds the MSI-X table and PBA. Files, bhyve-style:
-//! [`spec`] (wire layouts and constants), [`ctrl`] (registers, queues, interrupts, reset),
-//! [`admin`], [`io`], [`prp`] (PRP/SGL walking), [`identify`], [`features`], [`log`],
-//! [`namespace`], [`config`] (the `-s slot,nvme,…` options).
+//! registers and doorbells and whose BAR4 holds the MSI-X table and PBA. Files, bhyve-style,
+//! from the bottom up: [`spec`] (wire layouts, constants, typed registers and command dwords),
+//! [`error`] (a failed command's status and reason), [`config`] (the `-s slot,nvme,…` options),
+//! [`commands`] (the one table of supported commands), [`namespace`], `queue`, `prp` (PRP/SGL
+//! walking), `identify`, `features`, `logpage`, `smart`, `ctrl` (registers, doorbells,
+//! interrupts, reset), `admin` and `io` (the two command sets).
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
-pub mod admin;
+mod admin;
+pub mod commands;
 pub mod config;
-pub mod ctrl;
-pub mod features;
-pub mod identify;
-pub mod io;
-pub mod log;
+mod ctrl;
+pub mod error;
+mod features;
+mod identify;
+mod io;
+mod logpage;
 pub mod namespace;
-pub mod prp;
-pub mod queue;
-pub mod smart;
+mod prp;
+mod queue;
+mod smart;
 pub mod spec;
+
+pub use error::{NvmeError, Reason};
+pub use io::MAX_SEGMENTS;
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
@@ -35,7 +43,7 @@ use crate::config::CtrlConfig;
 use crate::ctrl::{flag, Ctrl, Shared};
 use crate::features::Features;
 use crate::identify::{PCI_DEVICE_ID, PCI_VENDOR_ID};
-use crate::log::Logs;
+use crate::logpage::Logs;
 use crate::namespace::Namespace;
 use crate::queue::Group;
 
@@ -56,8 +64,8 @@ const POOL_THREADS: usize = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
     /// The SMART state file (`smart=PATH`) cannot be read or written.
-    #[error("{0}")]
-    Smart(String),
+    #[error(transparent)]
+    Smart(#[from] smart::SmartError),
     /// An I/O thread or its engine could not be set up.
     #[error("cannot start I/O thread: {0}")]
     Thread(#[from] std::io::Error),
@@ -85,7 +93,7 @@ impl NvmeController {
         ctx: &DeviceContext,
         namespaces: Vec<Namespace>,
     ) -> Result<Self, CreateError> {
-        let smart = smart::SmartStore::open(cfg.smart.as_deref()).map_err(CreateError::Smart)?;
+        let smart = smart::SmartStore::open(cfg.smart.as_deref())?;
         let vectors = cfg.maxq + 1;
         let bar0_size = (reg_space(cfg.maxq)).next_power_of_two().max(0x4000);
         let mut cs = ConfigSpace::new(PCI_VENDOR_ID, PCI_DEVICE_ID, 0x01, 0x08, 0x02, 0);

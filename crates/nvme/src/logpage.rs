@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use crate::spec::{ErrorLogEntry, Sqe, Status};
+use crate::spec::{ErrorLogEntry, IoOpcode, Sqe, Status};
 
 /// Error Log Page Entries supported (ELPE + 1).
 pub const ERROR_LOG_ENTRIES: usize = 64;
@@ -22,8 +22,15 @@ impl Logs {
     /// Record a failed command.
     pub fn record_error(&mut self, sqid: u16, cid: u16, status: Status, sqe: &Sqe) {
         self.error_count += 1;
-        let lba = match sqe.opcode() {
-            0x01 | 0x02 | 0x05 | 0x08 | 0x0c if sqid != 0 => {
+        // The LBA field names the failing block for the commands that address one.
+        let lba = match IoOpcode(sqe.opcode()) {
+            IoOpcode::WRITE
+            | IoOpcode::READ
+            | IoOpcode::COMPARE
+            | IoOpcode::WRITE_ZEROES
+            | IoOpcode::VERIFY
+                if sqid != 0 =>
+            {
                 u64::from(sqe.cdw10) | (u64::from(sqe.cdw11) << 32)
             }
             _ => 0,

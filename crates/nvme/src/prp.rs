@@ -355,6 +355,7 @@ pub fn map_prp<M: GuestMemory>(
 
 /// Map `len` bytes described by SGL1 (the SQE's 16-byte data pointer). `host_to_ctrl` is true for
 /// writes (bit buckets are then invalid).
+#[cfg(test)]
 pub fn map_sgl<M: GuestMemory>(
     mem: &M,
     sgl1: SglDescriptor,
@@ -378,6 +379,7 @@ pub fn read_struct<T: FromBytes, M: GuestMemory>(mem: &M, addr: u64) -> Option<T
 }
 
 /// Write a spec structure to guest memory.
+#[cfg(test)]
 pub fn write_struct<T: zerocopy::IntoBytes + zerocopy::Immutable, M: GuestMemory>(
     mem: &M,
     addr: u64,

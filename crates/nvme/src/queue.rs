@@ -51,8 +51,6 @@ pub struct Slot {
     pub parts: u32,
     /// The first error any part reported.
     pub status: Status,
-    /// Command-specific DW0 of the completion.
-    pub dw0: u32,
     /// Bytes the command moves (for the counters).
     pub bytes: u64,
     /// A large transfer runs chunk after chunk; this is the rest.
@@ -76,8 +74,6 @@ pub struct SubQueue {
     pub head: u32,
     /// Host-written tail.
     pub tail: u32,
-    /// The completion queue this SQ posts to.
-    pub cqid: u16,
     /// Memory page size (CC.MPS) for this queue's PRPs.
     pub page: u64,
     /// Distinguishes this queue from earlier ones with the same ID (stale completions).
@@ -104,14 +100,13 @@ pub struct SubQueue {
 
 impl SubQueue {
     /// A new, empty SQ.
-    pub fn new(id: u16, base: u64, size: u32, cqid: u16, page: u64, epoch: u16) -> Self {
+    pub fn new(id: u16, base: u64, size: u32, page: u64, epoch: u16) -> Self {
         SubQueue {
             id,
             base,
             size,
             head: 0,
             tail: 0,
-            cqid,
             page,
             epoch,
             slots: Vec::new(),

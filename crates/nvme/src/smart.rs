@@ -80,6 +80,27 @@ impl Totals {
     }
 }
 
+/// The SMART state file (`smart=PATH`) could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SmartError {
+    /// It exists but cannot be read.
+    #[error("cannot read SMART state {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It cannot be written (or replaced).
+    #[error("cannot write SMART state {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
 /// The persistent store (or none).
 #[derive(Debug)]
 pub struct SmartStore {
@@ -90,7 +111,7 @@ pub struct SmartStore {
 
 impl SmartStore {
     /// Open the store at `path` and count this power-on. Errors name the path.
-    pub fn open(path: Option<&Path>) -> Result<SmartStore, String> {
+    pub fn open(path: Option<&Path>) -> Result<SmartStore, SmartError> {
         let mut base = match path {
             Some(p) => match std::fs::read_to_string(p) {
                 Ok(text) => Totals::parse(&text),
@@ -98,7 +119,12 @@ impl SmartStore {
                     clean: true,
                     ..Default::default()
                 },
-                Err(e) => return Err(format!("cannot read SMART state {}: {e}", p.display())),
+                Err(source) => {
+                    return Err(SmartError::Read {
+                        path: p.to_path_buf(),
+                        source,
+                    })
+                }
             },
             None => Totals {
                 clean: true,
@@ -122,12 +148,15 @@ impl SmartStore {
     }
 
     /// Write `now` (base plus this run's counts). Atomic: a crash leaves the old or new file.
-    pub fn save(&self, now: &Totals) -> Result<(), String> {
+    pub fn save(&self, now: &Totals) -> Result<(), SmartError> {
         let Some(p) = &self.path else { return Ok(()) };
         let tmp = p.with_extension("tmp");
         std::fs::write(&tmp, now.render())
             .and_then(|()| std::fs::rename(&tmp, p))
-            .map_err(|e| format!("cannot write SMART state {}: {e}", p.display()))
+            .map_err(|source| SmartError::Write {
+                path: p.clone(),
+                source,
+            })
     }
 }
 

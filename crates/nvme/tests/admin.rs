@@ -32,10 +32,7 @@ fn identify_controller_into_buffer_straddling_a_page() {
     let page = d.alloc(3 * PAGE);
     let prp1 = page + PAGE - 8;
     let prp2 = page + 2 * PAGE;
-    let mut s = sqe(0x06, 0);
-    s.cdw10 = 1;
-    s.dptr = [prp1, prp2];
-    assert_ok(&d.admin(s));
+    assert_ok(&d.admin(identify(cns::CONTROLLER, 0).prp(prp1, prp2)));
     let mut id = d.read_mem(prp1, 8);
     id.extend(d.read_mem(prp2, 4088));
     d.expect(prp1, &id[..8]);
@@ -174,12 +171,7 @@ fn identify_namespaces_lists_and_descriptors() {
 fn identify_bad_data_pointers() {
     let mut d = TestDriver::ready(SPEC);
     let buf = d.alloc(2 * PAGE);
-    let id = |prp1: u64, prp2: u64| {
-        let mut s = sqe(0x06, 0);
-        s.cdw10 = 1;
-        s.dptr = [prp1, prp2];
-        s
-    };
+    let id = |prp1: u64, prp2: u64| identify(cns::CONTROLLER, 0).prp(prp1, prp2);
     // PRP1 not dword aligned.
     assert_status(&d.admin(id(buf + 2, 0)), 0, 0x13);
     // PRP2 with an offset when it names the second page of the transfer.
@@ -196,15 +188,15 @@ fn identify_bad_data_pointers() {
     );
     // Admin commands must use PRPs: PSDT != 0 is an invalid field, as is a fused admin command.
     let mut s = id(buf, 0);
-    s.cdw0 |= 1 << 14;
+    s.cdw0 |= 1 << 14; // PSDT 01b (SGL): deliberately invalid here
     assert_status(&d.admin(s), 0, 0x02);
     let mut s = id(buf, 0);
-    s.cdw0 |= 1 << 8;
+    s.cdw0 |= 1 << 8; // FUSE 01b: deliberately invalid here
     assert_status(&d.admin(s), 0, 0x02);
     d.check_mem();
     // Unknown admin opcode.
-    assert_status(&d.admin(sqe(0xc1, 0)), 0, 0x01);
-    assert_status(&d.admin(sqe(0x7f, 0)), 0, 0x01);
+    assert_status(&d.admin(sqe(0xc1, 0)), 0, 0x01); // vendor specific: none offered
+    assert_status(&d.admin(sqe(0x7f, 0)), 0, 0x01); // Fabrics: no such admin opcode on PCIe
 }
 
 // ---------------------------------------------------------------- Features
@@ -256,10 +248,7 @@ fn features_current_default_saved_and_capabilities() {
             "FID {fid:#x}: changeable, not saveable"
         );
         // Save is not supported for any feature.
-        let mut s = sqe(0x09, 0);
-        s.cdw10 = u32::from(fid) | (1 << 31);
-        s.cdw11 = set;
-        assert_status(&d.admin(s), 1, 0x0d);
+        assert_status(&d.admin(set_features(fid, set).save()), 1, 0x0d);
         // Reserved select values.
         assert_status(&d.get_features(fid, 4, nsid, cdw11), 0, 0x02);
     }
@@ -283,14 +272,9 @@ fn features_current_default_saved_and_capabilities() {
     assert_eq!(d.get_features(0x04, 0, 0, 1 << 20).dw0 & 0xffff, 250);
     // Namespace scoping: error recovery is per namespace, the rest are not.
     assert_status(&d.get_features(0x05, 0, 3, 0), 0, 0x0b);
-    let mut s = sqe(0x09, 1);
-    s.cdw10 = 0x06;
-    s.cdw11 = 1;
-    assert_status(&d.admin(s), 1, 0x0f);
-    let mut s = sqe(0x09, 1);
-    s.cdw10 = 0x05;
-    s.cdw11 = 7;
-    assert_ok(&d.admin(s));
+    let vwc = set_features(fid::VOLATILE_WRITE_CACHE, 1).nsid(1);
+    assert_status(&d.admin(vwc), 1, 0x0f);
+    assert_ok(&d.admin(set_features(fid::ERROR_RECOVERY, 7).nsid(1)));
 }
 
 #[test]
@@ -326,10 +310,7 @@ fn timestamp_feature_round_trip() {
     let mut d = TestDriver::ready(SPEC);
     let buf = d.alloc(8);
     let get = |d: &mut TestDriver| {
-        let mut s = sqe(0x0a, 0);
-        s.cdw10 = 0x0e;
-        s.dptr[0] = buf;
-        let c = d.admin(s);
+        let c = d.admin(get_features(fid::TIMESTAMP, 0).prp(buf, 0));
         let v = d.read_mem(buf, 8);
         d.expect(buf, &v);
         (c, v)
@@ -342,18 +323,13 @@ fn timestamp_feature_round_trip() {
         0b100,
         "changeable, not saveable"
     );
-    let mut s = sqe(0x09, 0);
-    s.cdw10 = 0x0e | (1 << 31);
-    assert_status(&d.admin(s), 1, 0x0d);
+    assert_status(&d.admin(set_features(fid::TIMESTAMP, 0).save()), 1, 0x0d);
     let set_ms: u64 = 1_700_000_000_000;
     let src = d.alloc(8);
     let mut b = set_ms.to_le_bytes();
     b[6] = 0;
     d.write_mem(src, &b);
-    let mut s = sqe(0x09, 0);
-    s.cdw10 = 0x0e;
-    s.dptr[0] = src;
-    assert_ok(&d.admin(s));
+    assert_ok(&d.admin(set_features(fid::TIMESTAMP, 0).prp(src, 0)));
     let (c, v) = get(&mut d);
     assert_ok(&c);
     let mut ms = [0u8; 8];
@@ -365,9 +341,7 @@ fn timestamp_feature_round_trip() {
     );
     assert_eq!((v[6] >> 1) & 7, 1, "origin: set by host");
     // A bad data pointer fails the set.
-    let mut s = sqe(0x09, 0);
-    s.cdw10 = 0x0e;
-    s.dptr[0] = MEM_SIZE;
+    let s = set_features(fid::TIMESTAMP, 0).prp(MEM_SIZE, 0);
     assert_status(&d.admin(s), 0, 0x04);
     d.check_mem();
 }
@@ -376,7 +350,7 @@ fn timestamp_feature_round_trip() {
 fn temperature_threshold_raises_smart_event() {
     let mut d = TestDriver::ready(SPEC);
     assert_ok(&d.set_features(0x0b, 0x2)); // temperature warnings on
-    let aer = d.submit(0, sqe(0x0c, 0));
+    let aer = d.submit(0, async_event_request());
     d.assert_cq_empty(0);
     assert_ok(&d.set_features(0x04, 300)); // over-temperature threshold below 308 K
     let c = d.wait_cid(0, aer);
@@ -399,10 +373,10 @@ fn temperature_threshold_raises_smart_event() {
 #[test]
 fn error_log_records_failed_commands() {
     let mut d = TestDriver::ready(SPEC);
-    let cid1 = d.submit(0, sqe(0x7f, 0));
+    let cid1 = d.submit(0, sqe(0x7f, 0)); // no such admin opcode on PCIe
     assert_status(&d.wait_cid(0, cid1), 0, 0x01);
     let buf = d.alloc(512);
-    let cid2 = d.submit(1, TestDriver::rw(0x02, 1, NS1_BLOCKS, 1, buf, 0));
+    let cid2 = d.submit(1, rw(IoOpcode::READ, 1, NS1_BLOCKS, 1).prp(buf, 0));
     assert_status(&d.wait_cid(1, cid2), 0, 0x80);
     let (c, log) = d.get_log(0x01, 0, 4096, 0, false);
     assert_ok(&c);
@@ -446,7 +420,7 @@ fn smart_log_counts_io() {
     be.fail_reads
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let buf = d.alloc(512);
-    let c = d.io(1, TestDriver::rw(0x02, 1, 77, 1, buf, 0));
+    let c = d.io(1, rw(IoOpcode::READ, 1, 77, 1).prp(buf, 0));
     assert_status(&c, 2, 0x81);
     be.fail_reads
         .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -484,31 +458,48 @@ fn firmware_slot_effects_and_invalid_log_pages() {
     assert_eq!(&fw[8..16], b"1.0     ");
     let (c, fx) = d.get_log(0x05, 0, 4096, 0, false);
     assert_ok(&c);
-    let acs = |op: usize| u32_at(&fx, op * 4);
-    let iocs = |op: usize| u32_at(&fx, 1024 + op * 4);
-    for op in [0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0a, 0x0c] {
-        assert_eq!(acs(op) & 1, 1, "admin {op:#x} supported");
+    let acs = |op: AdminOpcode| u32_at(&fx, usize::from(op.0) * 4);
+    let iocs = |op: IoOpcode| u32_at(&fx, 1024 + usize::from(op.0) * 4);
+    for op in [
+        AdminOpcode::DELETE_IO_SQ,
+        AdminOpcode::CREATE_IO_SQ,
+        AdminOpcode::GET_LOG_PAGE,
+        AdminOpcode::DELETE_IO_CQ,
+        AdminOpcode::CREATE_IO_CQ,
+        AdminOpcode::IDENTIFY,
+        AdminOpcode::ABORT,
+        AdminOpcode::SET_FEATURES,
+        AdminOpcode::GET_FEATURES,
+        AdminOpcode::ASYNC_EVENT_REQUEST,
+    ] {
+        assert_eq!(acs(op) & 1, 1, "admin {:#x} supported", op.0);
     }
     assert_eq!(
-        acs(0x80),
+        acs(AdminOpcode::FORMAT_NVM),
         0x1_0007,
         "Format: CSUPP, LBCC, NCC, CSE namespace"
     );
-    assert_eq!(acs(0x03), 0);
-    assert_eq!(acs(0x18), 0, "Keep Alive not implemented");
-    assert_eq!(iocs(0x01), 0b11, "Write changes LBA content");
-    assert_eq!(iocs(0x02), 0b01);
-    assert_eq!(iocs(0x05), 0b01);
-    assert_eq!(iocs(0x08), 0b11);
-    assert_eq!(iocs(0x09), 0b11);
-    assert_eq!(iocs(0x0c), 0b01);
-    assert_eq!(iocs(0x04), 0, "Write Uncorrectable not offered");
+    assert_eq!(acs(AdminOpcode(0x03)), 0); // reserved opcode
+    assert_eq!(
+        acs(AdminOpcode::KEEP_ALIVE),
+        0,
+        "Keep Alive not implemented"
+    );
+    assert_eq!(iocs(IoOpcode::WRITE), 0b11, "Write changes LBA content");
+    assert_eq!(iocs(IoOpcode::READ), 0b01);
+    assert_eq!(iocs(IoOpcode::COMPARE), 0b01);
+    assert_eq!(iocs(IoOpcode::WRITE_ZEROES), 0b11);
+    assert_eq!(iocs(IoOpcode::DATASET_MANAGEMENT), 0b11);
+    assert_eq!(iocs(IoOpcode::VERIFY), 0b01);
+    assert_eq!(
+        iocs(IoOpcode::WRITE_UNCORRECTABLE),
+        0,
+        "Write Uncorrectable not offered"
+    );
     // Effects for a non-NVM CSI.
     let buf = d.alloc(4096);
-    let mut s = sqe(0x02, 0);
-    s.dptr[0] = buf;
-    s.cdw10 = 0x05 | (1023 << 16);
-    s.cdw14 = 2 << 24;
+    let mut s = get_log_page(lid::COMMANDS_SUPPORTED_EFFECTS, 1023).prp(buf, 0);
+    s.cdw14 = dw::Cdw14GetLogPage::new().with_csi(2).into_bits();
     assert_status(&d.admin(s), 0, 0x02);
     // Unknown log page.
     assert_status(&d.get_log(0x7f, 0, 512, 0, false).0, 1, 0x09);
@@ -535,9 +526,7 @@ fn get_log_page_larger_than_mdts_is_invalid() {
     let list = d.alloc(PAGE);
     d.write_u64(list, buf + PAGE);
     d.write_u64(list + 8, buf + 2 * PAGE);
-    let mut s = sqe(0x02, 0);
-    s.dptr = [buf, list];
-    s.cdw10 = 0x01 | ((3 * 1024 - 1) << 16); // 12 KiB of the error log
+    let s = get_log_page(lid::ERROR_INFORMATION, 3 * 1024 - 1).prp(buf, list); // 12 KiB
     assert_status(&d.admin(s), 0, 0x02);
     d.check_mem();
     assert_ok(&d.get_log(0x01, 0, 8192, 0, false).0);
@@ -623,7 +612,7 @@ fn create_and_delete_queue_validation() {
     assert_ok(&d.delete_sq(2));
     assert_ok(&d.delete_cq(1));
     // A doorbell to the deleted SQ is an error event, not a command.
-    let aer = d.submit(0, sqe(0x0c, 0));
+    let aer = d.submit(0, async_event_request());
     d.bar_write32(0, 0x1000 + 8, 1);
     assert_eq!(d.wait_cid(0, aer).dw0, 0x01_00_00);
     // Re-create with a different size.
@@ -668,7 +657,7 @@ fn queues_of_65536_entries() {
     let w = data(512, 0x42);
     d.write_blocks(1, 1, 3, 512, &w);
     assert_eq!(d.read_blocks(1, 1, 3, 1, 512), w);
-    let aer = d.submit(0, sqe(0x0c, 0));
+    let aer = d.submit(0, async_event_request());
     // CQ head beyond what was posted: an error event, not a crash.
     d.bar_write32(0, 0x1000 + 8 + 4, 40000);
     assert_eq!(d.wait_cid(0, aer).dw0, 0x01_01_00);
@@ -683,20 +672,15 @@ fn abort_and_asynchronous_event_limits() {
     let be = TestBackend::new(4 << 20, 512);
     let mut d = TestDriver::with_backends("4,nvme,ram=1,ser=TESTSER1", vec![be.clone()]);
     d.bring_up();
-    let abort = |sqid: u16, cid: u16| {
-        let mut s = sqe(0x08, 0);
-        s.cdw10 = u32::from(sqid) | (u32::from(cid) << 16);
-        s
-    };
     // Aborting a command that does not exist: success, "not aborted".
     let c = d.admin(abort(1, 0x1234));
     assert_ok(&c);
     assert_eq!(c.dw0 & 1, 1);
 
     // AERs: four may be outstanding (AERL = 3), the fifth is refused.
-    let aers: Vec<u16> = (0..4).map(|_| d.submit(0, sqe(0x0c, 0))).collect();
+    let aers: Vec<u16> = (0..4).map(|_| d.submit(0, async_event_request())).collect();
     d.assert_cq_empty(0);
-    assert_status(&d.admin(sqe(0x0c, 0)), 1, 0x05);
+    assert_status(&d.admin(async_event_request()), 1, 0x05);
     // Aborting an outstanding AER completes it with Abort Requested.
     let acid = d.submit(0, abort(0, aers[3]));
     let c = d.wait_cid(0, aers[3]);
@@ -710,7 +694,7 @@ fn abort_and_asynchronous_event_limits() {
     let bufs: Vec<u64> = (0..5).map(|_| d.alloc(512)).collect();
     let reads: Vec<u16> = bufs
         .iter()
-        .map(|&b| d.submit(1, TestDriver::rw(0x02, 1, 0, 1, b, 0)))
+        .map(|&b| d.submit(1, rw(IoOpcode::READ, 1, 0, 1).prp(b, 0)))
         .collect();
     be.wait_parked(4); // four executor threads; the fifth waits in the executor queue
                        // Four Aborts are held (ACL = 3) until their targets complete; the fifth exceeds the limit.
@@ -738,9 +722,7 @@ fn abort_and_asynchronous_event_limits() {
     d.check_mem();
     // The three remaining AERs still work: trigger a notice via Format (AEC bit 8 set).
     assert_ok(&d.set_features(0x0b, 1 << 8));
-    let mut f = sqe(0x80, 1);
-    f.cdw10 = 1; // LBA format 1 (4096)
-    assert_ok(&d.admin(f));
+    assert_ok(&d.admin(format_nvm(1, 1, 0))); // LBA format 1 (4096)
     let c = d.wait_cid(0, aers[0]);
     assert_eq!(
         c.dw0, 0x04_00_02,
@@ -755,11 +737,9 @@ fn delete_sq_waits_for_in_flight_commands() {
     d.bring_up();
     be.hold();
     let buf = d.alloc(512);
-    let r = d.submit(1, TestDriver::rw(0x02, 1, 0, 1, buf, 0));
+    let r = d.submit(1, rw(IoOpcode::READ, 1, 0, 1).prp(buf, 0));
     be.wait_parked(1);
-    let mut s = sqe(0x00, 0);
-    s.cdw10 = 1;
-    let del = d.submit(0, s);
+    let del = d.submit(0, delete_io_sq(1));
     d.assert_cq_empty(0);
     // The CQ cannot go while its SQ is being deleted.
     assert_status(&d.delete_cq(1), 1, 0x0c);
@@ -776,14 +756,9 @@ fn delete_sq_waits_for_in_flight_commands() {
 #[test]
 fn format_lba_formats_and_errors() {
     let mut d = TestDriver::ready(SPEC);
-    let format = |nsid: u32, cdw10: u32| {
-        let mut s = sqe(0x80, nsid);
-        s.cdw10 = cdw10;
-        s
-    };
     let w = data(4096, 5);
     d.write_blocks(1, 1, 0, 512, &w);
-    assert_ok(&d.admin(format(1, 1)));
+    assert_ok(&d.admin(format_nvm(1, 1, 0)));
     let ns = d.identify_ok(0x00, 1);
     assert_eq!(ns[26], 1, "FLBAS: 4096");
     assert_eq!(u64_at(&ns, 0), (16 << 20) / 4096);
@@ -797,7 +772,11 @@ fn format_lba_formats_and_errors() {
     d.write_blocks(1, 1, 4095, 4096, &w2);
     assert_eq!(d.read_blocks(1, 1, 4095, 1, 4096), w2);
     let buf = d.alloc(4096);
-    assert_status(&d.io(1, TestDriver::rw(0x02, 1, 4096, 1, buf, 0)), 0, 0x80);
+    assert_status(
+        &d.io(1, rw(IoOpcode::READ, 1, 4096, 1).prp(buf, 0)),
+        0,
+        0x80,
+    );
     // Changed namespace list reports NSID 1 once.
     let (c, l) = d.get_log(0x04, 0, 4096, 0, false);
     assert_ok(&c);
@@ -805,15 +784,17 @@ fn format_lba_formats_and_errors() {
     let (_, l) = d.get_log(0x04, 0, 4096, 0, false);
     assert_eq!(u32_at(&l, 0), 0, "cleared by the read");
     // Back to 512 on all namespaces.
-    assert_ok(&d.admin(format(0xffff_ffff, 0)));
+    assert_ok(&d.admin(format_nvm(NSID_ALL, 0, 0)));
     assert_eq!(d.identify_ok(0x00, 1)[26], 0);
     // Errors.
-    assert_status(&d.admin(format(1, 2)), 1, 0x0a); // LBA format 2 does not exist
-    assert_status(&d.admin(format(1, 1 << 12)), 1, 0x0a); // LBAFU
-    assert_status(&d.admin(format(1, 1 << 5)), 1, 0x0a); // protection information
-    assert_status(&d.admin(format(1, 2 << 9)), 0, 0x02); // cryptographic erase
-    assert_status(&d.admin(format(3, 0)), 0, 0x0b);
-    assert_status(&d.admin(format(0, 0)), 0, 0x0b);
+    assert_status(&d.admin(format_nvm(1, 2, 0)), 1, 0x0a); // LBA format 2 does not exist
+    assert_status(&d.admin(format_nvm(1, 0x10, 0)), 1, 0x0a); // LBAFU
+    let mut pi = format_nvm(1, 0, 0);
+    pi.cdw10 = dw::Cdw10Format::new().with_pi(1).into_bits(); // protection information
+    assert_status(&d.admin(pi), 1, 0x0a);
+    assert_status(&d.admin(format_nvm(1, 0, 2)), 0, 0x02); // cryptographic erase
+    assert_status(&d.admin(format_nvm(3, 0, 0)), 0, 0x0b);
+    assert_status(&d.admin(format_nvm(0, 0, 0)), 0, 0x0b);
     d.check_mem();
 }
 
@@ -824,9 +805,7 @@ fn format_with_user_data_erase_zeroes_the_namespace() {
     d.write_blocks(1, 1, 0, 512, &w);
     d.write_blocks(1, 1, NS1_BLOCKS - 16, 512, &w);
     d.write_blocks(1, 2, 0, 512, &w);
-    let mut s = sqe(0x80, 1);
-    s.cdw10 = 1 << 9; // SES = 1, LBA format 0
-    assert_ok(&d.admin(s));
+    assert_ok(&d.admin(format_nvm(1, 0, 1))); // user data erase, LBA format 0
     assert_eq!(d.read_blocks(1, 1, 0, 16, 512), vec![0u8; 8192]);
     assert_eq!(
         d.read_blocks(1, 1, NS1_BLOCKS - 16, 16, 512),
@@ -843,9 +822,7 @@ fn format_with_user_data_erase_zeroes_the_namespace() {
 fn format_read_only_namespace_is_write_protected() {
     let img = TempFile::new("fmt-ro", &data(1 << 20, 1));
     let mut d = TestDriver::ready(&format!("4,nvme,{},ro,ser=TESTSER1", img.0.display()));
-    let mut s = sqe(0x80, 1);
-    s.cdw10 = 1 << 9;
-    assert_status(&d.admin(s), 0, 0x20);
+    assert_status(&d.admin(format_nvm(1, 0, 1)), 0, 0x20);
     assert_eq!(img.read(), data(1 << 20, 1));
     assert_eq!(d.identify_ok(0x00, 1)[99] & 1, 1, "NSATTR write protected");
 }
@@ -867,23 +844,19 @@ fn commands_on_many_namespaces_stay_apart() {
 fn format_raises_a_namespace_notice_only_when_the_namespace_changes() {
     let mut d = TestDriver::ready(SPEC);
     assert_ok(&d.set_features(0x0b, 1 << 8));
-    let aer = d.submit(0, sqe(0x0c, 0));
-    let mut f = sqe(0x80, 1);
-    f.cdw10 = 0; // already LBA format 0
-    assert_ok(&d.admin(f));
+    let aer = d.submit(0, async_event_request());
+    assert_ok(&d.admin(format_nvm(1, 0, 0))); // already LBA format 0
     d.assert_cq_empty(0);
     let (_, l) = d.get_log(0x04, 0, 4096, 0, false);
     assert_eq!(u32_at(&l, 0), 0, "nothing changed");
     // Notices disabled: a real change is logged but not announced.
     assert_ok(&d.set_features(0x0b, 0));
-    f.cdw10 = 1;
-    assert_ok(&d.admin(f));
+    assert_ok(&d.admin(format_nvm(1, 1, 0)));
     d.assert_cq_empty(0);
     let (_, l) = d.get_log(0x04, 0, 4096, 0, false);
     assert_eq!(u32_at(&l, 0), 1);
     // Enabled again: a change is announced.
     assert_ok(&d.set_features(0x0b, 1 << 8));
-    f.cdw10 = 0;
-    assert_ok(&d.admin(f));
+    assert_ok(&d.admin(format_nvm(1, 0, 0)));
     assert_eq!(d.wait_cid(0, aer).dw0, 0x04_00_02);
 }

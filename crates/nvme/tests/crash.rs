@@ -66,7 +66,7 @@ fn child(a: crashtest::ChildArgs) {
         while jobs.len() < DEPTH {
             if since_flush >= FLUSH_EVERY && !flushing {
                 let covers = journal.acks();
-                let cid = d.submit(1, sqe(0x00, 1));
+                let cid = d.submit(1, flush(1));
                 jobs.insert(cid, Job::Flush { covers });
                 (since_flush, flushing) = (0, true);
                 continue;
@@ -79,9 +79,9 @@ fn child(a: crashtest::ChildArgs) {
                 data,
             } = journal.next_write();
             d.write_mem(buf, &data);
-            let mut s = TestDriver::rw(0x01, 1, lba * 8, 8, buf, 0);
+            let mut s = rw(IoOpcode::WRITE, 1, lba * 8, 8).prp(buf, 0);
             if fua {
-                s.cdw12 |= 1 << 30;
+                s = s.fua();
             }
             let cid = d.submit(1, s);
             jobs.insert(cid, Job::Write { seq, lba, fua, buf });

@@ -25,9 +25,7 @@ fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send
 fn configure_shadow(d: &mut TestDriver) -> (u64, u64) {
     let db = d.alloc_queue(4096);
     let ei = d.alloc_queue(4096);
-    let mut s = sqe(0x7c, 0);
-    s.dptr = [db, ei];
-    assert_ok(&d.admin(s));
+    assert_ok(&d.admin(doorbell_buffer_config(db, ei)));
     (db, ei)
 }
 
@@ -65,7 +63,7 @@ fn threads() -> usize {
 #[test]
 fn bad_shadow_tail_stops_the_queue_instead_of_spinning() {
     let mut d = TestDriver::ready("4,nvme,ram=4");
-    let aer = d.submit(0, sqe(0x0c, 0));
+    let aer = d.submit(0, async_event_request());
     let (db, _) = configure_shadow(&mut d);
     write_u32(&d, db + 8, 0xffff_ffff);
     let dev: Arc<dyn pci::PciDevice> =
@@ -158,7 +156,7 @@ fn a_full_cq_stops_fetching() {
     d.auto_ring = false;
     d.create_pair_sized(2, 2, 1024);
     for _ in 0..1000 {
-        d.submit(2, sqe(0x00, 1)); // Flush
+        d.submit(2, flush(1));
     }
     let c = d.wait_cq(2);
     assert_ok(&c);
@@ -189,8 +187,7 @@ fn a_stalled_backend_holds_at_most_the_cq() {
     let buf = d.alloc(512);
     for _round in 0..40 {
         for _ in 0..63 {
-            let mut s = sqe(0x02, 1);
-            s.dptr[0] = buf;
+            let s = rw(IoOpcode::READ, 1, 0, 1).prp(buf, 0);
             d.submit(1, s);
         }
     }
@@ -244,8 +241,7 @@ fn nothing_is_fetched_after_controller_fatal_status() {
     let (db, _) = configure_shadow(&mut d);
     backend.hold();
     let buf = d.alloc(512);
-    let mut s = sqe(0x02, 1);
-    s.dptr[0] = buf;
+    let s = rw(IoOpcode::READ, 1, 0, 1).prp(buf, 0);
     shadow_submit(&mut d, db, 1, s); // in flight, held
     backend.wait_parked(1);
     // The queues vanish from guest memory (a new memory table): the next fetch fails → CFS.
@@ -255,9 +251,7 @@ fn nothing_is_fetched_after_controller_fatal_status() {
     assert_eq!(d.csts() & 2, 2, "CFS");
     // More work queued: neither a kick nor the held read's completion may fetch it.
     let q = d.sqs[&1];
-    let mut s = sqe(0x02, 1);
-    s.dptr[0] = buf;
-    s.cdw0 |= 0x77 << 16;
+    let s = rw(IoOpcode::READ, 1, 0, 1).prp(buf, 0).cid(0x77);
     d.mem
         .memory()
         .write_slice(
@@ -296,16 +290,14 @@ fn bus_master_enable_fences_dma_and_interrupts() {
     // A read in flight when BME goes: its CQE and interrupt wait.
     backend.hold();
     let b1 = d.alloc(512);
-    let mut s = sqe(0x02, 1);
-    s.dptr[0] = b1;
+    let s = rw(IoOpcode::READ, 1, 0, 1).prp(b1, 0);
     let held = d.submit(1, s);
     backend.wait_parked(1);
     d.cfg_write(4, 2, 0x2); // memory space only: BME clear
     backend.release();
     // A read submitted while BME is clear is not even fetched.
     let b2 = d.alloc(512);
-    let mut s = sqe(0x02, 1);
-    s.dptr[0] = b2;
+    let s = rw(IoOpcode::READ, 1, 0, 1).prp(b2, 0);
     let fenced = d.submit(1, s);
     std::thread::sleep(Duration::from_millis(100));
     assert!(
@@ -346,20 +338,19 @@ fn a_failed_flush_is_reported_until_reset() {
     };
     assert_eq!(media(&mut d), 0);
     backend.fail_flushes.store(true, Ordering::SeqCst);
-    assert_status(&d.io(1, sqe(0x00, 1)), 2, 0x80);
+    assert_status(&d.io(1, flush(1)), 2, 0x80);
     backend.fail_flushes.store(false, Ordering::SeqCst);
-    assert_status(&d.io(1, sqe(0x00, 1)), 2, 0x80);
-    assert_status(&d.io(1, sqe(0x00, 0xffff_ffff)), 2, 0x80);
+    assert_status(&d.io(1, flush(1)), 2, 0x80);
+    assert_status(&d.io(1, flush(NSID_ALL)), 2, 0x80);
     // A FUA write promises durability too.
     let (p1, p2) = d.prp_buffer(&data(512, 1));
-    let mut w = TestDriver::rw(0x01, 1, 0, 1, p1, p2);
-    w.cdw12 |= 1 << 30;
+    let w = rw(IoOpcode::WRITE, 1, 0, 1).prp(p1, p2).fua();
     assert_status(&d.io(1, w), 2, 0x80);
     assert!(media(&mut d) >= 1, "counted as a media error");
     d.disable();
     d.enable();
     d.create_pair(1, 16);
-    assert_ok(&d.io(1, sqe(0x00, 1)));
+    assert_ok(&d.io(1, flush(1)));
 }
 
 /// Feature 08h is applied: with threshold 4 a burst interrupts once per 4 completions, and a
@@ -373,8 +364,7 @@ fn coalescing_threshold_and_time() {
     let bufs: Vec<u64> = (0..8).map(|_| d.alloc(512)).collect();
     // Queue 8 reads, then ring once: they complete in one pass.
     for &b in &bufs {
-        let mut s = sqe(0x02, 1);
-        s.dptr[0] = b;
+        let s = rw(IoOpcode::READ, 1, 0, 1).prp(b, 0);
         let q = d.sqs.get_mut(&1).unwrap();
         let addr = q.base + u64::from(q.tail) * 64;
         q.tail += 1;
@@ -396,8 +386,7 @@ fn coalescing_threshold_and_time() {
     );
     // One more: below the threshold, so it waits for the aggregation time.
     let b = d.alloc(512);
-    let mut s = sqe(0x02, 1);
-    s.dptr[0] = b;
+    let s = rw(IoOpcode::READ, 1, 0, 1).prp(b, 0);
     let t1 = Instant::now();
     d.submit(1, s);
     assert_ok(&d.wait_cq(1));
@@ -413,8 +402,7 @@ fn coalescing_threshold_and_time() {
     let before = d.irq.count(msix_data(1));
     d.ring_cq_head(1);
     let b = d.alloc(512);
-    let mut s = sqe(0x02, 1);
-    s.dptr[0] = b;
+    let s = rw(IoOpcode::READ, 1, 0, 1).prp(b, 0);
     d.submit(1, s);
     assert_ok(&d.wait_cq(1));
     d.wait_irqs(msix_data(1), before + 1);
@@ -435,7 +423,7 @@ fn adaptive_coalescing_leaves_qd1_alone_and_batches_bursts() {
         // An interrupt-driven host: submit, wait for the interrupt, then reap. Adaptive mode may
         // hold one interrupt now and then (at most every 10 ms) to look for a deeper queue; it
         // still comes, one per command.
-        d.submit(1, TestDriver::rw(0x02, 1, i, 1, buf, 0));
+        d.submit(1, rw(IoOpcode::READ, 1, i, 1).prp(buf, 0));
         d.wait_irqs(msix_data(1), before + i as usize + 1);
         assert_ok(&d.wait_cq(1));
         d.ring_cq_head(1);
@@ -450,8 +438,7 @@ fn adaptive_coalescing_leaves_qd1_alone_and_batches_bursts() {
     let before = d.irq.count(msix_data(1));
     let bufs: Vec<u64> = (0..32).map(|_| d.alloc(512)).collect();
     for &b in &bufs {
-        let mut s = sqe(0x02, 1);
-        s.dptr[0] = b;
+        let s = rw(IoOpcode::READ, 1, 0, 1).prp(b, 0);
         let q = d.sqs.get_mut(&1).unwrap();
         let addr = q.base + u64::from(q.tail) * 64;
         q.tail = (q.tail + 1) % q.size;
@@ -494,7 +481,7 @@ fn adaptive_coalescing_does_not_stall_a_fixed_depth_host() {
     for round in 0..20u64 {
         let before = d.irq.count(msix_data(1));
         for (k, &b) in bufs.iter().enumerate() {
-            d.submit_at(1, TestDriver::rw(0x02, 1, round * 4 + k as u64, 1, b, 0));
+            d.submit_at(1, rw(IoOpcode::READ, 1, round * 4 + k as u64, 1).prp(b, 0));
         }
         let tail = d.sqs[&1].tail;
         d.bar_write32(0, 0x1008, tail);
@@ -564,17 +551,17 @@ fn unlimited_transfers_run_in_chunks_and_validate_first() {
     build_list(&mut d, false);
     place(&mut d, &payload);
     let nlb = (len / 512) as u32;
-    assert_ok(&d.io(1, TestDriver::rw(0x01, 1, 0, nlb, phys(0), list)));
+    assert_ok(&d.io(1, rw(IoOpcode::WRITE, 1, 0, nlb).prp(phys(0), list)));
     let zeroes = vec![0u8; len];
     place(&mut d, &zeroes);
-    assert_ok(&d.io(1, TestDriver::rw(0x02, 1, 0, nlb, phys(0), list)));
+    assert_ok(&d.io(1, rw(IoOpcode::READ, 1, 0, nlb).prp(phys(0), list)));
     assert!(gather(&d) == payload, "4 MiB read back intact");
     place(&mut d, &payload);
     // A bad last entry: nothing moves.
     build_list(&mut d, true);
     place(&mut d, &zeroes);
     assert_status(
-        &d.io(1, TestDriver::rw(0x02, 1, 0, nlb, phys(0), list)),
+        &d.io(1, rw(IoOpcode::READ, 1, 0, nlb).prp(phys(0), list)),
         0,
         0x13,
     );
@@ -592,10 +579,10 @@ fn io_uring_errors_map_to_nvme_statuses() {
     d.bring_up();
     let b = d.alloc(4096);
     // NSID 1: /proc/self/mem at LBA 8 (address 4096, never mapped) answers EIO.
-    assert_status(&d.io(1, TestDriver::rw(0x02, 1, 8, 1, b, 0)), 2, 0x81);
-    assert_status(&d.io(1, TestDriver::rw(0x01, 1, 8, 1, b, 0)), 2, 0x80);
+    assert_status(&d.io(1, rw(IoOpcode::READ, 1, 8, 1).prp(b, 0)), 2, 0x81);
+    assert_status(&d.io(1, rw(IoOpcode::WRITE, 1, 8, 1).prp(b, 0)), 2, 0x80);
     // NSID 2: /dev/full refuses writes with ENOSPC.
-    assert_status(&d.io(1, TestDriver::rw(0x01, 2, 0, 1, b, 0)), 0, 0x81);
+    assert_status(&d.io(1, rw(IoOpcode::WRITE, 2, 0, 1).prp(b, 0)), 0, 0x81);
     let x = d.read_mem(b, 4096);
     d.expect(b, &x);
 }
@@ -672,9 +659,7 @@ fn host_memory_and_threads_stay_bounded() {
     for _ in 0..50 {
         for q in 1..=4 {
             for _ in 0..200 {
-                let mut s = sqe(0x02, 1);
-                s.dptr[0] = b;
-                s.cdw12 = 7;
+                let s = rw(IoOpcode::READ, 1, 0, 8).prp(b, 0);
                 let qq = d.sqs.get_mut(&q).unwrap();
                 let addr = qq.base + u64::from(qq.tail) * 64;
                 qq.tail = (qq.tail + 1) % qq.size;
@@ -723,9 +708,8 @@ fn sgl_bit_buckets_respect_the_iovec_limit() {
     descs.extend_from_slice(&4096u32.to_le_bytes());
     descs.extend_from_slice(&[0, 0, 0, 0x00]); // data block
     d.write_mem(list, &descs);
-    let mut s = TestDriver::rw(0x02, 1, 0, (LEN / 512) as u32, 0, 0);
-    s.cdw0 |= 0x40 << 8; // PSDT: SGL
-    s.dptr = [list, 32 | (0x30u64 << 56)]; // Last Segment descriptor, 2 entries
+    // SGL1: a Last Segment descriptor of 2 entries.
+    let s = rw(IoOpcode::READ, 1, 0, (LEN / 512) as u32).sgl([list, 32 | (0x30u64 << 56)]);
     let c = d.io(1, s);
     assert_ok(&c);
     let got = d.read_mem(buf, 4096);
@@ -733,7 +717,7 @@ fn sgl_bit_buckets_respect_the_iovec_limit() {
     d.expect(buf, &got);
     let most = backend.max_segments.load(Ordering::SeqCst);
     assert!(
-        most <= nvme::io::MAX_SEGMENTS + 2,
+        most <= nvme::MAX_SEGMENTS + 2,
         "one request carried {most} iovecs"
     );
 }
@@ -756,7 +740,7 @@ fn commands_in_flight_are_capped_and_fetching_resumes() {
     let mut submitted = std::collections::HashMap::new();
     for q in 2..=8u16 {
         for _ in 0..1023 {
-            let cid = d.submit_at(q, TestDriver::rw(0x02, 1, 0, 8, b, 0));
+            let cid = d.submit_at(q, rw(IoOpcode::READ, 1, 0, 8).prp(b, 0));
             submitted.insert((q, cid), ());
         }
         let t = d.sqs[&q].tail;
@@ -824,7 +808,7 @@ fn worst_guest_stays_within_the_documented_bounds() {
     let (base_threads, before) = (threads(), rss_kib());
     for q in 2..=64u16 {
         for _ in 0..511 {
-            d.submit_at(q, TestDriver::rw(0x02, 1, 0, 1024, bufs, list));
+            d.submit_at(q, rw(IoOpcode::READ, 1, 0, 1024).prp(bufs, list));
         }
         let t = d.sqs[&q].tail;
         d.bar_write32(0, 0x1000 + 8 * u64::from(q), t);

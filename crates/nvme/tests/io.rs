@@ -81,10 +81,6 @@ fn gather(d: &mut TestDriver, pages: &[u64], off: u64, len: usize) -> Vec<u8> {
     v
 }
 
-fn rw(op: u8, nsid: u32, slba: u64, nlb: u32, prp: (u64, u64)) -> Sqe {
-    TestDriver::rw(op, nsid, slba, nlb, prp.0, prp.1)
-}
-
 #[test]
 fn read_write_with_every_prp_layout() {
     let mut d = TestDriver::ready(SPEC);
@@ -105,14 +101,14 @@ fn read_write_with_every_prp_layout() {
         let pages = scattered_pages(&mut d, (off + len as u64).div_ceil(PAGE));
         scatter_write(&mut d, &pages, off, &w);
         let prp = build_prp(&mut d, &pages, off, list_off);
-        assert_ok(&d.io(1, rw(0x01, 1, slba, nlb, prp)));
+        assert_ok(&d.io(1, rw(IoOpcode::WRITE, 1, slba, nlb).prp(prp.0, prp.1)));
         d.check_mem();
         // Read back through a different layout: contiguous buffer.
         assert_eq!(d.read_blocks(1, 1, slba, nlb, 512), w, "layout {i}");
         // And through the same layout into fresh pages.
         let pages = scattered_pages(&mut d, (off + len as u64).div_ceil(PAGE));
         let prp = build_prp(&mut d, &pages, off, list_off);
-        assert_ok(&d.io(1, rw(0x02, 1, slba, nlb, prp)));
+        assert_ok(&d.io(1, rw(IoOpcode::READ, 1, slba, nlb).prp(prp.0, prp.1)));
         assert_eq!(gather(&mut d, &pages, off, len), w, "layout {i} read");
         d.check_mem();
     }
@@ -128,11 +124,11 @@ fn chained_prp_lists_beyond_one_list_page() {
     let pages = scattered_pages(&mut d, 514);
     scatter_write(&mut d, &pages, 0, &w);
     let prp = build_prp(&mut d, &pages, 0, 0);
-    assert_ok(&d.io(1, rw(0x01, 1, 7, nlb, prp)));
+    assert_ok(&d.io(1, rw(IoOpcode::WRITE, 1, 7, nlb).prp(prp.0, prp.1)));
     d.check_mem();
     let pages = scattered_pages(&mut d, 515);
     let prp = build_prp(&mut d, &pages, 0x100, 0x7f8); // offset data, list starting at its last slots
-    assert_ok(&d.io(1, rw(0x02, 1, 7, nlb, prp)));
+    assert_ok(&d.io(1, rw(IoOpcode::READ, 1, 7, nlb).prp(prp.0, prp.1)));
     assert_eq!(gather(&mut d, &pages, 0x100, len), w);
     d.check_mem();
 }
@@ -178,8 +174,8 @@ fn prp_errors_leave_memory_and_disk_untouched() {
         ),
     ];
     for (what, prp1, prp2, nlb, sc) in cases {
-        for op in [0x01u8, 0x02, 0x05] {
-            let c = d.io(1, TestDriver::rw(op, 1, 0, nlb, prp1, prp2));
+        for op in [IoOpcode::WRITE, IoOpcode::READ, IoOpcode::COMPARE] {
+            let c = d.io(1, rw(op, 1, 0, nlb).prp(prp1, prp2));
             assert_status(&c, 0, sc);
             assert!(status(&c).dnr, "{what}");
             d.check_mem();
@@ -190,7 +186,7 @@ fn prp_errors_leave_memory_and_disk_untouched() {
     d.write_u64(l2, pages[1]);
     d.write_u64(l2 + 8, MEM_SIZE + 0x10000);
     assert_status(
-        &d.io(1, TestDriver::rw(0x02, 1, 0, 24, pages[0], l2)),
+        &d.io(1, rw(IoOpcode::READ, 1, 0, 24).prp(pages[0], l2)),
         0,
         0x04,
     );
@@ -200,7 +196,7 @@ fn prp_errors_leave_memory_and_disk_untouched() {
     d.write_mem(chain, &entries);
     d.write_u64(chain + 511 * 8, l2 + 8); // chain pointer not page aligned
     assert_status(
-        &d.io(1, TestDriver::rw(0x02, 1, 0, 513 * 8, pages[0], chain)),
+        &d.io(1, rw(IoOpcode::READ, 1, 0, 513 * 8).prp(pages[0], chain)),
         0,
         0x02,
     ); // > MDTS
@@ -214,7 +210,7 @@ fn prp_errors_leave_memory_and_disk_untouched() {
     let next = big.alloc(PAGE);
     big.write_u64(chain + 511 * 8, next + 8);
     assert_status(
-        &big.io(1, TestDriver::rw(0x02, 1, 0, 514 * 8, p[0], chain)),
+        &big.io(1, rw(IoOpcode::READ, 1, 0, 514 * 8).prp(p[0], chain)),
         0,
         0x13,
     );
@@ -225,7 +221,7 @@ fn prp_errors_leave_memory_and_disk_untouched() {
     big.write_u64(a + PAGE - 8, b + PAGE - 8);
     big.write_u64(b + PAGE - 8, a + PAGE - 8);
     assert_status(
-        &big.io(1, TestDriver::rw(0x02, 1, 0, 64, p[0], a + PAGE - 8)),
+        &big.io(1, rw(IoOpcode::READ, 1, 0, 64).prp(p[0], a + PAGE - 8)),
         0,
         0x13,
     );
@@ -236,7 +232,7 @@ fn prp_errors_leave_memory_and_disk_untouched() {
 }
 
 /// (what, descriptors placed in the segment page, SGL1 in the SQE, opcode, expected SC).
-type SglCase = (&'static str, Vec<[u8; 16]>, [u8; 16], u8, u8);
+type SglCase = (&'static str, Vec<[u8; 16]>, [u8; 16], IoOpcode, u8);
 
 fn sgl_desc(addr: u64, len: u32, typ: u8, sub: u8) -> [u8; 16] {
     let mut b = [0u8; 16];
@@ -246,12 +242,11 @@ fn sgl_desc(addr: u64, len: u32, typ: u8, sub: u8) -> [u8; 16] {
     b
 }
 
-fn sgl_sqe(op: u8, slba: u64, nlb: u32, sgl1: [u8; 16]) -> Sqe {
-    let mut s = TestDriver::rw(op, 1, slba, nlb, 0, 0);
-    s.cdw0 |= 1 << 14; // PSDT = 01b: SGL
-    s.dptr[0] = u64::from_le_bytes(sgl1[..8].try_into().unwrap());
-    s.dptr[1] = u64::from_le_bytes(sgl1[8..].try_into().unwrap());
-    s
+fn sgl_sqe(op: IoOpcode, slba: u64, nlb: u32, sgl1: [u8; 16]) -> Sqe {
+    rw(op, 1, slba, nlb).sgl([
+        u64::from_le_bytes(sgl1[..8].try_into().unwrap()),
+        u64::from_le_bytes(sgl1[8..].try_into().unwrap()),
+    ])
 }
 
 #[test]
@@ -261,7 +256,7 @@ fn sgl_data_blocks_segments_and_bit_buckets() {
     // Single data block in the SQE.
     let a = d.alloc(2048);
     d.write_mem(a, &w);
-    assert_ok(&d.io(1, sgl_sqe(0x01, 10, 4, sgl_desc(a, 2048, 0, 0))));
+    assert_ok(&d.io(1, sgl_sqe(IoOpcode::WRITE, 10, 4, sgl_desc(a, 2048, 0, 0))));
     assert_eq!(d.read_blocks(1, 1, 10, 4, 512), w);
     // Segment [DB 1000, DB 24, Last Segment] -> [DB 1024]: write, then read back the same way.
     let (b1, b2, b3) = (d.alloc(1000), d.alloc(24), d.alloc(1024));
@@ -277,11 +272,11 @@ fn sgl_data_blocks_segments_and_bit_buckets() {
     d.write_mem(b1, &w2[..1000]);
     d.write_mem(b2 + 3, &w2[1000..1024]);
     d.write_mem(b3, &w2[1024..]);
-    assert_ok(&d.io(1, sgl_sqe(0x01, 20, 4, sgl_desc(seg, 48, 2, 0))));
+    assert_ok(&d.io(1, sgl_sqe(IoOpcode::WRITE, 20, 4, sgl_desc(seg, 48, 2, 0))));
     assert_eq!(d.read_blocks(1, 1, 20, 4, 512), w2);
     d.check_mem();
     // Read the blocks at 10 through the same SGL.
-    assert_ok(&d.io(1, sgl_sqe(0x02, 10, 4, sgl_desc(seg, 48, 2, 0))));
+    assert_ok(&d.io(1, sgl_sqe(IoOpcode::READ, 10, 4, sgl_desc(seg, 48, 2, 0))));
     d.expect(b1, &w[..1000]);
     d.expect(b2 + 3, &w[1000..1024]);
     d.expect(b3, &w[1024..]);
@@ -291,12 +286,12 @@ fn sgl_data_blocks_segments_and_bit_buckets() {
     d.write_mem(bb, &sgl_desc(k1, 512, 0, 0));
     d.write_mem(bb + 16, &sgl_desc(0, 1024, 1, 0));
     d.write_mem(bb + 32, &sgl_desc(k2, 512, 0, 0));
-    assert_ok(&d.io(1, sgl_sqe(0x02, 10, 4, sgl_desc(bb, 48, 3, 0))));
+    assert_ok(&d.io(1, sgl_sqe(IoOpcode::READ, 10, 4, sgl_desc(bb, 48, 3, 0))));
     d.expect(k1, &w[..512]);
     d.expect(k2, &w[1536..]);
     d.check_mem();
     // A bit bucket as the whole transfer.
-    assert_ok(&d.io(1, sgl_sqe(0x02, 10, 4, sgl_desc(0, 2048, 1, 0))));
+    assert_ok(&d.io(1, sgl_sqe(IoOpcode::READ, 10, 4, sgl_desc(0, 2048, 1, 0))));
     d.check_mem();
 }
 
@@ -315,91 +310,97 @@ fn sgl_errors() {
     };
     let db = |a: u64, l: u32| sgl_desc(a, l, 0, 0);
     let cases: Vec<SglCase> = vec![
-        ("too short", vec![], db(buf, 1024), 0x01, 0x0f),
-        ("too long", vec![], db(buf, 4096), 0x02, 0x0f),
+        ("too short", vec![], db(buf, 1024), IoOpcode::WRITE, 0x0f),
+        ("too long", vec![], db(buf, 4096), IoOpcode::READ, 0x0f),
         (
             "bit bucket in a write",
             vec![],
             sgl_desc(0, 2048, 1, 0),
-            0x01,
+            IoOpcode::WRITE,
             0x11,
         ),
         (
             "bit bucket in a compare",
             vec![],
             sgl_desc(0, 2048, 1, 0),
-            0x05,
+            IoOpcode::COMPARE,
             0x11,
         ),
         (
             "reserved descriptor type",
             vec![],
             sgl_desc(buf, 2048, 0x5, 0),
-            0x02,
+            IoOpcode::READ,
             0x11,
         ),
         (
             "data block with offset subtype",
             vec![],
             sgl_desc(buf, 2048, 0, 1),
-            0x02,
+            IoOpcode::READ,
             0x11,
         ),
         (
             "segment length not a multiple of 16",
             vec![db(buf, 2048)],
             sgl_desc(seg, 24, 2, 0),
-            0x02,
+            IoOpcode::READ,
             0x0d,
         ),
-        ("empty segment", vec![], sgl_desc(seg, 0, 3, 0), 0x02, 0x0d),
+        (
+            "empty segment",
+            vec![],
+            sgl_desc(seg, 0, 3, 0),
+            IoOpcode::READ,
+            0x0d,
+        ),
         (
             "segment descriptor before the end of a segment",
             vec![sgl_desc(seg, 16, 3, 0), db(buf, 2048)],
             sgl_desc(seg, 32, 2, 0),
-            0x02,
+            IoOpcode::READ,
             0x0d,
         ),
         (
             "segment inside a last segment",
             vec![db(buf, 1024), sgl_desc(seg, 16, 3, 0)],
             sgl_desc(seg, 32, 3, 0),
-            0x02,
+            IoOpcode::READ,
             0x0d,
         ),
         (
             "segment without a next segment",
             vec![db(buf, 2048)],
             sgl_desc(seg, 16, 2, 0),
-            0x02,
+            IoOpcode::READ,
             0x0d,
         ),
         (
             "segment chaining to itself",
             vec![sgl_desc(seg, 16, 2, 0)],
             sgl_desc(seg, 16, 2, 0),
-            0x02,
+            IoOpcode::READ,
             0x0e,
         ),
         (
             "data block outside RAM",
             vec![],
             db(MEM_SIZE - 1024, 2048),
-            0x02,
+            IoOpcode::READ,
             0x04,
         ),
         (
             "segment outside RAM",
             vec![],
             sgl_desc(MEM_SIZE, 16, 3, 0),
-            0x02,
+            IoOpcode::READ,
             0x04,
         ),
         (
             "write from outside RAM",
             vec![],
             db(MEM_SIZE + PAGE, 2048),
-            0x01,
+            IoOpcode::WRITE,
             0x04,
         ),
     ];
@@ -411,8 +412,8 @@ fn sgl_errors() {
         d.check_mem();
     }
     // PSDT 10b (SGL with MPTR as an SGL) is not offered.
-    let mut s = sgl_sqe(0x02, 0, 4, db(buf, 2048));
-    s.cdw0 ^= 3 << 14;
+    let mut s = sgl_sqe(IoOpcode::READ, 0, 4, db(buf, 2048));
+    s.cdw0 ^= 3 << 14; // PSDT 01b -> 10b: deliberately unsupported
     assert_status(&d.io(1, s), 0, 0x02);
     assert_eq!(
         d.read_blocks(1, 1, 0, 4, 512),
@@ -428,11 +429,16 @@ fn mdts_lba_range_namespace_and_opcode_errors() {
     let big = d.alloc(1025 * 512 + PAGE);
     let (prp2, _) = d.prp_for(big, 1025 * 512);
     // MDTS 7 = 512 KiB = 1024 blocks.
-    for op in [0x01u8, 0x02, 0x05, 0x0c] {
-        assert_status(&d.io(1, TestDriver::rw(op, 1, 0, 1025, big, prp2)), 0, 0x02);
+    for op in [
+        IoOpcode::WRITE,
+        IoOpcode::READ,
+        IoOpcode::COMPARE,
+        IoOpcode::VERIFY,
+    ] {
+        assert_status(&d.io(1, rw(op, 1, 0, 1025).prp(big, prp2)), 0, 0x02);
     }
-    assert_ok(&d.io(1, TestDriver::rw(0x0c, 1, 0, 1024, 0, 0)));
-    assert_ok(&d.io(1, TestDriver::rw(0x08, 1, 0, 4096, 0, 0))); // Write Zeroes: no limit
+    assert_ok(&d.io(1, rw(IoOpcode::VERIFY, 1, 0, 1024)));
+    assert_ok(&d.io(1, rw(IoOpcode::WRITE_ZEROES, 1, 0, 4096))); // Write Zeroes: no limit
     d.read_blocks(1, 1, 0, 1024, 512);
     // LBA range.
     let buf = d.alloc(1024);
@@ -443,28 +449,48 @@ fn mdts_lba_range_namespace_and_opcode_errors() {
         (u64::MAX - 1, 1),
         (1 << 40, 1),
     ] {
-        for op in [0x01u8, 0x02, 0x05, 0x08, 0x0c] {
-            let c = d.io(1, TestDriver::rw(op, 1, slba, nlb, buf, 0));
+        for op in [
+            IoOpcode::WRITE,
+            IoOpcode::READ,
+            IoOpcode::COMPARE,
+            IoOpcode::WRITE_ZEROES,
+            IoOpcode::VERIFY,
+        ] {
+            let c = d.io(1, rw(op, 1, slba, nlb).prp(buf, 0));
             assert_status(&c, 0, 0x80);
         }
     }
-    assert_ok(&d.io(1, TestDriver::rw(0x02, 1, BLOCKS - 2, 2, buf, 0)));
+    assert_ok(&d.io(1, rw(IoOpcode::READ, 1, BLOCKS - 2, 2).prp(buf, 0)));
     d.expect(buf, &[0u8; 1024]);
     // Namespaces.
     for nsid in [0, 2, 0xffff_fffe, 0xffff_ffff] {
-        for op in [0x01u8, 0x02, 0x05, 0x08, 0x09, 0x0c] {
-            assert_status(&d.io(1, TestDriver::rw(op, nsid, 0, 1, buf, 0)), 0, 0x0b);
+        for op in [
+            IoOpcode::WRITE,
+            IoOpcode::READ,
+            IoOpcode::COMPARE,
+            IoOpcode::WRITE_ZEROES,
+            IoOpcode::DATASET_MANAGEMENT,
+            IoOpcode::VERIFY,
+        ] {
+            assert_status(&d.io(1, rw(op, nsid, 0, 1).prp(buf, 0)), 0, 0x0b);
         }
     }
-    assert_status(&d.io(1, TestDriver::rw(0x00, 0, 0, 1, 0, 0)), 0, 0x0b);
-    assert_status(&d.io(1, TestDriver::rw(0x00, 2, 0, 1, 0, 0)), 0, 0x0b);
+    assert_status(&d.io(1, flush(0)), 0, 0x0b);
+    assert_status(&d.io(1, flush(2)), 0, 0x0b);
     // Opcodes: Write Uncorrectable is not offered, nor vendor/reserved ones.
-    for op in [0x04u8, 0x0d, 0x11, 0x7f, 0x80, 0xff] {
-        assert_status(&d.io(1, TestDriver::rw(op, 1, 0, 1, buf, 0)), 0, 0x01);
+    for op in [
+        IoOpcode::WRITE_UNCORRECTABLE,
+        IoOpcode(0x0d), // Reservation Register: not offered
+        IoOpcode(0x11), // Reservation Acquire: not offered
+        IoOpcode(0x7f), // reserved
+        IoOpcode(0x80), // vendor specific
+        IoOpcode(0xff), // vendor specific
+    ] {
+        assert_status(&d.io(1, rw(op, 1, 0, 1).prp(buf, 0)), 0, 0x01);
     }
     // Fused operations are not supported.
-    let mut s = TestDriver::rw(0x05, 1, 0, 1, buf, 0);
-    s.cdw0 |= 1 << 8;
+    let mut s = rw(IoOpcode::COMPARE, 1, 0, 1).prp(buf, 0);
+    s.cdw0 |= 1 << 8; // FUSE 01b: deliberately unsupported
     assert_status(&d.io(1, s), 0, 0x02);
     d.check_mem();
 }
@@ -476,9 +502,9 @@ fn flush_write_zeroes_and_fua() {
     let mut d = TestDriver::with_backends("4,nvme,ram=1,ser=TESTSER1", vec![a.clone(), b.clone()]);
     d.bring_up();
     let flushes = |x: &Arc<TestBackend>| x.flushes.load(Ordering::SeqCst);
-    assert_ok(&d.io(1, TestDriver::rw(0x00, 1, 0, 1, 0, 0)));
+    assert_ok(&d.io(1, flush(1)));
     assert_eq!((flushes(&a), flushes(&b)), (1, 0));
-    assert_ok(&d.io(1, TestDriver::rw(0x00, 0xffff_ffff, 0, 1, 0, 0)));
+    assert_ok(&d.io(1, flush(NSID_ALL)));
     assert_eq!(
         (flushes(&a), flushes(&b)),
         (2, 1),
@@ -489,16 +515,14 @@ fn flush_write_zeroes_and_fua() {
     d.write_blocks(1, 1, 0, 512, &w);
     assert_eq!(flushes(&a), 2);
     let (p1, p2) = d.prp_buffer(&w);
-    let mut s = TestDriver::rw(0x01, 1, 8, 8, p1, p2);
-    s.cdw12 |= 1 << 30;
-    assert_ok(&d.io(1, s));
+    assert_ok(&d.io(1, rw(IoOpcode::WRITE, 1, 8, 8).prp(p1, p2).fua()));
     assert_eq!(flushes(&a), 3);
     // Volatile write cache off: every write is durable before completing.
     assert_ok(&d.set_features(0x06, 0));
     d.write_blocks(1, 2, 0, 512, &w);
     assert_eq!(flushes(&b), 2);
     // Write Zeroes in the middle of written data.
-    assert_ok(&d.io(1, TestDriver::rw(0x08, 1, 2, 4, 0, 0)));
+    assert_ok(&d.io(1, rw(IoOpcode::WRITE_ZEROES, 1, 2, 4)));
     let mut want = w.clone();
     want[1024..3072].fill(0);
     assert_eq!(d.read_blocks(1, 1, 0, 8, 512), want);
@@ -512,7 +536,7 @@ fn dataset_management_deallocates() {
     d.bring_up();
     let w = data(32 * 512, 3);
     d.write_blocks(1, 1, 0, 512, &w);
-    let dsm = |d: &mut TestDriver, ranges: &[(u64, u32)], attrs: u32| {
+    let dsm = |d: &mut TestDriver, ranges: &[(u64, u32)], attrs: dw::Cdw11Dsm| {
         let buf = d.alloc(4096);
         let mut raw = Vec::new();
         for &(slba, nlb) in ranges {
@@ -521,31 +545,26 @@ fn dataset_management_deallocates() {
             raw.extend_from_slice(&slba.to_le_bytes());
         }
         d.write_mem(buf, &raw);
-        let mut s = sqe(0x09, 1);
-        s.dptr[0] = buf;
-        s.cdw10 = ranges.len() as u32 - 1;
-        s.cdw11 = attrs;
-        d.io(1, s)
+        d.io(1, dsm(1, ranges.len() as u32, attrs).prp(buf, 0))
     };
     // Attributes only (no AD): nothing changes.
-    assert_ok(&dsm(&mut d, &[(0, 32)], 0x3));
+    let idr_idw = dw::Cdw11Dsm::new().with_idr(true).with_idw(true);
+    assert_ok(&dsm(&mut d, &[(0, 32)], idr_idw));
+    let ad = dw::Cdw11Dsm::new().with_ad(true);
     assert_eq!(be.discards.load(Ordering::SeqCst), 0);
     // A range beyond the end fails the whole command.
-    assert_status(&dsm(&mut d, &[(0, 4), (8192, 1)], 1 << 2), 0, 0x80);
+    assert_status(&dsm(&mut d, &[(0, 4), (8192, 1)], ad), 0, 0x80);
     assert_eq!(be.discards.load(Ordering::SeqCst), 0);
     assert_eq!(d.read_blocks(1, 1, 0, 32, 512), w);
     // Deallocate two ranges (and an empty one).
-    assert_ok(&dsm(&mut d, &[(2, 3), (20, 4), (9, 0)], 1 << 2));
+    assert_ok(&dsm(&mut d, &[(2, 3), (20, 4), (9, 0)], ad));
     assert_eq!(be.discards.load(Ordering::SeqCst), 2);
     let mut want = w.clone();
     want[2 * 512..5 * 512].fill(0);
     want[20 * 512..24 * 512].fill(0);
     assert_eq!(d.read_blocks(1, 1, 0, 32, 512), want);
     // Bad range-list pointer.
-    let mut s = sqe(0x09, 1);
-    s.dptr[0] = MEM_SIZE;
-    s.cdw11 = 1 << 2;
-    assert_status(&d.io(1, s), 0, 0x04);
+    assert_status(&d.io(1, deallocate(1, 1).prp(MEM_SIZE, 0)), 0, 0x04);
     d.check_mem();
     // With dsm=disable the command is not offered.
     let mut nod = TestDriver::ready("4,nvme,ram=1,dsm=disable,ser=TESTSER1");
@@ -555,10 +574,7 @@ fn dataset_management_deallocates() {
         "ONCS DSM clear"
     );
     let buf = nod.alloc(16);
-    let mut s = sqe(0x09, 1);
-    s.dptr[0] = buf;
-    s.cdw11 = 1 << 2;
-    assert_status(&nod.io(1, s), 0, 0x01);
+    assert_status(&nod.io(1, deallocate(1, 1).prp(buf, 0)), 0, 0x01);
 }
 
 fn u16_from(b: &[u8], o: usize) -> u16 {
@@ -573,19 +589,31 @@ fn compare_and_verify() {
     let w = data(8192, 9);
     d.write_blocks(1, 1, 40, 512, &w);
     let (p1, p2) = d.prp_buffer(&w);
-    assert_ok(&d.io(1, TestDriver::rw(0x05, 1, 40, 16, p1, p2)));
+    assert_ok(&d.io(1, rw(IoOpcode::COMPARE, 1, 40, 16).prp(p1, p2)));
     let mut other = w.clone();
     other[5000] ^= 1;
     let (p1, p2) = d.prp_buffer(&other);
-    assert_status(&d.io(1, TestDriver::rw(0x05, 1, 40, 16, p1, p2)), 2, 0x85);
-    assert_status(&d.io(1, TestDriver::rw(0x05, 1, 39, 16, p1, p2)), 2, 0x85);
+    assert_status(
+        &d.io(1, rw(IoOpcode::COMPARE, 1, 40, 16).prp(p1, p2)),
+        2,
+        0x85,
+    );
+    assert_status(
+        &d.io(1, rw(IoOpcode::COMPARE, 1, 39, 16).prp(p1, p2)),
+        2,
+        0x85,
+    );
     d.check_mem(); // compare never writes host memory
-    assert_ok(&d.io(1, TestDriver::rw(0x0c, 1, 0, 1024, 0, 0)));
+    assert_ok(&d.io(1, rw(IoOpcode::VERIFY, 1, 0, 1024)));
     be.fail_reads.store(true, Ordering::SeqCst);
-    assert_status(&d.io(1, TestDriver::rw(0x0c, 1, 0, 8, 0, 0)), 2, 0x81);
-    assert_status(&d.io(1, TestDriver::rw(0x05, 1, 40, 16, p1, p2)), 2, 0x81);
+    assert_status(&d.io(1, rw(IoOpcode::VERIFY, 1, 0, 8)), 2, 0x81);
+    assert_status(
+        &d.io(1, rw(IoOpcode::COMPARE, 1, 40, 16).prp(p1, p2)),
+        2,
+        0x81,
+    );
     let buf = d.alloc(512);
-    assert_status(&d.io(1, TestDriver::rw(0x02, 1, 40, 1, buf, 0)), 2, 0x81);
+    assert_status(&d.io(1, rw(IoOpcode::READ, 1, 40, 1).prp(buf, 0)), 2, 0x81);
     be.fail_reads.store(false, Ordering::SeqCst);
     d.check_mem();
 }
@@ -597,16 +625,13 @@ fn read_only_image_is_write_protected() {
     let mut d = TestDriver::ready(&format!("4,nvme,{},ro,ser=TESTSER1", img.0.display()));
     assert_eq!(d.identify_ok(0x00, 1)[99] & 1, 1, "NSATTR: write protected");
     let (p1, p2) = d.prp_buffer(&data(4096, 1));
-    assert_status(&d.io(1, TestDriver::rw(0x01, 1, 0, 8, p1, p2)), 0, 0x20);
-    assert_status(&d.io(1, TestDriver::rw(0x08, 1, 0, 8, 0, 0)), 0, 0x20);
+    assert_status(&d.io(1, rw(IoOpcode::WRITE, 1, 0, 8).prp(p1, p2)), 0, 0x20);
+    assert_status(&d.io(1, rw(IoOpcode::WRITE_ZEROES, 1, 0, 8)), 0, 0x20);
     let r = d.alloc(16);
     d.write_mem(r, &[0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    let mut s = sqe(0x09, 1);
-    s.dptr[0] = r;
-    s.cdw11 = 1 << 2;
-    assert_status(&d.io(1, s), 0, 0x20);
+    assert_status(&d.io(1, deallocate(1, 1).prp(r, 0)), 0, 0x20);
     assert_eq!(d.read_blocks(1, 1, 0, 16, 512), contents[..8192]);
-    assert_ok(&d.io(1, TestDriver::rw(0x00, 1, 0, 1, 0, 0)));
+    assert_ok(&d.io(1, flush(1)));
     d.check_mem();
     assert_eq!(img.read(), contents, "image unchanged");
     let (_, smart) = d.get_log(0x02, 0, 512, 0, false);
@@ -636,7 +661,7 @@ fn file_backend_sees_the_guest_bytes() {
     let w = data(3 * 4096, 0xd1);
     d.write_blocks(1, 1, 10, 512, &w);
     d.write_blocks(1, 2, 3, 4096, &w);
-    assert_ok(&d.io(1, TestDriver::rw(0x00, 0xffff_ffff, 0, 1, 0, 0)));
+    assert_ok(&d.io(1, flush(NSID_ALL)));
     let f = img.read();
     assert_eq!(&f[5120..5120 + w.len()], &w[..]);
     assert!(f[..5120]
@@ -650,10 +675,7 @@ fn file_backend_sees_the_guest_bytes() {
     // Deallocate on a file punches a hole that reads back zero.
     let r = d.alloc(16);
     d.write_mem(r, &[0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0]);
-    let mut s = sqe(0x09, 2);
-    s.dptr[0] = r;
-    s.cdw11 = 1 << 2;
-    assert_ok(&d.io(1, s));
+    assert_ok(&d.io(1, deallocate(2, 1).prp(r, 0)));
     assert_eq!(d.read_blocks(1, 2, 4, 1, 4096), vec![0u8; 4096]);
     assert_eq!(&img4k.read()[16384..20480], &[0u8; 4096][..]);
 }
@@ -666,7 +688,7 @@ fn many_outstanding_commands_overflow_a_small_cq() {
     let mut cids = Vec::new();
     for i in 0..24u64 {
         let (p1, p2) = d.prp_buffer(&data(1024, i as u8));
-        cids.push(d.submit(2, TestDriver::rw(0x01, 1, i * 2, 2, p1, p2)));
+        cids.push(d.submit(2, rw(IoOpcode::WRITE, 1, i * 2, 2).prp(p1, p2)));
     }
     let mut seen = Vec::new();
     for _ in 0..24 {

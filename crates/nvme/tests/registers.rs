@@ -118,7 +118,7 @@ fn enable_with_invalid_configuration_sets_cfs_and_reset_clears_it() {
     d.wait_csts(2, 2);
     assert_eq!(d.csts() & 1, 0, "not ready");
     // Doorbells while not ready are ignored.
-    d.submit(0, sqe(0x06, 0));
+    d.submit(0, admin(AdminOpcode::IDENTIFY));
     d.assert_cq_empty(0);
     d.set_reg(0x14, 0);
     assert_eq!(d.csts(), 0, "reset clears CFS");
@@ -137,10 +137,7 @@ fn doorbell_before_ready_is_ignored() {
     d.enable_msix();
     // Queue an Identify on the admin SQ and ring before the controller exists.
     let buf = d.alloc(4096);
-    let mut s = sqe(0x06, 0);
-    s.cdw10 = 1;
-    s.dptr[0] = buf;
-    s.cdw0 |= 0x77 << 16;
+    let s = identify(cns::CONTROLLER, 0).prp(buf, 0).cid(0x77);
     d.write_mem(ASQ, zerocopy::IntoBytes::as_bytes(&s));
     d.bar_write32(0, 0x1000, 1);
     d.bar_write32(0, 0x1004, 1);
@@ -227,7 +224,7 @@ fn shutdown_notification_flushes_then_reports_complete() {
 #[test]
 fn doorbells_for_absent_queues_raise_an_error_event() {
     let mut d = TestDriver::ready(SPEC);
-    let aer = d.submit(0, sqe(0x0c, 0));
+    let aer = d.submit(0, async_event_request());
     d.assert_cq_empty(0);
     // SQ 5 tail doorbell: no such queue.
     d.bar_write32(0, 0x1000 + 8 * 5, 1);
@@ -238,7 +235,7 @@ fn doorbells_for_absent_queues_raise_an_error_event() {
         "error event, Invalid Doorbell Register, log page 01h"
     );
     // While the error log has not been read, further error events stay masked.
-    let aer2 = d.submit(0, sqe(0x0c, 0));
+    let aer2 = d.submit(0, async_event_request());
     d.bar_write32(0, 0x1000 + 8 * 7 + 4, 0); // CQ 7 head: absent
     d.assert_cq_empty(0);
     // Reading the error log (no RAE) unmasks; the next bad doorbell is reported.
@@ -255,7 +252,7 @@ fn doorbells_for_absent_queues_raise_an_error_event() {
 #[test]
 fn out_of_range_doorbell_values_raise_an_event_and_are_ignored() {
     let mut d = TestDriver::ready(SPEC);
-    let aer = d.submit(0, sqe(0x0c, 0));
+    let aer = d.submit(0, async_event_request());
     // SQ 1 has 64 entries: tail 64 is out of range.
     d.bar_write32(0, 0x1000 + 8, 64);
     let c = d.wait_cid(0, aer);
@@ -265,13 +262,13 @@ fn out_of_range_doorbell_values_raise_an_event_and_are_ignored() {
     );
     assert_ok(&d.get_log(0x01, 0, 64, 0, false).0);
     // CQ 1 head beyond what the controller posted (nothing posted yet).
-    let aer = d.submit(0, sqe(0x0c, 0));
+    let aer = d.submit(0, async_event_request());
     d.bar_write32(0, 0x1000 + 8 + 4, 5);
     let c = d.wait_cid(0, aer);
     assert_eq!(c.dw0, 0x01_01_00);
     assert_ok(&d.get_log(0x01, 0, 64, 0, false).0);
     // Admin CQ head past the end.
-    let aer = d.submit(0, sqe(0x0c, 0));
+    let aer = d.submit(0, async_event_request());
     d.bar_write32(0, 0x1004, 0xffff_ffff);
     let c = d.wait_cid(0, aer);
     assert_eq!(c.dw0, 0x01_01_00);
@@ -338,7 +335,7 @@ fn msi_mode_with_intms_and_intmc() {
     assert_eq!(d.reg(0x10), 0b10, "INTMC reads the same mask");
     d.auto_ring = false;
     let buf = d.alloc(512);
-    let c = d.io(1, TestDriver::rw(0x02, 1, 0, 1, buf, 0));
+    let c = d.io(1, rw(IoOpcode::READ, 1, 0, 1).prp(buf, 0));
     assert_ok(&c);
     d.expect(buf, &d.read_mem(buf, 512));
     assert_eq!(d.irq.count(msi(1)), 1, "masked by INTMS");
@@ -411,7 +408,7 @@ fn intx_level_follows_unconsumed_entries_and_intms() {
         },
     );
     d.auto_ring = false;
-    let cid = d.submit(1, TestDriver::rw(0x00, 1, 0, 1, 0, 0));
+    let cid = d.submit(1, flush(1));
     let c = d.wait_cid(1, cid);
     assert_ok(&c);
     assert!(d.irq.intx_level());
@@ -432,7 +429,7 @@ fn reset_with_io_in_flight_drops_its_completion() {
     d.bring_up();
     be.hold();
     let buf = d.alloc(4096);
-    d.submit(1, TestDriver::rw(0x02, 1, 0, 8, buf, 0));
+    d.submit(1, rw(IoOpcode::READ, 1, 0, 8).prp(buf, 0));
     be.wait_parked(1);
     let cq1 = d.cqs[&1];
     let releaser = {
@@ -524,9 +521,7 @@ fn admin_queues_outside_ram_fail_the_controller_not_the_process() {
     d.set_reg(0x14, 0x0046_0001);
     assert_eq!(d.csts(), 1);
     let buf = d.alloc(4096);
-    let mut s = sqe(0x06, 0);
-    s.cdw10 = 1;
-    s.dptr[0] = buf;
+    let s = identify(cns::CONTROLLER, 0).prp(buf, 0);
     for _ in 0..256 {
         d.submit_raw(0, s);
     }

@@ -25,9 +25,7 @@ impl Shadow {
     fn configure(d: &mut TestDriver) -> Shadow {
         let db = d.alloc_queue(4096);
         let ei = d.alloc_queue(4096);
-        let mut s = sqe(0x7c, 0);
-        s.dptr = [db, ei];
-        assert_ok(&d.admin(s));
+        assert_ok(&d.admin(doorbell_buffer_config(db, ei)));
         Shadow {
             db,
             ei,
@@ -85,9 +83,7 @@ impl Shadow {
 }
 
 fn read_sqe(buf: u64) -> nvme::spec::Sqe {
-    let mut s = sqe(0x02, 1);
-    s.dptr[0] = buf;
-    s
+    rw(IoOpcode::READ, 1, 0, 1).prp(buf, 0)
 }
 
 #[test]
@@ -143,7 +139,7 @@ fn full_cq_asks_for_a_head_doorbell() {
     // A 4-entry CQ behind a 32-entry SQ: completions must wait for space.
     d.create_pair_sized(2, 4, 32);
     for cid in 1..=20u16 {
-        sh.submit(&mut d, 2, sqe(0x00, 1), cid); // Flush
+        sh.submit(&mut d, 2, flush(1), cid);
     }
     let mut cids: Vec<u16> = (0..20)
         .map(|_| sh.reap(&mut d, 2))
@@ -171,9 +167,7 @@ fn doorbell_buffer_config_validates_its_pointers() {
     let mut d = TestDriver::ready("4,nvme,ram=1");
     let db = d.alloc_queue(4096);
     for (a, b) in [(db + 8, db), (db, db + 0x800), (MEM_SIZE, db)] {
-        let mut s = sqe(0x7c, 0);
-        s.dptr = [a, b];
-        assert_status(&d.admin(s), 0, 0x02);
+        assert_status(&d.admin(doorbell_buffer_config(a, b)), 0, 0x02);
     }
 }
 

@@ -6,6 +6,8 @@
 //! An ELF carrying the `XEN_ELFNOTE_PHYS32_ENTRY` note (a vmlinux built with CONFIG_PVH) is
 //! started with the PVH protocol instead ([`crate::pvh`]): `hvm_start_info` in EBX, 32-bit
 //! protected mode at the note's entry. bzImages and ELFs without the note use the 64-bit entry.
+//! What the two protocols share (GDT address and selectors, command line, e820 map,
+//! [`BootError`]) is defined in [`crate::layout`] and re-exported here.
 //!
 //! Low memory layout:
 //! ```text
@@ -24,16 +26,15 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
 
-use crate::memory::{ram_ranges, ECAM_SIZE, ECAM_START, PCI_HOLE_START};
+use crate::memory::PCI_HOLE_START;
+use crate::pvh;
 
-/// GDT address.
-pub const GDT_ADDR: u64 = 0x500;
-/// Selector of the boot code segment (`__BOOT_CS`).
-pub const BOOT_CS: u16 = 0x10;
-/// Selector of the boot data segment (`__BOOT_DS`).
-pub const BOOT_DS: u16 = 0x18;
-/// Selector of the TSS.
-pub const BOOT_TSS: u16 = 0x20;
+// Shared with PVH, so defined in `layout` (below both); re-exported so `boot::` paths stay.
+pub use crate::layout::{
+    e820_map, BootError, BIOS_START, BOOT_CS, BOOT_DS, BOOT_TSS, CMDLINE, E820_RAM, E820_RESERVED,
+    EBDA_START, GDT_ADDR, HIMEM_START,
+};
+
 /// GDT entries, encoded.
 pub const GDT: [u64; 5] = [
     0,
@@ -52,41 +53,8 @@ pub const PML4: u64 = 0x9000;
 pub const PDPT: u64 = 0xa000;
 /// First of four page directories.
 pub const PD: u64 = 0xb000;
-/// Command-line address.
-pub const CMDLINE: u64 = 0x20000;
 /// Longest command line accepted (Linux's COMMAND_LINE_SIZE on x86).
 pub const CMDLINE_MAX: usize = 2048;
-/// Extended BIOS data area (reserved in e820).
-pub const EBDA_START: u64 = 0x9fc00;
-/// BIOS area (reserved in e820; ACPI tables live here).
-pub const BIOS_START: u64 = 0xe0000;
-/// Where the kernel goes.
-pub const HIMEM_START: u64 = 0x10_0000;
-
-/// e820 RAM.
-pub const E820_RAM: u32 = 1;
-/// e820 reserved.
-pub const E820_RESERVED: u32 = 2;
-
-/// Errors loading the kernel.
-#[derive(Debug, thiserror::Error)]
-pub enum BootError {
-    /// The file is neither a bzImage nor an ELF.
-    #[error("{0}: not a bzImage or ELF kernel ({1})")]
-    BadKernel(String, String),
-    /// Reading a file failed.
-    #[error("{0}: {1}")]
-    Io(String, std::io::Error),
-    /// The command line does not fit.
-    #[error("kernel command line is {0} bytes; the limit is {1}")]
-    CmdlineTooLong(usize, usize),
-    /// The initrd does not fit below the kernel's limit.
-    #[error("initrd of {0} bytes does not fit in guest memory below {1:#x}")]
-    InitrdTooBig(u64, u64),
-    /// Guest memory write failed.
-    #[error("writing boot data to guest memory: {0}")]
-    Memory(String),
-}
 
 /// Which boot protocol the boot CPU's initial state follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,24 +78,6 @@ pub struct EntryPoint {
     pub rsp: u64,
     /// `hvm_start_info` address (ebx; PVH only).
     pub rbx: u64,
-}
-
-/// The e820 map for `mem_size` bytes of RAM: (address, size, type).
-pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
-    let mut v = Vec::new();
-    for (base, len) in ram_ranges(mem_size) {
-        if base == 0 {
-            v.push((0, EBDA_START, E820_RAM));
-            v.push((EBDA_START, 0xa0000 - EBDA_START, E820_RESERVED));
-            v.push((BIOS_START, HIMEM_START - BIOS_START, E820_RESERVED));
-            v.push((HIMEM_START, len - HIMEM_START, E820_RAM));
-        } else {
-            v.push((base, len, E820_RAM));
-        }
-    }
-    v.push((ECAM_START, ECAM_SIZE, E820_RESERVED));
-    v.sort_by_key(|e| e.0);
-    v
 }
 
 /// Write the GDT and identity-mapping page tables (0–4 GiB, 2 MiB pages).
@@ -254,8 +204,8 @@ pub fn load_kernel(
             u64::from(params.hdr.ramdisk_image),
             u64::from(params.hdr.ramdisk_size),
         ));
-        let info = crate::pvh::start_info(mem_size, CMDLINE, initrd, rsdp);
-        let rbx = crate::pvh::write(mem, &info)?;
+        let info = pvh::start_info(mem_size, CMDLINE, initrd, rsdp);
+        let rbx = pvh::write(mem, &info)?;
         return Ok(EntryPoint {
             protocol: BootProtocol::Pvh,
             rip,
@@ -290,19 +240,6 @@ pub fn read_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn e820_layout() {
-        let m = e820_map(1 << 30);
-        assert_eq!(m[0], (0, EBDA_START, E820_RAM));
-        assert_eq!(m[3], (HIMEM_START, (1 << 30) - HIMEM_START, E820_RAM));
-        assert_eq!(*m.last().unwrap(), (ECAM_START, ECAM_SIZE, E820_RESERVED));
-        let m = e820_map(6 << 30);
-        assert_eq!(
-            *m.last().unwrap(),
-            (crate::memory::HOLE_END, 3 << 30, E820_RAM)
-        );
-    }
 
     #[test]
     fn page_tables_identity_map() {

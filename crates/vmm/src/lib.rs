@@ -3,10 +3,11 @@
 //! [`Vm::new`] builds the machine from a [`VmConfig`]: guest RAM from a memfd split around the
 //! 32-bit PCI hole ([`memory`]), the in-kernel IOAPIC/LAPIC/PIT, the PCI host bridge with the
 //! configured devices ([`pci_host`]), COM1 ([`serial`]), an i8042 for reset ([`i8042`]), the RTC
-//! ([`cmos`]), ACPI tables ([`acpi`]) and the kernel ([`boot`]). [`Vm::run`] runs the vCPUs
-//! ([`vcpu`]) and the doorbell thread ([`ioevent`]) until the guest powers off, resets, faults or
-//! the VMM is told to stop, then flushes the devices and returns what happened with the counters
-//! ([`stats`]). Interrupts go through [`irq`]. Only [`memory`] and [`vcpu`] hold `unsafe` code.
+//! ([`cmos`]), ACPI tables ([`acpi`]) and the kernel ([`boot`]; PVH kernels through [`pvh`], both
+//! on [`layout`]). [`Vm::run`] runs the vCPUs ([`vcpu`]) and the doorbell thread ([`ioevent`])
+//! until the guest powers off, resets, faults or the VMM is told to stop, then flushes the devices
+//! and returns what happened with the counters ([`stats`]). Interrupts go through [`irq`]. Only
+//! [`memory`] and [`vcpu`] hold `unsafe` code.
 
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod cmos;
 pub mod i8042;
 pub mod ioevent;
 pub mod irq;
+pub mod layout;
 #[allow(unsafe_code)] // KVM memory slots and the memfd
 pub mod memory;
 pub mod pci_host;

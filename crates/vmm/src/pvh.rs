@@ -3,17 +3,17 @@
 //! list and memory map, and the flat 32-bit segments the entry state uses.
 //!
 //! Entry state (built by [`crate::vcpu::configure`]): 32-bit protected mode, paging off
-//! (CR0 = PE, CR4 = 0, EFER = 0), CS a flat 4 GiB execute/read segment ([`crate::boot::BOOT_CS`]),
-//! DS/ES/SS flat read/write ([`crate::boot::BOOT_DS`]), TR a busy 32-bit TSS with limit 0x67,
-//! EFLAGS = 0x2, EBX = [`START_INFO`]. Nothing else is defined: the kernel brings its own stack,
-//! GDT and IDT.
+//! (CR0 = PE, CR4 = 0, EFER = 0), CS a flat 4 GiB execute/read segment
+//! ([`crate::layout::BOOT_CS`]), DS/ES/SS flat read/write ([`crate::layout::BOOT_DS`]), TR a busy
+//! 32-bit TSS with limit 0x67, EFLAGS = 0x2, EBX = [`START_INFO`]. Nothing else is defined: the
+//! kernel brings its own stack, GDT and IDT.
 //!
 //! Layout (the 64-bit protocol's zero page is not written when PVH is used):
 //! ```text
 //! 0x0500  GDT (null, null, 32-bit code 0x10, data 0x18, 32-bit TSS 0x20)
 //! 0x7000  hvm_start_info                        ebx at entry
 //! 0x7040  hvm_modlist_entry[nr_modules]         (the initrd, if any)
-//! 0x7080  hvm_memmap_table_entry[memmap_entries] (the e820 map of boot.rs)
+//! 0x7080  hvm_memmap_table_entry[memmap_entries] (the e820 map of layout.rs)
 //! 0x20000 command line (as for the 64-bit protocol)
 //! ```
 
@@ -22,7 +22,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::boot::{e820_map, BootError, GDT_ADDR};
+use crate::layout::{e820_map, BootError, GDT_ADDR};
 
 /// `hvm_start_info` address (EBX at entry).
 pub const START_INFO: u64 = 0x7000;
@@ -137,7 +137,7 @@ mod tests {
     use std::mem::{offset_of, size_of};
 
     use super::*;
-    use crate::boot::{CMDLINE, E820_RAM, E820_RESERVED, HIMEM_START};
+    use crate::layout::{CMDLINE, E820_RAM, E820_RESERVED, HIMEM_START};
     use crate::memory::{ECAM_SIZE, ECAM_START, HOLE_END};
 
     #[test]

@@ -15,8 +15,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::boot::{BootProtocol, EntryPoint, BOOT_CS, BOOT_DS, BOOT_TSS, GDT, GDT_ADDR, PML4};
+use crate::boot::{BootProtocol, EntryPoint, GDT, PML4};
 use crate::bus::Bus;
+use crate::layout::{BOOT_CS, BOOT_DS, BOOT_TSS, GDT_ADDR};
 use crate::stats::{ExitKind, Stats};
 use crate::{ExitSender, VmExit};
 

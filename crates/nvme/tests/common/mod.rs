@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use block::{BackendInfo, BlockBackend, BlockError, Ram};
 use nvme::config::CtrlConfig;
 use nvme::namespace::Namespace;
+// The spec names the builders take; each test binary uses some of them.
+#[allow(unused_imports)]
+pub use nvme::spec::{cns, dw, fid, lid, AdminOpcode, IoOpcode, NSID_ALL};
 use nvme::spec::{Cqe, Sqe};
 use nvme::NvmeController;
 use pci::{DeviceContext, GuestMem, InterruptSink, MsiMessage, PciDevice, SlotSpec};
@@ -245,12 +248,225 @@ pub fn assert_ok(c: &Cqe) {
     assert_status(c, 0, 0);
 }
 
-/// A submission queue entry with opcode and NSID.
+// ---- command builders ----
+//
+// Each returns an [`Sqe`] with the named command's fields set (CID 0: [`TestDriver::submit`]
+// assigns one); [`SqeExt`] adds the data pointer and the few optional fields tests set.
+
+/// A submission queue entry with a raw opcode and NSID, every other field zero. The base of
+/// every builder; tests call it directly only to send an opcode that does not exist.
 pub fn sqe(opcode: u8, nsid: u32) -> Sqe {
     Sqe {
         cdw0: u32::from(opcode),
         nsid,
         ..Default::default()
+    }
+}
+
+/// An admin command with no fields set (NSID 0).
+pub fn admin(op: AdminOpcode) -> Sqe {
+    sqe(op.0, 0)
+}
+
+/// An NVM I/O command on `nsid` with no fields set.
+pub fn io_cmd(op: IoOpcode, nsid: u32) -> Sqe {
+    sqe(op.0, nsid)
+}
+
+/// Identify: structure `cns` (see [`cns`]) for `nsid`.
+pub fn identify(cns: u8, nsid: u32) -> Sqe {
+    let mut s = sqe(AdminOpcode::IDENTIFY.0, nsid);
+    s.cdw10 = dw::Cdw10Identify::new().with_cns(cns).into_bits();
+    s
+}
+
+/// Get Log Page `lid` (see [`lid`]) of `numd` + 1 dwords (NUMD is 0's based).
+pub fn get_log_page(lid: u8, numd: u32) -> Sqe {
+    let mut s = admin(AdminOpcode::GET_LOG_PAGE);
+    s.cdw10 = dw::Cdw10GetLogPage::new()
+        .with_lid(lid)
+        .with_numdl(numd as u16)
+        .into_bits();
+    s.cdw11 = dw::Cdw11GetLogPage::new()
+        .with_numdu((numd >> 16) as u16)
+        .into_bits();
+    s
+}
+
+/// Get Features `fid` (see [`fid`]); `sel` 0 current, 1 default, 2 saved, 3 capabilities.
+pub fn get_features(fid: u8, sel: u8) -> Sqe {
+    let mut s = admin(AdminOpcode::GET_FEATURES);
+    s.cdw10 = dw::Cdw10GetFeatures::new()
+        .with_fid(fid)
+        .with_sel(sel)
+        .into_bits();
+    s
+}
+
+/// Set Features `fid` (see [`fid`]) to `cdw11`, not saved ([`SqeExt::save`] asks to save).
+pub fn set_features(fid: u8, cdw11: u32) -> Sqe {
+    let mut s = admin(AdminOpcode::SET_FEATURES);
+    s.cdw10 = dw::Cdw10SetFeatures::new().with_fid(fid).into_bits();
+    s.cdw11 = cdw11;
+    s
+}
+
+/// Asynchronous Event Request.
+pub fn async_event_request() -> Sqe {
+    admin(AdminOpcode::ASYNC_EVENT_REQUEST)
+}
+
+/// Create I/O Completion Queue `qid` of `entries` entries, physically contiguous, on interrupt
+/// vector `iv` (interrupts enabled if `ien`); the queue's base goes in PRP1.
+pub fn create_io_cq(qid: u16, entries: u32, iv: u16, ien: bool) -> Sqe {
+    let mut s = admin(AdminOpcode::CREATE_IO_CQ);
+    s.cdw10 = create_queue_cdw10(qid, entries);
+    s.cdw11 = dw::Cdw11CreateIoCompletionQueue::new()
+        .with_pc(true)
+        .with_ien(ien)
+        .with_iv(iv)
+        .into_bits();
+    s
+}
+
+/// Create I/O Submission Queue `qid` of `entries` entries, physically contiguous, completing
+/// to CQ `cqid`; the queue's base goes in PRP1.
+pub fn create_io_sq(qid: u16, entries: u32, cqid: u16) -> Sqe {
+    let mut s = admin(AdminOpcode::CREATE_IO_SQ);
+    s.cdw10 = create_queue_cdw10(qid, entries);
+    s.cdw11 = dw::Cdw11CreateIoSubmissionQueue::new()
+        .with_pc(true)
+        .with_cqid(cqid)
+        .into_bits();
+    s
+}
+
+fn create_queue_cdw10(qid: u16, entries: u32) -> u32 {
+    dw::Cdw10CreateQueue::new()
+        .with_qid(qid)
+        .with_qsize(u16::try_from(entries - 1).expect("QSIZE is 16 bits, 0's based"))
+        .into_bits()
+}
+
+/// Delete I/O Submission Queue `qid`.
+pub fn delete_io_sq(qid: u16) -> Sqe {
+    let mut s = admin(AdminOpcode::DELETE_IO_SQ);
+    s.cdw10 = dw::Cdw10DeleteQueue::new().with_qid(qid).into_bits();
+    s
+}
+
+/// Delete I/O Completion Queue `qid`.
+pub fn delete_io_cq(qid: u16) -> Sqe {
+    let mut s = admin(AdminOpcode::DELETE_IO_CQ);
+    s.cdw10 = dw::Cdw10DeleteQueue::new().with_qid(qid).into_bits();
+    s
+}
+
+/// Abort command `cid` submitted on SQ `sqid`.
+pub fn abort(sqid: u16, cid: u16) -> Sqe {
+    let mut s = admin(AdminOpcode::ABORT);
+    s.cdw10 = dw::Cdw10Abort::new()
+        .with_sqid(sqid)
+        .with_cid(cid)
+        .into_bits();
+    s
+}
+
+/// Format NVM `nsid` to LBA format `lbaf` (LBAFU:LBAFL) with Secure Erase Settings `ses`.
+pub fn format_nvm(nsid: u32, lbaf: u8, ses: u8) -> Sqe {
+    let mut s = sqe(AdminOpcode::FORMAT_NVM.0, nsid);
+    s.cdw10 = dw::Cdw10Format::new()
+        .with_lbafl(lbaf & 0xf)
+        .with_lbafu(lbaf >> 4)
+        .with_ses(ses)
+        .into_bits();
+    s
+}
+
+/// Doorbell Buffer Config: shadow doorbells at `dbs` (PRP1), EventIdx buffer at `eis` (PRP2).
+pub fn doorbell_buffer_config(dbs: u64, eis: u64) -> Sqe {
+    admin(AdminOpcode::DOORBELL_BUFFER_CONFIG).prp(dbs, eis)
+}
+
+/// Flush `nsid` (`NSID_ALL` for every namespace).
+pub fn flush(nsid: u32) -> Sqe {
+    io_cmd(IoOpcode::FLUSH, nsid)
+}
+
+/// A Read, Write, Compare, Verify or Write Zeroes of `nlb` blocks (1-based here; the SQE
+/// carries it 0's based) at `slba`; the data pointer is set with [`SqeExt::prp`] or
+/// [`SqeExt::sgl`].
+pub fn rw(op: IoOpcode, nsid: u32, slba: u64, nlb: u32) -> Sqe {
+    let mut s = io_cmd(op, nsid);
+    s.cdw10 = slba as u32;
+    s.cdw11 = (slba >> 32) as u32;
+    s.cdw12 = dw::Cdw12ReadWrite::new()
+        .with_nlb(u16::try_from(nlb - 1).expect("NLB is 16 bits, 0's based"))
+        .into_bits();
+    s
+}
+
+/// Dataset Management of `ranges` ranges (1-based here; NR is 0's based) with `attrs`; the
+/// range list goes in PRP1.
+pub fn dsm(nsid: u32, ranges: u32, attrs: dw::Cdw11Dsm) -> Sqe {
+    let mut s = io_cmd(IoOpcode::DATASET_MANAGEMENT, nsid);
+    s.cdw10 = dw::Cdw10Dsm::new()
+        .with_nr(u8::try_from(ranges - 1).expect("NR is 8 bits, 0's based"))
+        .into_bits();
+    s.cdw11 = attrs.into_bits();
+    s
+}
+
+/// Dataset Management deallocating `ranges` ranges.
+pub fn deallocate(nsid: u32, ranges: u32) -> Sqe {
+    dsm(nsid, ranges, dw::Cdw11Dsm::new().with_ad(true))
+}
+
+/// Chainable setters for the fields a builder leaves at zero.
+pub trait SqeExt {
+    /// Data pointer as PRP1 and PRP2.
+    fn prp(self, prp1: u64, prp2: u64) -> Self;
+    /// Data pointer as SGL1 (PSDT 01b).
+    fn sgl(self, sgl1: [u64; 2]) -> Self;
+    /// Namespace ID.
+    fn nsid(self, nsid: u32) -> Self;
+    /// Command Identifier, for entries written to a queue without [`TestDriver::submit`].
+    fn cid(self, cid: u16) -> Self;
+    /// Force Unit Access (Read/Write CDW12).
+    fn fua(self) -> Self;
+    /// Save (Set Features CDW10).
+    fn save(self) -> Self;
+}
+
+impl SqeExt for Sqe {
+    fn prp(mut self, prp1: u64, prp2: u64) -> Sqe {
+        self.dptr = [prp1, prp2];
+        self
+    }
+    fn sgl(mut self, sgl1: [u64; 2]) -> Sqe {
+        self.cdw0 = dw::Cdw0::from_bits(self.cdw0).with_psdt(1).into_bits();
+        self.dptr = sgl1;
+        self
+    }
+    fn nsid(mut self, nsid: u32) -> Sqe {
+        self.nsid = nsid;
+        self
+    }
+    fn cid(mut self, cid: u16) -> Sqe {
+        self.cdw0 = dw::Cdw0::from_bits(self.cdw0).with_cid(cid).into_bits();
+        self
+    }
+    fn fua(mut self) -> Sqe {
+        self.cdw12 = dw::Cdw12ReadWrite::from_bits(self.cdw12)
+            .with_fua(true)
+            .into_bits();
+        self
+    }
+    fn save(mut self) -> Sqe {
+        self.cdw10 = dw::Cdw10SetFeatures::from_bits(self.cdw10)
+            .with_sv(true)
+            .into_bits();
+        self
     }
 }
 
@@ -859,10 +1075,8 @@ impl TestDriver {
     // ---- admin helpers ----
 
     pub fn create_cq_cmd(&mut self, qid: u16, size: u32, base: u64, cdw11: u32) -> Cqe {
-        let mut s = sqe(0x05, 0);
-        s.dptr[0] = base;
-        s.cdw10 = ((size - 1) << 16) | u32::from(qid);
-        s.cdw11 = cdw11;
+        let mut s = create_io_cq(qid, size, 0, false).prp(base, 0);
+        s.cdw11 = cdw11; // raw: tests send PC=0 and bad vectors on purpose
         self.admin(s)
     }
 
@@ -874,10 +1088,11 @@ impl TestDriver {
         cqid: u16,
         cdw11_low: u32,
     ) -> Cqe {
-        let mut s = sqe(0x01, 0);
-        s.dptr[0] = base;
-        s.cdw10 = ((size - 1) << 16) | u32::from(qid);
-        s.cdw11 = (u32::from(cqid) << 16) | cdw11_low;
+        let mut s = create_io_sq(qid, size, cqid).prp(base, 0);
+        // Raw low half: tests send PC=0 on purpose.
+        s.cdw11 = dw::Cdw11CreateIoSubmissionQueue::from_bits(cdw11_low)
+            .with_cqid(cqid)
+            .into_bits();
         self.admin(s)
     }
 
@@ -891,7 +1106,7 @@ impl TestDriver {
     pub fn create_pair_sized(&mut self, qid: u16, cq_size: u32, sq_size: u32) {
         let size = cq_size;
         let cqb = self.alloc_queue(u64::from(size) * 16);
-        assert_ok(&self.create_cq_cmd(qid, size, cqb, 0x3 | (u32::from(qid) << 16)));
+        assert_ok(&self.admin(create_io_cq(qid, size, qid, true).prp(cqb, 0)));
         self.cqs.insert(
             qid,
             HostCq {
@@ -903,7 +1118,7 @@ impl TestDriver {
         );
         let size = sq_size;
         let sqb = self.alloc_queue(u64::from(size) * 64);
-        assert_ok(&self.create_sq_cmd(qid, size, sqb, qid, 1));
+        assert_ok(&self.admin(create_io_sq(qid, size, qid).prp(sqb, 0)));
         self.sqs.insert(
             qid,
             HostSq {
@@ -916,9 +1131,7 @@ impl TestDriver {
     }
 
     pub fn delete_sq(&mut self, qid: u16) -> Cqe {
-        let mut s = sqe(0x00, 0);
-        s.cdw10 = u32::from(qid);
-        let c = self.admin(s);
+        let c = self.admin(delete_io_sq(qid));
         if status(&c).sc == 0 && status(&c).sct == 0 {
             self.sqs.remove(&qid);
         }
@@ -926,9 +1139,7 @@ impl TestDriver {
     }
 
     pub fn delete_cq(&mut self, qid: u16) -> Cqe {
-        let mut s = sqe(0x04, 0);
-        s.cdw10 = u32::from(qid);
-        let c = self.admin(s);
+        let c = self.admin(delete_io_cq(qid));
         if status(&c).sc == 0 && status(&c).sct == 0 {
             self.cqs.remove(&qid);
         }
@@ -938,9 +1149,7 @@ impl TestDriver {
     /// Identify into a fresh 4 KiB buffer; returns the completion and the data on success.
     pub fn identify(&mut self, cns: u8, nsid: u32, cdw11: u32) -> (Cqe, Vec<u8>) {
         let buf = self.alloc(4096);
-        let mut s = sqe(0x06, nsid);
-        s.dptr[0] = buf;
-        s.cdw10 = u32::from(cns);
+        let mut s = identify(cns, nsid).prp(buf, 0);
         s.cdw11 = cdw11;
         let c = self.admin(s);
         let data = self.read_mem(buf, 4096);
@@ -965,18 +1174,14 @@ impl TestDriver {
         d
     }
 
-    pub fn get_features(&mut self, fid: u8, sel: u32, nsid: u32, cdw11: u32) -> Cqe {
-        let mut s = sqe(0x0a, nsid);
-        s.cdw10 = u32::from(fid) | (sel << 8);
+    pub fn get_features(&mut self, fid: u8, sel: u8, nsid: u32, cdw11: u32) -> Cqe {
+        let mut s = get_features(fid, sel).nsid(nsid);
         s.cdw11 = cdw11;
         self.admin(s)
     }
 
     pub fn set_features(&mut self, fid: u8, cdw11: u32) -> Cqe {
-        let mut s = sqe(0x09, 0);
-        s.cdw10 = u32::from(fid);
-        s.cdw11 = cdw11;
-        self.admin(s)
+        self.admin(set_features(fid, cdw11))
     }
 
     /// Get Log Page of `len` bytes (a multiple of 4) at `offset` into a fresh buffer.
@@ -989,17 +1194,18 @@ impl TestDriver {
         rae: bool,
     ) -> (Cqe, Vec<u8>) {
         let buf = self.alloc(u64::from(len));
-        let mut s = sqe(0x02, nsid);
-        s.dptr[0] = buf;
-        let numd = len / 4 - 1;
-        if u64::from(len) > PAGE {
+        let prp2 = if u64::from(len) > PAGE {
             assert!(u64::from(len) <= 2 * PAGE, "use a PRP list");
-            s.dptr[1] = buf + PAGE;
-        }
-        s.cdw10 = u32::from(lid) | (u32::from(rae) << 15) | ((numd & 0xffff) << 16);
-        s.cdw11 = numd >> 16;
-        s.cdw12 = offset as u32;
-        s.cdw13 = (offset >> 32) as u32;
+            buf + PAGE
+        } else {
+            0
+        };
+        let mut s = get_log_page(lid, len / 4 - 1).nsid(nsid).prp(buf, prp2);
+        s.cdw10 = dw::Cdw10GetLogPage::from_bits(s.cdw10)
+            .with_rae(rae)
+            .into_bits();
+        s.cdw12 = offset as u32; // LPOL
+        s.cdw13 = (offset >> 32) as u32; // LPOU
         let c = self.admin(s);
         let data = self.read_mem(buf, len as usize);
         if status(&c).sc == 0 && status(&c).sct == 0 {
@@ -1011,31 +1217,12 @@ impl TestDriver {
 
     // ---- I/O helpers ----
 
-    /// An NVM read/write/compare/verify SQE with PRPs.
-    pub fn rw(opcode: u8, nsid: u32, slba: u64, nlb: u32, prp1: u64, prp2: u64) -> Sqe {
-        let mut s = sqe(opcode, nsid);
-        s.dptr = [prp1, prp2];
-        s.cdw10 = slba as u32;
-        s.cdw11 = (slba >> 32) as u32;
-        s.cdw12 = nlb - 1;
-        s
-    }
-
     /// Write `data` to `nsid` at `slba` through a fresh buffer (PRP list as needed); asserts success.
     #[track_caller]
     pub fn write_blocks(&mut self, qid: u16, nsid: u32, slba: u64, lba: u64, data: &[u8]) {
         let (prp1, prp2) = self.prp_buffer(data);
-        let c = self.io(
-            qid,
-            Self::rw(
-                0x01,
-                nsid,
-                slba,
-                (data.len() as u64 / lba) as u32,
-                prp1,
-                prp2,
-            ),
-        );
+        let nlb = (data.len() as u64 / lba) as u32;
+        let c = self.io(qid, rw(IoOpcode::WRITE, nsid, slba, nlb).prp(prp1, prp2));
         assert_ok(&c);
         self.check_mem();
     }
@@ -1046,7 +1233,7 @@ impl TestDriver {
         let len = u64::from(nlb) * lba;
         let buf = self.alloc(len);
         let (prp2, _) = self.prp_for(buf, len);
-        let c = self.io(qid, Self::rw(0x02, nsid, slba, nlb, buf, prp2));
+        let c = self.io(qid, rw(IoOpcode::READ, nsid, slba, nlb).prp(buf, prp2));
         assert_ok(&c);
         let data = self.read_mem(buf, len as usize);
         self.expect(buf, &data);
