@@ -7,5 +7,6 @@ pub fn registry() -> DeviceRegistry {
     let mut r = DeviceRegistry::new();
     r.register(nvme::NAME, &[], nvme::create);
     r.register(ahci::NAME, ahci::ALIASES, ahci::create);
+    r.register(virtio::NAME, virtio::ALIASES, virtio::create);
     r
 }

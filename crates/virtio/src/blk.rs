@@ -1,0 +1,544 @@
+//! Block requests: a descriptor chain checked and turned into zero-copy backend I/O, and the
+//! completions that post used buffers and interrupt.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use block::{Engine, GuestIov, IoDone, IoHandler, IoReq, Op, Tick};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
+use zerocopy::FromBytes;
+
+use crate::spec::{blk_status, req, status, BlkReqHeader, DiscardWriteZeroes, SECTOR};
+use crate::transport::{Pending, Vq};
+use crate::{lock, Shared};
+
+/// Largest single data segment the driver may use (`size_max`).
+pub(crate) const SIZE_MAX: u32 = 1 << 20;
+/// Most sectors one discard or write-zeroes range may cover.
+pub(crate) const MAX_RANGE_SECTORS: u32 = 1 << 22;
+/// Most ranges one discard or write-zeroes request may carry.
+pub(crate) const MAX_RANGES: u32 = 64;
+
+/// Most data segments in a request (`seg_max`): bounded by the ring, and by what one backend
+/// request carries.
+pub(crate) fn seg_max(qsz: u16) -> u32 {
+    u32::from(qsz).min(254)
+}
+
+/// A request tag: queue, its epoch, the chain's head.
+fn tag(q: u16, epoch: u16, head: u16) -> u64 {
+    (u64::from(q) << 32) | (u64::from(epoch) << 16) | u64::from(head)
+}
+
+fn untag(t: u64) -> (u16, u16, u16) {
+    ((t >> 32) as u16, (t >> 16) as u16, t as u16)
+}
+
+/// A chain's buffers: `(guest address, length)`, device-readable ones first.
+struct Chain {
+    readable: Vec<(u64, u32)>,
+    writable: Vec<(u64, u32)>,
+}
+
+impl Chain {
+    fn bytes(segs: &[(u64, u32)]) -> u64 {
+        segs.iter().map(|&(_, l)| u64::from(l)).sum()
+    }
+}
+
+/// What became of one chain.
+enum Started {
+    /// Backend requests are running.
+    Running,
+    /// Answered at once.
+    Done {
+        status: u8,
+        used_len: u32,
+        status_addr: u64,
+    },
+    /// No status byte to answer with: the device needs a reset.
+    Broken(&'static str),
+}
+
+impl Shared {
+    fn engine(&self, q: u16) -> &Engine {
+        let t = self.threads.get().expect("threads start with the device");
+        t[usize::from(q) % t.len()].engine()
+    }
+
+    /// The driver notified queue `q`: start every request it made available.
+    pub(crate) fn notify(&self, q: u16) {
+        let Some(m) = self.queues.get(usize::from(q)) else {
+            return;
+        };
+        let st = self.status.load(Ordering::Acquire);
+        if st & status::DRIVER_OK == 0
+            || st & status::DEVICE_NEEDS_RESET != 0
+            || !self.irq.bus_master()
+        {
+            return;
+        }
+        let mem: Arc<GuestMemoryMmap> = self.mem.memory().into_inner();
+        let engine = self.engine(q);
+        let mut vq = lock(m);
+        if !vq.q.ready() || vq.broken {
+            return;
+        }
+        let mut used = false;
+        loop {
+            // Take what is available now (at most a ring's worth: the iterator refuses an
+            // available index more than the ring size ahead), then start each.
+            let chains: Vec<_> = match vq.q.iter(&*mem) {
+                Ok(it) => it.collect(),
+                Err(e) => {
+                    drop(vq);
+                    return self.break_queue(q, &format!("available ring: {e}"));
+                }
+            };
+            let started = chains.len();
+            for chain in chains {
+                self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                let head = chain.head_index();
+                match self.start(&mut vq, chain, &mem, engine) {
+                    Started::Running => {}
+                    Started::Done {
+                        status,
+                        used_len,
+                        status_addr,
+                    } => {
+                        used |= self.post(&mut vq, &mem, head, status, used_len, status_addr);
+                    }
+                    Started::Broken(why) => {
+                        drop(vq);
+                        return self.break_queue(q, &format!("head {head}: {why}"));
+                    }
+                }
+            }
+            // Re-arm, then look once more: a request made available meanwhile is not missed.
+            match vq.q.enable_notification(&*mem) {
+                Ok(true) if started > 0 => continue,
+                // More is announced but none could be taken (its ring entry unreadable).
+                Ok(true) => {
+                    drop(vq);
+                    return self.break_queue(q, "available entries that cannot be read");
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    drop(vq);
+                    return self.break_queue(q, &format!("event index: {e}"));
+                }
+            }
+        }
+        if used {
+            self.maybe_signal(&mut vq, &mem);
+        }
+        drop(vq);
+        let mut done = Vec::new();
+        engine.commit_and_reap(&mut done);
+        self.complete(&mut done);
+    }
+
+    /// Queue `q` cannot go on: stop it and ask the driver for a reset.
+    fn break_queue(&self, q: u16, why: &str) {
+        log::debug!(
+            "virtio-blk {}: queue {q}: {why}; device needs reset",
+            self.opts.serial
+        );
+        if let Some(m) = self.queues.get(usize::from(q)) {
+            lock(m).broken = true;
+        }
+        self.needs_reset();
+    }
+
+    /// Check one chain and start it.
+    fn start(
+        &self,
+        vq: &mut Vq,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &Arc<GuestMemoryMmap>,
+        engine: &Engine,
+    ) -> Started {
+        let head = chain.head_index();
+        let mut c = Chain {
+            readable: Vec::new(),
+            writable: Vec::new(),
+        };
+        let limit = 2 * usize::from(vq.q.size()) + 2;
+        let mut order_ok = true;
+        for d in chain {
+            if c.readable.len() + c.writable.len() >= limit {
+                break;
+            }
+            if d.is_write_only() {
+                c.writable.push((d.addr().0, d.len()));
+            } else {
+                order_ok &= c.writable.is_empty();
+                c.readable.push((d.addr().0, d.len()));
+            }
+        }
+        // The status byte is the last byte of the last device-writable buffer.
+        let Some(&(last_addr, last_len)) = c.writable.last() else {
+            return Started::Broken("no device-writable buffer for the status byte");
+        };
+        if last_len == 0 {
+            return Started::Broken("an empty last buffer holds no status byte");
+        }
+        let status_addr = last_addr.wrapping_add(u64::from(last_len) - 1);
+        if mem.check_address(GuestAddress(status_addr)).is_none() {
+            return Started::Broken("the status byte is outside guest RAM");
+        }
+        let fail = |status| Started::Done {
+            status,
+            used_len: 1,
+            status_addr,
+        };
+        if !order_ok {
+            return fail(blk_status::IOERR); // a readable buffer after a writable one
+        }
+        let mut hdr = [0u8; 16];
+        if read_region(mem, &c.readable, 0, &mut hdr).is_err() {
+            return fail(blk_status::IOERR);
+        }
+        let h = BlkReqHeader::read_from_bytes(&hdr).expect("16 bytes");
+        // The status byte is not data.
+        let wdata = Chain::bytes(&c.writable) - 1;
+        let rdata = Chain::bytes(&c.readable) - 16;
+        let ebit = (vq.index, vq.epoch);
+        let t = tag(ebit.0, ebit.1, head);
+        let info = self.backend.info();
+        match h.type_ {
+            req::IN | req::OUT => {
+                let write = h.type_ == req::OUT;
+                if write && info.read_only {
+                    return fail(blk_status::IOERR);
+                }
+                let (segs, skip, len) = if write {
+                    (&c.readable, 16, rdata)
+                } else {
+                    (&c.writable, 0, wdata)
+                };
+                if let Err(s) = self.check_range(h.sector, len, info) {
+                    return fail(s);
+                }
+                if segs.len() > seg_max(self.opts.qsz) as usize + 2
+                    || segs.iter().any(|&(_, l)| l > SIZE_MAX)
+                {
+                    return fail(blk_status::IOERR);
+                }
+                let mut iov = GuestIov::new();
+                iov.set_memory(mem.clone());
+                if map_region(&mut iov, segs, skip, len).is_err() {
+                    return fail(blk_status::IOERR);
+                }
+                if len == 0 {
+                    return fail(blk_status::OK);
+                }
+                let used_len = if write { 1 } else { len as u32 + 1 };
+                self.park(vq, head, status_addr, 1, used_len);
+                engine.submit(IoReq {
+                    tag: t,
+                    op: if write { Op::Write } else { Op::Read },
+                    offset: h.sector * SECTOR,
+                    len,
+                    fua: write && !self.writeback.load(Ordering::Relaxed),
+                    iov,
+                    backend: self.backend.clone(),
+                });
+                Started::Running
+            }
+            req::FLUSH => {
+                self.park(vq, head, status_addr, 1, 1);
+                engine.submit(IoReq {
+                    tag: t,
+                    op: Op::Flush,
+                    offset: 0,
+                    len: 0,
+                    fua: false,
+                    iov: GuestIov::new(),
+                    backend: self.backend.clone(),
+                });
+                Started::Running
+            }
+            req::GET_ID => {
+                let mut id = [0u8; req::ID_BYTES];
+                let s = self.opts.serial.as_bytes();
+                id[..s.len()].copy_from_slice(s);
+                let n = (wdata as usize).min(req::ID_BYTES);
+                if write_region(mem, &c.writable, &id[..n]).is_err() {
+                    return fail(blk_status::IOERR);
+                }
+                Started::Done {
+                    status: blk_status::OK,
+                    used_len: n as u32 + 1,
+                    status_addr,
+                }
+            }
+            req::DISCARD | req::WRITE_ZEROES => {
+                let zeroes = h.type_ == req::WRITE_ZEROES;
+                if info.read_only {
+                    return fail(blk_status::IOERR);
+                }
+                let n = rdata / 16;
+                if !rdata.is_multiple_of(16) || n == 0 || n > u64::from(MAX_RANGES) {
+                    return fail(blk_status::IOERR);
+                }
+                let mut raw = [0u8; 16 * MAX_RANGES as usize];
+                let raw = &mut raw[..rdata as usize];
+                if read_region(mem, &c.readable, 16, raw).is_err() {
+                    return fail(blk_status::IOERR);
+                }
+                let mut ranges = Vec::with_capacity(n as usize);
+                for r in raw.chunks_exact(16) {
+                    let r = DiscardWriteZeroes::read_from_bytes(r).expect("16 bytes");
+                    let allowed = if zeroes { 1 } else { 0 }; // unmap is write zeroes' only flag
+                    if r.flags & !allowed != 0 {
+                        return fail(blk_status::UNSUPP);
+                    }
+                    if r.num_sectors > MAX_RANGE_SECTORS {
+                        return fail(blk_status::IOERR);
+                    }
+                    let len = u64::from(r.num_sectors) * SECTOR;
+                    if let Err(s) = self.check_range(r.sector, len, info) {
+                        return fail(s);
+                    }
+                    if len > 0 {
+                        ranges.push((r.sector * SECTOR, len));
+                    }
+                }
+                if ranges.is_empty() {
+                    return fail(blk_status::OK);
+                }
+                self.park(vq, head, status_addr, ranges.len() as u32, 1);
+                for (offset, len) in ranges {
+                    engine.submit(IoReq {
+                        tag: t,
+                        op: if zeroes { Op::WriteZeroes } else { Op::Discard },
+                        offset,
+                        len,
+                        fua: false,
+                        iov: GuestIov::new(),
+                        backend: self.backend.clone(),
+                    });
+                }
+                Started::Running
+            }
+            _ => fail(blk_status::UNSUPP),
+        }
+    }
+
+    /// `len` bytes from 512-byte sector `sector`: inside the disk and on its block boundaries.
+    fn check_range(&self, sector: u64, len: u64, info: block::BackendInfo) -> Result<(), u8> {
+        let block = u64::from(info.sector_size);
+        let offset = sector.checked_mul(SECTOR).ok_or(blk_status::IOERR)?;
+        let end = offset.checked_add(len).ok_or(blk_status::IOERR)?;
+        if end > info.capacity || !offset.is_multiple_of(block) || !len.is_multiple_of(block) {
+            return Err(blk_status::IOERR);
+        }
+        Ok(())
+    }
+
+    /// Record a started request.
+    fn park(&self, vq: &mut Vq, head: u16, status_addr: u64, parts: u32, used_len: u32) {
+        self.inflight.fetch_add(parts as usize, Ordering::AcqRel);
+        if let Some(p) = vq.pending.get_mut(usize::from(head)) {
+            *p = Some(Pending {
+                status_addr,
+                parts,
+                status: blk_status::OK,
+                used_len,
+            });
+        }
+    }
+
+    /// Write the status byte and put the chain on the used ring; true if it was posted.
+    fn post(
+        &self,
+        vq: &mut Vq,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        status: u8,
+        used_len: u32,
+        status_addr: u64,
+    ) -> bool {
+        if status != blk_status::OK {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
+            return false; // checked when the chain was parsed; the map cannot have shrunk
+        }
+        if let Err(e) = vq.q.add_used(mem, head, used_len) {
+            log::debug!("virtio-blk {}: used ring: {e}", self.opts.serial);
+            vq.broken = true;
+            return false;
+        }
+        true
+    }
+
+    /// Interrupt for the used buffers if the driver asked for it (EVENT_IDX or flags).
+    fn maybe_signal(&self, vq: &mut Vq, mem: &GuestMemoryMmap) {
+        if vq.q.needs_notification(mem).unwrap_or(true) {
+            self.signal(vq);
+        }
+    }
+
+    /// Backend requests finished.
+    pub(crate) fn complete(&self, done: &mut Vec<IoDone>) {
+        if done.is_empty() {
+            return;
+        }
+        let mem: Arc<GuestMemoryMmap> = self.mem.memory().into_inner();
+        let mut i = 0;
+        while i < done.len() {
+            let (q, ..) = untag(done[i].req.tag);
+            let Some(m) = self.queues.get(usize::from(q)) else {
+                i += 1;
+                continue;
+            };
+            let mut vq = lock(m);
+            let mut used = false;
+            while i < done.len() && untag(done[i].req.tag).0 == q {
+                let d = &done[i];
+                let (_, epoch, head) = untag(d.req.tag);
+                let ok = match &d.result {
+                    Ok(()) => {
+                        let c = &self.counters;
+                        match d.req.op {
+                            Op::Read => c.read_bytes.fetch_add(d.req.len, Ordering::Relaxed),
+                            Op::Write => c.written_bytes.fetch_add(d.req.len, Ordering::Relaxed),
+                            _ => 0,
+                        };
+                        true
+                    }
+                    Err(e) => {
+                        log::debug!("virtio-blk {}: backend: {e}", self.opts.serial);
+                        false
+                    }
+                };
+                i += 1;
+                self.inflight.fetch_sub(1, Ordering::AcqRel);
+                if epoch != vq.epoch {
+                    continue; // the queue was reset meanwhile
+                }
+                let Some(Some(p)) = vq.pending.get_mut(usize::from(head)) else {
+                    continue;
+                };
+                if !ok {
+                    p.status = blk_status::IOERR;
+                }
+                p.parts -= 1;
+                if p.parts > 0 {
+                    continue;
+                }
+                let p = vq.pending[usize::from(head)].take().expect("present");
+                used |= self.post(&mut vq, &mem, head, p.status, p.used_len, p.status_addr);
+            }
+            if used {
+                self.maybe_signal(&mut vq, &mem);
+            }
+        }
+        done.clear();
+        if self.inflight.load(Ordering::Acquire) == 0 {
+            self.finish_reset_if_idle();
+            let _guard = lock(&self.idle.0);
+            self.idle.1.notify_all();
+        }
+    }
+
+    /// Wait until no backend request is in flight.
+    pub(crate) fn wait_idle(&self) {
+        let mut g = lock(&self.idle.0);
+        while self.inflight.load(Ordering::Acquire) != 0 {
+            g = self
+                .idle
+                .1
+                .wait_timeout(g, std::time::Duration::from_millis(10))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl IoHandler for Shared {
+    fn completions(&self, _thread: usize, done: &mut Vec<IoDone>) {
+        self.complete(done);
+    }
+
+    fn tick(&self, _thread: usize, _now: Instant) -> Tick {
+        Tick::Idle
+    }
+}
+
+/// Copy `dst.len()` bytes starting `skip` bytes into the buffers `segs`.
+fn read_region(
+    mem: &GuestMemoryMmap,
+    segs: &[(u64, u32)],
+    mut skip: u64,
+    dst: &mut [u8],
+) -> Result<(), ()> {
+    let mut at = 0;
+    for &(addr, len) in segs {
+        let len = u64::from(len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = ((len - skip) as usize).min(dst.len() - at);
+        mem.read_slice(
+            &mut dst[at..at + n],
+            GuestAddress(addr.checked_add(skip).ok_or(())?),
+        )
+        .map_err(|_| ())?;
+        at += n;
+        skip = 0;
+        if at == dst.len() {
+            return Ok(());
+        }
+    }
+    if at == dst.len() {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// Copy `src` to the start of the buffers `segs`.
+fn write_region(mem: &GuestMemoryMmap, segs: &[(u64, u32)], src: &[u8]) -> Result<(), ()> {
+    let mut at = 0;
+    for &(addr, len) in segs {
+        if at == src.len() {
+            break;
+        }
+        let n = (len as usize).min(src.len() - at);
+        mem.write_slice(&src[at..at + n], GuestAddress(addr))
+            .map_err(|_| ())?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// Add `len` bytes of the buffers `segs`, from `skip` bytes in, to `iov`.
+fn map_region(iov: &mut GuestIov, segs: &[(u64, u32)], mut skip: u64, len: u64) -> Result<(), ()> {
+    let mut left = len;
+    for &(addr, l) in segs {
+        if left == 0 {
+            break;
+        }
+        let l = u64::from(l);
+        if skip >= l {
+            skip -= l;
+            continue;
+        }
+        let n = (l - skip).min(left);
+        iov.push_guest(addr.checked_add(skip).ok_or(())?, n)
+            .map_err(|_| ())?;
+        left -= n;
+        skip = 0;
+    }
+    if left == 0 {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
