@@ -581,3 +581,41 @@ fn kvm_pvh_boot_passes_start_info() {
     assert_eq!(r.code, 0, "{}", r.dump());
     assert!(!r.console.contains("PVH:"), "{}", r.dump());
 }
+
+#[test]
+fn kvm_virtio_blk_notifies_through_ioeventfd_and_interrupts_through_irqfd() {
+    if !kvm() {
+        return;
+    }
+    let dir = scratch("virtio");
+    let img = image(&dir, "vblk.img", 64 << 20);
+    let slot = format!("6,virtio-blk,{},ser=KVM-VBLK", img.display());
+    let r = run(&nvme_args(&slot, guest().to_str().unwrap(), ""));
+    assert_eq!(r.code, 0, "{}", r.dump());
+    for want in [
+        "VIRTIO: phase 5: requests 32 interrupts 32 mismatched bytes 0",
+        "VIRTIO: id 'KVM-VBLK'",
+        "VIRTIO: OK",
+        "KVMTEST: PASS",
+    ] {
+        assert!(r.console.contains(want), "missing {want:?}\n{}", r.dump());
+    }
+    // Notifications through ioeventfd, interrupts through irqfd: the I/O phase takes no
+    // userspace exit at all.
+    let (exits, line) = r.phase(5);
+    println!("{line}");
+    assert_eq!(
+        exits,
+        0,
+        "userspace exits during the I/O phase\n{}",
+        r.dump()
+    );
+    assert!(
+        r.device_counter("0:6.0", "ioeventfd_kicks") >= 32,
+        "{}",
+        r.dump()
+    );
+    assert_eq!(r.device_counter("0:6.0", "signal_msi"), 0, "{}", r.dump());
+    assert_eq!(r.device_counter("0:6.0", "bytes_written"), 16 * 8192);
+    assert_pattern(&img, 3, 6144, 256);
+}

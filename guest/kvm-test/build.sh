@@ -14,7 +14,7 @@ for tool in gcc ld; do
     fi
 done
 cd "$here"
-srcs=(start.S lib.c nvme.c ahci.c main.c)
+srcs=(start.S lib.c nvme.c ahci.c virtio.c main.c)
 existing=()
 for s in "${srcs[@]}"; do [[ -f $s ]] && existing+=("$s"); done
 key=$( (cat "${existing[@]}" lib.h link.ld build.sh; gcc --version | head -1) | sha256sum | cut -c1-16)

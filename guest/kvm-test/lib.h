@@ -91,6 +91,7 @@ extern u32 pvh_start_info, pvh_bad;
 
 int nvme_test(struct pcidev *p);
 int ahci_test(struct pcidev *p);
+int virtio_test(struct pcidev *p);
 
 /* The pattern every test writes: depends on device, LBA and byte offset. */
 static inline u8 pattern(u32 dev, u64 lba, u32 off)

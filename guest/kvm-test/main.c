@@ -1,6 +1,6 @@
 /* The KVM test guest: enumerate PCI bus 0, check the host bridge's fallbacks, run the storage
- * tests for every NVMe and AHCI function found, report on COM1 and exit through the test device.
- * Output lines start with KVMTEST:, PCI:, NVME: or AHCI:; the last one is KVMTEST: PASS or FAIL. */
+ * tests for every NVMe, AHCI and virtio-blk function found, report on COM1 and exit through the test device.
+ * Output lines start with KVMTEST:, PCI:, NVME:, AHCI: or VIRTIO:; the last one is KVMTEST: PASS or FAIL. */
 #include "lib.h"
 
 #define ECAM 0xe0000000UL
@@ -146,6 +146,10 @@ void guest_main(void)
         } else if (p.class == 0x010601) {
             pci_setup(&p);
             failures += ahci_test(&p);
+            tested++;
+        } else if (id == 0x10421af4) {
+            pci_setup(&p);
+            failures += virtio_test(&p);
             tested++;
         }
     }

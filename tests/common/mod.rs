@@ -194,6 +194,17 @@ impl GuestRun {
 
 /// Boot UML against `rhyve`'s sockets and run `script` (a /bin/sh script) inside.
 pub fn run_guest(dir: &Path, rhyve: &Rhyve, script: &str, timeout_s: u32) -> GuestRun {
+    run_guest_append(dir, rhyve, script, timeout_s, &[])
+}
+
+/// [`run_guest`] with extra kernel command-line arguments.
+pub fn run_guest_append(
+    dir: &Path,
+    rhyve: &Rhyve,
+    script: &str,
+    timeout_s: u32,
+    append: &[&str],
+) -> GuestRun {
     let sp = dir.join("guest.sh");
     let mut f = std::fs::File::create(&sp).unwrap();
     writeln!(f, "#!/bin/sh\n{script}").unwrap();
@@ -210,6 +221,9 @@ pub fn run_guest(dir: &Path, rhyve: &Rhyve, script: &str, timeout_s: u32) -> Gue
         .arg(timeout_s.to_string());
     for s in &rhyve.sockets {
         cmd.arg("--device").arg(s);
+    }
+    for a in append {
+        cmd.arg("--append").arg(a);
     }
     let out = cmd.stdin(Stdio::null()).output().expect("run-uml.sh");
     let console =

@@ -35,7 +35,7 @@ pub struct Args {
     /// Only this workload (repeatable).
     #[arg(long)]
     only: Vec<String>,
-    /// Targets to run (repeatable): nvme, ahci, qsd.
+    /// Targets to run (repeatable): nvme, ahci, virtio, qsd.
     #[arg(long)]
     target: Vec<String>,
     /// Extra options for rhyve's NVMe `-s` spec, e.g. `,poll=100`.
@@ -121,7 +121,7 @@ struct Target {
     irq_pattern: &'static str,
 }
 
-const TARGETS: [Target; 3] = [
+const TARGETS: [Target; 4] = [
     Target {
         name: "nvme",
         dev: "/dev/nvme0n1",
@@ -131,6 +131,11 @@ const TARGETS: [Target; 3] = [
         name: "ahci",
         dev: "/dev/sda",
         irq_pattern: "ahci",
+    },
+    Target {
+        name: "virtio",
+        dev: "/dev/vda",
+        irq_pattern: "-req.",
     },
     Target {
         name: "qsd",
@@ -194,10 +199,10 @@ fn start_device(env: &Env, t: &Target, run: &Path, a: &Args) -> Result<(Child, S
             ))
         }
         name => {
-            let spec = if name == "nvme" {
-                format!("4,nvme,{}{}", env.image.display(), a.nvme_opts)
-            } else {
-                format!("5,ahci-hd,{}", env.image.display())
+            let spec = match name {
+                "nvme" => format!("4,nvme,{}{}", env.image.display(), a.nvme_opts),
+                "virtio" => format!("6,virtio-blk,{}", env.image.display()),
+                _ => format!("5,ahci-hd,{}", env.image.display()),
             };
             let child = Command::new(&env.rhyve)
                 .args(["uml", "--stats", "--socket-dir"])
