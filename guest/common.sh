@@ -35,6 +35,6 @@ rhyve_ensure_pkgs() {
 # Host tools the guest runs through hostfs (they must exist on the host).
 # shellcheck disable=SC2034  # used by build-uml.sh
 RHYVE_GUEST_TOOL_PKGS=(
-    fio nvme-cli e2fsprogs hdparm smartmontools sg3-utils util-linux
+    fio nvme-cli e2fsprogs hdparm smartmontools sg3-utils util-linux qemu-utils
     genisoimage xorriso kmod
 )

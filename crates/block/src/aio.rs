@@ -298,13 +298,8 @@ fn run_sync(req: &IoReq) -> Result<()> {
     let b = &*req.backend;
     match req.op {
         Op::Read => b.read_iov(req.offset, &req.iov),
-        Op::Write => {
-            b.write_iov(req.offset, &req.iov)?;
-            if req.fua {
-                b.flush()?;
-            }
-            Ok(())
-        }
+        Op::Write if req.fua => b.write_iov_fua(req.offset, &req.iov),
+        Op::Write => b.write_iov(req.offset, &req.iov),
         Op::Flush => b.flush(),
         Op::Discard => b.discard(req.offset, req.len),
         Op::WriteZeroes => b.write_zeroes(req.offset, req.len),

@@ -8,6 +8,7 @@
 //!
 //! * [`RawFile`]: a raw image file or block device (buffered or `O_DIRECT`).
 //! * [`Ram`]: an in-memory disk.
+//! * [`NbdBackend`]: an export of a Network Block Device server (`nbd://`, `nbd+unix://`).
 //! * [`open`]: builds either from a [`BackendSpec`].
 //! * [`Stats`]/[`StatsSnapshot`]: per-backend operation counters.
 //!
@@ -24,6 +25,7 @@ mod file;
 mod guest;
 mod iothread;
 mod iov;
+mod nbd;
 mod opts;
 mod ram;
 mod req;
@@ -37,6 +39,7 @@ pub use exec::Executor;
 pub use file::{RawFile, RawFileOptions};
 pub use guest::{GuestIov, OutsideRam, SINK_SEGMENT};
 pub use iothread::{IoHandler, IoThread, Tick};
+pub use nbd::{is_nbd_uri, NbdAddr, NbdBackend, NbdUri};
 pub use opts::{open, validate_sector_size, BackendSpec};
 pub use ram::Ram;
 pub use req::{IoDone, IoReq, Op};
@@ -138,6 +141,12 @@ pub trait BlockBackend: Send + Sync {
     /// bounded host buffer.
     fn write_iov(&self, offset: u64, iov: &GuestIov) -> Result<()> {
         write_iov_staged(self, offset, iov)
+    }
+    /// Write straight from guest memory with Force Unit Access: durable when it returns. The
+    /// default writes, then flushes; backends with a real FUA override it.
+    fn write_iov_fua(&self, offset: u64, iov: &GuestIov) -> Result<()> {
+        self.write_iov(offset, iov)?;
+        self.flush()
     }
     /// Count an operation an engine performed on the descriptor from [`Dispatch::Fd`].
     fn account(&self, _op: Op, _bytes: u64, _ok: bool) {}

@@ -64,6 +64,14 @@ pub fn validate_sector_size(sector_size: u32) -> Result<()> {
 pub fn open(spec: &BackendSpec) -> Result<Arc<dyn BlockBackend>> {
     validate_sector_size(spec.sector_size)?;
     match (&spec.path, spec.ram_mib) {
+        (Some(path), None) if path.to_str().is_some_and(crate::is_nbd_uri) => {
+            let uri = path.to_str().expect("checked");
+            Ok(Arc::new(crate::NbdBackend::open(
+                uri,
+                spec.read_only,
+                spec.sector_size,
+            )?))
+        }
         (Some(path), None) => {
             let opts = RawFileOptions {
                 read_only: spec.read_only,

@@ -62,16 +62,19 @@ impl SlotOptions {
         let items = conf
             .split(',')
             .filter(|s| !s.is_empty())
-            .map(|s| match s.split_once('=') {
-                Some((k, v)) => SlotOption {
-                    key: k.to_string(),
-                    value: Some(v.to_string()),
+            // A URI (nbd+unix:///x?socket=PATH) is one word, whatever its query holds.
+            .map(
+                |s| match s.split_once('=').filter(|(k, _)| !k.contains("://")) {
+                    Some((k, v)) => SlotOption {
+                        key: k.to_string(),
+                        value: Some(v.to_string()),
+                    },
+                    None => SlotOption {
+                        key: s.to_string(),
+                        value: None,
+                    },
                 },
-                None => SlotOption {
-                    key: s.to_string(),
-                    value: None,
-                },
-            })
+            )
             .collect();
         SlotOptions {
             items,
@@ -362,6 +365,25 @@ impl DeviceRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_uri_is_one_word_whatever_its_query_holds() {
+        let s = SlotSpec::parse("4,nvme,nbd+unix:///exp?socket=/tmp/s.sock,ro,maxq=2").unwrap();
+        let items: Vec<_> = s
+            .opts
+            .items
+            .iter()
+            .map(|i| (i.key.as_str(), i.value.as_deref()))
+            .collect();
+        assert_eq!(
+            items,
+            [
+                ("nbd+unix:///exp?socket=/tmp/s.sock", None),
+                ("ro", None),
+                ("maxq", Some("2"))
+            ]
+        );
+    }
 
     #[test]
     fn parses_bhyve_slot_syntax() {

@@ -1,0 +1,237 @@
+//! The NBD backend against a real server (`qemu-nbd`, started by each test): raw and qcow2
+//! exports on a UNIX socket and on loopback TCP, data compared with the host's view, and a
+//! server killed and restarted under a running client.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use block::{BlockBackend, BlockError, NbdBackend};
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rhyve-nbd-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `qemu-nbd` serving `img` (format `fmt`) on `sock` (a path) or TCP `port`; waits until it
+/// accepts connections.
+fn serve(img: &Path, fmt: &str, sock: Option<&Path>, port: u16, extra: &[&str]) -> Server {
+    let mut c = Command::new("qemu-nbd");
+    c.args([
+        "--persistent",
+        "--shared=4",
+        "--cache=writethrough",
+        "-f",
+        fmt,
+        "-x",
+        "exp",
+    ]);
+    c.args(extra);
+    match sock {
+        Some(s) => c.arg("-k").arg(s),
+        None => c.args(["-b", "127.0.0.1", "-p", &port.to_string()]),
+    };
+    c.arg(img).stdout(Stdio::null()).stderr(Stdio::inherit());
+    let child = c.spawn().expect("qemu-nbd (apt-get install qemu-utils)");
+    let t = Instant::now();
+    loop {
+        let up = match sock {
+            Some(s) => std::os::unix::net::UnixStream::connect(s).is_ok(),
+            None => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        };
+        if up {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "qemu-nbd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server(child)
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(37) ^ seed ^ (i >> 9) as u8)
+        .collect()
+}
+
+fn read(b: &dyn BlockBackend, off: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    b.read_vectored(off, &mut [IoSliceMut::new(&mut v)])
+        .unwrap();
+    v
+}
+
+/// Writes in pieces, reads across them, flush, write zeroes, trim, and out-of-range refusal.
+fn exercise(b: &dyn BlockBackend) -> Vec<u8> {
+    let size = b.info().capacity;
+    let a = pattern(64 << 10, 1);
+    let (x, y) = a.split_at(20_000);
+    b.write_vectored(4096, &[IoSlice::new(x), IoSlice::new(y)])
+        .unwrap();
+    b.flush().unwrap();
+    let mut r1 = vec![0u8; 3000];
+    let mut r2 = vec![0u8; (64 << 10) - 3000];
+    b.read_vectored(
+        4096,
+        &mut [IoSliceMut::new(&mut r1), IoSliceMut::new(&mut r2)],
+    )
+    .unwrap();
+    assert_eq!([r1, r2].concat(), a);
+    b.write_zeroes(8192, 8192).unwrap();
+    let back = read(b, 4096, 64 << 10);
+    assert_eq!(back[..4096], a[..4096]);
+    assert!(back[4096..12288].iter().all(|&v| v == 0));
+    assert_eq!(back[12288..], a[12288..]);
+    b.discard(1 << 20, 1 << 20).unwrap();
+    let e = b
+        .write_vectored(size - 512, &[IoSlice::new(&[0u8; 1024])])
+        .unwrap_err();
+    assert!(matches!(e, BlockError::OutOfRange { .. }), "{e}");
+    back
+}
+
+#[test]
+fn raw_export_over_a_unix_socket_matches_the_host_file() {
+    let d = dir("raw");
+    let img = d.join("disk.raw");
+    std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
+    let sock = d.join("nbd.sock");
+    let _srv = serve(&img, "raw", Some(&sock), 0, &[]);
+    let uri = format!("nbd+unix:///exp?socket={}", sock.display());
+    let b = NbdBackend::open(&uri, false, 512).unwrap();
+    assert_eq!(b.info().capacity, 8 << 20);
+    assert!(!b.info().read_only);
+    let back = exercise(&b);
+    drop(b);
+    let host = std::fs::read(&img).unwrap();
+    assert_eq!(host[4096..4096 + (64 << 10)], back[..]);
+}
+
+#[test]
+fn qcow2_export_over_tcp_checks_clean_afterwards() {
+    let d = dir("qcow2");
+    let img = d.join("disk.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let port = free_port();
+    {
+        let _srv = serve(&img, "qcow2", None, port, &[]);
+        let b = NbdBackend::open(&format!("nbd://127.0.0.1:{port}/exp"), false, 4096).unwrap();
+        assert_eq!(b.info().capacity, 16 << 20);
+        assert_eq!(b.info().sector_size, 4096);
+        exercise(&b);
+        // A large read goes out as one request and comes back whole (holes read zero).
+        let big = read(&b, 0, 4 << 20);
+        assert!(big[..4096].iter().all(|&v| v == 0));
+    }
+    let out = Command::new("qemu-img")
+        .arg("check")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn read_only_exports_refuse_writes() {
+    let d = dir("ro");
+    let img = d.join("disk.raw");
+    std::fs::write(&img, pattern(1 << 20, 7)).unwrap();
+    let sock = d.join("nbd.sock");
+    let _srv = serve(&img, "raw", Some(&sock), 0, &["-r"]);
+    let b = NbdBackend::open(
+        &format!("nbd+unix:///exp?socket={}", sock.display()),
+        false,
+        512,
+    )
+    .unwrap();
+    assert!(b.info().read_only);
+    assert!(matches!(
+        b.write_vectored(0, &[IoSlice::new(&[1u8; 512])]),
+        Err(BlockError::ReadOnly)
+    ));
+    assert_eq!(read(&b, 0, 1 << 20), pattern(1 << 20, 7));
+}
+
+#[test]
+fn a_killed_server_restarted_in_time_loses_nothing_acknowledged() {
+    let d = dir("restart");
+    let img = d.join("disk.raw");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let sock = d.join("nbd.sock");
+    let srv = serve(&img, "raw", Some(&sock), 0, &[]);
+    let b = NbdBackend::open(
+        &format!("nbd+unix:///exp?socket={}", sock.display()),
+        false,
+        512,
+    )
+    .unwrap();
+    let a = pattern(1 << 20, 3);
+    b.write_vectored(0, &[IoSlice::new(&a)]).unwrap();
+    // SIGKILL: the connection drops mid-life; a new server comes up half a second later.
+    drop(srv);
+    let _ = std::fs::remove_file(&sock);
+    let (img2, sock2) = (img.clone(), sock.clone());
+    let restarter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        serve(&img2, "raw", Some(&sock2), 0, &[])
+    });
+    let c = pattern(1 << 20, 9);
+    b.write_vectored(1 << 20, &[IoSlice::new(&c)]).unwrap();
+    assert_eq!(read(&b, 0, 2 << 20), [a, c].concat());
+    let _srv = restarter.join().unwrap();
+}
+
+#[test]
+fn a_server_that_stays_away_fails_the_request_instead_of_hanging() {
+    let d = dir("gone");
+    let img = d.join("disk.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let sock = d.join("nbd.sock");
+    let srv = serve(&img, "raw", Some(&sock), 0, &[]);
+    let b = NbdBackend::open(
+        &format!("nbd+unix:///exp?socket={}", sock.display()),
+        false,
+        512,
+    )
+    .unwrap();
+    drop(srv);
+    let t = Instant::now();
+    let e = b
+        .read_vectored(0, &mut [IoSliceMut::new(&mut [0u8; 512])])
+        .unwrap_err();
+    assert!(matches!(e, BlockError::Io(_)), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+}
