@@ -1,0 +1,181 @@
+//! Issue 10 acceptance, NBD: rhyve's NVMe on images served by `qemu-nbd` (qcow2 over loopback
+//! TCP, raw over a UNIX socket), driven by the real Linux nvme driver in User-Mode Linux, and a
+//! server killed and restarted while the guest runs fio verify.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `qemu-nbd` serving `img` as export `exp` on `sock`, or on loopback TCP `port`.
+fn serve(img: &Path, fmt: &str, sock: Option<&Path>, port: u16) -> Server {
+    let mut c = Command::new("qemu-nbd");
+    c.args([
+        "--persistent",
+        "--shared=4",
+        "--cache=writethrough",
+        "-f",
+        fmt,
+        "-x",
+        "exp",
+    ]);
+    match sock {
+        Some(s) => c.arg("-k").arg(s),
+        None => c.args(["-b", "127.0.0.1", "-p", &port.to_string()]),
+    };
+    let child = c
+        .arg(img)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("qemu-nbd (apt-get install qemu-utils)");
+    let t = Instant::now();
+    while !match sock {
+        Some(s) => std::os::unix::net::UnixStream::connect(s).is_ok(),
+        None => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    } {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "qemu-nbd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server(child)
+}
+
+fn qcow2(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&p)
+        .arg(size.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    p
+}
+
+fn qemu_img_check(img: &Path) {
+    let out = Command::new("qemu-img")
+        .arg("check")
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn nbd_qcow2_over_tcp_and_raw_over_unix_verify_with_fio() {
+    let d = scratch("nbd-fio");
+    let q = qcow2(&d, "disk.qcow2", 64 * MIB);
+    let raw = image(&d, "disk.raw", 64 * MIB);
+    let sock = d.join("raw.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sq = serve(&q, "qcow2", None, port);
+    let sr = serve(&raw, "raw", Some(&sock), 0);
+    let rh = Rhyve::start(
+        &d,
+        &[
+            &format!("4,nvme,nbd://127.0.0.1:{port}/exp,ser=NBD-QCOW2"),
+            &format!(
+                "5,nvme,nbd+unix:///exp?socket={},ser=NBD-RAW",
+                sock.display()
+            ),
+        ],
+    );
+    let run = run_guest(
+        &d,
+        &rh,
+        r#"set -e
+o="--ioengine=libaio --direct=1 --iodepth=16 --verify=crc32c --do_verify=1 --verify_fatal=1 --rw=randwrite --bs=8k --size=24M"
+for c in /sys/class/nvme/nvme*; do
+  n=$(basename $c)
+  fio $o --name=$n --filename=/dev/${n}n1
+  echo "SHA_$(cat $c/serial | tr -d ' ' | tr - _)=$(dd if=/dev/${n}n1 bs=1M count=24 2>/dev/null | sha256sum | cut -d' ' -f1)"
+done
+"#,
+        600,
+    );
+    rh.finish();
+    drop((sq, sr));
+    run.assert_ok();
+    assert_eq!(
+        run.value("SHA_NBD_RAW").expect("raw checksum"),
+        host_sha256(&raw, 0, 24 * MIB),
+        "raw image differs from what the guest read"
+    );
+    assert!(run.value("SHA_NBD_QCOW2").is_some(), "{}", run.console);
+    qemu_img_check(&q);
+}
+
+#[test]
+fn nbd_server_killed_and_restarted_mid_run_loses_nothing() {
+    let d = scratch("nbd-restart");
+    let raw = image(&d, "disk.raw", 64 * MIB);
+    let sock = d.join("raw.sock");
+    let srv = serve(&raw, "raw", Some(&sock), 0);
+    let rh = Rhyve::start(
+        &d,
+        &[&format!(
+            "4,nvme,nbd+unix:///exp?socket={},ser=NBD-RS",
+            sock.display()
+        )],
+    );
+    // Once the guest's fio is running, kill the server and bring it back half a second later.
+    let started = d.join("started");
+    let (raw2, sock2, started2) = (raw.clone(), sock.clone(), started.clone());
+    let killer = std::thread::spawn(move || {
+        let mut srv = srv;
+        let t = Instant::now();
+        while !started2.exists() && t.elapsed() < Duration::from_secs(300) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let _ = srv.0.kill();
+        let _ = srv.0.wait();
+        let _ = std::fs::remove_file(&sock2);
+        std::thread::sleep(Duration::from_millis(500));
+        serve(&raw2, "raw", Some(&sock2), 0)
+    });
+    let script = format!(
+        r#"set -e
+touch {}
+fio --name=rs --filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --iodepth=8 --rw=randwrite --bs=4k --size=48M --verify=crc32c --do_verify=1 --verify_fatal=1
+echo "SHA=$(dd if=/dev/nvme0n1 bs=1M count=48 2>/dev/null | sha256sum | cut -d' ' -f1)"
+"#,
+        started.display()
+    );
+    let run = run_guest(&d, &rh, &script, 600);
+    let stats = rh.finish();
+    let _srv = killer.join().unwrap();
+    run.assert_ok();
+    assert_eq!(
+        run.value("SHA").expect("guest checksum"),
+        host_sha256(&raw, 0, 48 * MIB),
+        "the image lost writes the guest saw acknowledged"
+    );
+    assert!(stats.contains("write_commands="), "{stats}");
+}
