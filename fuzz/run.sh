@@ -2,12 +2,12 @@
 # Coverage-guided fuzzing of rhyve's guest-facing surfaces with libFuzzer (cargo-fuzz, nightly).
 # The harnesses and their invariants are in crates/fuzzing; CI replays fuzz/corpus on stable
 # (crates/fuzzing/tests/replay.rs).
-#   bash fuzz/run.sh TARGET [RUNS]     # TARGET: nvme, ahci, pci_config, uml_msg (default runs 10M)
+#   bash fuzz/run.sh TARGET [RUNS]     # TARGET: nvme, ahci, pci_config, uml_msg, virtio_blk (default runs 10M)
 #   bash fuzz/run.sh all [RUNS]
 #   bash fuzz/run.sh cmin TARGET       # shrink the committed corpus to the inputs that add coverage
 set -euo pipefail
 cd "$(dirname "$0")"
-targets=(nvme ahci pci_config uml_msg)
+targets=(nvme ahci pci_config uml_msg virtio_blk)
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
     rustup toolchain install nightly --profile minimal
 fi
@@ -27,6 +27,6 @@ fuzz() {
 case "${1:-}" in
     cmin) cargo +nightly fuzz cmin --sanitizer none --no-trace-compares "$2" "corpus/$2" ;;
     all) for t in "${targets[@]}"; do fuzz "$t" "${2:-10000000}"; done ;;
-    nvme | ahci | pci_config | uml_msg) fuzz "$1" "${2:-10000000}" ;;
+    nvme | ahci | pci_config | uml_msg | virtio_blk) fuzz "$1" "${2:-10000000}" ;;
     *) echo "usage: $0 {${targets[*]// /|}|all} [RUNS] | cmin TARGET" >&2; exit 2 ;;
 esac

@@ -29,6 +29,10 @@ fn main() {
             show::<fuzzing::uml_msg::Input>(&data);
             fuzzing::uml_msg::run(&data);
         }
+        "virtio_blk" => {
+            show::<fuzzing::virtio_blk::Input>(&data);
+            fuzzing::virtio_blk::run(&data);
+        }
         t => panic!("unknown target {t}"),
     }
     println!("ok");

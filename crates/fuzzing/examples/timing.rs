@@ -5,6 +5,7 @@ fn main() {
         "nvme" => fuzzing::nvme::run,
         "ahci" => fuzzing::ahci::run,
         "pci_config" => fuzzing::pci_config::run,
+        "virtio_blk" => fuzzing::virtio_blk::run,
         _ => fuzzing::uml_msg::run,
     };
     let files: Vec<_> = std::fs::read_dir(&args[2])

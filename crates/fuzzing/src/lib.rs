@@ -22,6 +22,7 @@ pub mod alloc;
 pub mod nvme;
 pub mod pci_config;
 pub mod uml_msg;
+pub mod virtio_blk;
 
 pub use alloc::CountingAlloc;
 
