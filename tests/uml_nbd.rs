@@ -145,8 +145,8 @@ fn nbd_server_killed_and_restarted_mid_run_loses_nothing() {
         )],
     );
     // Once the guest's fio is running, kill the server and bring it back half a second later.
-    let started = d.join("started");
-    let (raw2, sock2, started2) = (raw.clone(), sock.clone(), started.clone());
+    let (started, done) = (d.join("started"), d.join("done"));
+    let (raw2, sock2, started2, done2) = (raw.clone(), sock.clone(), started.clone(), done.clone());
     let killer = std::thread::spawn(move || {
         let mut srv = srv;
         let t = Instant::now();
@@ -154,24 +154,31 @@ fn nbd_server_killed_and_restarted_mid_run_loses_nothing() {
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_secs(2));
+        let mid_run = !done2.exists();
         let _ = srv.0.kill();
         let _ = srv.0.wait();
         let _ = std::fs::remove_file(&sock2);
         std::thread::sleep(Duration::from_millis(500));
-        serve(&raw2, "raw", Some(&sock2), 0)
+        (serve(&raw2, "raw", Some(&sock2), 0), mid_run)
     });
     let script = format!(
         r#"set -e
 touch {}
 fio --name=rs --filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --iodepth=8 --rw=randwrite --bs=4k --size=48M --verify=crc32c --do_verify=1 --verify_fatal=1
+touch {}
 echo "SHA=$(dd if=/dev/nvme0n1 bs=1M count=48 2>/dev/null | sha256sum | cut -d' ' -f1)"
 "#,
-        started.display()
+        started.display(),
+        done.display()
     );
     let run = run_guest(&d, &rh, &script, 600);
     let stats = rh.finish();
-    let _srv = killer.join().unwrap();
+    let (_srv, mid_run) = killer.join().unwrap();
     run.assert_ok();
+    assert!(
+        mid_run,
+        "the server was killed after fio had finished: the test proved nothing"
+    );
     assert_eq!(
         run.value("SHA").expect("guest checksum"),
         host_sha256(&raw, 0, 48 * MIB),
