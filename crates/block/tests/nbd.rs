@@ -124,6 +124,9 @@ fn raw_export_over_a_unix_socket_matches_the_host_file() {
     let b = NbdBackend::open(&uri, false, 512).unwrap();
     assert_eq!(b.info().capacity, 8 << 20);
     assert!(!b.info().read_only);
+    // qemu-nbd offers multi-conn when it lets several clients in (--shared=4): the backend
+    // then spreads requests over several connections.
+    assert!(b.connections() > 1, "multi-conn not used");
     let back = exercise(&b);
     drop(b);
     let host = std::fs::read(&img).unwrap();
