@@ -452,7 +452,7 @@ fn kvm_cli_refuses_bad_configurations() {
     );
     refused(
         &["--kernel", g, "-s", "4,nvmx,a.img"],
-        "rhyve: unknown device 'nvmx': valid devices are nvme, ahci, ahci-hd, ahci-cd, hostbridge, amd_hostbridge",
+        "rhyve: unknown device 'nvmx': valid devices are nvme, ahci, ahci-hd, ahci-cd, virtio-blk, virtio-block, hostbridge, amd_hostbridge",
     );
     refused(
         &["--kernel", g, "-s", "40,nvme,a.img"],
@@ -589,11 +589,11 @@ fn kvm_virtio_blk_notifies_through_ioeventfd_and_interrupts_through_irqfd() {
     }
     let dir = scratch("virtio");
     let img = image(&dir, "vblk.img", 64 << 20);
-    let slot = format!("6,virtio-blk,{},ser=KVM-VBLK", img.display());
+    let slot = format!("6,virtio-blk,{},ser=KVM-VBLK,queues=2", img.display());
     let r = run(&nvme_args(&slot, guest().to_str().unwrap(), ""));
     assert_eq!(r.code, 0, "{}", r.dump());
     for want in [
-        "VIRTIO: phase 5: requests 32 interrupts 32 mismatched bytes 0",
+        "VIRTIO: phase 5: queues 2 requests 32 interrupts 32 mismatched bytes 0",
         "VIRTIO: id 'KVM-VBLK'",
         "VIRTIO: OK",
         "KVMTEST: PASS",
