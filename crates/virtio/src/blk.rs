@@ -14,6 +14,11 @@ use crate::spec::{blk_status, req, status, BlkReqHeader, DiscardWriteZeroes, SEC
 use crate::transport::{Pending, Vq};
 use crate::{lock, Shared};
 
+thread_local! {
+    /// The I/O thread index of this thread, if it is one.
+    static CURRENT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
 /// Largest single data segment the driver may use (`size_max`).
 pub(crate) const SIZE_MAX: u32 = 1 << 20;
 /// Most sectors one discard or write-zeroes range may cover.
@@ -70,6 +75,12 @@ impl Shared {
 
     /// The driver notified queue `q`: start every request it made available.
     pub(crate) fn notify(&self, q: u16) {
+        self.drain(q);
+    }
+
+    /// Start every request queue `q` has available. With polling on, notifications then stay
+    /// off for a window in which the queue's I/O thread watches the ring instead.
+    fn drain(&self, q: u16) {
         let Some(m) = self.queues.get(usize::from(q)) else {
             return;
         };
@@ -87,6 +98,7 @@ impl Shared {
             return;
         }
         let mut used = false;
+        let mut taken = 0;
         loop {
             // Take what is available now (at most a ring's worth: the iterator refuses an
             // available index more than the ring size ahead), then start each.
@@ -98,6 +110,7 @@ impl Shared {
                 }
             };
             let started = chains.len();
+            taken += started;
             for chain in chains {
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
                 let head = chain.head_index();
@@ -115,6 +128,21 @@ impl Shared {
                         return self.break_queue(q, &format!("head {head}: {why}"));
                     }
                 }
+            }
+            if self.opts.poll_us > 0 && (taken > 0 || vq.poll_until.is_some()) {
+                // Leave notifications off (with EVENT_IDX, avail_event simply stays behind)
+                // and let the I/O thread look for more until the window closes.
+                let fresh = vq.poll_until.is_none();
+                if taken > 0 || fresh {
+                    vq.poll_until = Some(
+                        Instant::now() + std::time::Duration::from_micros(self.opts.poll_us.into()),
+                    );
+                }
+                if fresh {
+                    let _ = vq.q.disable_notification(&*mem);
+                    self.wake_thread_of(q);
+                }
+                break;
             }
             // Re-arm, then look once more: a request made available meanwhile is not missed.
             match vq.q.enable_notification(&*mem) {
@@ -138,6 +166,44 @@ impl Shared {
         let mut done = Vec::new();
         engine.commit_and_reap(&mut done);
         self.complete(&mut done);
+    }
+
+    /// Make queue `q`'s I/O thread look at its queues now (a polling window opened).
+    fn wake_thread_of(&self, q: u16) {
+        let Some(t) = self.threads.get() else { return };
+        let i = usize::from(q) % t.len();
+        if CURRENT.with(std::cell::Cell::get) != Some(i) {
+            t[i].wake();
+        }
+    }
+
+    /// The I/O thread's look at a polled queue: drain it if the driver made more available,
+    /// or close the window (notifications back on) once it has passed. True while it is open.
+    fn poll_queue(&self, q: u16, now: Instant) -> bool {
+        let mem: Arc<GuestMemoryMmap> = self.mem.memory().into_inner();
+        let Ok(mut vq) = self.queues[usize::from(q)].try_lock() else {
+            return true; // busy on another thread: look again
+        };
+        let Some(until) = vq.poll_until else {
+            return false;
+        };
+        let more =
+            vq.q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+                .map_or(true, |i| i.0 != vq.q.next_avail());
+        if now < until && !more {
+            return true;
+        }
+        if now >= until && !more {
+            vq.poll_until = None;
+            match vq.q.enable_notification(&*mem) {
+                Ok(false) => return false,
+                Ok(true) => {} // one slipped in while notifications were off
+                Err(_) => return false,
+            }
+        }
+        drop(vq);
+        self.drain(q);
+        true
     }
 
     /// Queue `q` cannot go on: stop it and ask the driver for a reset.
@@ -461,12 +527,23 @@ impl Shared {
 }
 
 impl IoHandler for Shared {
-    fn completions(&self, _thread: usize, done: &mut Vec<IoDone>) {
+    fn completions(&self, thread: usize, done: &mut Vec<IoDone>) {
+        CURRENT.with(|c| c.set(Some(thread)));
         self.complete(done);
     }
 
-    fn tick(&self, _thread: usize, _now: Instant) -> Tick {
-        Tick::Idle
+    fn tick(&self, thread: usize, now: Instant) -> Tick {
+        CURRENT.with(|c| c.set(Some(thread)));
+        let n = self.threads.get().map_or(1, Vec::len);
+        let mut polling = false;
+        for q in (thread..self.queues.len()).step_by(n) {
+            polling |= self.poll_queue(q as u16, now);
+        }
+        if polling {
+            Tick::Spin
+        } else {
+            Tick::Idle
+        }
     }
 }
 

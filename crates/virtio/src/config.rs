@@ -1,5 +1,5 @@
 //! `-s slot,virtio-blk,IMAGE[,ro][,direct][,sectorsz=512|4096][,ser=ID][,queues=N][,qsz=N]
-//! [,aio=io_uring|threads][,iothreads=N]` (or `ram=MiB` instead of `IMAGE`).
+//! [,aio=io_uring|threads][,iothreads=N][,poll=µs]` (or `ram=MiB` instead of `IMAGE`).
 
 use block::{BackendSpec, EngineKind};
 use pci::{ConfigError, SlotSpec};
@@ -7,6 +7,7 @@ use pci::{ConfigError, SlotSpec};
 /// Keys taking a value.
 const KEYS: &[&str] = &[
     "ram",
+    "poll",
     "sectorsz",
     "sectsz",
     "ser",
@@ -33,6 +34,9 @@ pub struct BlkOptions {
     pub aio: EngineKind,
     /// I/O threads (queue `q` belongs to thread `q % iothreads`).
     pub iothreads: u16,
+    /// After serving a queue, watch its available ring for this long (µs) with the driver's
+    /// notifications off, so a driver that keeps submitting does not notify for each request.
+    pub poll_us: u32,
 }
 
 impl BlkOptions {
@@ -108,6 +112,7 @@ impl BlkOptions {
             None => EngineKind::default(),
         };
         let iothreads = (o.num("iothreads", 1, 64, false)?.unwrap_or(1) as u16).min(queues);
+        let poll_us = o.num("poll", 0, 10_000, false)?.unwrap_or(100) as u32;
         Ok(BlkOptions {
             backend,
             serial,
@@ -115,6 +120,7 @@ impl BlkOptions {
             qsz,
             aio,
             iothreads,
+            poll_us,
         })
     }
 }

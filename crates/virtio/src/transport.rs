@@ -102,6 +102,8 @@ pub(crate) struct Vq {
     pub pending: Vec<Option<Pending>>,
     /// A chain could not be answered (no status byte): the queue stopped until reset.
     pub broken: bool,
+    /// Until when the I/O thread watches the available ring with notifications off.
+    pub poll_until: Option<std::time::Instant>,
 }
 
 impl Vq {
@@ -114,6 +116,7 @@ impl Vq {
             epoch: 0,
             pending: vec![None; usize::from(max)],
             broken: false,
+            poll_until: None,
         }
     }
 
@@ -123,6 +126,7 @@ impl Vq {
         self.epoch = self.epoch.wrapping_add(1);
         self.pending.iter_mut().for_each(|p| *p = None);
         self.broken = false;
+        self.poll_until = None;
     }
 }
 

@@ -710,3 +710,43 @@ fn isr_reads_clear_and_odd_width_accesses_are_safe() {
     assert_eq!(b[..4], [0xff; 4], "master abort");
     assert_eq!(d.request(0, req::FLUSH, 0, &[]).0, blk_status::OK);
 }
+
+#[test]
+fn polling_serves_requests_made_without_a_notification_then_rearms() {
+    let mut d = Driver::new("6,virtio-blk,ram=1,poll=10000");
+    d.bring_up(ALL, 1);
+    assert!(d.features & feature::RING_EVENT_IDX != 0);
+    let (_, _, used) = ring(0);
+    let avail_event = used + 4 + u64::from(QSZ) * 8;
+    // The first request is notified; for 10 ms after it the device watches the ring itself.
+    assert_eq!(d.request(0, req::FLUSH, 0, &[]).0, blk_status::OK);
+    let armed_at: u16 = d.mem.read_obj(GuestAddress(avail_event)).unwrap();
+    let st = BUF - 0x800;
+    d.mem.write_obj(0xffu8, GuestAddress(st)).unwrap();
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&req::FLUSH.to_le_bytes());
+    d.mem.write_slice(&h, GuestAddress(BUF - 0x1000)).unwrap();
+    d.push(0, &[(BUF - 0x1000, 16, false), (st, 1, true)]); // no notify
+    d.wait_used(0);
+    assert_eq!(
+        d.mem.read_obj::<u8>(GuestAddress(st)).unwrap(),
+        blk_status::OK
+    );
+    // While polling, avail_event stayed behind: the driver was not asked to notify.
+    let during: u16 = d.mem.read_obj(GuestAddress(avail_event)).unwrap();
+    assert_eq!(during, armed_at);
+    // Once the window closes, notifications are re-armed at the next available index.
+    let t = Instant::now();
+    loop {
+        let now: u16 = d.mem.read_obj(GuestAddress(avail_event)).unwrap();
+        if now == d.q[0].1 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "notifications never re-armed"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(d.request(0, req::FLUSH, 0, &[]).0, blk_status::OK);
+}
