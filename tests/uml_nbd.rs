@@ -147,10 +147,15 @@ fn nbd_server_killed_and_restarted_mid_run_loses_nothing() {
     // Once the guest's fio is running, kill the server and bring it back half a second later.
     let (started, done) = (d.join("started"), d.join("done"));
     let (raw2, sock2, started2, done2) = (raw.clone(), sock.clone(), started.clone(), done.clone());
+    let over = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let over2 = over.clone();
     let killer = std::thread::spawn(move || {
         let mut srv = srv;
         let t = Instant::now();
-        while !started2.exists() && t.elapsed() < Duration::from_secs(300) {
+        while !started2.exists()
+            && !over2.load(std::sync::atomic::Ordering::Relaxed)
+            && t.elapsed() < Duration::from_secs(300)
+        {
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_secs(2));
@@ -168,10 +173,11 @@ fio --name=rs --filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --iodepth=8 -
 touch {}
 echo "SHA=$(dd if=/dev/nvme0n1 bs=1M count=48 2>/dev/null | sha256sum | cut -d' ' -f1)"
 "#,
-        started.display(),
-        done.display()
+        guest_path(&started),
+        guest_path(&done)
     );
     let run = run_guest(&d, &rh, &script, 600);
+    over.store(true, std::sync::atomic::Ordering::Relaxed);
     let stats = rh.finish();
     let (_srv, mid_run) = killer.join().unwrap();
     run.assert_ok();

@@ -235,6 +235,15 @@ pub fn run_guest_append(
     }
 }
 
+/// How the UML guest names host path `p` in a shell script: the guest's /tmp is its own and
+/// the host's /tmp is at `$RHYVE_HOST_TMP` (guest/README.md); everything else is the same path.
+pub fn guest_path(p: &Path) -> String {
+    match p.strip_prefix("/tmp") {
+        Ok(rest) => format!("\"$RHYVE_HOST_TMP/{}\"", rest.display()),
+        Err(_) => format!("\"{}\"", p.display()),
+    }
+}
+
 /// SHA-256 of `len` bytes of `path` at `offset` (via sha256sum, as the guest computes it).
 pub fn host_sha256(path: &Path, offset: u64, len: u64) -> String {
     let mut f = std::fs::File::open(path).unwrap();

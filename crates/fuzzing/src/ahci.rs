@@ -108,6 +108,11 @@ struct Host {
     /// PxSACT bits of queued commands (the device clears them; a PxSACT bit the host set for
     /// a command that is not queued stays set, as on real hardware).
     queued: [u32; PORTS],
+    /// Every PRDT entry a command could use was written (and steered) by the harness. A PRDTL
+    /// larger than the entries written makes the device read entries from whatever lies
+    /// beyond (other slots' tables, FIS areas the device itself fills): those name memory the
+    /// harness cannot vouch for, so the canary is not checked after such a run.
+    strict: bool,
 }
 
 fn width(w: u8) -> usize {
@@ -166,6 +171,7 @@ pub fn run_input(input: &Input) {
             running: [false; PORTS],
             failed: [false; PORTS],
             queued: [0; PORTS],
+            strict: true,
         };
         h.cfg_write(4, 2, 0x6);
         for op in input.ops.iter().take(256) {
@@ -174,7 +180,9 @@ pub fn run_input(input: &Input) {
         for p in 0..PORTS {
             h.wait(p);
         }
-        crate::check_canary(&h.mem);
+        if h.strict {
+            crate::check_canary(&h.mem);
+        }
         assert!(
             crate::threads() <= base_threads + THREADS,
             "{} threads, {base_threads} before the HBA",
@@ -272,7 +280,7 @@ impl Host {
     }
 
     /// Write `cmd`'s header, FIS and PRDT for `slot` of port `p`.
-    fn build(&self, p: usize, slot: u8, c: &Cmd) {
+    fn build(&mut self, p: usize, slot: u8, c: &Cmd) {
         let t = table(p, slot);
         let mut fis = [0u8; 64];
         fis[0] = c.fis_type.unwrap_or(0x27);
@@ -302,6 +310,9 @@ impl Host {
         }
         let _ = self.mem.write_slice(&tab, GuestAddress(t));
         let prdtl = c.prdtl.unwrap_or(entries.len() as u16);
+        if usize::from(prdtl) > entries.len() {
+            self.strict = false;
+        }
         let cfl = u16::from(c.cfl % 32).max(2);
         let dw0 = u32::from((c.flags & !0x1f) | cfl) | (u32::from(prdtl) << 16);
         let mut hdr = [0u8; 32];
@@ -350,7 +361,8 @@ impl Host {
             return; // nothing to wait for, or the guest fenced the HBA (Bus Master Enable off)
         }
         let failed = std::cell::Cell::new(false);
-        let settled = self.until(Duration::from_secs(1), |h| {
+        // Generous, as for NVMe: a loaded machine may not run the I/O thread for a while.
+        let settled = self.until(crate::MAX_OP_WALL, |h| {
             let is = h.pr(p, preg::IS);
             h.pw(p, preg::IS, is);
             h.w(hba::IS, 4, 1 << p);
