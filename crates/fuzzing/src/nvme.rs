@@ -737,24 +737,22 @@ impl Host {
                     return;
                 }
                 // As a driver does: the shadow slots start out with the doorbell values the
-                // controller already has (zero for queues not created yet).
-                let zero = vec![0u8; 0x2000];
-                self.b
-                    .mem
-                    .write_slice(&zero, GuestAddress(SHADOW))
-                    .expect("shadow");
+                // controller already has (zero for queues not created yet). Built first and
+                // written once: a polling controller must never see a slot pass through zero
+                // (a tail behind its head reads as a wrapped queue full of stale entries).
+                let mut page = vec![0u8; 0x2000];
                 for (&q, sq) in &self.sqs {
-                    let _ = self
-                        .b
-                        .mem
-                        .write_obj(u32::from(sq.tail), GuestAddress(SHADOW + u64::from(q) * 8));
+                    let at = usize::from(q) * 8;
+                    page[at..at + 4].copy_from_slice(&u32::from(sq.tail).to_le_bytes());
                 }
                 for (&q, cq) in &self.cqs {
-                    let _ = self.b.mem.write_obj(
-                        u32::from(cq.head),
-                        GuestAddress(SHADOW + u64::from(q) * 8 + 4),
-                    );
+                    let at = usize::from(q) * 8 + 4;
+                    page[at..at + 4].copy_from_slice(&u32::from(cq.head).to_le_bytes());
                 }
+                self.b
+                    .mem
+                    .write_slice(&page, GuestAddress(SHADOW))
+                    .expect("shadow");
                 let c = Cmd {
                     opcode: AdminOpcode::DOORBELL_BUFFER_CONFIG.0,
                     flags: 0,
