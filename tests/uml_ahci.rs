@@ -125,17 +125,7 @@ fn ahci_fio_verify_and_host_sees_the_bytes() {
     let d = scratch("ahci-fio");
     let img = image(&d, "disk.img", 256 * MIB);
     let rh = Rhyve::start(&d, &[&format!("5,ahci,hd:{}", img.display())]);
-    let run = run_guest(
-        &d,
-        &rh,
-        r#"set -e
-common="--filename=/dev/sda --ioengine=libaio --direct=1 --iodepth=32 --verify=crc32c --do_verify=1 --verify_fatal=1 --rw=randwrite"
-fio --name=v4k $common --bs=4k --offset=0 --size=48M
-fio --name=v128k $common --bs=128k --offset=64M --size=128M
-echo "SHA=$(dd if=/dev/sda bs=1M count=192 2>/dev/null | sha256sum | cut -d' ' -f1)"
-"#,
-        600,
-    );
+    let run = run_guest(&d, &rh, &fio_verify_script("/dev/sda"), 600);
     rh.finish();
     run.assert_ok();
     assert_eq!(run.value("SHA").unwrap(), host_sha256(&img, 0, 192 * MIB));

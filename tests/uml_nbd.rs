@@ -6,55 +6,12 @@ mod common;
 use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+
+use block::qemu_nbd::{free_port, QemuNbd};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `qemu-nbd` serving `img` as export `exp` on `sock`, or on loopback TCP `port`.
-fn serve(img: &Path, fmt: &str, sock: Option<&Path>, port: u16) -> Server {
-    let mut c = Command::new("qemu-nbd");
-    c.args([
-        "--persistent",
-        "--shared=4",
-        "--cache=writethrough",
-        "-f",
-        fmt,
-        "-x",
-        "exp",
-    ]);
-    match sock {
-        Some(s) => c.arg("-k").arg(s),
-        None => c.args(["-b", "127.0.0.1", "-p", &port.to_string()]),
-    };
-    let child = c
-        .arg(img)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("qemu-nbd (apt-get install qemu-utils)");
-    let t = Instant::now();
-    while !match sock {
-        Some(s) => std::os::unix::net::UnixStream::connect(s).is_ok(),
-        None => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-    } {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "qemu-nbd did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Server(child)
-}
 
 fn qcow2(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);
@@ -89,13 +46,9 @@ fn nbd_qcow2_over_tcp_and_raw_over_unix_verify_with_fio() {
     let q = qcow2(&d, "disk.qcow2", 64 * MIB);
     let raw = image(&d, "disk.raw", 64 * MIB);
     let sock = d.join("raw.sock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let sq = serve(&q, "qcow2", None, port);
-    let sr = serve(&raw, "raw", Some(&sock), 0);
+    let port = free_port();
+    let sq = QemuNbd::serve(&q, "qcow2", None, port, &[]);
+    let sr = QemuNbd::serve(&raw, "raw", Some(&sock), 0, &[]);
     let rh = Rhyve::start(
         &d,
         &[
@@ -136,7 +89,7 @@ fn nbd_server_killed_and_restarted_mid_run_loses_nothing() {
     let d = scratch("nbd-restart");
     let raw = image(&d, "disk.raw", 64 * MIB);
     let sock = d.join("raw.sock");
-    let srv = serve(&raw, "raw", Some(&sock), 0);
+    let srv = QemuNbd::serve(&raw, "raw", Some(&sock), 0, &[]);
     let rh = Rhyve::start(
         &d,
         &[&format!(
@@ -150,7 +103,6 @@ fn nbd_server_killed_and_restarted_mid_run_loses_nothing() {
     let over = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let over2 = over.clone();
     let killer = std::thread::spawn(move || {
-        let mut srv = srv;
         let t = Instant::now();
         while !started2.exists()
             && !over2.load(std::sync::atomic::Ordering::Relaxed)
@@ -160,11 +112,10 @@ fn nbd_server_killed_and_restarted_mid_run_loses_nothing() {
         }
         std::thread::sleep(Duration::from_secs(2));
         let mid_run = !done2.exists();
-        let _ = srv.0.kill();
-        let _ = srv.0.wait();
+        srv.kill();
         let _ = std::fs::remove_file(&sock2);
         std::thread::sleep(Duration::from_millis(500));
-        (serve(&raw2, "raw", Some(&sock2), 0), mid_run)
+        (QemuNbd::serve(&raw2, "raw", Some(&sock2), 0, &[]), mid_run)
     });
     let script = format!(
         r#"set -e

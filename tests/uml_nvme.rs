@@ -67,17 +67,7 @@ fn fio_verify_4k_and_128k_and_host_sees_the_bytes() {
     let d = scratch("fio");
     let img = image(&d, "disk.img", 256 * MIB);
     let rh = Rhyve::start(&d, &[&format!("4,nvme,{},ser=FIO1", img.display())]);
-    let run = run_guest(
-        &d,
-        &rh,
-        r#"set -e
-common="--filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --iodepth=32 --verify=crc32c --do_verify=1 --verify_fatal=1 --rw=randwrite"
-fio --name=v4k $common --bs=4k --offset=0 --size=48M
-fio --name=v128k $common --bs=128k --offset=64M --size=128M
-echo "SHA=$(dd if=/dev/nvme0n1 bs=1M count=192 2>/dev/null | sha256sum | cut -d' ' -f1)"
-"#,
-        600,
-    );
+    let run = run_guest(&d, &rh, &fio_verify_script("/dev/nvme0n1"), 600);
     let stats = rh.finish();
     run.assert_ok();
     let guest = run.value("SHA").expect("guest printed no SHA");
@@ -94,24 +84,7 @@ fn ext4_mkfs_mount_fsck_and_remount_checksums() {
     let d = scratch("ext4");
     let img = image(&d, "disk.img", 128 * MIB);
     let rh = Rhyve::start(&d, &[&format!("4,nvme,{}", img.display())]);
-    let run = run_guest(
-        &d,
-        &rh,
-        r#"set -e
-mkfs.ext4 -q -F /dev/nvme0n1
-mkdir -p /tmp/m
-mount /dev/nvme0n1 /tmp/m
-dd if=/dev/urandom of=/tmp/m/big bs=1M count=24 2>/dev/null
-mkdir /tmp/m/dir; for i in $(seq 1 50); do head -c $((i * 997)) /dev/urandom > /tmp/m/dir/f$i; done
-(cd /tmp/m && find . -type f ! -path './lost+found/*' | sort | xargs sha256sum) > /tmp/sums
-sync; umount /tmp/m
-fsck.ext4 -fn /dev/nvme0n1 && echo FSCK=clean
-mount /dev/nvme0n1 /tmp/m
-(cd /tmp/m && sha256sum -c --quiet /tmp/sums) && echo SUMS=match
-umount /tmp/m
-"#,
-        300,
-    );
+    let run = run_guest(&d, &rh, &ext4_roundtrip_script("/dev/nvme0n1"), 300);
     rh.finish();
     run.assert_ok();
     assert_eq!(run.value("FSCK").as_deref(), Some("clean"));

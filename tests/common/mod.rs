@@ -235,6 +235,39 @@ pub fn run_guest_append(
     }
 }
 
+/// Guest script: fio crc32c verify on `dev` (4k random writes over 48 MiB at 0, 128k over
+/// 128 MiB at 64 MiB), then `SHA=` of its first 192 MiB for [`host_sha256`] to compare.
+pub fn fio_verify_script(dev: &str) -> String {
+    format!(
+        r#"set -e
+common="--filename={dev} --ioengine=libaio --direct=1 --iodepth=32 --verify=crc32c --do_verify=1 --verify_fatal=1 --rw=randwrite"
+fio --name=v4k $common --bs=4k --offset=0 --size=48M
+fio --name=v128k $common --bs=128k --offset=64M --size=128M
+echo "SHA=$(dd if={dev} bs=1M count=192 2>/dev/null | sha256sum | cut -d' ' -f1)"
+"#
+    )
+}
+
+/// Guest script: mkfs.ext4 on `dev`, 24 MiB plus 50 small files written and checksummed,
+/// unmount, `fsck -fn` (`FSCK=clean`), remount and compare (`SUMS=match`).
+pub fn ext4_roundtrip_script(dev: &str) -> String {
+    format!(
+        r#"set -e
+mkfs.ext4 -q -F {dev}
+mkdir -p /tmp/m
+mount {dev} /tmp/m
+dd if=/dev/urandom of=/tmp/m/big bs=1M count=24 2>/dev/null
+mkdir /tmp/m/dir; for i in $(seq 1 50); do head -c $((i * 997)) /dev/urandom > /tmp/m/dir/f$i; done
+(cd /tmp/m && find . -type f ! -path './lost+found/*' | sort | xargs sha256sum) > /tmp/sums
+sync; umount /tmp/m
+fsck.ext4 -fn {dev} && echo FSCK=clean
+mount {dev} /tmp/m
+(cd /tmp/m && sha256sum -c --quiet /tmp/sums) && echo SUMS=match
+umount /tmp/m
+"#
+    )
+}
+
 /// How the UML guest names host path `p` in a shell script: the guest's /tmp is its own and
 /// the host's /tmp is at `$RHYVE_HOST_TMP` (guest/README.md); everything else is the same path.
 pub fn guest_path(p: &Path) -> String {

@@ -27,6 +27,8 @@ mod iothread;
 mod iov;
 mod nbd;
 mod opts;
+#[cfg(any(test, feature = "test-support"))]
+pub mod qemu_nbd;
 mod ram;
 mod req;
 mod stats;

@@ -750,3 +750,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "nbd_tests.rs"]
+mod against_qemu_nbd;

@@ -246,12 +246,9 @@ impl PciDevice for NvmeController {
                 self.shared.read_bar0(offset, data)
             }
             MSIX_BAR if pci::bar_access_ok(offset, data.len(), MSIX_BAR_SIZE) => {
-                let pci = self.shared.lock_pci();
-                if offset >= PBA_OFFSET {
-                    pci.msix_pba_read(offset - PBA_OFFSET, data);
-                } else {
-                    pci.msix_table_read(offset, data);
-                }
+                self.shared
+                    .lock_pci()
+                    .msix_bar_read(offset, data, PBA_OFFSET);
             }
             _ => data.fill(0xff),
         }
@@ -262,10 +259,10 @@ impl PciDevice for NvmeController {
             0 if pci::bar_access_ok(offset, data.len(), self.bar0_size) => {
                 self.shared.write_bar0(offset, data)
             }
-            MSIX_BAR
-                if pci::bar_access_ok(offset, data.len(), MSIX_BAR_SIZE) && offset < PBA_OFFSET =>
-            {
-                self.shared.lock_pci().msix_table_write(offset, data);
+            MSIX_BAR if pci::bar_access_ok(offset, data.len(), MSIX_BAR_SIZE) => {
+                self.shared
+                    .lock_pci()
+                    .msix_bar_write(offset, data, PBA_OFFSET);
             }
             _ => {}
         }

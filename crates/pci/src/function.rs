@@ -517,6 +517,23 @@ impl PciFunction {
         }
     }
 
+    /// A read of a BAR that holds the MSI-X table at offset 0 and the PBA at `pba_offset` (the
+    /// layout rhyve's devices use).
+    pub fn msix_bar_read(&self, offset: u64, data: &mut [u8], pba_offset: u64) {
+        if offset >= pba_offset {
+            self.msix_pba_read(offset - pba_offset, data);
+        } else {
+            self.msix_table_read(offset, data);
+        }
+    }
+
+    /// A write to such a BAR: the table is writable, the PBA is not.
+    pub fn msix_bar_write(&mut self, offset: u64, data: &[u8], pba_offset: u64) {
+        if offset < pba_offset {
+            self.msix_table_write(offset, data);
+        }
+    }
+
     /// Guest read of the Pending Bit Array at `offset` (relative to the PBA start); bytes past
     /// the array read as all-ones.
     pub fn msix_pba_read(&self, offset: u64, data: &mut [u8]) {

@@ -233,12 +233,7 @@ impl PciDevice for VirtioBlk {
                 self.shared.read_bar0(offset, data)
             }
             layout::MSIX_BAR if pci::bar_access_ok(offset, data.len(), layout::MSIX_BAR_SIZE) => {
-                let pci = lock(&self.shared.pci);
-                if offset >= layout::PBA_OFFSET {
-                    pci.msix_pba_read(offset - layout::PBA_OFFSET, data);
-                } else {
-                    pci.msix_table_read(offset, data);
-                }
+                lock(&self.shared.pci).msix_bar_read(offset, data, layout::PBA_OFFSET);
             }
             _ => data.fill(0xff),
         }
@@ -249,11 +244,8 @@ impl PciDevice for VirtioBlk {
             0 if pci::bar_access_ok(offset, data.len(), layout::BAR0_SIZE) => {
                 self.shared.write_bar0(offset, data)
             }
-            layout::MSIX_BAR
-                if pci::bar_access_ok(offset, data.len(), layout::MSIX_BAR_SIZE)
-                    && offset < layout::PBA_OFFSET =>
-            {
-                lock(&self.shared.pci).msix_table_write(offset, data);
+            layout::MSIX_BAR if pci::bar_access_ok(offset, data.len(), layout::MSIX_BAR_SIZE) => {
+                lock(&self.shared.pci).msix_bar_write(offset, data, layout::PBA_OFFSET);
             }
             _ => {}
         }

@@ -3,72 +3,18 @@
 //! server killed and restarted under a running client.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use block::{BlockBackend, BlockError, NbdBackend};
+use crate::qemu_nbd::{free_port, QemuNbd};
+use crate::{BlockBackend, BlockError, NbdBackend};
 
 fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("rhyve-nbd-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `qemu-nbd` serving `img` (format `fmt`) on `sock` (a path) or TCP `port`; waits until it
-/// accepts connections.
-fn serve(img: &Path, fmt: &str, sock: Option<&Path>, port: u16, extra: &[&str]) -> Server {
-    let mut c = Command::new("qemu-nbd");
-    c.args([
-        "--persistent",
-        "--shared=4",
-        "--cache=writethrough",
-        "-f",
-        fmt,
-        "-x",
-        "exp",
-    ]);
-    c.args(extra);
-    match sock {
-        Some(s) => c.arg("-k").arg(s),
-        None => c.args(["-b", "127.0.0.1", "-p", &port.to_string()]),
-    };
-    c.arg(img).stdout(Stdio::null()).stderr(Stdio::inherit());
-    let child = c.spawn().expect("qemu-nbd (apt-get install qemu-utils)");
-    let t = Instant::now();
-    loop {
-        let up = match sock {
-            Some(s) => std::os::unix::net::UnixStream::connect(s).is_ok(),
-            None => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-        };
-        if up {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "qemu-nbd did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Server(child)
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -119,7 +65,7 @@ fn raw_export_over_a_unix_socket_matches_the_host_file() {
     let img = d.join("disk.raw");
     std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
     let sock = d.join("nbd.sock");
-    let _srv = serve(&img, "raw", Some(&sock), 0, &[]);
+    let _srv = QemuNbd::serve(&img, "raw", Some(&sock), 0, &[]);
     let uri = format!("nbd+unix:///exp?socket={}", sock.display());
     let b = NbdBackend::open(&uri, false, 512).unwrap();
     assert_eq!(b.info().capacity, 8 << 20);
@@ -146,7 +92,7 @@ fn qcow2_export_over_tcp_checks_clean_afterwards() {
     assert!(st.success());
     let port = free_port();
     {
-        let _srv = serve(&img, "qcow2", None, port, &[]);
+        let _srv = QemuNbd::serve(&img, "qcow2", None, port, &[]);
         let b = NbdBackend::open(&format!("nbd://127.0.0.1:{port}/exp"), false, 4096).unwrap();
         assert_eq!(b.info().capacity, 16 << 20);
         assert_eq!(b.info().sector_size, 4096);
@@ -173,7 +119,7 @@ fn read_only_exports_refuse_writes() {
     let img = d.join("disk.raw");
     std::fs::write(&img, pattern(1 << 20, 7)).unwrap();
     let sock = d.join("nbd.sock");
-    let _srv = serve(&img, "raw", Some(&sock), 0, &["-r"]);
+    let _srv = QemuNbd::serve(&img, "raw", Some(&sock), 0, &["-r"]);
     let b = NbdBackend::open(
         &format!("nbd+unix:///exp?socket={}", sock.display()),
         false,
@@ -194,7 +140,7 @@ fn a_killed_server_restarted_in_time_loses_nothing_acknowledged() {
     let img = d.join("disk.raw");
     std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
     let sock = d.join("nbd.sock");
-    let srv = serve(&img, "raw", Some(&sock), 0, &[]);
+    let srv = QemuNbd::serve(&img, "raw", Some(&sock), 0, &[]);
     let b = NbdBackend::open(
         &format!("nbd+unix:///exp?socket={}", sock.display()),
         false,
@@ -204,12 +150,12 @@ fn a_killed_server_restarted_in_time_loses_nothing_acknowledged() {
     let a = pattern(1 << 20, 3);
     b.write_vectored(0, &[IoSlice::new(&a)]).unwrap();
     // SIGKILL: the connection drops mid-life; a new server comes up half a second later.
-    drop(srv);
+    srv.kill();
     let _ = std::fs::remove_file(&sock);
     let (img2, sock2) = (img.clone(), sock.clone());
     let restarter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(500));
-        serve(&img2, "raw", Some(&sock2), 0, &[])
+        QemuNbd::serve(&img2, "raw", Some(&sock2), 0, &[])
     });
     let c = pattern(1 << 20, 9);
     b.write_vectored(1 << 20, &[IoSlice::new(&c)]).unwrap();
@@ -223,7 +169,7 @@ fn a_server_that_stays_away_fails_the_request_instead_of_hanging() {
     let img = d.join("disk.raw");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     let sock = d.join("nbd.sock");
-    let srv = serve(&img, "raw", Some(&sock), 0, &[]);
+    let srv = QemuNbd::serve(&img, "raw", Some(&sock), 0, &[]);
     let b = NbdBackend::open(
         &format!("nbd+unix:///exp?socket={}", sock.display()),
         false,
