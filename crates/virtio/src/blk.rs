@@ -231,11 +231,13 @@ impl Shared {
             readable: Vec::new(),
             writable: Vec::new(),
         };
+        // No chain may be longer than the ring plus one indirect table of the ring's size; the
+        // queue's iterator already stops a loop, this stops an oversized indirect table.
         let limit = 2 * usize::from(vq.q.size()) + 2;
         let mut order_ok = true;
         for d in chain {
             if c.readable.len() + c.writable.len() >= limit {
-                break;
+                return Started::Broken("a chain longer than the ring and an indirect table");
             }
             if d.is_write_only() {
                 c.writable.push((d.addr().0, d.len()));
