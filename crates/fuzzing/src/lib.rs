@@ -58,6 +58,7 @@ pub fn steer(addr: u64) -> u64 {
 
 /// Guest memory for a harness: the canary filled, the window zeroed.
 pub fn guest_memory() -> GuestMemoryMmap {
+    MEMORY_GENERATION.fetch_add(1, Ordering::Relaxed);
     let mem =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM_END as usize)]).expect("guest memory");
     mem.write_slice(&[CANARY; WINDOW as usize], GuestAddress(0))
@@ -88,29 +89,60 @@ pub fn steer_words(bytes: &mut [u8]) {
     }
 }
 
+/// The smallest aligned u64 in `bytes`.
+fn min_word(bytes: &[u8]) -> u64 {
+    bytes.chunks_exact(8).fold(u64::MAX, |m, c| {
+        m.min(u64::from_le_bytes(c.try_into().expect("8 bytes")))
+    })
+}
+
+/// Bumped for every harness memory [`guest_memory`] makes: the window copy
+/// [`resteer_window`] keeps is only good for the memory it was taken from.
+static MEMORY_GENERATION: AtomicUsize = AtomicUsize::new(0);
+
 /// Re-steer the window in place (the device may have written pointer-like values into it since:
 /// log pages, read data), except `keep` ranges (the harness's own queues).
 pub fn resteer_window(mem: &GuestMemoryMmap, keep: &[(u64, u64)]) {
+    const PAGE: usize = 0x1000;
     thread_local! {
-        // Reused: a fresh 128 KiB buffer per call is an mmap, page faults and an munmap.
-        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        // Reused buffers (a fresh 128 KiB one per call is an mmap, page faults and an munmap):
+        // the window now, and as it was after the last call on this memory.
+        static BUF: std::cell::RefCell<(Vec<u8>, Vec<u8>, usize)> =
+            const { std::cell::RefCell::new((Vec::new(), Vec::new(), 0)) };
     }
+    let kept = |addr: u64| {
+        keep.iter()
+            .any(|&(a, l)| addr >= a && addr < a.saturating_add(l))
+    };
     let len = (RAM_END - WINDOW) as usize;
-    BUF.with_borrow_mut(|w| {
+    // Which memory the saved copy belongs to (a new harness run maps new memory).
+    let id = MEMORY_GENERATION.load(Ordering::Relaxed);
+    BUF.with_borrow_mut(|(w, last, last_id)| {
         w.resize(len, 0);
         mem.read_slice(w, GuestAddress(WINDOW)).expect("window");
-        for (i, c) in w.chunks_exact(8).enumerate() {
-            let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-            let addr = WINDOW + 8 * i as u64;
-            if steer(v) != v
-                && !keep
-                    .iter()
-                    .any(|&(a, l)| addr >= a && addr < a.saturating_add(l))
-            {
-                mem.write_obj(steer(v).to_le_bytes(), GuestAddress(addr))
-                    .expect("window");
+        let fresh = *last_id != id || last.len() != len;
+        for (p, page) in w.chunks_exact(PAGE).enumerate() {
+            let base = WINDOW + (p * PAGE) as u64;
+            // Untouched since the last call (a memcmp, which the fuzzer does not trace), kept
+            // by the harness, or nothing in it to steer.
+            if !fresh && page == &last[p * PAGE..(p + 1) * PAGE] {
+                continue;
+            }
+            if (kept(base) && kept(base + PAGE as u64 - 1)) || min_word(page) >= WINDOW {
+                continue;
+            }
+            for (i, c) in page.chunks_exact(8).enumerate() {
+                let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+                let addr = base + 8 * i as u64;
+                if steer(v) != v && !kept(addr) {
+                    mem.write_obj(steer(v).to_le_bytes(), GuestAddress(addr))
+                        .expect("window");
+                }
             }
         }
+        mem.read_slice(w, GuestAddress(WINDOW)).expect("window");
+        std::mem::swap(w, last);
+        *last_id = id;
     });
 }
 
