@@ -71,14 +71,17 @@ pub fn guest_memory() -> GuestMemoryMmap {
 /// PRDT entries, command table addresses) cannot name the canary.
 pub fn fill_window(mem: &GuestMemoryMmap, seed: &[u8]) {
     let len = (RAM_END - WINDOW) as usize;
-    let mut w = vec![0u8; len];
-    if !seed.is_empty() {
-        for c in w.chunks_mut(seed.len()) {
-            c.copy_from_slice(&seed[..c.len()]);
+    SCRATCH.with_borrow_mut(|w| {
+        w.clear();
+        w.resize(len, 0);
+        if !seed.is_empty() {
+            for c in w.chunks_mut(seed.len()) {
+                c.copy_from_slice(&seed[..c.len()]);
+            }
         }
-    }
-    steer_words(&mut w);
-    mem.write_slice(&w, GuestAddress(WINDOW)).expect("window");
+        steer_words(w);
+        mem.write_slice(w, GuestAddress(WINDOW)).expect("window");
+    });
 }
 
 /// Steer every aligned u64 of `bytes` (an image of window memory) out of the canary.
@@ -148,14 +151,28 @@ pub fn resteer_window(mem: &GuestMemoryMmap, keep: &[(u64, u64)]) {
 
 /// Panic unless the canary is intact.
 pub fn check_canary(mem: &GuestMemoryMmap) {
-    let mut c = vec![0u8; WINDOW as usize];
-    mem.read_slice(&mut c, GuestAddress(0)).expect("canary");
-    if let Some(i) = c.iter().position(|&b| b != CANARY) {
+    const PAGE: [u8; 0x1000] = [CANARY; 0x1000];
+    SCRATCH.with_borrow_mut(|c| {
+        c.resize(WINDOW as usize, 0);
+        mem.read_slice(c, GuestAddress(0)).expect("canary");
+        // Page compares are memcmp calls; look byte by byte only to report a failure.
+        if c.chunks(PAGE.len()).all(|p| p == &PAGE[..p.len()]) {
+            return;
+        }
+        let i = c
+            .iter()
+            .position(|&b| b != CANARY)
+            .expect("a differing byte");
         panic!(
             "stray DMA: canary byte {i:#x} is {:#04x} (the guest never named the canary)",
             c[i]
         );
-    }
+    });
+}
+
+thread_local! {
+    /// A reused window-sized buffer: a fresh one per call is an mmap, page faults and an munmap.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Run `f`, aborting the process if it takes more than [`MAX_OP`] of this thread's CPU or
