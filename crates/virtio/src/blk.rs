@@ -29,16 +29,17 @@ pub(crate) const MAX_RANGES: u32 = 64;
 /// Most data segments in a request (`seg_max`): bounded by the ring, and by what one backend
 /// request carries.
 pub(crate) fn seg_max(qsz: u16) -> u32 {
-    u32::from(qsz).min(254)
+    // A chain may not be longer than the queue (§2.7.5.3.1): header and status take two.
+    u32::from(qsz).saturating_sub(2).clamp(1, 254)
 }
 
-/// A request tag: queue, its epoch, the chain's head.
-fn tag(q: u16, epoch: u16, head: u16) -> u64 {
-    (u64::from(q) << 32) | (u64::from(epoch) << 16) | u64::from(head)
+/// A request tag: queue (16 bits), its epoch (32), the chain's head (16).
+fn tag(q: u16, epoch: u32, head: u16) -> u64 {
+    (u64::from(q) << 48) | (u64::from(epoch) << 16) | u64::from(head)
 }
 
-fn untag(t: u64) -> (u16, u16, u16) {
-    ((t >> 32) as u16, (t >> 16) as u16, t as u16)
+fn untag(t: u64) -> (u16, u32, u16) {
+    ((t >> 48) as u16, (t >> 16) as u32, t as u16)
 }
 
 /// A chain's buffers: `(guest address, length)`, device-readable ones first.
@@ -89,28 +90,38 @@ impl Shared {
             || st & status::DEVICE_NEEDS_RESET != 0
             || !self.irq.bus_master()
         {
+            // Nothing can be served now: no polling window may stay open for it.
+            lock(m).poll_until = None;
             return;
         }
         let mem: Arc<GuestMemoryMmap> = self.mem.memory().into_inner();
         let engine = self.engine(q);
         let mut vq = lock(m);
         if !vq.q.ready() || vq.broken {
+            vq.poll_until = None;
             return;
         }
         let mut used = false;
         let mut taken = 0;
+        // Why the queue cannot go on, if it cannot: reported after what was started is
+        // submitted and what was finished is signalled.
+        let mut broken: Option<String> = None;
         loop {
             // Take what is available now (at most a ring's worth: the iterator refuses an
             // available index more than the ring size ahead), then start each.
+            let announced = vq.q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire);
             let chains: Vec<_> = match vq.q.iter(&*mem) {
                 Ok(it) => it.collect(),
                 Err(e) => {
-                    drop(vq);
-                    return self.break_queue(q, &format!("available ring: {e}"));
+                    broken = Some(format!("available ring: {e}"));
+                    break;
                 }
             };
-            let started = chains.len();
-            taken += started;
+            if chains.is_empty() && announced.is_ok_and(|a| a.0 != vq.q.next_avail()) {
+                broken = Some("available entries that cannot be read".into());
+                break;
+            }
+            taken += chains.len();
             for chain in chains {
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
                 let head = chain.head_index();
@@ -124,10 +135,13 @@ impl Shared {
                         used |= self.post(&mut vq, &mem, head, status, used_len, status_addr);
                     }
                     Started::Broken(why) => {
-                        drop(vq);
-                        return self.break_queue(q, &format!("head {head}: {why}"));
+                        broken = Some(format!("head {head}: {why}"));
+                        break;
                     }
                 }
+            }
+            if broken.is_some() {
+                break;
             }
             if self.opts.poll_us > 0 && (taken > 0 || vq.poll_until.is_some()) {
                 // Leave notifications off (with EVENT_IDX, avail_event simply stays behind)
@@ -146,16 +160,11 @@ impl Shared {
             }
             // Re-arm, then look once more: a request made available meanwhile is not missed.
             match vq.q.enable_notification(&*mem) {
-                Ok(true) if started > 0 => continue,
-                // More is announced but none could be taken (its ring entry unreadable).
-                Ok(true) => {
-                    drop(vq);
-                    return self.break_queue(q, "available entries that cannot be read");
-                }
+                Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    drop(vq);
-                    return self.break_queue(q, &format!("event index: {e}"));
+                    broken = Some(format!("event index: {e}"));
+                    break;
                 }
             }
         }
@@ -166,6 +175,9 @@ impl Shared {
         let mut done = Vec::new();
         engine.commit_and_reap(&mut done);
         self.complete(&mut done);
+        if let Some(why) = broken {
+            self.break_queue(q, &why);
+        }
     }
 
     /// Make queue `q`'s I/O thread look at its queues now (a polling window opened).
@@ -213,7 +225,9 @@ impl Shared {
             self.opts.serial
         );
         if let Some(m) = self.queues.get(usize::from(q)) {
-            lock(m).broken = true;
+            let mut vq = lock(m);
+            vq.broken = true;
+            vq.poll_until = None;
         }
         self.needs_reset();
     }
@@ -227,13 +241,22 @@ impl Shared {
         engine: &Engine,
     ) -> Started {
         let head = chain.head_index();
+        // A buffer may not be made available again before it is used (virtio 1.2 §2.7.13):
+        // accepting it would let one head stand for any number of requests in flight.
+        if vq
+            .pending
+            .get(usize::from(head))
+            .is_some_and(Option::is_some)
+        {
+            return Started::Broken("a head made available again while in flight");
+        }
         let mut c = Chain {
             readable: Vec::new(),
             writable: Vec::new(),
         };
         // No chain may be longer than the ring plus one indirect table of the ring's size; the
         // queue's iterator already stops a loop, this stops an oversized indirect table.
-        let limit = 2 * usize::from(vq.q.size()) + 2;
+        let limit = 2 * usize::from(vq.q.max_size()) + 2;
         let mut order_ok = true;
         for d in chain {
             if c.readable.len() + c.writable.len() >= limit {
@@ -290,7 +313,8 @@ impl Shared {
                 if let Err(s) = self.check_range(h.sector, len, info) {
                     return fail(s);
                 }
-                if segs.len() > seg_max(self.opts.qsz) as usize + 2
+                // Data segments only: the header shares the first readable buffer at most.
+                if segs.len() > seg_max(self.opts.qsz) as usize + 1
                     || segs.iter().any(|&(_, l)| l > SIZE_MAX)
                 {
                     return fail(blk_status::IOERR);
@@ -439,6 +463,8 @@ impl Shared {
         if let Err(e) = vq.q.add_used(mem, head, used_len) {
             log::debug!("virtio-blk {}: used ring: {e}", self.opts.serial);
             vq.broken = true;
+            vq.poll_until = None;
+            self.needs_reset(); // lock order: a queue, then the transport
             return false;
         }
         true

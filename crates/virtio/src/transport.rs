@@ -96,8 +96,9 @@ pub(crate) struct Vq {
     pub index: u16,
     /// MSI-X vector.
     pub vector: u16,
-    /// Bumped at reset: completions of an older epoch are dropped.
-    pub epoch: u16,
+    /// Bumped at reset: completions of an older epoch are dropped (32 bits: a guest cannot
+    /// reset often enough to wrap it while a request is still in flight).
+    pub epoch: u32,
     /// Requests in flight, by head index.
     pub pending: Vec<Option<Pending>>,
     /// A chain could not be answered (no status byte): the queue stopped until reset.
@@ -414,6 +415,9 @@ impl Shared {
                     self.device_features()
                 );
                 new &= !status::FEATURES_OK;
+            } else if accepted & feature::BLK_FLUSH == 0 {
+                // A driver that cannot flush gets a write-through device (§5.2.5.2, §5.2.6.2).
+                self.writeback.store(false, Ordering::Relaxed);
             }
         }
         self.status.store(new, Ordering::Release);
@@ -466,6 +470,10 @@ impl Shared {
     }
 
     fn interrupt(&self, vector: u16, isr_bit: u8) {
+        if isr_bit == isr::CONFIG {
+            // Set whatever the interrupt mode (§4.1.4.5).
+            self.isr.fetch_or(isr::CONFIG, Ordering::AcqRel);
+        }
         if self.irq.mode() == InterruptMode::MsiX {
             if vector != NO_VECTOR && self.irq.trigger(vector) {
                 self.counters.interrupts.fetch_add(1, Ordering::Relaxed);

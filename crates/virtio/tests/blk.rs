@@ -603,7 +603,7 @@ fn indirect_descriptor_tables_carry_requests() {
 
 /// A device that cannot answer a chain sets DEVICE_NEEDS_RESET, interrupts the config vector,
 /// stops that queue, and works again after a reset.
-fn assert_needs_reset_then_recovers(mut d: Driver) {
+fn assert_needs_reset_then_recovers(mut d: Driver) -> Driver {
     let t = Instant::now();
     while d.status() & status::DEVICE_NEEDS_RESET == 0 {
         assert!(
@@ -616,6 +616,7 @@ fn assert_needs_reset_then_recovers(mut d: Driver) {
     d.bring_up(ALL, 1);
     assert_eq!(d.status() & status::DEVICE_NEEDS_RESET, 0);
     assert_eq!(d.request(0, req::FLUSH, 0, &[]).0, blk_status::OK);
+    d
 }
 
 #[test]
@@ -819,4 +820,72 @@ fn an_oversized_indirect_table_needs_reset_and_a_long_request_gets_ioerr() {
     write_table(&d, 400);
     head(&mut d, 400);
     assert_needs_reset_then_recovers(d);
+}
+
+#[test]
+fn a_head_made_available_twice_while_in_flight_needs_reset() {
+    let mut d = Driver::new("6,virtio-blk,ram=1");
+    d.bring_up(ALL, 1);
+    let st = BUF - 0x800;
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&req::FLUSH.to_le_bytes());
+    d.mem.write_slice(&h, GuestAddress(BUF - 0x1000)).unwrap();
+    let head = d.push(0, &[(BUF - 0x1000, 16, false), (st, 1, true)]);
+    // The same head again before the device used it: one buffer, two requests.
+    let aidx = d.q[0].1;
+    d.publish(0, head, aidx);
+    d.notify(0);
+    // The first is answered (and signalled) before the queue stops.
+    d.wait_used(0);
+    assert_eq!(
+        d.mem.read_obj::<u8>(GuestAddress(st)).unwrap(),
+        blk_status::OK
+    );
+    assert!(d.irq.wait_count(1, 1) >= 1);
+    assert_needs_reset_then_recovers(d);
+}
+
+#[test]
+fn work_started_before_a_broken_chain_completes_and_reset_finishes() {
+    let mut d = Driver::new("6,virtio-blk,ram=1,poll=0");
+    d.bring_up(ALL & !feature::RING_EVENT_IDX, 1);
+    let want = d.fill(BUF + 0x4000, 4096, 5);
+    let (hdr, st) = (BUF - 0x1000, BUF - 0x800);
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&req::OUT.to_le_bytes());
+    d.mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+    d.mem.write_obj(0xffu8, GuestAddress(st)).unwrap();
+    // A good write, then a chain with no status byte, in one notification.
+    d.push(
+        0,
+        &[(hdr, 16, false), (BUF + 0x4000, 4096, false), (st, 1, true)],
+    );
+    d.push(0, &[(BUF, 16, false)]);
+    d.notify(0);
+    d.wait_used(0);
+    assert_eq!(
+        d.mem.read_obj::<u8>(GuestAddress(st)).unwrap(),
+        blk_status::OK
+    );
+    assert!(
+        d.irq.wait_count(1, 1) >= 1,
+        "the good request was signalled"
+    );
+    // The reset completes (nothing stranded in flight), and the data is on the disk.
+    let mut d = assert_needs_reset_then_recovers(d);
+    assert_eq!(
+        d.request(0, req::IN, 0, &[(BUF + 0x8000, 4096, true)]).0,
+        blk_status::OK
+    );
+    assert_eq!(d.read(BUF + 0x8000, 4096), want);
+}
+
+#[test]
+fn a_driver_without_flush_gets_a_write_through_device() {
+    let mut d = Driver::new("6,virtio-blk,ram=1");
+    d.bring_up(ALL & !feature::BLK_FLUSH, 1);
+    assert_eq!(d.r(DEVICE + 32, 1), 0, "writeback");
+    let mut d = Driver::new("6,virtio-blk,ram=1");
+    d.bring_up(ALL, 1);
+    assert_eq!(d.r(DEVICE + 32, 1), 1, "writeback");
 }
