@@ -7,14 +7,17 @@
 //! allows multi-conn, and reconnection with a bounded retry when a connection drops: a request
 //! the server never answered is sent again on the new connection (reads, writes, flushes, trims
 //! and write-zeroes are all idempotent); once the retries are spent the request fails with an
-//! I/O error, which each model maps to its own error status.
+//! I/O error, which each model maps to its own error status. Writes acknowledged but not yet
+//! flushed when a connection is lost may be gone with the server: the next flush fails.
+//! Every read is bounded by a timeout, every reply checked (chunk lengths, offsets, and that
+//! a read was covered exactly), so a hostile or broken server costs errors, not a hang.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{check_range, BackendInfo, BlockBackend, BlockError, Result, Stats, StatsSnapshot};
 
@@ -63,6 +66,14 @@ const MULTI_CONN: usize = 4;
 /// Reconnection attempts after a dropped connection, with doubling waits from 50 ms (about 6 s
 /// in all): long enough for a server restart, short enough that I/O fails rather than hangs.
 const RETRIES: u32 = 7;
+/// The whole reconnection effort for one request, whatever each attempt costs.
+const RECONNECT_DEADLINE: Duration = Duration::from_secs(10);
+/// How long one connection attempt, or one read or write on a connection, may take: a server
+/// that stops answering is a lost connection, not a hang.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest structured-reply chunk payload accepted (a data chunk carries at most a request).
+const MAX_CHUNK: u32 = MAX_REQUEST as u32 + 8;
 
 /// Where the server is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -182,11 +193,29 @@ fn io_err(msg: String) -> std::io::Error {
 fn connect(uri: &NbdUri) -> std::io::Result<(Conn, Export)> {
     let mut s = match &uri.addr {
         NbdAddr::Tcp(hp) => {
-            let t = TcpStream::connect(hp)?;
+            let mut last = io_err(format!("{hp}: no address"));
+            let mut conn = None;
+            for a in hp.to_socket_addrs()? {
+                match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+                    Ok(t) => {
+                        conn = Some(t);
+                        break;
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            let t = conn.ok_or(last)?;
             t.set_nodelay(true)?;
+            t.set_read_timeout(Some(IO_TIMEOUT))?;
+            t.set_write_timeout(Some(IO_TIMEOUT))?;
             Stream::Tcp(t)
         }
-        NbdAddr::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
+        NbdAddr::Unix(p) => {
+            let u = UnixStream::connect(p)?;
+            u.set_read_timeout(Some(IO_TIMEOUT))?;
+            u.set_write_timeout(Some(IO_TIMEOUT))?;
+            Stream::Unix(u)
+        }
     };
     if u64::from_be_bytes(rd(&mut s)?) != NBDMAGIC || u64::from_be_bytes(rd(&mut s)?) != IHAVEOPT {
         return Err(io_err("not an NBD newstyle server".into()));
@@ -228,7 +257,7 @@ fn connect(uri: &NbdUri) -> std::io::Result<(Conn, Export)> {
     go.extend_from_slice(&0u16.to_be_bytes()); // no extra information requests
     opt(&mut s, OPT_GO, &go)?;
     let mut export = None;
-    loop {
+    for _ in 0..64 {
         let (t, d) = reply(&mut s, OPT_GO)?;
         match t {
             REP_INFO if d.len() >= 12 && u16::from_be_bytes([d[0], d[1]]) == INFO_EXPORT => {
@@ -241,7 +270,11 @@ fn connect(uri: &NbdUri) -> std::io::Result<(Conn, Export)> {
                 });
             }
             REP_INFO => {}
-            REP_ACK => break,
+            REP_ACK => {
+                let export =
+                    export.ok_or_else(|| io_err("server sent no export information".into()))?;
+                return Ok((Conn { s, cookie: 0 }, export));
+            }
             t if t & REP_ERR_BIT != 0 => {
                 return Err(io_err(format!(
                     "server refused export {:?} (error {t:#x}{}{})",
@@ -253,8 +286,7 @@ fn connect(uri: &NbdUri) -> std::io::Result<(Conn, Export)> {
             _ => {}
         }
     }
-    let export = export.ok_or_else(|| io_err("server sent no export information".into()))?;
-    Ok((Conn { s, cookie: 0 }, export))
+    Err(io_err("server never finished NBD_OPT_GO".into()))
 }
 
 /// An NBD export as a disk.
@@ -266,6 +298,11 @@ pub struct NbdBackend {
     read_only: bool,
     sector_size: u32,
     stats: Stats,
+    /// Writes acknowledged since the last completed flush.
+    dirty: AtomicBool,
+    /// A connection was replaced while writes were unflushed: the server may have lost them
+    /// (it crashed, or its cache went with it), so the next flush must not report success.
+    lost_unflushed: AtomicBool,
 }
 
 impl std::fmt::Debug for NbdBackend {
@@ -311,6 +348,8 @@ impl NbdBackend {
             next: AtomicUsize::new(0),
             sector_size,
             stats: Stats::new(),
+            dirty: AtomicBool::new(false),
+            lost_unflushed: AtomicBool::new(false),
         })
     }
 
@@ -325,18 +364,28 @@ impl NbdBackend {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let mut slot = self.conns[i].lock().unwrap_or_else(|e| e.into_inner());
         let mut attempt = 0;
+        let started = Instant::now();
         loop {
             if slot.is_none() {
                 match connect(&self.uri) {
-                    Ok((c, e)) if e.size == self.export.size => *slot = Some(c),
+                    Ok((c, e))
+                        if e.size == self.export.size
+                            && e.flags == self.export.flags
+                            && e.structured == self.export.structured =>
+                    {
+                        if self.dirty.load(Ordering::Acquire) {
+                            self.lost_unflushed.store(true, Ordering::Release);
+                        }
+                        *slot = Some(c)
+                    }
                     Ok(_) => {
                         return Err(BlockError::Io(io_err(format!(
-                            "{}: export size changed across a reconnect",
+                            "{}: the export changed (size or capabilities) across a reconnect",
                             self.uri_str()
                         ))))
                     }
                     Err(e) => {
-                        if attempt >= RETRIES {
+                        if attempt >= RETRIES || started.elapsed() >= RECONNECT_DEADLINE {
                             log::warn!("nbd {}: giving up reconnecting: {e}", self.uri_str());
                             return Err(BlockError::Io(e));
                         }
@@ -350,6 +399,8 @@ impl NbdBackend {
             match self.exchange(conn, cmd, flags, offset, len, &mut data) {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(errno)) => {
+                    // A server error without an errno is still an error.
+                    let errno = if errno == 0 { libc_eio() } else { errno };
                     return Err(BlockError::Io(std::io::Error::from_raw_os_error(errno)));
                 }
                 Err(e) => {
@@ -359,7 +410,7 @@ impl NbdBackend {
                         self.uri_str()
                     );
                     *slot = None;
-                    if attempt >= RETRIES {
+                    if attempt >= RETRIES || started.elapsed() >= RECONNECT_DEADLINE {
                         return Err(BlockError::Io(e));
                     }
                     attempt += 1;
@@ -436,6 +487,7 @@ impl NbdBackend {
         mut magic_read: bool,
     ) -> std::io::Result<std::result::Result<(), i32>> {
         let mut error = None;
+        let mut covered: Vec<(u64, u64)> = Vec::new();
         loop {
             if !magic_read && u32::from_be_bytes(rd(&mut c.s)?) != STRUCTURED_REPLY_MAGIC {
                 return Err(io_err("bad structured reply magic".into()));
@@ -447,19 +499,23 @@ impl NbdBackend {
                 return Err(io_err("reply for another request".into()));
             }
             let clen = u32::from_be_bytes(rd(&mut c.s)?);
+            if clen > MAX_CHUNK {
+                return Err(io_err(format!("structured reply chunk of {clen} bytes")));
+            }
             match typ {
-                CHUNK_NONE => {}
-                CHUNK_OFFSET_DATA | CHUNK_OFFSET_HOLE => {
+                CHUNK_NONE if clen == 0 => {}
+                CHUNK_OFFSET_DATA | CHUNK_OFFSET_HOLE
+                    if (typ == CHUNK_OFFSET_DATA && clen >= 8) || clen == 12 =>
+                {
                     let at = u64::from_be_bytes(rd(&mut c.s)?);
                     let n = if typ == CHUNK_OFFSET_DATA {
-                        u64::from(
-                            clen.checked_sub(8)
-                                .ok_or_else(|| io_err("short chunk".into()))?,
-                        )
+                        u64::from(clen - 8)
                     } else {
                         u64::from(u32::from_be_bytes(rd(&mut c.s)?))
                     };
-                    let rel = at.checked_sub(offset).filter(|r| r + n <= u64::from(len));
+                    let rel = at
+                        .checked_sub(offset)
+                        .filter(|r| r.checked_add(n).is_some_and(|e| e <= u64::from(len)));
                     let (Some(rel), Data::In(bufs)) = (rel, &mut *data) else {
                         return Err(io_err("data chunk outside the request".into()));
                     };
@@ -471,23 +527,44 @@ impl NbdBackend {
                             Ok(())
                         }
                     })?;
+                    covered.push((rel, rel + n));
+                }
+                t if t & CHUNK_ERROR_BIT != 0 && clen >= 6 => {
+                    let mut d = vec![0u8; clen as usize];
+                    c.s.read_exact(&mut d)?;
+                    let errno = u32::from_be_bytes(d[..4].try_into().expect("4")) as i32;
+                    error = Some(if errno == 0 { libc_eio() } else { errno });
+                }
+                CHUNK_NONE | CHUNK_OFFSET_DATA | CHUNK_OFFSET_HOLE => {
+                    return Err(io_err(format!("chunk type {typ} with length {clen}")));
                 }
                 t if t & CHUNK_ERROR_BIT != 0 => {
-                    let mut d = vec![0u8; clen.min(64 << 10) as usize];
-                    c.s.read_exact(&mut d)?;
-                    if d.len() < 4 {
-                        return Err(io_err("short error chunk".into()));
-                    }
-                    error = Some(u32::from_be_bytes(d[..4].try_into().expect("4")) as i32);
+                    return Err(io_err(format!("error chunk of {clen} bytes")));
                 }
                 _ => {
-                    // Unknown chunk types without the error bit may be skipped.
-                    let mut d = vec![0u8; clen.min(64 << 10) as usize];
-                    c.s.read_exact(&mut d)?;
+                    // Unknown chunk types without the error bit may be skipped, whole.
+                    std::io::copy(&mut (&mut c.s).take(u64::from(clen)), &mut std::io::sink())?;
                 }
             }
             if flags & CHUNK_DONE != 0 {
-                return Ok(error.map_or(Ok(()), Err));
+                if let Some(e) = error {
+                    return Ok(Err(e));
+                }
+                // A successful read must have been covered exactly, without overlap.
+                if let Data::In(_) = data {
+                    covered.sort_unstable();
+                    let mut end = 0;
+                    for &(a, b) in &covered {
+                        if a != end {
+                            return Err(io_err("read reply with a gap or an overlap".into()));
+                        }
+                        end = b;
+                    }
+                    if end != u64::from(len) {
+                        return Err(io_err("read reply shorter than the request".into()));
+                    }
+                }
+                return Ok(Ok(()));
             }
         }
     }
@@ -590,6 +667,7 @@ impl BlockBackend for NbdBackend {
         if len <= MAX_REQUEST {
             let r = self.command(CMD_WRITE, 0, offset, len as u32, Data::Out(bufs));
             if r.is_ok() {
+                self.dirty.store(true, Ordering::Release);
                 self.stats.record_write(len);
             }
             return self.stats.track(r);
@@ -605,12 +683,25 @@ impl BlockBackend for NbdBackend {
                 Data::Out(&[IoSlice::new(&flat[at..at + n as usize])]),
             )
         })?;
+        self.dirty.store(true, Ordering::Release);
         self.stats.record_write(len);
         Ok(())
     }
 
     fn flush(&self) -> Result<()> {
         self.stats.record_flush();
+        if self.lost_unflushed.swap(false, Ordering::AcqRel) {
+            self.dirty.store(false, Ordering::Release);
+            log::warn!(
+                "nbd {}: a connection was lost with unflushed writes; reporting the flush failed",
+                self.uri_str()
+            );
+            return Err(BlockError::Io(
+                std::io::Error::from_raw_os_error(libc_eio()),
+            ));
+        }
+        // Cleared before the flush is sent: writes acknowledged meanwhile set it again.
+        self.dirty.store(false, Ordering::Release);
         if self.export.flags & TF_SEND_FLUSH == 0 {
             return Ok(()); // the server has no cache to flush
         }
@@ -697,7 +788,11 @@ impl Drop for NbdBackend {
     fn drop(&mut self) {
         // A polite goodbye: NBD_CMD_DISC has no reply.
         for c in &self.conns {
-            if let Some(conn) = c.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            // Not waiting for a connection a stuck request still holds.
+            let Ok(mut guard) = c.try_lock() else {
+                continue;
+            };
+            if let Some(conn) = guard.as_mut() {
                 let mut h = [0u8; 28];
                 h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
                 h[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
@@ -754,3 +849,8 @@ mod tests {
 #[cfg(test)]
 #[path = "nbd_tests.rs"]
 mod against_qemu_nbd;
+
+/// EIO, without a libc dependency for one constant.
+fn libc_eio() -> i32 {
+    5
+}

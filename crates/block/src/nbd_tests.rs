@@ -160,6 +160,10 @@ fn a_killed_server_restarted_in_time_loses_nothing_acknowledged() {
     let c = pattern(1 << 20, 9);
     b.write_vectored(1 << 20, &[IoSlice::new(&c)]).unwrap();
     assert_eq!(read(&b, 0, 2 << 20), [a, c].concat());
+    // Write `a` was acknowledged by the old server and never flushed: the first flush says
+    // it cannot vouch for it; after that, flushes are flushes again.
+    assert!(matches!(b.flush(), Err(BlockError::Io(_))));
+    b.flush().unwrap();
     let _srv = restarter.join().unwrap();
 }
 
@@ -183,4 +187,91 @@ fn a_server_that_stays_away_fails_the_request_instead_of_hanging() {
         .unwrap_err();
     assert!(matches!(e, BlockError::Io(_)), "{e}");
     assert!(t.elapsed() < Duration::from_secs(30));
+}
+
+/// A server that negotiates like a real one and then answers one READ with `reply` (bytes after
+/// the 4-byte magic the test also supplies).
+fn fake_server(sock: &std::path::Path, reply: Vec<u8>) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let l = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut hello = Vec::new();
+        hello.extend_from_slice(&0x4e42_444d_4147_4943u64.to_be_bytes());
+        hello.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
+        hello.extend_from_slice(&3u16.to_be_bytes());
+        s.write_all(&hello).unwrap();
+        let mut b4 = [0u8; 4];
+        s.read_exact(&mut b4).unwrap();
+        for _ in 0..2 {
+            let mut h = [0u8; 16];
+            s.read_exact(&mut h).unwrap();
+            let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let mut d = vec![0u8; len as usize];
+            s.read_exact(&mut d).unwrap();
+            let rep = |s: &mut std::os::unix::net::UnixStream, t: u32, data: &[u8]| {
+                let mut m = Vec::new();
+                m.extend_from_slice(&0x0003_e889_0455_65a9u64.to_be_bytes());
+                m.extend_from_slice(&opt.to_be_bytes());
+                m.extend_from_slice(&t.to_be_bytes());
+                m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                m.extend_from_slice(data);
+                s.write_all(&m).unwrap();
+            };
+            if opt == 7 {
+                let mut info = vec![0u8, 0];
+                info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                info.extend_from_slice(&1u16.to_be_bytes()); // HAS_FLAGS only
+                rep(&mut s, 3, &info);
+            }
+            rep(&mut s, 1, &[]);
+        }
+        let mut req = [0u8; 28];
+        if s.read_exact(&mut req).is_ok() {
+            let cookie = &req[8..16];
+            let mut m = 0x668e_33efu32.to_be_bytes().to_vec();
+            m.extend_from_slice(&reply[..4]); // flags, type
+            m.extend_from_slice(cookie);
+            m.extend_from_slice(&reply[4..]);
+            let _ = s.write_all(&m);
+        }
+        // Then go away: the client's reconnection attempts find nobody.
+    })
+}
+
+#[test]
+fn hostile_structured_replies_fail_the_read_without_a_panic_or_a_hang() {
+    let d = dir("hostile");
+    // (flags, type) then length and payload.
+    let huge = [&[0u8, 1, 0, 1][..], &u32::MAX.to_be_bytes()].concat();
+    let short_done = [
+        &[0u8, 1, 0, 1][..],
+        &12u32.to_be_bytes(),
+        &0u64.to_be_bytes(),
+        &[1, 2, 3, 4],
+    ]
+    .concat(); // DONE after 4 of the 512 bytes asked for
+    let outside = [
+        &[0u8, 1, 0, 2][..],
+        &12u32.to_be_bytes(),
+        &(u64::MAX - 4).to_be_bytes(),
+        &512u32.to_be_bytes(),
+    ]
+    .concat(); // a hole whose end overflows
+    for (i, reply) in [huge, short_done, outside].into_iter().enumerate() {
+        let sock = d.join(format!("fake{i}.sock"));
+        let srv = fake_server(&sock, reply);
+        let b = NbdBackend::open(
+            &format!("nbd+unix:///exp?socket={}", sock.display()),
+            false,
+            512,
+        )
+        .unwrap();
+        let t = Instant::now();
+        let r = b.read_vectored(0, &mut [IoSliceMut::new(&mut [0u8; 512])]);
+        assert!(matches!(r, Err(BlockError::Io(_))), "reply {i}: {r:?}");
+        assert!(t.elapsed() < Duration::from_secs(30));
+        srv.join().unwrap();
+    }
 }
