@@ -104,6 +104,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A virtio-blk device on a PCI function.
 pub struct VirtioBlk {
     shared: Arc<Shared>,
+    /// Offset of the VIRTIO_PCI_CAP_PCI_CFG capability in config space.
+    pci_cfg_cap: usize,
 }
 
 impl VirtioBlk {
@@ -140,7 +142,7 @@ impl VirtioBlk {
         if ctx.intx_supported {
             cs.set_interrupt_pin(1);
         }
-        transport::add_caps(&mut cs, opts.queues);
+        let pci_cfg_cap = transport::add_caps(&mut cs, opts.queues);
         let msix = caps::add_msix(
             &mut cs,
             vectors,
@@ -185,12 +187,35 @@ impl VirtioBlk {
             )?);
         }
         let _ = shared.threads.set(threads);
-        Ok(VirtioBlk { shared })
+        Ok(VirtioBlk {
+            shared,
+            pci_cfg_cap,
+        })
     }
 
     /// The device's options.
     pub fn options(&self) -> &BlkOptions {
         &self.shared.opts
+    }
+}
+
+impl VirtioBlk {
+    /// An access to `pci_cfg_data` of the config-space window: the (BAR, offset, length) the
+    /// driver selected, if it is one the window serves (length 1, 2 or 4, aligned to it).
+    fn pci_cfg_access(&self, offset: u16, len: usize) -> Option<(u8, u64, usize)> {
+        let at = self.pci_cfg_cap + 16;
+        let (start, end) = (usize::from(offset), usize::from(offset) + len);
+        if end <= at || start >= at + 4 {
+            return None;
+        }
+        let pci = lock(&self.shared.pci);
+        let mut b = [0u8; 12];
+        pci.config_read(self.pci_cfg_cap + 4, &mut b);
+        drop(pci);
+        let bar = b[0];
+        let off = u64::from(u32::from_le_bytes(b[4..8].try_into().expect("4")));
+        let n = u32::from_le_bytes(b[8..12].try_into().expect("4")) as usize;
+        (matches!(n, 1 | 2 | 4) && off.is_multiple_of(n as u64)).then_some((bar, off, n))
     }
 }
 
@@ -214,11 +239,30 @@ impl PciDevice for VirtioBlk {
 
     fn config_read(&self, offset: u16, data: &mut [u8]) {
         lock(&self.shared.pci).config_read(usize::from(offset), data);
+        if let Some(window) = self.pci_cfg_access(offset, data.len()) {
+            let mut v = [0u8; 4];
+            let (bar, off, len) = window;
+            self.bar_read(bar, off, &mut v[..len]);
+            let at = self.pci_cfg_cap + 16;
+            for (i, b) in data.iter_mut().enumerate() {
+                if let Some(k) = (usize::from(offset) + i)
+                    .checked_sub(at)
+                    .filter(|k| *k < len)
+                {
+                    *b = v[k];
+                }
+            }
+        }
     }
 
     fn config_write(&self, offset: u16, data: &[u8]) {
         let was = self.shared.irq.bus_master();
         lock(&self.shared.pci).config_write(usize::from(offset), data);
+        if let Some((bar, off, len)) = self.pci_cfg_access(offset, data.len()) {
+            let mut v = [0u8; 4];
+            lock(&self.shared.pci).config_read(self.pci_cfg_cap + 16, &mut v);
+            self.bar_write(bar, off, &v[..len]);
+        }
         if !was && self.shared.irq.bus_master() {
             // Bus mastering is back: serve what the driver queued meanwhile.
             for q in 0..self.shared.queues.len() {

@@ -23,6 +23,10 @@ pub mod cap {
     pub const ISR_CFG: u8 = 3;
     /// Device-specific configuration.
     pub const DEVICE_CFG: u8 = 4;
+    /// A window in config space onto the BARs (`struct virtio_pci_cfg_cap`).
+    pub const PCI_CFG: u8 = 5;
+    /// Length of `struct virtio_pci_cfg_cap` (the cap plus `pci_cfg_data`).
+    pub const PCI_CFG_LEN: usize = 20;
     /// Length of `struct virtio_pci_cap`.
     pub const LEN: usize = 16;
     /// Length of `struct virtio_pci_notify_cap` (the cap plus `notify_off_multiplier`).

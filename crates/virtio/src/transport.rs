@@ -12,8 +12,10 @@ use crate::layout;
 use crate::spec::{cap, common, feature, isr, status, BlkConfig, NO_VECTOR, SECTOR};
 use crate::{lock, Shared};
 
-/// Add the four virtio structure capabilities, each naming where in BAR0 it lives.
-pub(crate) fn add_caps(cs: &mut ConfigSpace, queues: u16) {
+/// Add the four virtio structure capabilities, each naming where in BAR0 it lives, and the
+/// config-space window onto the BARs (which firmware uses to reach a BAR above 4 GiB);
+/// returns the window capability's offset.
+pub(crate) fn add_caps(cs: &mut ConfigSpace, queues: u16) -> usize {
     let regions = [
         (
             cap::COMMON_CFG,
@@ -44,6 +46,15 @@ pub(crate) fn add_caps(cs: &mut ConfigSpace, queues: u16) {
             cs.write_u32(at + 16, layout::NOTIFY_MULTIPLIER);
         }
     }
+    let at = cs.add_capability(cap::VENDOR, cap::PCI_CFG_LEN);
+    cs.write_u8(at + 2, cap::PCI_CFG_LEN as u8);
+    cs.write_u8(at + 3, cap::PCI_CFG);
+    // The driver picks the BAR, offset and length, then reads or writes the data field.
+    cs.set_wmask_u8(at + 4, 0xff);
+    cs.set_wmask_u32(at + 8, u32::MAX);
+    cs.set_wmask_u32(at + 12, u32::MAX);
+    cs.set_wmask_u32(at + 16, u32::MAX);
+    at
 }
 
 /// Feature negotiation and the selected-queue window.

@@ -889,3 +889,31 @@ fn a_driver_without_flush_gets_a_write_through_device() {
     d.bring_up(ALL, 1);
     assert_eq!(d.r(DEVICE + 32, 1), 1, "writeback");
 }
+
+#[test]
+fn the_config_space_window_reaches_the_bars() {
+    let mut d = Driver::new("6,virtio-blk,ram=1,queues=3");
+    d.bring_up(ALL, 3);
+    let mut p = d.cfg8(0x34);
+    while p != 0 && !(d.cfg8(u16::from(p)) == 0x09 && d.cfg8(u16::from(p) + 3) == 5) {
+        p = d.cfg8(u16::from(p) + 1);
+    }
+    assert_ne!(p, 0, "VIRTIO_PCI_CAP_PCI_CFG");
+    let c = u16::from(p);
+    let select = |bar: u8, off: u32, len: u32| {
+        d.dev.config_write(c + 4, &[bar]);
+        d.dev.config_write(c + 8, &off.to_le_bytes());
+        d.dev.config_write(c + 12, &len.to_le_bytes());
+    };
+    // Read num_queues (2 bytes at common + 18) through the window.
+    select(0, (COMMON + common::NUM_QUEUES) as u32, 2);
+    assert_eq!(d.cfg16(c + 16), 3);
+    // Write queue_select through it, and see it through BAR0.
+    select(0, (COMMON + common::QUEUE_SELECT) as u32, 2);
+    d.dev.config_write(c + 16, &2u16.to_le_bytes());
+    assert_eq!(d.r(COMMON + common::QUEUE_SELECT, 2), 2);
+    // A length the window does not serve reaches no register.
+    select(0, (COMMON + common::QUEUE_SELECT) as u32, 3);
+    d.dev.config_write(c + 16, &1u32.to_le_bytes());
+    assert_eq!(d.r(COMMON + common::QUEUE_SELECT, 2), 2);
+}
