@@ -158,8 +158,8 @@ echo "SHA=$(dd if=/dev/vda bs=1M count=16 2>/dev/null | sha256sum | cut -d' ' -f
     let c = &run.console;
     assert!(c.contains("LBS=4096 PBS=4096"), "console:\n{c}");
     assert!(
-        c.contains("TAGS=128 MAXSEG=128 MAXSEGSZ=1048576"),
-        "queue depth from qsz, seg_max, size_max; console:\n{c}"
+        c.contains("TAGS=128 MAXSEG=126 MAXSEGSZ=1048576"),
+        "queue depth from qsz, seg_max (qsz - 2), size_max; console:\n{c}"
     );
     assert_eq!(run.value("HWQ").as_deref(), Some("1"));
     assert_eq!(run.value("WC").as_deref(), Some("write back"));
