@@ -403,6 +403,11 @@ impl Shared {
                     return fail(blk_status::OK);
                 }
                 self.park(vq, head, status_addr, ranges.len() as u32, 1);
+                if !self.writeback.load(Ordering::Relaxed) {
+                    if let Some(Some(p)) = vq.pending.get_mut(usize::from(head)) {
+                        p.flush_after = true;
+                    }
+                }
                 for (offset, len) in ranges {
                     engine.submit(IoReq {
                         tag: t,
@@ -440,6 +445,7 @@ impl Shared {
                 parts,
                 status: blk_status::OK,
                 used_len,
+                flush_after: false,
             });
         }
     }
@@ -483,6 +489,7 @@ impl Shared {
             return;
         }
         let mem: Arc<GuestMemoryMmap> = self.mem.memory().into_inner();
+        let mut flushes: Vec<u16> = Vec::new();
         let mut i = 0;
         while i < done.len() {
             let (q, ..) = untag(done[i].req.tag);
@@ -525,6 +532,23 @@ impl Shared {
                 if p.parts > 0 {
                     continue;
                 }
+                if std::mem::take(&mut p.flush_after) && p.status == blk_status::OK {
+                    // The ranges are done; now make them durable, then answer.
+                    p.parts = 1;
+                    self.inflight.fetch_add(1, Ordering::AcqRel);
+                    let engine = self.engine(q);
+                    engine.submit(IoReq {
+                        tag: d.req.tag,
+                        op: Op::Flush,
+                        offset: 0,
+                        len: 0,
+                        fua: false,
+                        iov: GuestIov::new(),
+                        backend: self.backend.clone(),
+                    });
+                    flushes.push(q);
+                    continue;
+                }
                 let p = vq.pending[usize::from(head)].take().expect("present");
                 used |= self.post(&mut vq, &mem, head, p.status, p.used_len, p.status_addr);
             }
@@ -533,6 +557,14 @@ impl Shared {
             }
         }
         done.clear();
+        // Flushes started above: submit them (and finish any that completed at once).
+        flushes.sort_unstable();
+        flushes.dedup();
+        for q in flushes {
+            let mut more = Vec::new();
+            self.engine(q).commit_and_reap(&mut more);
+            self.complete(&mut more);
+        }
         if self.inflight.load(Ordering::Acquire) == 0 {
             self.finish_reset_if_idle();
             let _guard = lock(&self.idle.0);

@@ -97,6 +97,9 @@ pub(crate) struct Pending {
     pub status: u8,
     /// Bytes written into the chain's device-writable buffers, status byte included.
     pub used_len: u32,
+    /// Flush once the parts are done, before answering (discard and write zeroes on a
+    /// write-through device must be durable when they complete).
+    pub flush_after: bool,
 }
 
 /// One virtqueue and the requests started from it.

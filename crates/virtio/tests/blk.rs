@@ -885,6 +885,25 @@ fn a_driver_without_flush_gets_a_write_through_device() {
     let mut d = Driver::new("6,virtio-blk,ram=1");
     d.bring_up(ALL & !feature::BLK_FLUSH, 1);
     assert_eq!(d.r(DEVICE + 32, 1), 0, "writeback");
+    // Write zeroes there is flushed before it completes, and completes.
+    d.fill(BUF, 4096, 3);
+    assert_eq!(
+        d.request(0, req::OUT, 0, &[(BUF, 4096, false)]).0,
+        blk_status::OK
+    );
+    let mut r = [0u8; 16];
+    r[8..12].copy_from_slice(&8u32.to_le_bytes());
+    d.mem.write_slice(&r, GuestAddress(BUF + 0x3000)).unwrap();
+    assert_eq!(
+        d.request(0, req::WRITE_ZEROES, 0, &[(BUF + 0x3000, 16, false)])
+            .0,
+        blk_status::OK
+    );
+    assert_eq!(
+        d.request(0, req::IN, 0, &[(BUF + 0x8000, 4096, true)]).0,
+        blk_status::OK
+    );
+    assert!(d.read(BUF + 0x8000, 4096).iter().all(|&b| b == 0));
     let mut d = Driver::new("6,virtio-blk,ram=1");
     d.bring_up(ALL, 1);
     assert_eq!(d.r(DEVICE + 32, 1), 1, "writeback");
