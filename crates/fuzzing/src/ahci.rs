@@ -241,8 +241,9 @@ impl Host {
     fn start(&mut self) {
         self.w(hba::GHC, 4, u64::from(ghc::HR));
         assert!(
-            self.until(Duration::from_secs(1), |h| h.r(hba::GHC, 4) as u32
-                & ghc::HR
+            // Generous: the reset waits for commands in flight, and a loaded machine may not
+            // run the threads finishing them for a while; a stuck reset never completes.
+            self.until(crate::MAX_OP_WALL, |h| h.r(hba::GHC, 4) as u32 & ghc::HR
                 == 0),
             "HBA reset never completed"
         );
@@ -392,9 +393,7 @@ impl Host {
     fn recover(&mut self, p: usize) {
         let c = self.pr(p, preg::CMD);
         self.pw(p, preg::CMD, c & !pxcmd::ST);
-        let stopped = self.until(Duration::from_secs(1), |h| {
-            h.pr(p, preg::CMD) & pxcmd::CR == 0
-        });
+        let stopped = self.until(crate::MAX_OP_WALL, |h| h.pr(p, preg::CMD) & pxcmd::CR == 0);
         assert!(
             stopped,
             "port {p}: command list never stopped (PxCMD.CR stuck)"
