@@ -1,8 +1,10 @@
 //! rhyve: a virtual machine monitor whose heart is faithful, fast emulated storage.
 //!
 //! `rhyve uml` serves rhyve's PCI devices to User-Mode Linux over vhost-user, so the real Linux
-//! nvme and ahci drivers run against the device models.
+//! nvme and ahci drivers run against the device models; `rhyve run` runs a KVM virtual machine;
+//! `rhyve ctl` talks to either over its API socket.
 
+mod api;
 mod devices;
 mod run_cmd;
 mod uml_cmd;
@@ -28,6 +30,39 @@ enum Cmd {
     Uml(uml_cmd::UmlArgs),
     /// Run a KVM virtual machine with rhyve's devices.
     Run(run_cmd::RunArgs),
+    /// Ask a running rhyve (`--api-socket`) for information, counters, or to shut down.
+    Ctl(CtlArgs),
+}
+
+/// Arguments of `rhyve ctl`.
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// The API socket of the rhyve to talk to.
+    #[arg(long)]
+    api_socket: std::path::PathBuf,
+    /// What to do: info, stats, shutdown, pause, resume, snapshot, migrate-send.
+    verb: String,
+    /// A JSON body for the verb.
+    #[arg(long)]
+    json: Option<String>,
+}
+
+/// `rhyve ctl`: prints the JSON answer; exit code 1 when the answer is an error.
+fn ctl(a: CtlArgs) -> anyhow::Result<()> {
+    if !api::VERBS.contains(&a.verb.as_str()) {
+        anyhow::bail!(
+            "unknown verb {:?}: the verbs are {}",
+            a.verb,
+            api::VERBS.join(", ")
+        );
+    }
+    let (code, body) = api::request(&a.api_socket, &a.verb, a.json.as_deref())?;
+    println!("{body}");
+    if !(200..300).contains(&code) {
+        eprintln!("rhyve: {} answered {code}", a.verb);
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -36,6 +71,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Uml(a) => uml_cmd::run(a),
         Cmd::Run(a) => run_cmd::run(a),
+        Cmd::Ctl(a) => ctl(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -44,6 +44,63 @@ pub struct RunArgs {
     /// Enable rhyve's test device (ports 0xF0-0xFF) used by guest/kvm-test.
     #[arg(long)]
     testdev: bool,
+    /// Answer `rhyve ctl` (info, stats, shutdown) on this UNIX socket (created mode 0600).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+}
+
+/// What `rhyve run` tells its API socket.
+struct RunApi {
+    host: std::sync::Arc<vmm::pci_host::PciHost>,
+    exit: vmm::ExitSender,
+    vcpus: u8,
+    memory: u64,
+}
+
+impl crate::api::Api for RunApi {
+    fn info(&self) -> serde_json::Value {
+        let devs: Vec<_> = self
+            .host
+            .slots()
+            .map(|s| {
+                serde_json::json!({
+                    "slot": s.address(),
+                    "emulation": s.lock().name(),
+                    "bars": s.bars().iter().map(|b| serde_json::json!({
+                        "index": b.index,
+                        "size": b.size,
+                        "base": s.bar_base(b.index),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "frontend": "kvm",
+            "vcpus": self.vcpus,
+            "memory_bytes": self.memory,
+            "devices": devs,
+        })
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let devs: Vec<_> = self
+            .host
+            .slots()
+            .map(|s| {
+                let d = s.lock();
+                serde_json::json!({
+                    "slot": s.address(),
+                    "emulation": d.name(),
+                    "counters": crate::api::counters(d.stats()),
+                })
+            })
+            .collect();
+        serde_json::json!({ "devices": devs })
+    }
+
+    fn shutdown(&self) {
+        let _ = self.exit.send(VmExit::Stopped);
+    }
 }
 
 /// Parse `-m`: K/M/G/T suffixes, bare numbers in MiB.
@@ -175,8 +232,22 @@ pub fn config(a: RunArgs) -> Result<(VmConfig, bool)> {
 
 /// Run a VM to its end. Exits the process with the VM's exit code when that is not 0.
 pub fn run(a: RunArgs) -> Result<()> {
+    let api_socket = a.api_socket.clone();
     let (cfg, stats) = config(a)?;
+    let (vcpus, memory) = (cfg.vcpus, cfg.mem_size);
     let vm = Vm::new(cfg, &registry())?;
+    let _api = match &api_socket {
+        Some(path) => Some(crate::api::serve(
+            path,
+            std::sync::Arc::new(RunApi {
+                host: vm.host().clone(),
+                exit: vm.exit_sender(),
+                vcpus,
+                memory,
+            }),
+        )?),
+        None => None,
+    };
     let exit = vm.exit_sender();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,

@@ -25,6 +25,69 @@ pub struct UmlArgs {
     /// Print per-device counters on exit.
     #[arg(long)]
     stats: bool,
+    /// Answer `rhyve ctl` (info, stats, shutdown) on this UNIX socket (created mode 0600).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+}
+
+/// A device as the API socket sees it: where, what, and its counters.
+type ApiDevice = (
+    SlotSpec,
+    Arc<dyn PciDevice>,
+    Arc<uml::Counters>,
+    Arc<uml::UmlInterrupts>,
+);
+
+/// What `rhyve uml` tells its API socket: each device, its counters, and how to stop.
+struct UmlApi {
+    devices: Vec<ApiDevice>,
+    stops: Vec<uml::StopHandle>,
+}
+
+impl crate::api::Api for UmlApi {
+    fn info(&self) -> serde_json::Value {
+        let devs: Vec<_> = self
+            .devices
+            .iter()
+            .map(|(spec, d, ..)| {
+                serde_json::json!({
+                    "slot": spec.address(),
+                    "emulation": d.name(),
+                    "options": spec.opts.items.iter().map(|i| match &i.value {
+                        Some(v) => format!("{}={v}", i.key),
+                        None => i.key.clone(),
+                    }).collect::<Vec<_>>(),
+                    "bars": d.bars().iter().map(|b| serde_json::json!({
+                        "index": b.index, "size": b.size,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({ "frontend": "uml", "devices": devs })
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let devs: Vec<_> = self
+            .devices
+            .iter()
+            .map(|(spec, d, access, irq)| {
+                serde_json::json!({
+                    "slot": spec.address(),
+                    "emulation": d.name(),
+                    "counters": crate::api::counters(
+                        d.stats().into_iter().chain(access.snapshot()).chain(irq.stats())
+                    ),
+                })
+            })
+            .collect();
+        serde_json::json!({ "devices": devs })
+    }
+
+    fn shutdown(&self) {
+        for s in &self.stops {
+            s.stop();
+        }
+    }
 }
 
 struct Served {
@@ -86,6 +149,26 @@ pub fn run(a: UmlArgs) -> Result<()> {
         });
     }
     let stops: Vec<_> = served.iter().map(|s| s.server.stop_handle()).collect();
+    let _api = match &a.api_socket {
+        Some(path) => Some(crate::api::serve(
+            path,
+            Arc::new(UmlApi {
+                devices: served
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.spec.clone(),
+                            s.device.clone(),
+                            s.server.counters(),
+                            s.irq.clone(),
+                        )
+                    })
+                    .collect(),
+                stops: stops.clone(),
+            }),
+        )?),
+        None => None,
+    };
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "ready")?;

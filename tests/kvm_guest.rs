@@ -411,6 +411,85 @@ fn kvm_sigint_flushes_and_exits() {
     assert_nvme_data(&img);
 }
 
+#[test]
+fn kvm_api_socket_reports_devices_and_counters_and_shuts_down() {
+    if !kvm() {
+        return;
+    }
+    let dir = scratch("api");
+    let img = image(&dir, "nvme.img", 64 << 20);
+    let sock = dir.join("api.sock");
+    let slot = format!("4,nvme,{}", img.display());
+    let mut child = rhyve_run()
+        .args([
+            "-m",
+            "128M",
+            "-c",
+            "2",
+            "--testdev",
+            "-s",
+            &slot,
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--kernel",
+            guest().to_str().unwrap(),
+            "--cmdline",
+            "action=spin",
+        ])
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut console = String::new();
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 {
+        console.push_str(&line);
+        if line.contains("KVMTEST: spinning") {
+            break;
+        }
+        line.clear();
+    }
+    assert!(console.contains("KVMTEST: spinning"), "{console}");
+    let ctl = |verb: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_rhyve"))
+            .args(["ctl", "--api-socket", sock.to_str().unwrap(), verb])
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let (code, info) = ctl("info");
+    assert_eq!(code, 0, "{info}");
+    assert!(
+        info.contains("\"frontend\":\"kvm\"") && info.contains("\"vcpus\":2"),
+        "{info}"
+    );
+    assert!(info.contains("\"emulation\":\"nvme\""), "{info}");
+    let (code, stats) = ctl("stats");
+    assert_eq!(code, 0);
+    assert!(
+        stats.contains("\"write_commands\":32"),
+        "the guest's writes: {stats}"
+    );
+    let (code, _) = ctl("shutdown");
+    assert_eq!(code, 0);
+    let drain = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let mut rest = collect(child);
+    rest.console = console + &drain.join().unwrap();
+    assert_eq!(rest.code, 0, "{}", rest.dump());
+    assert!(
+        rest.log.contains("stopped through the API socket"),
+        "{}",
+        rest.dump()
+    );
+    assert_nvme_data(&img);
+}
+
 /// One line on stderr, nothing on the console, exit code 2.
 fn refused(args: &[&str], message: &str) {
     let r = run(args);

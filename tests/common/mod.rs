@@ -93,12 +93,18 @@ pub struct Rhyve {
 impl Rhyve {
     /// Start `rhyve uml --socket-dir DIR -s …` and wait for its `ready` line.
     pub fn start(dir: &Path, slots: &[&str]) -> Rhyve {
+        Self::start_with(dir, slots, &[])
+    }
+
+    /// [`Rhyve::start`] with more `rhyve uml` arguments.
+    pub fn start_with(dir: &Path, slots: &[&str], extra: &[&str]) -> Rhyve {
         let sockdir = dir.join("sock");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rhyve"));
         cmd.arg("uml")
             .arg("--socket-dir")
             .arg(&sockdir)
-            .arg("--stats");
+            .arg("--stats")
+            .args(extra);
         for s in slots {
             cmd.arg("-s").arg(s);
         }

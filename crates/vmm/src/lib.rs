@@ -75,6 +75,8 @@ pub enum VmExit {
     GuestExit(u32),
     /// The VMM got SIGINT/SIGTERM.
     Signal(i32),
+    /// Stopped through the API socket (`rhyve ctl shutdown`).
+    Stopped,
     /// The VMM itself failed.
     Failed(String),
 }
@@ -85,7 +87,7 @@ impl VmExit {
     /// code for configuration errors, before any guest runs.)
     pub fn code(&self) -> u8 {
         match self {
-            VmExit::PowerOff | VmExit::GuestExit(0) => 0,
+            VmExit::PowerOff | VmExit::GuestExit(0) | VmExit::Stopped => 0,
             VmExit::GuestExit(_) => 1,
             VmExit::Reset => 3,
             VmExit::TripleFault { .. } => 4,
@@ -99,6 +101,9 @@ impl VmExit {
     pub fn describe(&self) -> String {
         match self {
             VmExit::PowerOff => "guest powered off".into(),
+            VmExit::Stopped => {
+                "stopped through the API socket (devices flushed; the guest was not asked)".into()
+            }
             VmExit::Reset => {
                 "guest requested a reset (reboot); rhyve exits, restart it to boot again".into()
             }
