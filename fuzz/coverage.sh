@@ -2,7 +2,7 @@
 # Line coverage the committed corpora reach in the device crates: replays them on stable with
 # -C instrument-coverage (crates/fuzzing/tests/replay.rs) and reports per file with llvm-cov.
 # Needs llvm-profdata/llvm-cov of rustc's LLVM major version (Debian: llvm-<N>).
-#   bash fuzz/coverage.sh [TARGET...]      (default: all four)
+#   bash fuzz/coverage.sh [TARGET...]      (default: all five)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 major=$(rustc --version --verbose | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
@@ -13,7 +13,7 @@ out=target/fuzz-coverage
 rm -rf "$out/profraw"
 mkdir -p "$out/profraw"
 tests=("$@")
-((${#tests[@]})) || tests=(nvme ahci pci_config uml_msg)
+((${#tests[@]})) || tests=(nvme ahci pci_config uml_msg virtio_blk)
 CARGO_TARGET_DIR=$out/build RUSTFLAGS="-C instrument-coverage" \
     LLVM_PROFILE_FILE="$PWD/$out/profraw/%p-%m.profraw" \
     cargo test -q -p fuzzing --test replay -- --test-threads=1 --exact \
