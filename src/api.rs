@@ -2,8 +2,8 @@
 //! cloud-hypervisor's and Firecracker's, with `rhyve ctl` as its client.
 //!
 //! `GET /api/v1/info` (devices and their options), `GET /api/v1/stats` (per-device counters),
-//! `PUT /api/v1/shutdown`. The VM-state verbs (`pause`, `resume`, `snapshot`, `migrate-send`)
-//! answer 501 until snapshots exist. Bad requests get a 4xx with `{"error": "…"}`; the socket
+//! `PUT /api/v1/shutdown`, `PUT /api/v1/pause` and `resume` (`rhyve run`; `rhyve uml` cannot
+//! pause UML and answers 501). `snapshot` and `migrate-send` answer 501 until snapshots exist. Bad requests get a 4xx with `{"error": "…"}`; the socket
 //! is created mode 0600. One request per connection, bounded in size and time, so a client
 //! cannot hold the server.
 
@@ -25,6 +25,15 @@ pub trait Api: Send + Sync {
     fn stats(&self) -> Value;
     /// Stop the VM (or the UML device server) cleanly.
     fn shutdown(&self);
+    /// Stop running the guest (its devices finish what they started); an HTTP status and
+    /// message when this frontend cannot.
+    fn pause(&self) -> Result<(), (u16, String)> {
+        Err((501, "this frontend cannot pause".into()))
+    }
+    /// Run the guest again.
+    fn resume(&self) -> Result<(), (u16, String)> {
+        Err((501, "this frontend cannot pause".into()))
+    }
 }
 
 /// Verbs the API knows, for error messages and `rhyve ctl`.
@@ -98,7 +107,9 @@ fn handle(mut s: UnixStream, api: &dyn Api) {
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        409 => "Conflict",
         413 => "Content Too Large",
+        500 => "Internal Server Error",
         501 => "Not Implemented",
         _ => "Error",
     };
@@ -199,7 +210,27 @@ fn route(method: &str, path: &str, body: &[u8], api: &dyn Api) -> (Answer, After
                 Some(Box::new(|api: &dyn Api| api.shutdown())),
             ),
         },
-        "pause" | "resume" | "snapshot" | "migrate-send" => match want("PUT") {
+        "pause" | "resume" => match want("PUT") {
+            Some(e) => (e, None),
+            None => {
+                let r = if verb == "pause" {
+                    api.pause()
+                } else {
+                    api.resume()
+                };
+                match r {
+                    Ok(()) => (
+                        Answer(
+                            200,
+                            json!({ "status": if verb == "pause" { "paused" } else { "running" } }),
+                        ),
+                        None,
+                    ),
+                    Err((code, msg)) => (error(code, msg), None),
+                }
+            }
+        },
+        "snapshot" | "migrate-send" => match want("PUT") {
             Some(e) => (e, None),
             None => {
                 let _ = body;

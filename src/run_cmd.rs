@@ -53,6 +53,7 @@ pub struct RunArgs {
 struct RunApi {
     host: std::sync::Arc<vmm::pci_host::PciHost>,
     exit: vmm::ExitSender,
+    pause: vmm::PauseHandle,
     vcpus: u8,
     memory: u64,
 }
@@ -76,6 +77,7 @@ impl crate::api::Api for RunApi {
             .collect();
         serde_json::json!({
             "frontend": "kvm",
+            "state": if self.pause.is_paused() { "paused" } else { "running" },
             "vcpus": self.vcpus,
             "memory_bytes": self.memory,
             "devices": devs,
@@ -100,6 +102,21 @@ impl crate::api::Api for RunApi {
 
     fn shutdown(&self) {
         let _ = self.exit.send(VmExit::Stopped);
+    }
+
+    fn pause(&self) -> Result<(), (u16, String)> {
+        if self.pause.is_paused() {
+            return Err((409, "the VM is already paused".into()));
+        }
+        self.pause.pause().map_err(|e| (500, e))
+    }
+
+    fn resume(&self) -> Result<(), (u16, String)> {
+        if !self.pause.is_paused() {
+            return Err((409, "the VM is not paused".into()));
+        }
+        self.pause.resume();
+        Ok(())
     }
 }
 
@@ -242,6 +259,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             std::sync::Arc::new(RunApi {
                 host: vm.host().clone(),
                 exit: vm.exit_sender(),
+                pause: vm.pause_handle(),
                 vcpus,
                 memory,
             }),

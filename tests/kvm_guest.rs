@@ -490,6 +490,84 @@ fn kvm_api_socket_reports_devices_and_counters_and_shuts_down() {
     assert_nvme_data(&img);
 }
 
+#[test]
+fn kvm_api_pause_stops_the_guest_and_resume_continues_it() {
+    if !kvm() {
+        return;
+    }
+    let dir = scratch("pause");
+    let sock = dir.join("api.sock");
+    let mut child = rhyve_run()
+        .args([
+            "-m",
+            "128M",
+            "-c",
+            "2",
+            "--testdev",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--kernel",
+            guest().to_str().unwrap(),
+            "--cmdline",
+            "action=tick",
+        ])
+        .spawn()
+        .unwrap();
+    // Every console line, as it comes.
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let out = child.stdout.take().unwrap();
+    let l2 = lines.clone();
+    let reader = std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            l2.lock().unwrap().push(l);
+        }
+    });
+    let ticks = || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("KVMTEST: tick"))
+            .count()
+    };
+    let wait_for = |n: usize| {
+        let t = std::time::Instant::now();
+        while ticks() < n {
+            assert!(t.elapsed() < std::time::Duration::from_secs(60), "no ticks");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait_for(3);
+    let ctl = |verb: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_rhyve"))
+            .args(["ctl", "--api-socket", sock.to_str().unwrap(), verb])
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let (code, out) = ctl("pause");
+    assert_eq!(code, 0, "{out}");
+    let at_pause = ticks();
+    let (_, info) = ctl("info");
+    assert!(info.contains("\"state\":\"paused\""), "{info}");
+    let (code, out) = ctl("pause");
+    assert_eq!(code, 1, "pausing twice is a conflict: {out}");
+    // Paused for longer than several ticks: the guest prints nothing.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(ticks(), at_pause, "the guest ran while paused");
+    let (code, out) = ctl("resume");
+    assert_eq!(code, 0, "{out}");
+    wait_for(at_pause + 2);
+    let (code, _) = ctl("shutdown");
+    assert_eq!(code, 0);
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
 /// One line on stderr, nothing on the console, exit code 2.
 fn refused(args: &[&str], message: &str) {
     let r = run(args);

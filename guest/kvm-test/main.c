@@ -26,6 +26,16 @@ static void lifecycle(void)
     } else if (has_arg("action=badinsn")) {
         puts("KVMTEST: int3\n");
         __asm__ volatile("int3"); /* KVM's emulator lacks it: internal error without VT-x */
+    } else if (has_arg("action=tick")) {
+        /* A line per watchdog tick (about 0.27 s), for ever: shows whether the vCPU runs. */
+        for (u64 n = 0;; n++) {
+            u32 t = ticks;
+            while (ticks == t)
+                __asm__ volatile("sti; hlt; cli");
+            puts("KVMTEST: tick ");
+            putdec(n);
+            putc('\n');
+        }
     } else if (has_arg("action=spin")) {
         puts("KVMTEST: spinning\n");
         for (;;)

@@ -211,6 +211,56 @@ pub struct Vm {
     serial: Arc<SerialPort>,
     stdin: bool,
     testdev: Option<Arc<TestDev>>,
+    /// The vCPU threads while the VM runs (for pausing: a kick makes each leave the guest).
+    vcpu_threads: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
+}
+
+/// Pauses and resumes a running VM's vCPUs (devices keep finishing what they started).
+#[derive(Clone)]
+pub struct PauseHandle {
+    pause: Arc<vcpu::Pause>,
+    threads: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    vcpus: usize,
+}
+
+impl PauseHandle {
+    /// Stop every vCPU between two exits; returns once none runs guest code.
+    pub fn pause(&self) -> Result<(), String> {
+        self.pause.paused.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.pause.parked() < self.vcpus {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "only {} of {} vCPUs stopped",
+                    self.pause.parked(),
+                    self.vcpus
+                ));
+            }
+            // A kick taken just before KVM_RUN is lost: kick again until all have parked.
+            for t in self
+                .threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|t| !t.is_finished())
+            {
+                use vmm_sys_util::signal::Killable;
+                let _ = t.kill(vmm_sys_util::signal::SIGRTMIN());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    /// Let the vCPUs run again.
+    pub fn resume(&self) {
+        self.pause.resume();
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.pause.paused.load(Ordering::Acquire)
+    }
 }
 
 fn pio_insert(
@@ -409,6 +459,7 @@ impl Vm {
             stats,
             exit: exit_tx,
             stop: Arc::new(AtomicBool::new(false)),
+            pause: Arc::new(vcpu::Pause::default()),
         };
         Ok(Vm {
             _kvm: kvm,
@@ -423,6 +474,7 @@ impl Vm {
             serial,
             stdin,
             testdev,
+            vcpu_threads: Arc::default(),
         })
     }
 
@@ -434,6 +486,15 @@ impl Vm {
     /// The PCI host (for inspection in tests).
     pub fn host(&self) -> &Arc<PciHost> {
         &self.host
+    }
+
+    /// Pause and resume this VM's vCPUs while it runs.
+    pub fn pause_handle(&self) -> PauseHandle {
+        PauseHandle {
+            pause: self.env.pause.clone(),
+            threads: self.vcpu_threads.clone(),
+            vcpus: self.vcpus.len(),
+        }
     }
 
     /// Run until the guest or the VMM ends the VM; then flush every device.
@@ -460,6 +521,7 @@ impl Vm {
             })
             .ok();
         let mut threads = Vec::new();
+        let vcpu_threads = self.vcpu_threads.clone();
         for (id, v) in self.vcpus.into_iter().enumerate() {
             let env = self.env.clone();
             match std::thread::Builder::new()
@@ -475,11 +537,14 @@ impl Vm {
                 }
             }
         }
+        *vcpu_threads.lock().unwrap_or_else(|e| e.into_inner()) = threads;
         let exit = self
             .exit_rx
             .recv()
             .unwrap_or_else(|_| VmExit::Failed("exit channel closed".into()));
         self.env.stop.store(true, Ordering::Release);
+        self.env.pause.resume(); // parked vCPUs see the stop
+        let threads = std::mem::take(&mut *vcpu_threads.lock().unwrap_or_else(|e| e.into_inner()));
         let deadline = Instant::now() + Duration::from_secs(10);
         for t in &threads {
             while !t.is_finished() && Instant::now() < deadline {

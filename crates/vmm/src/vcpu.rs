@@ -34,6 +34,49 @@ pub struct VcpuEnv {
     pub exit: ExitSender,
     /// Set when the VM is stopping.
     pub stop: Arc<AtomicBool>,
+    /// Pausing: while set, vCPUs park between exits.
+    pub pause: Arc<Pause>,
+}
+
+/// vCPUs park at the top of their run loop while [`Pause::paused`] is set, and count
+/// themselves, so the pauser knows when none runs guest code any more.
+#[derive(Default)]
+pub struct Pause {
+    /// vCPUs must not enter the guest.
+    pub paused: AtomicBool,
+    parked: std::sync::Mutex<usize>,
+    cv: std::sync::Condvar,
+}
+
+impl Pause {
+    /// vCPUs parked right now.
+    pub fn parked(&self) -> usize {
+        *self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Let parked vCPUs run again.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::Release);
+        let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.cv.notify_all();
+    }
+
+    /// Park here while paused (and not stopping).
+    fn park_if_paused(&self, stop: &AtomicBool) {
+        if !self.paused.load(Ordering::Acquire) {
+            return;
+        }
+        let mut n = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        *n += 1;
+        while self.paused.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
+            n = self
+                .cv
+                .wait_timeout(n, std::time::Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *n -= 1;
+    }
 }
 
 /// Errors configuring a vCPU.
@@ -245,6 +288,7 @@ pub fn run(mut vcpu: VcpuFd, id: u8, env: VcpuEnv) {
         let _ = env.exit.send(e);
     };
     loop {
+        env.pause.park_if_paused(&env.stop);
         if env.stop.load(Ordering::Acquire) {
             return;
         }
