@@ -339,6 +339,21 @@ impl ConfigSpace {
     pub fn set_wmask_u8(&mut self, off: usize, m: u8) {
         self.wmask[off] = m;
     }
+    /// All of config space, as a snapshot saves it.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Put saved bytes back (same length; write masks do not apply: this is the device's own
+    /// state returning, not a guest write).
+    pub fn restore_bytes(&mut self, b: &[u8]) -> bool {
+        if b.len() != self.data.len() {
+            return false;
+        }
+        self.data.copy_from_slice(b);
+        true
+    }
+
     /// Make bits of a word guest-writable.
     pub fn set_wmask_u16(&mut self, off: usize, m: u16) {
         self.wmask[off..off + 2].copy_from_slice(&m.to_le_bytes());

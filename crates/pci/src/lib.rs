@@ -16,7 +16,7 @@ use std::sync::Arc;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use config::{BarKind, ConfigSpace};
-pub use function::{InterruptMode, Interrupts, PciFunction};
+pub use function::{FunctionState, InterruptMode, Interrupts, PciFunction, StateError};
 pub use registry::{ConfigError, DeviceRegistry, SlotOption, SlotOptions, SlotSpec};
 
 /// Guest memory as every device model sees it. Atomic so a frontend can install or replace the
