@@ -46,7 +46,10 @@ mod testdrv;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU32, AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Instant;
 
@@ -104,8 +107,10 @@ pub(crate) struct Shared {
     /// Bit per port: it has an enabled interrupt condition (PxIS & PxIE), kept current by
     /// [`PortGuard`] whenever a port's lock is released.
     pub(crate) pending: AtomicU32,
-    /// A reset (HBA or link) waits for running commands to finish.
-    pub(crate) settling: AtomicBool,
+    /// A reset (HBA or link) waits for running commands to finish. Requests to settle (an HBA reset to finish, links to bring up), counted: a settle
+    /// clears them only if none arrived while it ran. A flag cleared by a settle that started
+    /// before a reset would lose the reset's request, and GHC.HR would read 1 for ever.
+    pub(crate) settling: AtomicU64,
     /// Config space and interrupt delivery.
     pub(crate) func: Mutex<PciFunction>,
     /// Lock-free interrupt delivery.
@@ -193,7 +198,7 @@ impl Shared {
             }
             self.complete_batch(&mut done, &mut work);
         }
-        if self.settling.load(Relaxed) {
+        if self.settling.load(SeqCst) != 0 {
             self.settle();
         }
         self.update_irq();
@@ -248,6 +253,7 @@ impl Shared {
     /// Finish an HBA reset once no port has a command running, and bring up links whose
     /// reset waits for their port to drain.
     pub(crate) fn settle(&self) {
+        let requests = self.settling.load(SeqCst);
         let mut all_idle = true;
         let mut any_waiting = false;
         for i in 0..self.ports.len() {
@@ -280,7 +286,10 @@ impl Shared {
             }
         }
         let _ = any_waiting;
-        self.settling.store(still, Relaxed);
+        if !still {
+            // Clear only what this settle saw: a request made meanwhile stays for the next.
+            let _ = self.settling.compare_exchange(requests, 0, SeqCst, SeqCst);
+        }
         if work.engines != 0 {
             self.run_work(work);
         }
@@ -391,7 +400,7 @@ impl Ahci {
             hba: Mutex::new(Hba::new(n)),
             ports,
             pending: AtomicU32::new(0),
-            settling: AtomicBool::new(true),
+            settling: AtomicU64::new(1),
             func: Mutex::new(func),
             irq,
             mem: ctx.mem.clone(),
@@ -456,7 +465,7 @@ impl Ahci {
         }
         drop(ps);
         if fx.settle {
-            sh.settling.store(true, Relaxed);
+            sh.settling.fetch_add(1, SeqCst);
         }
     }
 
@@ -474,7 +483,7 @@ impl Ahci {
             ps.port.hba_reset();
             ps.port.info.flush_failed.store(false, Relaxed);
         }
-        sh.settling.store(true, Relaxed);
+        sh.settling.fetch_add(1, SeqCst);
     }
 }
 
