@@ -1,7 +1,7 @@
 //! rhyve: a virtual machine monitor whose heart is faithful, fast emulated storage.
 //!
 //! `rhyve uml` serves rhyve's PCI devices to User-Mode Linux over vhost-user, so the real Linux
-//! nvme and ahci drivers run against the device models; `rhyve run` runs a KVM virtual machine;
+//! nvme, ahci and virtio_blk drivers run against the device models; `rhyve run` runs a KVM virtual machine;
 //! `rhyve ctl` talks to either over its API socket.
 
 mod api;
