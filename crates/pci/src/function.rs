@@ -734,7 +734,10 @@ mod tests {
         g.restore(&saved).unwrap();
         assert_eq!(g.save(), saved);
         assert_eq!(g.mode(), InterruptMode::MsiX);
-        assert!(g.interrupts().bus_master(), "the command register came back");
+        assert!(
+            g.interrupts().bus_master(),
+            "the command register came back"
+        );
         let mut pba = [0u8; 8];
         g.msix_pba_read(0, &mut pba);
         assert_eq!(pba[0], 2, "pending bit restored");
