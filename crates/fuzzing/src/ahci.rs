@@ -58,6 +58,38 @@ pub struct Cmd {
     ncq: bool,
     /// FIS type byte other than Register H2D.
     fis_type: Option<u8>,
+    /// A known ATA command instead of `command` (index into [`ATA_COMMANDS`]): without compare
+    /// tracing the fuzzer would rarely guess an opcode, and every decoder should be reached.
+    known: Option<u8>,
+    /// For PACKET: a known MMC opcode as the CDB's first byte (index into [`ATAPI_OPS`]).
+    known_cdb: Option<u8>,
+    /// For READ LOG (DMA) EXT: a known log address as LBA 7:0 (index into [`LOG_ADDRESSES`]).
+    known_log: Option<u8>,
+}
+
+/// ATA commands (ACS-4) the model decodes, and a few it refuses.
+const ATA_COMMANDS: [u8; 46] = [
+    0x00, 0x06, 0x08, 0x20, 0x24, 0x25, 0x27, 0x29, 0x2f, 0x30, 0x34, 0x35, 0x39, 0x3d, 0x3f, 0x40,
+    0x42, 0x47, 0x57, 0x60, 0x61, 0x63, 0x64, 0x65, 0x90, 0xa0, 0xa1, 0xb0, 0xc4, 0xc5, 0xc6, 0xc8,
+    0xca, 0xce, 0xe0, 0xe1, 0xe2, 0xe3, 0xe5, 0xe7, 0xea, 0xec, 0xef, 0xf8, 0x92, 0xf5,
+];
+/// MMC opcodes the CD-ROM decodes, and a few it refuses.
+const ATAPI_OPS: [u8; 18] = [
+    0x00, 0x03, 0x12, 0x1b, 0x1e, 0x25, 0x28, 0x43, 0x46, 0x4a, 0x51, 0x5a, 0xa8, 0xbd, 0x55, 0xbb,
+    0x2b, 0xad,
+];
+/// General Purpose Log addresses (ACS-4 Table A.2), known and unknown to the model.
+const LOG_ADDRESSES: [u8; 12] = [
+    0x00, 0x03, 0x04, 0x06, 0x07, 0x10, 0x11, 0x13, 0x30, 0x80, 0xe0, 0xff,
+];
+
+impl Cmd {
+    /// The command byte the FIS carries.
+    fn opcode(&self) -> u8 {
+        self.known.map_or(self.command, |i| {
+            ATA_COMMANDS[usize::from(i) % ATA_COMMANDS.len()]
+        })
+    }
 }
 
 /// One step of the input.
@@ -286,10 +318,13 @@ impl Host {
         let mut fis = [0u8; 64];
         fis[0] = c.fis_type.unwrap_or(0x27);
         fis[1] = 0x80; // C
-        fis[2] = c.command;
+        fis[2] = c.opcode();
         fis[3] = c.features as u8;
         let l = c.lba.to_le_bytes();
         (fis[4], fis[5], fis[6]) = (l[0], l[1], l[2]);
+        if let (0x2f | 0x47, Some(i)) = (c.opcode(), c.known_log) {
+            fis[4] = LOG_ADDRESSES[usize::from(i) % LOG_ADDRESSES.len()];
+        }
         fis[7] = c.device;
         (fis[8], fis[9], fis[10]) = (l[3], l[4], l[5]);
         fis[11] = (c.features >> 8) as u8;
@@ -300,6 +335,9 @@ impl Host {
         let mut tab = vec![0u8; 0x80];
         tab[..64].copy_from_slice(&fis);
         tab[0x40..0x50].copy_from_slice(&c.acmd);
+        if let (0xa0, Some(i)) = (c.opcode(), c.known_cdb) {
+            tab[0x40] = ATAPI_OPS[usize::from(i) % ATAPI_OPS.len()];
+        }
         let entries: Vec<_> = c.prdt.iter().take(56).collect();
         for (addr, dbc, i) in &entries {
             let a = steer(*addr);
@@ -341,7 +379,7 @@ impl Host {
             ci |= bit;
             if c.ncq {
                 sact |= bit;
-                let is_queued = matches!(c.command, 0x60 | 0x61 | 0x63 | 0x64 | 0x65);
+                let is_queued = matches!(c.opcode(), 0x60 | 0x61 | 0x63 | 0x64 | 0x65);
                 if is_queued && p == 0 && c.fis_type.is_none() {
                     self.queued[p] |= bit;
                 }
