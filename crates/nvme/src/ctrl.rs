@@ -138,6 +138,8 @@ pub mod flag {
     pub const SHADOW: u32 = 1 << 2;
     /// Fetching stopped at `io::MAX_INFLIGHT`; the next completion resumes it.
     pub const STARVED: u32 = 1 << 3;
+    /// Paused for a snapshot: nothing is fetched; doorbells only record their tails.
+    pub const PAUSED: u32 = 1 << 4;
 }
 
 /// Everything the controller shares between the register path, the I/O path and its threads.
@@ -527,7 +529,7 @@ impl Shared {
     }
 
     /// Report the reset done if nothing of the old queues is still running.
-    fn try_finish_reset(&self, c: &mut Ctrl) {
+    pub(crate) fn try_finish_reset(&self, c: &mut Ctrl) {
         if !c.resetting || self.inflight.load(Ordering::Acquire) != 0 {
             return;
         }
@@ -550,7 +552,7 @@ impl Shared {
     }
 
     /// Queue the shutdown flush (at most one runs; it reports SHST for the latest request).
-    fn start_shutdown(&self) {
+    pub(crate) fn start_shutdown(&self) {
         if self.shutdown_running.swap(true, Ordering::AcqRel) {
             return; // the running one re-checks the sequence number when it finishes
         }
@@ -575,10 +577,18 @@ impl Shared {
 
     /// Block until no command is in flight on a backend (shutdown and process exit only).
     pub fn wait_idle(&self) {
+        self.wait_idle_until(None);
+    }
+
+    /// [`Shared::wait_idle`], giving up at `deadline`.
+    pub fn wait_idle_until(&self, deadline: impl Into<Option<Instant>>) {
+        let deadline = deadline.into();
         let (m, cv) = &self.idle;
         let mut waiters = lock(m);
         *waiters += 1;
-        while self.inflight.load(Ordering::Acquire) != 0 {
+        while self.inflight.load(Ordering::Acquire) != 0
+            && deadline.is_none_or(|d| Instant::now() < d)
+        {
             waiters = cv
                 .wait_timeout(waiters, std::time::Duration::from_millis(50))
                 .unwrap_or_else(|e| e.into_inner())
@@ -739,7 +749,10 @@ impl Shared {
     pub fn process_admin(&self, c: &mut Ctrl) {
         let mem = self.mem.memory();
         loop {
-            if !self.flag(flag::ACCEPTING) || self.flag(flag::FATAL) || !self.irq.bus_master() {
+            if !self.flag(flag::ACCEPTING)
+                || self.flag(flag::FATAL | flag::PAUSED)
+                || !self.irq.bus_master()
+            {
                 break;
             }
             let Group { cq, sqs, .. } = &mut c.admin;

@@ -3,7 +3,7 @@
 use crate::spec::fid;
 
 /// Feature values (current).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Features {
     pub arbitration: u32,
     pub power_state: u32,

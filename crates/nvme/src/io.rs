@@ -260,7 +260,10 @@ impl Shared {
                 self.submitted(cq);
             }
             while sq.pending() > 0 {
-                if !self.flag(flag::ACCEPTING) || self.flag(flag::FATAL) || !self.irq.bus_master() {
+                if !self.flag(flag::ACCEPTING)
+                    || self.flag(flag::FATAL | flag::PAUSED)
+                    || !self.irq.bus_master()
+                {
                     return;
                 }
                 if self.inflight.load(Ordering::SeqCst) >= MAX_INFLIGHT {

@@ -6,7 +6,8 @@
 //! [`error`] (a failed command's status and reason), [`config`] (the `-s slot,nvme,…` options),
 //! [`commands`] (the one table of supported commands), [`namespace`], `queue`, `prp` (PRP/SGL
 //! walking), `identify`, `features`, `logpage`, `smart`, `ctrl` (registers, doorbells,
-//! interrupts, reset), `admin` and `io` (the two command sets).
+//! interrupts, reset), `admin` and `io` (the two command sets), and [`state`] (pause, save and
+//! restore for snapshots and migration).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -24,6 +25,7 @@ mod prp;
 mod queue;
 mod smart;
 pub mod spec;
+pub mod state;
 
 pub use error::{NvmeError, Reason};
 pub use io::MAX_SEGMENTS;
@@ -38,6 +40,7 @@ use pci::{
     BarInfo, BarKind, ConfigError, ConfigSpace, DeviceContext, IoEvent, PciDevice, PciFunction,
     SlotSpec,
 };
+use serde::Deserialize;
 
 use crate::config::CtrlConfig;
 use crate::ctrl::{flag, Ctrl, Shared};
@@ -336,5 +339,24 @@ impl PciDevice for NvmeController {
         if let Ok(qid) = u16::try_from(token) {
             self.shared.kick(qid);
         }
+    }
+
+    fn pause(&self) -> Result<(), pci::StateError> {
+        self.shared.pause()
+    }
+
+    fn resume(&self) {
+        self.shared.unpause();
+    }
+
+    fn save_state(&self) -> Result<serde_json::Value, pci::StateError> {
+        let s = self.shared.save()?;
+        serde_json::to_value(s).map_err(|e| pci::StateError::Invalid(e.to_string()))
+    }
+
+    fn restore_state(&self, v: &serde_json::Value) -> Result<(), pci::StateError> {
+        let s = state::NvmeState::deserialize(v)
+            .map_err(|e| pci::StateError::Invalid(format!("nvme state: {e}")))?;
+        self.shared.restore(&s)
     }
 }

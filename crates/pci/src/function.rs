@@ -257,9 +257,21 @@ pub struct FunctionState {
     pub intx_level: bool,
 }
 
-/// Why saved function state does not fit this function.
+/// Why device state cannot be saved or restored (a function's or a whole device's).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
+    /// The device has no snapshot support.
+    #[error("{device}: snapshots are not supported by this device")]
+    Unsupported {
+        /// The emulation name.
+        device: String,
+    },
+    /// The device is not in a state that can be saved, or cannot take this state now.
+    #[error("{0}")]
+    Refused(String),
+    /// The saved state is damaged, of another format version, or out of range.
+    #[error("{0}")]
+    Invalid(String),
     /// Another device, or one built with other options.
     #[error("saved state is of {what} {saved:#x}, this function has {here:#x}")]
     Mismatch {

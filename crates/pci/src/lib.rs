@@ -139,6 +139,29 @@ pub trait PciDevice: Send + Sync {
     /// coalesced). It is a posted write: the frontend delivers pending kicks before any later
     /// synchronous access to the device. Must not block on disk I/O.
     fn kick(&self, _token: u32) {}
+    /// Stop taking new work, for a snapshot or a migration: nothing more is fetched from the
+    /// guest, in-flight backend I/O is waited for (bounded) and backends are flushed. Register
+    /// accesses still work; doorbells rung meanwhile are remembered and served on
+    /// [`PciDevice::resume`]. A device without queues has nothing to do.
+    fn pause(&self) -> Result<(), StateError> {
+        Ok(())
+    }
+    /// Take work again after [`PciDevice::pause`] or [`PciDevice::restore_state`].
+    fn resume(&self) {}
+    /// The paused device's state, as self-describing data with its own format version.
+    fn save_state(&self) -> Result<serde_json::Value, StateError> {
+        Err(StateError::Unsupported {
+            device: self.name().to_string(),
+        })
+    }
+    /// Load state from [`PciDevice::save_state`] into this freshly built device, built with the
+    /// same options. Everything is checked first: on error nothing has changed. The device
+    /// stays paused until [`PciDevice::resume`].
+    fn restore_state(&self, _state: &serde_json::Value) -> Result<(), StateError> {
+        Err(StateError::Unsupported {
+            device: self.name().to_string(),
+        })
+    }
 }
 
 /// Whether an access of `len` bytes at `offset` lies inside a BAR of `size` bytes. Frontends and
@@ -181,5 +204,17 @@ impl<T: PciDevice + ?Sized> PciDevice for Box<T> {
     }
     fn kick(&self, token: u32) {
         (**self).kick(token)
+    }
+    fn pause(&self) -> Result<(), StateError> {
+        (**self).pause()
+    }
+    fn resume(&self) {
+        (**self).resume()
+    }
+    fn save_state(&self) -> Result<serde_json::Value, StateError> {
+        (**self).save_state()
+    }
+    fn restore_state(&self, state: &serde_json::Value) -> Result<(), StateError> {
+        (**self).restore_state(state)
     }
 }

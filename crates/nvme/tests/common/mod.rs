@@ -665,6 +665,23 @@ impl TestDriver {
         }
     }
 
+    /// A second controller over the same guest memory and interrupt recorder, built from
+    /// `spec` over `backends`: the "new process" a snapshot is restored into.
+    pub fn twin(&self, spec: &str, backends: Vec<Arc<dyn BlockBackend>>) -> Box<dyn PciDevice> {
+        let ctx = DeviceContext {
+            mem: self.mem.clone(),
+            irq: self.irq.clone(),
+            intx_supported: true,
+        };
+        let cfg = CtrlConfig::from_spec(&SlotSpec::parse(spec).unwrap()).unwrap();
+        let ns = backends
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| Namespace::new(i as u32 + 1, b))
+            .collect();
+        Box::new(NvmeController::new(cfg, &ctx, ns))
+    }
+
     /// A controller from `spec` whose one namespace is a fresh [`TestBackend`] of `bytes`
     /// (512-byte sectors), not brought up yet.
     pub fn on(spec: &str, bytes: u64) -> (Self, Arc<TestBackend>) {

@@ -1,0 +1,182 @@
+//! Pause, save and restore (snapshots and migration): commands in flight on several queues when
+//! the controller is paused, more queued while it is paused, the state restored into a fresh
+//! controller; every command completes exactly once with the right data.
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use block::BlockBackend;
+use common::*;
+use pci::{PciDevice, StateError};
+
+const SPEC: &str = "4,nvme,ram=1,maxq=4,qsz=256,ser=SNAP0001";
+const LBA: u64 = 512;
+
+/// A read of 8 blocks at `slba` into a fresh buffer: (cid, buffer).
+fn read8(d: &mut TestDriver, q: u16, slba: u64) -> (u16, u64) {
+    let buf = d.alloc(4096);
+    let cid = d.submit(q, rw(IoOpcode::READ, 1, slba, 8).prp(buf, 0));
+    (cid, buf)
+}
+
+#[test]
+fn save_restore_with_commands_in_flight_on_several_queues() {
+    let (mut d, backend) = TestDriver::on(SPEC, 4 << 20);
+    d.bring_up();
+    d.create_pair(2, 32);
+    d.create_pair(3, 16);
+    let disk = data(256 * 1024, 3);
+    d.write_blocks(1, 1, 0, LBA, &disk);
+    let aer = d.submit(0, async_event_request());
+
+    // Reads on three queues, held at the backend.
+    backend.hold();
+    let mut reads = Vec::new(); // (sqid, cid, buf, slba)
+    for (q, n) in [(1u16, 4u64), (2, 3), (3, 2)] {
+        for i in 0..n {
+            let slba = u64::from(q) * 64 + i * 8;
+            let (cid, buf) = read8(&mut d, q, slba);
+            reads.push((q, cid, buf, slba));
+        }
+    }
+    backend.wait_parked(1);
+    // Pausing waits for them: it returns only after they completed.
+    std::thread::scope(|s| {
+        let dev = &d.dev;
+        let p = s.spawn(move || dev.pause());
+        std::thread::sleep(Duration::from_millis(50));
+        backend.release();
+        p.join().unwrap().expect("pause");
+    });
+    // Commands queued while paused are not fetched: writes never reach the disk.
+    let new_data = data(4096, 99);
+    let mut writes = Vec::new(); // (sqid, cid, slba)
+    for (q, slba) in [(2u16, 400u64), (3, 480)] {
+        let (p1, p2) = d.prp_buffer(&new_data);
+        let cid = d.submit(q, rw(IoOpcode::WRITE, 1, slba, 8).prp(p1, p2));
+        writes.push((q, cid, slba));
+    }
+    let (cid, buf) = read8(&mut d, 1, 8);
+    reads.push((1, cid, buf, 8));
+    let mut on_disk = vec![0u8; 4096];
+    backend
+        .ram
+        .read_vectored(400 * LBA, &mut [std::io::IoSliceMut::new(&mut on_disk)])
+        .unwrap();
+    assert_eq!(
+        on_disk,
+        disk[400 * 512..400 * 512 + 4096],
+        "fetched while paused"
+    );
+
+    let state = d.dev.save_state().expect("save");
+    // As a snapshot file would carry it.
+    let text = serde_json::to_string(&state).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let fresh = d.twin(SPEC, vec![backend.clone() as Arc<dyn BlockBackend>]);
+    fresh.restore_state(&state).expect("restore");
+    d.dev = fresh; // the old controller is gone
+    let irqs_before = d.irq.total();
+    d.dev.resume();
+
+    let mut seen = std::collections::HashSet::new();
+    for &(q, cid, buf, slba) in &reads {
+        let c = d.wait_cid(q, cid);
+        assert_ok(&c);
+        assert!(seen.insert((q, cid)), "completed twice");
+        let want = &disk[(slba * LBA) as usize..(slba * LBA) as usize + 4096];
+        assert_eq!(d.read_mem(buf, 4096), want, "read at LBA {slba}");
+        d.expect(buf, want);
+    }
+    for &(q, cid, _) in &writes {
+        assert_ok(&d.wait_cid(q, cid));
+        assert!(seen.insert((q, cid)), "completed twice");
+    }
+    for q in 1..=3 {
+        d.assert_cq_empty(q);
+    }
+    // Interrupts may be held for coalescing for a moment.
+    let deadline = std::time::Instant::now() + WAIT;
+    while d.irq.total() == irqs_before {
+        assert!(std::time::Instant::now() < deadline, "no MSI-X after restore");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for &(_, _, slba) in &writes {
+        assert_eq!(d.read_blocks(1, 1, slba, 8, LBA), new_data);
+    }
+    d.check_mem();
+
+    // The Asynchronous Event Request outstanding at the snapshot is still there: a doorbell
+    // write to a queue that does not exist completes it.
+    d.bar_write32(0, 0x1000 + 8 * 4, 1);
+    let c = d.wait_cid(0, aer);
+    assert_ok(&c);
+    assert_eq!(c.dw0 & 7, 0, "asynchronous event type: error status");
+}
+
+#[test]
+fn restore_checks_everything_before_changing_anything() {
+    let (mut d, backend) = TestDriver::on(SPEC, 4 << 20);
+    d.bring_up();
+    d.create_pair(2, 32);
+    let disk = data(8192, 5);
+    d.write_blocks(2, 1, 16, LBA, &disk);
+    assert!(
+        matches!(d.dev.save_state(), Err(StateError::Refused(_))),
+        "saved while running"
+    );
+    d.dev.pause().unwrap();
+    let good = d.dev.save_state().unwrap();
+    let backends = || vec![backend.clone() as Arc<dyn BlockBackend>];
+
+    let fresh = d.twin(SPEC, backends());
+    let mut bad = good.clone();
+    bad["version"] = 2.into();
+    let e = fresh.restore_state(&bad).unwrap_err();
+    assert!(e.to_string().contains("format version 2"), "{e}");
+    for (path, val) in [
+        (&["groups", "0", "cq", "size"][..], 257u64), // beyond qsz
+        (&["groups", "0", "cq", "head"][..], 64),     // beyond the ring
+        (&["groups", "1", "sqs", "0", "id"][..], 1),  // SQ 1 twice
+        (&["groups", "1", "cq", "iv"][..], 9),        // no such vector
+        (&["admin", "sqs", "0", "page"][..], 1000),   // not a page size
+        (&["namespaces", "0", "flbas"][..], 7),       // no such LBA format
+        (&["namespaces", "0", "capacity"][..], 1 << 20), // another image size
+    ] {
+        let mut bad = good.clone();
+        let mut v = &mut bad;
+        for k in path {
+            v = match k.parse::<usize>() {
+                Ok(i) => &mut v[i],
+                Err(_) => &mut v[*k],
+            };
+        }
+        assert!(!v.is_null(), "{path:?}");
+        *v = val.into();
+        let e = fresh.restore_state(&bad).unwrap_err();
+        assert!(
+            matches!(e, StateError::Invalid(_) | StateError::Refused(_)),
+            "{path:?}: {e}"
+        );
+    }
+    let e = fresh
+        .restore_state(&serde_json::json!({"version": 1}))
+        .unwrap_err();
+    assert!(matches!(e, StateError::Invalid(_)), "{e}");
+    // Another controller's state.
+    let other = d.twin("4,nvme,ram=1,maxq=4,qsz=256,ser=OTHER", backends());
+    let e = other.restore_state(&good).unwrap_err();
+    assert!(e.to_string().contains("ser=SNAP0001"), "{e}");
+    drop(other);
+
+    // None of that changed the fresh controller: the good state still goes in.
+    fresh.restore_state(&good).unwrap();
+    // Restoring twice is refused (no longer fresh).
+    let e = fresh.restore_state(&good).unwrap_err();
+    assert!(matches!(e, StateError::Refused(_)), "{e}");
+    d.dev = fresh;
+    d.dev.resume();
+    assert_eq!(d.read_blocks(2, 1, 16, 16, LBA), disk);
+    assert_eq!(d.read_blocks(1, 1, 16, 16, LBA), disk);
+}
