@@ -131,7 +131,7 @@ impl DriveInfo {
 }
 
 /// ATA power modes (ACS-4 §4.15) as CHECK POWER MODE reports them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum PowerMode {
     /// Active or idle: FFh.
     Active,
@@ -156,7 +156,7 @@ impl PowerMode {
 pub(crate) const XFER_UDMA6: u8 = 0x46;
 
 /// Settings and conditions a guest changes with commands.
-#[derive(Debug)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct DriveState {
     /// Volatile write cache enabled.
     pub wce: bool,
@@ -231,7 +231,7 @@ impl Default for DriveCounters {
 }
 
 /// What the NCQ Command Error log reports about the failed queued command.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct NcqError {
     /// Tag of the failed command.
     pub tag: u8,
@@ -240,7 +240,7 @@ pub(crate) struct NcqError {
 }
 
 /// Sense data: key, additional sense code and qualifier.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Sense {
     /// Sense key.
     pub key: u8,
@@ -258,7 +258,7 @@ impl Sense {
 }
 
 /// The drive's removable-medium and sense state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct AtapiState {
     /// Sense of the last command, for REQUEST SENSE.
     pub sense: Sense,

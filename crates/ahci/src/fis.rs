@@ -468,7 +468,7 @@ const _: () = assert!(std::mem::offset_of!(ReceivedFis, ufis) as u64 == rx::UFIS
 
 /// Register outputs of a command, as the device reports them in a D2H Register FIS (and in the
 /// PIO Setup / Set Device Bits FISes, which carry subsets).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TaskFile {
     /// Status register.
     pub status: u8,

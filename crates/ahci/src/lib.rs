@@ -15,6 +15,7 @@
 //! * `prdt`: scatter/gather over guest memory; `config`: bhyve option parsing.
 //! * `hba`, `port`: register semantics, resets, interrupts.
 //! * `slot`: command fetch, the I/O job per command, completion FISes.
+//! * [`state`]: pause, save and restore for snapshots and migration.
 //!
 //! Threads and locks: register accesses run on the caller's thread and never wait for the disk.
 //! Each port has its own lock (two ports never contend); the HBA's global registers have one
@@ -40,6 +41,7 @@ pub mod regs;
 mod reply;
 mod slot;
 mod spec;
+pub mod state;
 
 #[cfg(test)]
 mod testdrv;
@@ -47,7 +49,7 @@ mod testdrv;
 mod tests;
 
 use std::sync::atomic::{
-    AtomicU32, AtomicU64,
+    AtomicBool, AtomicU32, AtomicU64,
     Ordering::{Relaxed, SeqCst},
 };
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
@@ -111,6 +113,8 @@ pub(crate) struct Shared {
     /// clears them only if none arrived while it ran. A flag cleared by a settle that started
     /// before a reset would lose the reset's request, and GHC.HR would read 1 for ever.
     pub(crate) settling: AtomicU64,
+    /// Paused for a snapshot: no command is fetched.
+    pub(crate) paused: AtomicBool,
     /// Config space and interrupt delivery.
     pub(crate) func: Mutex<PciFunction>,
     /// Lock-free interrupt delivery.
@@ -295,8 +299,8 @@ impl Shared {
         }
     }
 
-    /// Kick every port (Bus Master Enable came back).
-    fn kick_all(&self) {
+    /// Kick every port (Bus Master Enable came back, or a pause ended).
+    pub(crate) fn kick_all(&self) {
         let mut work = slot::Work::default();
         for i in 0..self.ports.len() {
             let mut ps = self.port(i);
@@ -401,6 +405,7 @@ impl Ahci {
             ports,
             pending: AtomicU32::new(0),
             settling: AtomicU64::new(1),
+            paused: AtomicBool::new(false),
             func: Mutex::new(func),
             irq,
             mem: ctx.mem.clone(),
@@ -611,5 +616,25 @@ impl PciDevice for Ahci {
     fn kick(&self, token: u32) {
         let (port, slot) = (token >> 8, token & 0xff);
         self.bar_write(ABAR, Self::ci_offset(port), &(1u32 << slot).to_le_bytes());
+    }
+
+    fn pause(&self) -> Result<(), pci::StateError> {
+        self.shared.pause()
+    }
+
+    fn resume(&self) {
+        self.shared.unpause();
+    }
+
+    fn save_state(&self) -> Result<serde_json::Value, pci::StateError> {
+        let s = self.shared.save()?;
+        serde_json::to_value(s).map_err(|e| pci::StateError::Invalid(e.to_string()))
+    }
+
+    fn restore_state(&self, v: &serde_json::Value) -> Result<(), pci::StateError> {
+        use serde::Deserialize;
+        let s = state::AhciState::deserialize(v)
+            .map_err(|e| pci::StateError::Invalid(format!("ahci state: {e}")))?;
+        self.shared.restore(&s)
     }
 }

@@ -121,7 +121,8 @@ pub fn kick(sh: &Shared, ps: &mut PortState, pidx: usize, work: &mut Work) {
             && p.link_up()
             && p.nonqueued.is_none()
             && p.in_flight < MAX_JOBS
-            && sh.irq.bus_master();
+            && sh.irq.bus_master()
+            && !sh.paused.load(std::sync::atomic::Ordering::SeqCst);
         if !ready {
             return;
         }

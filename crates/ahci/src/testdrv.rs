@@ -343,6 +343,17 @@ impl Driver {
         Ok(d)
     }
 
+    /// A second controller over the same guest memory and interrupt recorder: the "new
+    /// process" a snapshot is restored into.
+    pub fn twin(&self, drives: Vec<DriveInfo>) -> Box<dyn PciDevice> {
+        let ctx = DeviceContext {
+            mem: GuestMem::new(self.mem.clone()),
+            irq: self.irq.clone(),
+            intx_supported: true,
+        };
+        Box::new(Ahci::new(drives, &ctx))
+    }
+
     /// A controller with ports already reset and started, the way Linux leaves them.
     pub fn started(drives: Vec<DriveInfo>) -> Driver {
         Driver::new(drives).start()

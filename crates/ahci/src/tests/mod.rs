@@ -9,3 +9,4 @@ mod crash;
 mod hba_regs;
 mod hostile;
 mod ncq;
+mod state;
