@@ -3,8 +3,9 @@
 //!
 //! `GET /api/v1/info` (devices and their options), `GET /api/v1/stats` (per-device counters),
 //! `PUT /api/v1/shutdown`, `PUT /api/v1/pause` and `resume` (`rhyve run`; `rhyve uml` cannot
-//! pause UML and answers 501). `snapshot` and `migrate-send` answer 501 until snapshots exist. Bad requests get a 4xx with `{"error": "…"}`; the socket
-//! is created mode 0600. One request per connection, bounded in size and time, so a client
+//! pause UML and answers 501), `PUT /api/v1/snapshot` with `{"dir": PATH}` (`rhyve run`: the VM
+//! is left paused). `migrate-send` answers 501 until migration exists. Bad requests get a 4xx
+//! with `{"error": "…"}`; the socket is created mode 0600. One request per connection, bounded in size and time, so a client
 //! cannot hold the server.
 
 use std::io::{Read, Write};
@@ -33,6 +34,10 @@ pub trait Api: Send + Sync {
     /// Run the guest again.
     fn resume(&self) -> Result<(), (u16, String)> {
         Err((501, "this frontend cannot pause".into()))
+    }
+    /// Pause and write a snapshot into `dir`; the VM stays paused.
+    fn snapshot(&self, _dir: &Path) -> Result<Value, (u16, String)> {
+        Err((501, "this frontend cannot take snapshots".into()))
     }
 }
 
@@ -230,18 +235,29 @@ fn route(method: &str, path: &str, body: &[u8], api: &dyn Api) -> (Answer, After
                 }
             }
         },
-        "snapshot" | "migrate-send" => match want("PUT") {
+        "snapshot" => match want("PUT") {
             Some(e) => (e, None),
             None => {
-                let _ = body;
-                (
-                    error(
-                        501,
-                        format!("{verb} is not implemented yet (snapshots are issue 9)"),
-                    ),
-                    None,
-                )
+                let dir = body.get("dir").and_then(Value::as_str).or_else(|| {
+                    body.get("destination_url")
+                        .and_then(Value::as_str)
+                        .and_then(|u| u.strip_prefix("file://"))
+                });
+                match dir {
+                    None | Some("") => (error(400, "snapshot needs {\"dir\": \"PATH\"}"), None),
+                    Some(d) => match api.snapshot(Path::new(d)) {
+                        Ok(v) => (Answer(200, v), None),
+                        Err((code, msg)) => (error(code, msg), None),
+                    },
+                }
             }
+        },
+        "migrate-send" => match want("PUT") {
+            Some(e) => (e, None),
+            None => (
+                error(501, "migrate-send is not implemented yet (issue 9)"),
+                None,
+            ),
         },
         _ => (
             error(
@@ -257,7 +273,8 @@ fn route(method: &str, path: &str, body: &[u8], api: &dyn Api) -> (Answer, After
 pub fn request(socket: &Path, verb: &str, body: Option<&str>) -> Result<(u16, String)> {
     let mut s = UnixStream::connect(socket)
         .with_context(|| format!("cannot connect to API socket {}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // A snapshot waits for in-flight I/O (bounded at 60 s) and writes guest RAM.
+    s.set_read_timeout(Some(Duration::from_secs(180)))?;
     let method = if matches!(verb, "info" | "stats") {
         "GET"
     } else {

@@ -42,6 +42,8 @@ struct CtlArgs {
     api_socket: std::path::PathBuf,
     /// What to do: info, stats, shutdown, pause, resume, snapshot, migrate-send.
     verb: String,
+    /// The verb's argument: the directory for `snapshot`.
+    arg: Option<String>,
     /// A JSON body for the verb.
     #[arg(long)]
     json: Option<String>,
@@ -56,7 +58,17 @@ fn ctl(a: CtlArgs) -> anyhow::Result<()> {
             api::VERBS.join(", ")
         );
     }
-    let (code, body) = api::request(&a.api_socket, &a.verb, a.json.as_deref())?;
+    let json = match (a.verb.as_str(), &a.arg, a.json) {
+        (_, Some(_), Some(_)) => anyhow::bail!("give the argument or --json, not both"),
+        ("snapshot", Some(dir), None) => {
+            // The server resolves paths from its own working directory: send an absolute one.
+            let dir = std::path::absolute(dir)?;
+            Some(serde_json::json!({ "dir": dir }).to_string())
+        }
+        (verb, Some(_), None) => anyhow::bail!("{verb} takes no argument"),
+        (_, None, j) => j,
+    };
+    let (code, body) = api::request(&a.api_socket, &a.verb, json.as_deref())?;
     println!("{body}");
     if !(200..300).contains(&code) {
         eprintln!("rhyve: {} answered {code}", a.verb);

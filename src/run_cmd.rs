@@ -30,14 +30,19 @@ pub struct RunArgs {
     #[arg(short = 'l', long = "lpc")]
     lpc: Vec<String>,
     /// Kernel to boot directly: bzImage or ELF (vmlinux or a test guest).
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
     /// Initial ramdisk.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "restore")]
     initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", conflicts_with = "restore")]
     cmdline: String,
+    /// Continue a snapshot (`rhyve ctl snapshot DIR`) instead of booting a kernel. Memory,
+    /// vCPUs and devices come from the snapshot; `-s` arguments, if given, replace the saved
+    /// ones (same slots and models, e.g. other image paths).
+    #[arg(long, conflicts_with_all = ["kernel", "memory", "cpus", "testdev"])]
+    restore: Option<PathBuf>,
     /// Print exit and device counters when the VM ends.
     #[arg(long)]
     stats: bool,
@@ -54,6 +59,7 @@ struct RunApi {
     host: std::sync::Arc<vmm::pci_host::PciHost>,
     exit: vmm::ExitSender,
     pause: vmm::PauseHandle,
+    snapshots: vmm::snapshot::Snapshotter,
     vcpus: u8,
     memory: u64,
 }
@@ -117,6 +123,22 @@ impl crate::api::Api for RunApi {
         }
         self.pause.resume();
         Ok(())
+    }
+
+    fn snapshot(&self, dir: &std::path::Path) -> Result<serde_json::Value, (u16, String)> {
+        let r = self.snapshots.snapshot(dir).map_err(|e| (500, e))?;
+        eprintln!(
+            "rhyve: snapshot in {} ({} MiB of RAM, {} ms); the VM is paused",
+            r.dir.display(),
+            r.memory_bytes >> 20,
+            r.millis
+        );
+        Ok(serde_json::json!({
+            "status": "paused",
+            "dir": r.dir,
+            "memory_bytes": r.memory_bytes,
+            "millis": r.millis,
+        }))
     }
 }
 
@@ -197,12 +219,34 @@ pub fn registry() -> pci::DeviceRegistry {
 
 /// Check the command line and turn it into a VM configuration (no KVM involved).
 pub fn config(a: RunArgs) -> Result<(VmConfig, bool)> {
-    let mem_size = parse_memory(&a.memory)?;
-    let vcpus = parse_cpus(&a.cpus)?;
+    let restore = match &a.restore {
+        Some(dir) => Some(vmm::snapshot::Restore {
+            state: vmm::snapshot::VmState::load(dir).map_err(anyhow::Error::msg)?,
+            dir: dir.clone(),
+        }),
+        None => None,
+    };
+    let (mem_size, vcpus, testdev, slots) = match &restore {
+        Some(r) => {
+            let c = &r.state.config;
+            let slots = if a.slots.is_empty() {
+                c.devices.clone()
+            } else {
+                a.slots.clone()
+            };
+            (c.mem_size, c.vcpus, c.testdev, slots)
+        }
+        None => (
+            parse_memory(&a.memory)?,
+            parse_cpus(&a.cpus)?,
+            a.testdev,
+            a.slots.clone(),
+        ),
+    };
     let registry = registry();
     let mut taken = HashSet::new();
     let mut devices = Vec::new();
-    for s in &a.slots {
+    for s in &slots {
         let spec = SlotSpec::parse(s)?;
         if !taken.insert((spec.bus, spec.slot, spec.func)) {
             bail!(ConfigError::SlotTaken(spec.address()));
@@ -218,7 +262,10 @@ pub fn config(a: RunArgs) -> Result<(VmConfig, bool)> {
         }
         devices.push(spec);
     }
-    let kernel = check_readable("kernel", &a.kernel)?;
+    let kernel = match (&a.kernel, &restore) {
+        (Some(k), None) => check_readable("kernel", k)?,
+        _ => String::new(),
+    };
     let initrd = a
         .initrd
         .as_ref()
@@ -240,8 +287,10 @@ pub fn config(a: RunArgs) -> Result<(VmConfig, bool)> {
             initrd,
             cmdline: a.cmdline,
             console,
-            testdev: a.testdev,
+            testdev,
             devices,
+            device_args: slots,
+            restore,
         },
         a.stats,
     ))
@@ -260,6 +309,7 @@ pub fn run(a: RunArgs) -> Result<()> {
                 host: vm.host().clone(),
                 exit: vm.exit_sender(),
                 pause: vm.pause_handle(),
+                snapshots: vm.snapshotter(),
                 vcpus,
                 memory,
             }),

@@ -75,14 +75,16 @@ fn uml_api_socket_answers_every_verb_and_refuses_bad_requests() {
         "{out}"
     );
 
-    // UML cannot be paused from here, and snapshots do not exist yet: a clear 501, and ctl
-    // exits 1.
+    // UML cannot be paused or snapshotted from here: a clear 501, and ctl exits 1.
     let (code, out, _) = ctl(&sock, &["pause"]);
     assert_eq!(code, 1);
     assert!(out.contains("cannot pause"), "{out}");
     let (code, out, _) = ctl(&sock, &["snapshot", "--json", "{\"dir\":\"/tmp/x\"}"]);
     assert_eq!(code, 1);
-    assert!(out.contains("not implemented"), "{out}");
+    assert!(out.contains("this frontend cannot take snapshots"), "{out}");
+    let (code, out, _) = ctl(&sock, &["snapshot", "--json", "{}"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("snapshot needs {\\\"dir\\\""), "{out}");
     // Unknown verbs, locally and on the wire.
     let (code, _, err) = ctl(&sock, &["bogus"]);
     assert_eq!(code, 2);

@@ -114,14 +114,19 @@ fn run(args: &[&str]) -> Run {
     collect(rhyve_run().args(args).spawn().expect("spawn rhyve"))
 }
 
-/// The guest's data pattern (guest/kvm-test/lib.h `pattern`).
-fn pattern(dev: u32, lba: u64, off: u32) -> u8 {
+/// The guest's data pattern (guest/kvm-test/lib.h `pattern`) of round `round` (0-based) of a `rounds=N` run.
+fn pattern_round(dev: u32, lba: u64, off: u32, round: u32) -> u8 {
     let x = (lba as u32).wrapping_mul(2_654_435_761) ^ (dev << 24) ^ off.wrapping_mul(40503);
-    (x ^ (x >> 11) ^ (x >> 19)) as u8
+    (x ^ (x >> 11) ^ (x >> 19) ^ round.wrapping_mul(0x5b)) as u8
 }
 
 /// Assert `blocks` 512-byte sectors from `lba` of `img` hold the pattern of device `dev`.
 fn assert_pattern(img: &Path, dev: u32, lba: u64, blocks: u64) {
+    assert_pattern_round(img, dev, lba, blocks, 0);
+}
+
+/// [`assert_pattern`] for round `round` of a `rounds=N` run.
+fn assert_pattern_round(img: &Path, dev: u32, lba: u64, blocks: u64, round: u32) {
     let mut f = std::fs::File::open(img).unwrap();
     f.seek(SeekFrom::Start(lba * 512)).unwrap();
     let mut buf = vec![0u8; (blocks * 512) as usize];
@@ -130,7 +135,7 @@ fn assert_pattern(img: &Path, dev: u32, lba: u64, blocks: u64) {
         let (l, o) = (lba + i as u64 / 512, (i % 512) as u32);
         assert_eq!(
             *b,
-            pattern(dev, l, o),
+            pattern_round(dev, l, o, round),
             "{}: byte {o} of LBA {l}",
             img.display()
         );
@@ -775,4 +780,251 @@ fn kvm_virtio_blk_notifies_through_ioeventfd_and_interrupts_through_irqfd() {
     assert_eq!(r.device_counter("0:6.0", "signal_msi"), 0, "{}", r.dump());
     assert_eq!(r.device_counter("0:6.0", "bytes_written"), 16 * 8192);
     assert_pattern(&img, 3, 6144, 256);
+}
+
+/// A `rhyve run` whose console is read line by line as it comes.
+struct Live {
+    child: Option<Child>,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Live {
+    fn spawn(args: &[&str]) -> Live {
+        let mut child = rhyve_run().args(args).spawn().expect("spawn rhyve");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let out = child.stdout.take().unwrap();
+        let l2 = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                l2.lock().unwrap().push(l);
+            }
+        });
+        Live {
+            child: Some(child),
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// Wait (at most `secs`) for a console line starting with `prefix`.
+    fn wait_line(&self, prefix: &str, secs: u64) {
+        let t = std::time::Instant::now();
+        while !self
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with(prefix))
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "no {prefix:?} line within {secs} s:\n{}",
+                self.lines.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait for the exit; (exit code, console, rhyve's stderr).
+    fn finish(mut self) -> Run {
+        let reader = self.reader.take().unwrap();
+        let f = common::process::collect(self.child.take().unwrap(), HANG_GUARD);
+        reader.join().unwrap();
+        Run {
+            code: f.status.code().unwrap_or(-1),
+            console: self.lines.lock().unwrap().join("\n"),
+            log: f.stderr,
+        }
+    }
+}
+
+impl Drop for Live {
+    /// A failed test does not leave its VM running.
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `rhyve ctl --api-socket SOCK ARGS…`: (exit code, stdout).
+fn ctl(sock: &Path, args: &[&str]) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_rhyve"))
+        .args(["ctl", "--api-socket", sock.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+/// The NVMe and AHCI regions the guest writes, holding round `round`'s pattern.
+fn assert_round_data(nvme: &Path, sata: &Path, round: u32) {
+    assert_pattern_round(nvme, 1, 2048, 256, round);
+    assert_pattern_round(nvme, 1, 2560, 256, round);
+    assert_pattern_round(sata, 2, 4096, 128, round);
+    assert_pattern_round(sata, 2, 4096 + 256, 64, round);
+}
+
+#[test]
+fn kvm_snapshot_mid_run_restores_in_a_new_process() {
+    if !kvm() {
+        return;
+    }
+    let dir = scratch("snapshot");
+    let nvme = image(&dir, "nvme.img", 64 << 20);
+    let sata = image(&dir, "sata.img", 64 << 20);
+    let sock = dir.join("api.sock");
+    let snap = dir.join("snap");
+    // The AHCI serial number is named: by default it follows the image path, and the restore
+    // below uses other paths.
+    let (nvme_s, sata_s) = (
+        format!("4,nvme,{}", nvme.display()),
+        format!("5,ahci,hd:{},ser=SNAPDISK", sata.display()),
+    );
+    let g = guest().to_str().unwrap();
+    let src = Live::spawn(&[
+        "-m",
+        "128M",
+        "--testdev",
+        "-s",
+        "0,hostbridge",
+        "-s",
+        &nvme_s,
+        "-s",
+        &sata_s,
+        "--kernel",
+        g,
+        "--cmdline",
+        "rounds=3",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    // Into the second round: the guest is resetting, setting up or moving data.
+    src.wait_line("KVMTEST: round 1 of 3", 240);
+    let (code, out) = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"status\":\"paused\""), "{out}");
+    let (_, info) = ctl(&sock, &["info"]);
+    assert!(info.contains("\"state\":\"paused\""), "{info}");
+    let (code, _) = ctl(&sock, &["shutdown"]);
+    assert_eq!(code, 0);
+    let first = src.finish();
+    assert_eq!(first.code, 0, "{}", first.dump());
+    assert!(
+        first.log.contains("rhyve: snapshot in "),
+        "{}",
+        first.dump()
+    );
+    assert!(!first.console.contains("KVMTEST: PASS"), "{}", first.dump());
+
+    // The new process uses copies of the images (taken after the pause flushed them), named
+    // on its command line.
+    let (nvme2, sata2) = (dir.join("nvme2.img"), dir.join("sata2.img"));
+    std::fs::copy(&nvme, &nvme2).unwrap();
+    std::fs::copy(&sata, &sata2).unwrap();
+    let before = std::fs::read(&nvme).unwrap();
+    let r = run(&[
+        "--restore",
+        snap.to_str().unwrap(),
+        "-s",
+        "0,hostbridge",
+        "-s",
+        &format!("4,nvme,{}", nvme2.display()),
+        "-s",
+        &format!("5,ahci,hd:{},ser=SNAPDISK", sata2.display()),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.dump());
+    // It continued where the snapshot was taken: no boot, the remaining rounds, every
+    // command's interrupt counted and every byte compared by the guest.
+    assert!(!r.console.contains("KVMTEST: start"), "{}", r.dump());
+    for want in ["KVMTEST: round 3 of 3", "KVMTEST: PASS"] {
+        assert!(r.console.contains(want), "missing {want:?}\n{}", r.dump());
+    }
+    assert_round_data(&nvme2, &sata2, 2);
+    assert_eq!(
+        std::fs::read(&nvme).unwrap(),
+        before,
+        "the restored VM wrote to the images it was told not to use"
+    );
+}
+
+#[test]
+fn kvm_restore_refuses_damaged_or_mismatched_snapshots() {
+    if !kvm() {
+        return;
+    }
+    let dir = scratch("snapshot-bad");
+    let img = image(&dir, "nvme.img", 16 << 20);
+    let sock = dir.join("api.sock");
+    let snap = dir.join("snap");
+    let nvme_s = format!("4,nvme,{}", img.display());
+    let src = Live::spawn(&[
+        "-m",
+        "64M",
+        "-s",
+        &nvme_s,
+        "--kernel",
+        guest().to_str().unwrap(),
+        "--cmdline",
+        "action=tick",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    src.wait_line("KVMTEST: tick", 240);
+    let (code, out) = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    ctl(&sock, &["shutdown"]);
+    assert_eq!(src.finish().code, 0);
+
+    let bad = |args: &[&str], msg: &str| {
+        let r = run(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.dump());
+        assert!(r.log.contains(msg), "{args:?}: want {msg:?}\n{}", r.dump());
+        assert_eq!(r.console, "", "a guest ran");
+    };
+    let s = snap.to_str().unwrap();
+    bad(
+        &["--restore", "/nonexistent/snap"],
+        "cannot read /nonexistent/snap/state.json",
+    );
+    bad(
+        &["--restore", s, "-s", &format!("5,nvme,{}", img.display())],
+        "the snapshot has PCI functions [0:0.0 hostbridge, 0:4.0 nvme], this VM [0:0.0 hostbridge, 0:5.0 nvme]",
+    );
+    let small = image(&dir, "small.img", 8 << 20);
+    bad(
+        &["--restore", s, "-s", &format!("4,nvme,{}", small.display())],
+        "its image now has 8388608",
+    );
+    bad(
+        &["--restore", s, "--kernel", guest().to_str().unwrap()],
+        "cannot be used with",
+    );
+    // A damaged state file and another format version.
+    let state = std::fs::read_to_string(snap.join("state.json")).unwrap();
+    std::fs::write(snap.join("state.json"), &state[..state.len() / 2]).unwrap();
+    bad(&["--restore", s], "not a snapshot state file");
+    std::fs::write(
+        snap.join("state.json"),
+        state.replacen("\"version\":1", "\"version\":99", 1),
+    )
+    .unwrap();
+    bad(
+        &["--restore", s],
+        "snapshot format version 99, this rhyve reads version 1",
+    );
+    // A truncated RAM file.
+    std::fs::write(snap.join("state.json"), &state).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(snap.join("memory"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    bad(&["--restore", s], "1048576 bytes, the snapshot's RAM is");
 }

@@ -213,7 +213,13 @@ u8 pci_find_cap(u8 dev, u8 fn, u8 id)
 }
 
 /* The guest's own BAR window: deliberately not where rhyve put them, so BAR moves are tested. */
-static u64 next_mmio = 0xd0000000UL;
+#define MMIO_WINDOW 0xd0000000UL
+static u64 next_mmio = MMIO_WINDOW;
+
+void pci_reset_window(void)
+{
+    next_mmio = MMIO_WINDOW;
+}
 
 void pci_setup(struct pcidev *p)
 {
@@ -295,6 +301,32 @@ const char *cmdline(void)
     if (pvh_start_info)
         return (const char *)rd64(pvh_start_info + 24); /* hvm_start_info.cmdline_paddr */
     return (const char *)(u64)rd32(0x7000 + 0x228); /* boot_params.hdr.cmd_line_ptr */
+}
+
+u32 pattern_salt;
+
+u64 arg_num(const char *key, u64 dflt)
+{
+    const char *c = cmdline();
+    if (!c)
+        return dflt;
+    while (*c) {
+        while (*c == ' ')
+            c++;
+        const char *a = c, *b = key;
+        while (*a && *b && *a == *b)
+            a++, b++;
+        if (!*b) {
+            u64 v = 0;
+            int digits = 0;
+            while (*a >= '0' && *a <= '9')
+                v = v * 10 + (u64)(*a++ - '0'), digits++;
+            return digits ? v : dflt;
+        }
+        while (*c && *c != ' ')
+            c++;
+    }
+    return dflt;
 }
 
 int has_arg(const char *w)

@@ -84,6 +84,10 @@ void pci_enable_msix(struct pcidev *p, int n);
 const char *cmdline(void);
 /* Does the kernel command line contain the word `w`? */
 int has_arg(const char *w);
+/* The decimal value of `key` (e.g. "rounds=") on the command line, or `dflt`. */
+u64 arg_num(const char *key, u64 dflt);
+/* Place BARs from the start of the guest's window again (each round sets devices up anew). */
+void pci_reset_window(void);
 
 /* PVH flavour: EBX at the 32-bit entry (0 when entered through the 64-bit protocol) and the
  * checks start.S found failing (bits: 1 magic, 2 version, 4 memmap, 8 cmdline, 16 CPU mode). */
@@ -93,11 +97,14 @@ int nvme_test(struct pcidev *p);
 int ahci_test(struct pcidev *p);
 int virtio_test(struct pcidev *p);
 
-/* The pattern every test writes: depends on device, LBA and byte offset. */
+/* Changes the pattern from round to round (`rounds=N`); 0 in the first. */
+extern u32 pattern_salt;
+
+/* The pattern every test writes: depends on device, LBA, byte offset and the round. */
 static inline u8 pattern(u32 dev, u64 lba, u32 off)
 {
     u32 x = (u32)(lba * 2654435761u) ^ (dev << 24) ^ (off * 40503u);
-    return (u8)(x ^ (x >> 11) ^ (x >> 19));
+    return (u8)(x ^ (x >> 11) ^ (x >> 19) ^ pattern_salt);
 }
 
 #endif

@@ -131,6 +131,13 @@ void guest_main(void)
     idt_init();
     lapic_init();
     int failures = 0, tested = 0;
+    /* rounds=N: set every device up and test it N times, with a new pattern each round (the
+     * snapshot tests take the VM away in the middle). */
+    u64 rounds = arg_num("rounds=", 1);
+    for (u64 round = 0; round < rounds; round++) {
+    pattern_salt = (u32)round * 0x5b;
+    pci_reset_window();
+    tested = 0;
     for (u8 dev = 0; dev < 32; dev++) {
         u32 id = pci_rd32(dev, 0, 0);
         if ((id & 0xffff) == 0xffff)
@@ -162,6 +169,14 @@ void guest_main(void)
             failures += virtio_test(&p);
             tested++;
         }
+    }
+    if (rounds > 1) {
+        puts("KVMTEST: round ");
+        putdec(round + 1);
+        puts(" of ");
+        putdec(rounds);
+        putc('\n');
+    }
     }
     /* Unclaimed addresses in the PCI hole read as all-ones. */
     if (rd32(0xdff00000UL) != 0xffffffff)

@@ -204,6 +204,13 @@ int nvme_test(struct pcidev *p)
     wr32(bar0 + 0x14, 0);
     while (rd32(bar0 + 0x1c) & 1)
         ;
+    /* A reset empties the controller's queues: start ours from entry 0 with clean memory (an
+     * earlier round, rounds=N, left entries, phase tags and shadow doorbell values behind). */
+    aq.sqt = aq.cqh = ioq.sqt = ioq.cqh = 0;
+    aq.phase = ioq.phase = 1;
+    dbbuf = 0;
+    memset((void *)ASQ, 0, 4 * 4096); /* ASQ, ACQ, IOSQ, IOCQ */
+    memset((void *)SHADOW, 0, 2 * 4096);
     wr32(bar0 + 0x24, ((QSIZE - 1) << 16) | (QSIZE - 1));
     wr64(bar0 + 0x28, ASQ);
     wr64(bar0 + 0x30, ACQ);

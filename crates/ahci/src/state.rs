@@ -224,9 +224,17 @@ impl Shared {
         for (i, (saved, info)) in s.ports.iter().zip(&self.drives).enumerate() {
             let here = (kind_name(info.kind), info.sectors, info.serial.as_str());
             if (saved.kind.as_str(), saved.sectors, saved.serial.as_str()) != here {
+                let hint = if saved.serial != here.2 {
+                    format!(
+                        " (the serial follows the image path unless set: add ser={})",
+                        saved.serial
+                    )
+                } else {
+                    String::new()
+                };
                 return Err(StateError::Refused(format!(
                     "ahci port {i}: state of a {} of {} blocks, serial {:?}; \
-                     this port has a {} of {} blocks, serial {:?}",
+                     this port has a {} of {} blocks, serial {:?}{hint}",
                     saved.kind, saved.sectors, saved.serial, here.0, here.1, here.2
                 )));
             }

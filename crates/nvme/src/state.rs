@@ -262,9 +262,6 @@ impl Shared {
         }
         {
             let mut c = self.lock();
-            if let Some(cq) = c.admin.cq.as_mut() {
-                cq.irq_owed |= cq.has_unconsumed();
-            }
             self.raise_admin(&mut c);
             let shst = Csts::from_bits(c.csts).shst();
             if u32::from(shst) == csts::SHST_OCCURRING && self.flag(flag::ACCEPTING) {

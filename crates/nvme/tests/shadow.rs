@@ -309,3 +309,24 @@ fn shadow_doorbells_survive_a_snapshot() {
     }
     d.check_mem();
 }
+
+#[test]
+fn a_reset_forgets_the_queues_of_a_shadowed_controller() {
+    let mut d = TestDriver::ready("4,nvme,ram=1");
+    d.auto_ring = false;
+    let mut sh = Shadow::configure(&mut d);
+    for cid in 1..=4 {
+        let b = d.alloc(4096);
+        sh.submit(&mut d, 1, read_sqe(b), cid);
+        assert_ok(&sh.reap(&mut d, 1));
+        let data = d.read_mem(b, 4096);
+        d.expect(b, &data);
+    }
+    d.auto_ring = true;
+    d.disable();
+    d.enable();
+    // The guest's second life: Number of Queues comes before any queue is created.
+    assert_ok(&d.set_features(fid::NUMBER_OF_QUEUES, 0x0001_0001));
+    d.create_pair(1, 16);
+    assert_eq!(d.read_blocks(1, 1, 0, 1, 512).len(), 512);
+}

@@ -57,6 +57,20 @@ impl Cmos {
         }
     }
 
+    /// Index register and CMOS RAM, for a snapshot (the time comes from the host clock).
+    pub fn save(&self) -> (u8, Vec<u8>) {
+        let st = self.st.lock().unwrap_or_else(|e| e.into_inner());
+        (st.0, st.1.to_vec())
+    }
+
+    /// Put back what [`Cmos::save`] returned.
+    pub fn restore(&self, index: u8, ram: &[u8]) {
+        let mut st = self.st.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 = index & 0x7f;
+        let n = ram.len().min(128);
+        st.1[..n].copy_from_slice(&ram[..n]);
+    }
+
     fn now(&self) -> i64 {
         let t = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -18,6 +18,7 @@ const STATUS_OBF: u8 = 0x01;
 const STATUS_SYS: u8 = 0x04;
 const STATUS_CMD: u8 = 0x08;
 
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct State {
     ctr: u8,
     out: Option<u8>,
@@ -45,6 +46,19 @@ impl I8042 {
             }),
             exit,
         }
+    }
+
+    /// The controller's registers, for a snapshot.
+    pub fn save(&self) -> serde_json::Value {
+        let st = self.st.lock().unwrap_or_else(|e| e.into_inner());
+        serde_json::to_value(&*st).unwrap_or_default()
+    }
+
+    /// Put back what [`I8042::save`] returned; a value that does not fit is an error.
+    pub fn restore(&self, v: &serde_json::Value) -> Result<(), String> {
+        let s: State = serde::Deserialize::deserialize(v).map_err(|e| format!("i8042: {e}"))?;
+        *self.st.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        Ok(())
     }
 
     fn reset(&self) {

@@ -26,6 +26,7 @@ pub mod memory;
 pub mod pci_host;
 pub mod pvh;
 pub mod serial;
+pub mod snapshot;
 pub mod stats;
 pub mod testdev;
 #[allow(unsafe_code)] // kvm_run union members of I/O and internal-error exits
@@ -171,6 +172,10 @@ pub struct VmConfig {
     pub testdev: bool,
     /// PCI devices.
     pub devices: Vec<SlotSpec>,
+    /// The `-s` arguments the devices came from (kept in snapshots).
+    pub device_args: Vec<String>,
+    /// Start from a snapshot instead of booting `kernel` (which is then not read).
+    pub restore: Option<snapshot::Restore>,
 }
 
 /// Per-device report after the run.
@@ -213,14 +218,20 @@ pub struct Vm {
     testdev: Option<Arc<TestDev>>,
     /// The vCPU threads while the VM runs (for pausing: a kick makes each leave the guest).
     vcpu_threads: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    cmos: Arc<cmos::Cmos>,
+    kbd: Arc<i8042::I8042>,
+    saved_config: snapshot::SavedConfig,
+    devices_paused: Arc<AtomicBool>,
 }
 
-/// Pauses and resumes a running VM's vCPUs (devices keep finishing what they started).
+/// Pauses and resumes a running VM: its vCPUs, and for snapshots its devices too.
 #[derive(Clone)]
 pub struct PauseHandle {
     pause: Arc<vcpu::Pause>,
     threads: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
     vcpus: usize,
+    host: Arc<PciHost>,
+    devices_paused: Arc<AtomicBool>,
 }
 
 impl PauseHandle {
@@ -252,8 +263,30 @@ impl PauseHandle {
         Ok(())
     }
 
-    /// Let the vCPUs run again.
+    /// Pause the vCPUs, then the devices (they stop fetching, finish in-flight I/O, flush).
+    pub fn pause_all(&self) -> Result<(), String> {
+        if !self.is_paused() {
+            self.pause()?;
+        }
+        if !self.devices_paused.load(Ordering::Acquire) {
+            if let Err(e) = self.host.pause_devices() {
+                return Err(format!("cannot pause devices: {e}"));
+            }
+            self.devices_paused.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Every vCPU's state (the VM must be paused).
+    pub fn capture(&self) -> Result<Vec<vcpu::VcpuState>, String> {
+        self.pause.capture(self.vcpus)
+    }
+
+    /// Let the devices and the vCPUs run again.
     pub fn resume(&self) {
+        if self.devices_paused.swap(false, Ordering::AcqRel) {
+            self.host.resume_devices();
+        }
         self.pause.resume();
     }
 
@@ -373,7 +406,8 @@ impl Vm {
         vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
             .map_err(|e| Error::Kvm("KVM_IRQFD (COM1)", e))?;
         let stdin = matches!(cfg.console, ConsoleSink::Stdio);
-        let serial = SerialPort::new(&cfg.console, serial_irq)
+        let restore = cfg.restore.as_ref();
+        let serial = SerialPort::new(&cfg.console, serial_irq, restore.map(|r| &r.state.com1))
             .map_err(|e| Error::Other(format!("console: {e}")))?;
         pio_insert(
             &pio,
@@ -383,6 +417,9 @@ impl Vm {
             stats.bucket("com1"),
         )?;
         let kbd = Arc::new(i8042::I8042::new(exit_tx.clone()));
+        if let Some(r) = restore {
+            kbd.restore(&r.state.i8042).map_err(Error::Other)?;
+        }
         let kbd_tag = stats.bucket("i8042");
         pio_insert(
             &pio,
@@ -399,18 +436,16 @@ impl Vm {
             i8042::CMD_PORT,
             1,
             Arc::new(i8042::I8042Port {
-                dev: kbd,
+                dev: kbd.clone(),
                 data_port: false,
             }),
             kbd_tag,
         )?;
-        pio_insert(
-            &pio,
-            cmos::INDEX_PORT,
-            2,
-            Arc::new(cmos::Cmos::new(0)),
-            stats.bucket("rtc"),
-        )?;
+        let cmos = Arc::new(cmos::Cmos::new(0));
+        if let Some(r) = restore {
+            cmos.restore(r.state.cmos.0, &r.state.cmos.1);
+        }
+        pio_insert(&pio, cmos::INDEX_PORT, 2, cmos.clone(), stats.bucket("rtc"))?;
         let testdev = if cfg.testdev {
             let t = Arc::new(TestDev::new(stats.clone(), exit_tx.clone()));
             pio_insert(
@@ -426,17 +461,27 @@ impl Vm {
         };
         let acpi_tag = stats.bucket("acpi");
         acpi::add_pm_ports(&pio, exit_tx.clone(), acpi_tag)?;
-        let rsdp = acpi::write_tables(&mem, &acpi::Platform { vcpus: cfg.vcpus })
-            .map_err(|e| Error::Other(format!("ACPI tables: {e}")))?;
-
-        let entry = boot::load_kernel(
-            &mem,
-            cfg.mem_size,
-            &cfg.kernel,
-            cfg.initrd.as_deref(),
-            &cfg.cmdline,
-            Some(rsdp),
-        )?;
+        let entry = match restore {
+            Some(r) => {
+                // RAM holds the ACPI tables and the kernel already.
+                snapshot::load_memory(&mem, &r.dir.join(snapshot::MEMORY_FILE))
+                    .map_err(Error::Other)?;
+                host.restore(&r.state.pci).map_err(Error::Other)?;
+                None
+            }
+            None => {
+                let rsdp = acpi::write_tables(&mem, &acpi::Platform { vcpus: cfg.vcpus })
+                    .map_err(|e| Error::Other(format!("ACPI tables: {e}")))?;
+                Some(boot::load_kernel(
+                    &mem,
+                    cfg.mem_size,
+                    &cfg.kernel,
+                    cfg.initrd.as_deref(),
+                    &cfg.cmdline,
+                    Some(rsdp),
+                )?)
+            }
+        };
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -449,10 +494,22 @@ impl Vm {
                 &v,
                 id,
                 &vcpu::cpuid_for(&base_cpuid, id, cfg.vcpus),
-                (id == 0).then_some(entry),
+                entry.filter(|_| id == 0),
             )?;
+            if let Some(r) = restore {
+                vcpu::restore(&v, &r.state.vcpus[usize::from(id)])?;
+            }
             vcpus.push(v);
         }
+        if let Some(r) = restore {
+            snapshot::restore_vm(&vm, &r.state).map_err(Error::Other)?;
+            // Devices restored paused; owed interrupts now reach restored LAPICs.
+            host.resume_devices();
+        }
+        let msrs = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
         let env = VcpuEnv {
             mmio,
             pio,
@@ -460,6 +517,13 @@ impl Vm {
             exit: exit_tx,
             stop: Arc::new(AtomicBool::new(false)),
             pause: Arc::new(vcpu::Pause::default()),
+            msrs: Arc::new(msrs),
+        };
+        let saved_config = snapshot::SavedConfig {
+            mem_size: cfg.mem_size,
+            vcpus: cfg.vcpus,
+            devices: cfg.device_args.clone(),
+            testdev: cfg.testdev,
         };
         Ok(Vm {
             _kvm: kvm,
@@ -475,6 +539,10 @@ impl Vm {
             stdin,
             testdev,
             vcpu_threads: Arc::default(),
+            cmos,
+            kbd,
+            saved_config,
+            devices_paused: Arc::default(),
         })
     }
 
@@ -488,12 +556,28 @@ impl Vm {
         &self.host
     }
 
-    /// Pause and resume this VM's vCPUs while it runs.
+    /// Pause and resume this VM while it runs.
     pub fn pause_handle(&self) -> PauseHandle {
         PauseHandle {
             pause: self.env.pause.clone(),
             threads: self.vcpu_threads.clone(),
             vcpus: self.vcpus.len(),
+            host: self.host.clone(),
+            devices_paused: self.devices_paused.clone(),
+        }
+    }
+
+    /// Take snapshots of this VM while it runs.
+    pub fn snapshotter(&self) -> snapshot::Snapshotter {
+        snapshot::Snapshotter {
+            vm: self._vm.clone(),
+            mem: self._mem.clone(),
+            host: self.host.clone(),
+            pause: self.pause_handle(),
+            serial: self.serial.clone(),
+            cmos: self.cmos.clone(),
+            kbd: self.kbd.clone(),
+            config: self.saved_config.clone(),
         }
     }
 

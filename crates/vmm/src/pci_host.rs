@@ -400,6 +400,102 @@ impl PciHost {
             s.lock().shutdown();
         }
     }
+
+    /// Pause every function (see [`PciDevice::pause`]); on failure the ones paused resume.
+    pub fn pause_devices(&self) -> Result<(), String> {
+        let slots: Vec<_> = self.slots().collect();
+        for (i, s) in slots.iter().enumerate() {
+            if let Err(e) = s.lock().pause() {
+                for t in &slots[..i] {
+                    t.lock().resume();
+                }
+                return Err(format!("{} {}: {e}", s.address(), s.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Let every function work again.
+    pub fn resume_devices(&self) {
+        for s in self.slots() {
+            s.lock().resume();
+        }
+    }
+
+    /// The paused bus's state: the CF8 latch and every function's state.
+    pub fn save(&self) -> Result<HostState, String> {
+        let mut slots = Vec::new();
+        for s in self.slots() {
+            let state = s
+                .lock()
+                .save_state()
+                .map_err(|e| format!("{} {}: {e}", s.address(), s.name))?;
+            slots.push(SlotSave {
+                address: s.address(),
+                name: s.name.clone(),
+                state,
+            });
+        }
+        Ok(HostState {
+            cf8: self.cf8.load(Ordering::Relaxed),
+            slots,
+        })
+    }
+
+    /// Load saved state into this freshly built bus with the same functions in the same slots;
+    /// BARs are mapped (and doorbells absorbed) where the saved config space puts them.
+    pub fn restore(&self, s: &HostState) -> Result<(), String> {
+        let here: Vec<(String, String)> = self
+            .slots()
+            .map(|x| (x.address(), x.name.clone()))
+            .collect();
+        let saved: Vec<(String, String)> = s
+            .slots
+            .iter()
+            .map(|x| (x.address.clone(), x.name.clone()))
+            .collect();
+        if here != saved {
+            let show = |v: &[(String, String)]| {
+                v.iter()
+                    .map(|(a, n)| format!("{a} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(format!(
+                "the snapshot has PCI functions [{}], this VM [{}]",
+                show(&saved),
+                show(&here)
+            ));
+        }
+        for (slot, saved) in self.slots().zip(&s.slots) {
+            slot.lock()
+                .restore_state(&saved.state)
+                .map_err(|e| format!("{} {}: {e}", slot.address(), slot.name))?;
+            slot.refresh();
+        }
+        self.cf8.store(s.cf8, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// A PCI bus in a snapshot.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct HostState {
+    /// The 0xCF8 address latch.
+    pub cf8: u32,
+    /// Every function, in slot order.
+    pub slots: Vec<SlotSave>,
+}
+
+/// One function in a snapshot.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SlotSave {
+    /// `0:4.0`.
+    pub address: String,
+    /// Emulation name.
+    pub name: String,
+    /// The device's own state ([`PciDevice::save_state`]).
+    pub state: serde_json::Value,
 }
 
 /// Ports 0xCF8–0xCFB: CONFIG_ADDRESS (dword accesses) and, at 0xCF9, the reset control register.
@@ -548,5 +644,21 @@ impl PciDevice for HostBridge {
     fn bar_write(&self, _bar: u8, _offset: u64, _data: &[u8]) {}
     fn bars(&self) -> Vec<BarInfo> {
         Vec::new()
+    }
+    fn save_state(&self) -> Result<serde_json::Value, pci::StateError> {
+        let cfg = self.cfg.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(serde_json::json!({ "config": cfg.bytes() }))
+    }
+    fn restore_state(&self, v: &serde_json::Value) -> Result<(), pci::StateError> {
+        let bytes: Vec<u8> = serde_json::from_value(v["config"].clone())
+            .map_err(|e| pci::StateError::Invalid(format!("hostbridge: {e}")))?;
+        let mut cfg = self.cfg.lock().unwrap_or_else(|e| e.into_inner());
+        if bytes.len() != cfg.bytes().len() || bytes[..4] != cfg.bytes()[..4] {
+            return Err(pci::StateError::Invalid(
+                "hostbridge: config space of another device".into(),
+            ));
+        }
+        cfg.restore_bytes(&bytes);
+        Ok(())
     }
 }

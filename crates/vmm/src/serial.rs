@@ -68,22 +68,84 @@ impl Write for LineOut {
     }
 }
 
+/// A UART's state in a snapshot: DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR and the receive
+/// FIFO.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct UartState {
+    /// The registers, in the order above.
+    pub regs: [u8; 9],
+    /// Received bytes not yet read.
+    pub in_buffer: Vec<u8>,
+}
+
+impl UartState {
+    fn to_superio(&self) -> vm_superio::serial::SerialState {
+        let r = self.regs;
+        vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: self.in_buffer.clone(),
+        }
+    }
+}
+
 /// The UART on the PIO bus.
 pub struct SerialPort {
     uart: Mutex<Serial<IrqTrigger, vm_superio::serial::NoEvents, LineOut>>,
 }
 
 impl SerialPort {
-    /// A UART writing to `sink`, interrupting through `irq`.
-    pub fn new(sink: &ConsoleSink, irq: EventFd) -> std::io::Result<Arc<Self>> {
+    /// A UART writing to `sink`, interrupting through `irq`; with `state`, in the state a
+    /// snapshot saved.
+    pub fn new(
+        sink: &ConsoleSink,
+        irq: EventFd,
+        state: Option<&UartState>,
+    ) -> std::io::Result<Arc<Self>> {
         let out: Box<dyn Write + Send> = match sink {
             ConsoleSink::Stdio => Box::new(std::io::stdout()),
             ConsoleSink::File(f) => Box::new(f.try_clone()?),
             ConsoleSink::Null => Box::new(std::io::sink()),
         };
+        let uart = match state {
+            None => Serial::new(IrqTrigger(irq), LineOut::new(out)),
+            Some(s) => Serial::from_state(
+                &s.to_superio(),
+                IrqTrigger(irq),
+                vm_superio::serial::NoEvents,
+                LineOut::new(out),
+            )
+            .map_err(|e| std::io::Error::other(format!("COM1 state: {e}")))?,
+        };
         Ok(Arc::new(SerialPort {
-            uart: Mutex::new(Serial::new(IrqTrigger(irq), LineOut::new(out))),
+            uart: Mutex::new(uart),
         }))
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn save(&self) -> UartState {
+        let s = self.uart.lock().unwrap_or_else(|e| e.into_inner()).state();
+        UartState {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
     }
 
     /// Feed stdin into the receive FIFO from a background thread (ends at EOF).

@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
+    kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -36,16 +37,29 @@ pub struct VcpuEnv {
     pub stop: Arc<AtomicBool>,
     /// Pausing: while set, vCPUs park between exits.
     pub pause: Arc<Pause>,
+    /// The MSRs a snapshot saves (KVM's index list).
+    pub msrs: Arc<Vec<u32>>,
 }
 
 /// vCPUs park at the top of their run loop while [`Pause::paused`] is set, and count
-/// themselves, so the pauser knows when none runs guest code any more.
+/// themselves, so the pauser knows when none runs guest code any more. Parked vCPUs also
+/// answer requests for their state (snapshots are taken on each vCPU's own thread).
 #[derive(Default)]
 pub struct Pause {
     /// vCPUs must not enter the guest.
     pub paused: AtomicBool,
     parked: std::sync::Mutex<usize>,
     cv: std::sync::Condvar,
+    /// Per vCPU: a request for its state, and the answer.
+    capture: std::sync::Mutex<Vec<Capture>>,
+}
+
+/// A snapshot's request to one parked vCPU.
+enum Capture {
+    /// Waiting for the vCPU to save its state.
+    Asked,
+    /// Its state (or why it could not be read).
+    Answered(Box<Result<VcpuState, String>>),
 }
 
 impl Pause {
@@ -61,22 +75,243 @@ impl Pause {
         self.cv.notify_all();
     }
 
-    /// Park here while paused (and not stopping).
-    fn park_if_paused(&self, stop: &AtomicBool) {
+    /// The state of every vCPU (all parked): each saves its own on its thread.
+    pub fn capture(&self, vcpus: usize) -> Result<Vec<VcpuState>, String> {
+        *self.capture.lock().unwrap_or_else(|e| e.into_inner()) =
+            (0..vcpus).map(|_| Capture::Asked).collect();
+        {
+            let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+            self.cv.notify_all();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            {
+                let mut c = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+                if c.iter().all(|s| matches!(s, Capture::Answered(_))) {
+                    return std::mem::take(&mut *c)
+                        .into_iter()
+                        .map(|s| match s {
+                            Capture::Answered(r) => *r,
+                            Capture::Asked => unreachable!("checked above"),
+                        })
+                        .collect();
+                }
+                if std::time::Instant::now() > deadline {
+                    c.clear();
+                    return Err("a vCPU did not report its state".into());
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Park here while paused (and not stopping), answering state requests.
+    fn park_if_paused(&self, stop: &AtomicBool, vcpu: &mut VcpuFd, id: u8, msrs: &[u32]) {
         if !self.paused.load(Ordering::Acquire) {
             return;
         }
+        // Finish the exit just handled (an IN's data goes into RAX) without entering the guest,
+        // so the saved registers are complete.
+        vcpu.set_kvm_immediate_exit(1);
+        let _ = vcpu.run();
+        vcpu.set_kvm_immediate_exit(0);
         let mut n = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         *n += 1;
         while self.paused.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
+            let asked = {
+                let c = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+                matches!(c.get(usize::from(id)), Some(Capture::Asked))
+            };
+            if asked {
+                let st = save(vcpu, id, msrs);
+                let mut c = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(slot) = c.get_mut(usize::from(id)) {
+                    *slot = Capture::Answered(Box::new(st));
+                }
+                continue;
+            }
             n = self
                 .cv
-                .wait_timeout(n, std::time::Duration::from_millis(50))
+                .wait_timeout(n, std::time::Duration::from_millis(5))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
         *n -= 1;
     }
+}
+
+/// The x87/SSE state when KVM has no XSAVE for this vCPU.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct FpuState {
+    /// ST0-7 / MM0-7.
+    pub fpr: Vec<Vec<u8>>,
+    /// FCW.
+    pub fcw: u16,
+    /// FSW.
+    pub fsw: u16,
+    /// Abridged tag word.
+    pub ftwx: u8,
+    /// Last opcode.
+    pub last_opcode: u16,
+    /// Last instruction pointer.
+    pub last_ip: u64,
+    /// Last data pointer.
+    pub last_dp: u64,
+    /// XMM0-15.
+    pub xmm: Vec<Vec<u8>>,
+    /// MXCSR.
+    pub mxcsr: u32,
+}
+
+impl FpuState {
+    fn from_kvm(f: &kvm_fpu) -> Self {
+        FpuState {
+            fpr: f.fpr.iter().map(|r| r.to_vec()).collect(),
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm.iter().map(|r| r.to_vec()).collect(),
+            mxcsr: f.mxcsr,
+        }
+    }
+
+    fn to_kvm(&self) -> kvm_fpu {
+        let mut f = kvm_fpu {
+            fcw: self.fcw,
+            fsw: self.fsw,
+            ftwx: self.ftwx,
+            last_opcode: self.last_opcode,
+            last_ip: self.last_ip,
+            last_dp: self.last_dp,
+            mxcsr: self.mxcsr,
+            ..Default::default()
+        };
+        for (d, s) in f.fpr.iter_mut().zip(&self.fpr) {
+            let n = d.len().min(s.len());
+            d[..n].copy_from_slice(&s[..n]);
+        }
+        for (d, s) in f.xmm.iter_mut().zip(&self.xmm) {
+            let n = d.len().min(s.len());
+            d[..n].copy_from_slice(&s[..n]);
+        }
+        f
+    }
+}
+
+/// A vCPU's architectural state as KVM holds it (registers, LAPIC, MSRs, FPU, pending events).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    /// vCPU index.
+    pub id: u8,
+    /// Running, halted, waiting for SIPI…
+    pub mp_state: kvm_mp_state,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// XSAVE area, where KVM has one.
+    pub xsave: Option<kvm_xsave>,
+    /// x87/SSE otherwise.
+    pub fpu: Option<FpuState>,
+    /// XCR0.
+    pub xcrs: Option<kvm_xcrs>,
+    /// Local APIC registers (timer included).
+    pub lapic: kvm_lapic_state,
+    /// Every MSR KVM lets us read.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts, NMIs.
+    pub events: kvm_vcpu_events,
+    /// Debug registers.
+    pub debugregs: Option<kvm_debugregs>,
+}
+
+/// Read vCPU `id`'s state (on its own thread, with no exit half handled).
+pub fn save(vcpu: &VcpuFd, id: u8, msr_index: &[u32]) -> Result<VcpuState, String> {
+    let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("vCPU {id}: {what}: {err}");
+    let xsave = vcpu.get_xsave().ok();
+    let fpu = match xsave {
+        Some(_) => None,
+        None => Some(FpuState::from_kvm(
+            &vcpu.get_fpu().map_err(e("KVM_GET_FPU"))?,
+        )),
+    };
+    // KVM reads MSRs in order and stops at the first it refuses: drop that one and go on.
+    let mut list: Vec<u32> = msr_index.to_vec();
+    let msrs = loop {
+        let entries: Vec<kvm_msr_entry> = list
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut m = Msrs::from_entries(&entries).map_err(|err| format!("MSR list: {err:?}"))?;
+        let n = vcpu.get_msrs(&mut m).map_err(e("KVM_GET_MSRS"))?;
+        if n >= list.len() {
+            break m.as_slice().to_vec();
+        }
+        list.remove(n);
+    };
+    Ok(VcpuState {
+        id,
+        mp_state: vcpu.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?,
+        regs: vcpu.get_regs().map_err(e("KVM_GET_REGS"))?,
+        sregs: vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?,
+        xsave,
+        fpu,
+        xcrs: vcpu.get_xcrs().ok(),
+        lapic: vcpu.get_lapic().map_err(e("KVM_GET_LAPIC"))?,
+        msrs,
+        events: vcpu.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?,
+        debugregs: vcpu.get_debug_regs().ok(),
+    })
+}
+
+/// Load saved state into a new vCPU whose CPUID is already set (same order as KVM's own
+/// migration users: MSRs, registers, FPU, LAPIC, then MP state and pending events).
+pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
+    let err = |what| {
+        move |err| VcpuError {
+            cpu: s.id,
+            what,
+            err,
+        }
+    };
+    // MSRs KVM refuses to set (host-specific ones) are skipped one by one.
+    let mut list = s.msrs.clone();
+    while !list.is_empty() {
+        let m = Msrs::from_entries(&list).expect("MSR count within KVM's limit");
+        let n = vcpu.set_msrs(&m).map_err(err("KVM_SET_MSRS"))?;
+        if n >= list.len() {
+            break;
+        }
+        log::debug!("vCPU {}: MSR {:#x} not restored", s.id, list[n].index);
+        list.drain(..=n);
+    }
+    vcpu.set_regs(&s.regs).map_err(err("KVM_SET_REGS"))?;
+    vcpu.set_sregs(&s.sregs).map_err(err("KVM_SET_SREGS"))?;
+    if let Some(x) = &s.xsave {
+        // SAFETY: `x` is a whole kvm_xsave (4 KiB) as KVM_GET_XSAVE returned it; KVM reads no
+        // more than that from it.
+        unsafe { vcpu.set_xsave(x) }.map_err(err("KVM_SET_XSAVE"))?;
+    } else if let Some(f) = &s.fpu {
+        vcpu.set_fpu(&f.to_kvm()).map_err(err("KVM_SET_FPU"))?;
+    }
+    if let Some(x) = &s.xcrs {
+        vcpu.set_xcrs(x).map_err(err("KVM_SET_XCRS"))?;
+    }
+    if let Some(d) = &s.debugregs {
+        vcpu.set_debug_regs(d).map_err(err("KVM_SET_DEBUGREGS"))?;
+    }
+    vcpu.set_lapic(&s.lapic).map_err(err("KVM_SET_LAPIC"))?;
+    vcpu.set_mp_state(s.mp_state)
+        .map_err(err("KVM_SET_MP_STATE"))?;
+    vcpu.set_vcpu_events(&s.events)
+        .map_err(err("KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
 }
 
 /// Errors configuring a vCPU.
@@ -288,7 +523,8 @@ pub fn run(mut vcpu: VcpuFd, id: u8, env: VcpuEnv) {
         let _ = env.exit.send(e);
     };
     loop {
-        env.pause.park_if_paused(&env.stop);
+        env.pause
+            .park_if_paused(&env.stop, &mut vcpu, id, &env.msrs);
         if env.stop.load(Ordering::Acquire) {
             return;
         }
