@@ -202,6 +202,15 @@ impl Shared {
             }
             self.complete_batch(&mut done, &mut work);
         }
+        if work.engines != 0 {
+            // Still going after a bounded number of passes (a transfer of many chunks): the
+            // I/O threads take over, or what their engines finished would sit unreaped.
+            for (i, t) in self.threads.get().into_iter().flatten().enumerate() {
+                if work.engines & (1 << (i % 64)) != 0 {
+                    t.wake();
+                }
+            }
+        }
         if self.settling.load(SeqCst) != 0 {
             self.settle();
         }

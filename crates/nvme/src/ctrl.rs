@@ -927,6 +927,10 @@ impl Shared {
             }
             self.complete_batch(&mut done, &mut work);
         }
+        // Still going after a bounded number of passes: the I/O threads take over, or what
+        // their engines finished would sit unreaped. (NVMe's limits keep a command to 32
+        // chunks, so only many commands can get here; AHCI's PRDTs reached it.)
+        work.wake |= std::mem::take(&mut work.engines);
         self.finish_work(work);
     }
 

@@ -721,3 +721,26 @@ fn software_reset_sequence() {
     let f = d.d2h(0);
     assert_eq!((f.status, f.error, f.count, f.lba0), (0x50, 1, 1, 1));
 }
+
+/// A transfer split into more chunks than one completion pass takes (over 64 × 256 PRDT
+/// entries) on a RAM disk, whose requests complete inline: once the submitting thread stopped
+/// after 64 passes, the rest sat finished with nobody to reap it, and the command never
+/// completed.
+#[test]
+fn a_transfer_in_many_chunks_on_an_inline_backend_completes() {
+    let ram = Arc::new(block::Ram::new(8 * MIB, 512).unwrap());
+    let data = pattern(31, 1040 * 512);
+    ram.write_vectored(0, &[std::io::IoSlice::new(&data)])
+        .unwrap();
+    let mut d = Driver::started(vec![disk(ram, 512, 512)]);
+    // 16640 entries of 32 bytes, 32 bytes apart (so no two merge): 65 chunks of 256 segments.
+    let mut c = Cmd::ata(cmd::READ_DMA_EXT).lba(0).count(1040);
+    for i in 0..16640u64 {
+        c = c.prd_raw(BUF + i * 64, 31);
+    }
+    ok(&d.exec(0, 0, &c));
+    let got = d.read_mem(BUF, 16640 * 64);
+    for (i, piece) in data.chunks(32).enumerate() {
+        assert_eq!(&got[i * 64..i * 64 + 32], piece, "entry {i}");
+    }
+}
