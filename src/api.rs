@@ -4,8 +4,9 @@
 //! `GET /api/v1/info` (devices and their options), `GET /api/v1/stats` (per-device counters),
 //! `PUT /api/v1/shutdown`, `PUT /api/v1/pause` and `resume` (`rhyve run`; `rhyve uml` cannot
 //! pause UML and answers 501), `PUT /api/v1/snapshot` with `{"dir": PATH}` (`rhyve run`: the VM
-//! is left paused). `migrate-send` answers 501 until migration exists. Bad requests get a 4xx
-//! with `{"error": "…"}`; the socket is created mode 0600. One request per connection, bounded in size and time, so a client
+//! is left paused), `PUT /api/v1/migrate-send` with `{"url": "unix:PATH"|"tcp:HOST:PORT"}`
+//! (live migration to a `rhyve run --migrate-receive`; this VM ends once the other runs). Bad
+//! requests get a 4xx with `{"error": "…"}`; the socket is created mode 0600. One request per connection, bounded in size and time, so a client
 //! cannot hold the server.
 
 use std::io::{Read, Write};
@@ -39,6 +40,12 @@ pub trait Api: Send + Sync {
     fn snapshot(&self, _dir: &Path) -> Result<Value, (u16, String)> {
         Err((501, "this frontend cannot take snapshots".into()))
     }
+    /// Move the running VM to the rhyve listening on `url` (`unix:PATH`, `tcp:HOST:PORT`).
+    fn migrate(&self, _url: &str) -> Result<Value, (u16, String)> {
+        Err((501, "this frontend cannot migrate".into()))
+    }
+    /// After a successful migration's answer went out: end this process's VM.
+    fn migrated(&self) {}
 }
 
 /// Verbs the API knows, for error messages and `rhyve ctl`.
@@ -254,10 +261,28 @@ fn route(method: &str, path: &str, body: &[u8], api: &dyn Api) -> (Answer, After
         },
         "migrate-send" => match want("PUT") {
             Some(e) => (e, None),
-            None => (
-                error(501, "migrate-send is not implemented yet (issue 9)"),
-                None,
-            ),
+            None => {
+                let url = body
+                    .get("url")
+                    .or_else(|| body.get("destination_url"))
+                    .and_then(Value::as_str);
+                match url {
+                    None | Some("") => (
+                        error(
+                            400,
+                            "migrate-send needs {\"url\": \"unix:PATH\" or \"tcp:HOST:PORT\"}",
+                        ),
+                        None,
+                    ),
+                    Some(u) => match api.migrate(u) {
+                        Ok(v) => (
+                            Answer(200, v),
+                            Some(Box::new(|api: &dyn Api| api.migrated())),
+                        ),
+                        Err((code, msg)) => (error(code, msg), None),
+                    },
+                }
+            }
         },
         _ => (
             error(

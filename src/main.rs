@@ -42,7 +42,7 @@ struct CtlArgs {
     api_socket: std::path::PathBuf,
     /// What to do: info, stats, shutdown, pause, resume, snapshot, migrate-send.
     verb: String,
-    /// The verb's argument: the directory for `snapshot`.
+    /// The verb's argument: the directory for `snapshot`, the URL for `migrate-send`.
     arg: Option<String>,
     /// A JSON body for the verb.
     #[arg(long)]
@@ -60,6 +60,7 @@ fn ctl(a: CtlArgs) -> anyhow::Result<()> {
     }
     let json = match (a.verb.as_str(), &a.arg, a.json) {
         (_, Some(_), Some(_)) => anyhow::bail!("give the argument or --json, not both"),
+        ("migrate-send", Some(url), None) => Some(serde_json::json!({ "url": url }).to_string()),
         ("snapshot", Some(dir), None) => {
             // The server resolves paths from its own working directory: send an absolute one.
             let dir = std::path::absolute(dir)?;

@@ -30,7 +30,7 @@ pub struct RunArgs {
     #[arg(short = 'l', long = "lpc")]
     lpc: Vec<String>,
     /// Kernel to boot directly: bzImage or ELF (vmlinux or a test guest).
-    #[arg(long, required_unless_present = "restore")]
+    #[arg(long, required_unless_present_any = ["restore", "migrate_receive"])]
     kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long, conflicts_with = "restore")]
@@ -43,6 +43,10 @@ pub struct RunArgs {
     /// ones (same slots and models, e.g. other image paths).
     #[arg(long, conflicts_with_all = ["kernel", "memory", "cpus", "testdev"])]
     restore: Option<PathBuf>,
+    /// Wait on `unix:PATH` or `tcp:HOST:PORT` for a VM migrating from another rhyve
+    /// (`rhyve ctl migrate-send URL`), then run it. `-s` as for `--restore`.
+    #[arg(long, conflicts_with_all = ["kernel", "memory", "cpus", "testdev", "restore"])]
+    migrate_receive: Option<String>,
     /// Print exit and device counters when the VM ends.
     #[arg(long)]
     stats: bool,
@@ -62,6 +66,8 @@ struct RunApi {
     snapshots: vmm::snapshot::Snapshotter,
     vcpus: u8,
     memory: u64,
+    /// How a finished migration went, for the exit line.
+    migrated: std::sync::Mutex<Option<String>>,
 }
 
 impl crate::api::Api for RunApi {
@@ -123,6 +129,34 @@ impl crate::api::Api for RunApi {
         }
         self.pause.resume();
         Ok(())
+    }
+
+    fn migrate(&self, url: &str) -> Result<serde_json::Value, (u16, String)> {
+        if self.pause.is_paused() {
+            return Err((409, "the VM is paused: resume it before migrating".into()));
+        }
+        let r = self.snapshots.migrate(url).map_err(|e| (500, e))?;
+        let how = format!(
+            "now running at {url}; downtime {} ms, {} MiB of RAM sent in {} ms ({} pre-copy rounds, {} pages while paused{})",
+            r.downtime_ms,
+            r.ram_bytes >> 20,
+            r.total_ms,
+            r.rounds,
+            r.final_pages,
+            if r.dirty_log { "" } else { "; no KVM dirty log, pages compared by hash" }
+        );
+        *self.migrated.lock().unwrap_or_else(|e| e.into_inner()) = Some(how);
+        Ok(serde_json::to_value(&r).unwrap_or_default())
+    }
+
+    fn migrated(&self) {
+        let how = self
+            .migrated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
+        let _ = self.exit.send(VmExit::Migrated(how));
     }
 
     fn snapshot(&self, dir: &std::path::Path) -> Result<serde_json::Value, (u16, String)> {
@@ -217,14 +251,15 @@ pub fn registry() -> pci::DeviceRegistry {
     r
 }
 
-/// Check the command line and turn it into a VM configuration (no KVM involved).
-pub fn config(a: RunArgs) -> Result<(VmConfig, bool)> {
-    let restore = match &a.restore {
-        Some(dir) => Some(vmm::snapshot::Restore {
-            state: vmm::snapshot::VmState::load(dir).map_err(anyhow::Error::msg)?,
-            dir: dir.clone(),
-        }),
-        None => None,
+/// Check the command line and turn it into a VM configuration (no KVM involved), starting from
+/// `incoming` (a migration) when given.
+fn config(a: RunArgs, incoming: Option<vmm::snapshot::Restore>) -> Result<(VmConfig, bool)> {
+    let restore = match (&a.restore, incoming) {
+        (_, Some(r)) => Some(r),
+        (Some(dir), None) => {
+            Some(vmm::snapshot::Restore::from_dir(dir).map_err(anyhow::Error::msg)?)
+        }
+        (None, None) => None,
     };
     let (mem_size, vcpus, testdev, slots) = match &restore {
         Some(r) => {
@@ -299,9 +334,34 @@ pub fn config(a: RunArgs) -> Result<(VmConfig, bool)> {
 /// Run a VM to its end. Exits the process with the VM's exit code when that is not 0.
 pub fn run(a: RunArgs) -> Result<()> {
     let api_socket = a.api_socket.clone();
-    let (cfg, stats) = config(a)?;
+    let mut incoming = match &a.migrate_receive {
+        Some(url) => {
+            eprintln!("rhyve: waiting for a migrating VM on {url}");
+            Some(vmm::migration::receive(url).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
+    let (cfg, stats) =
+        config(a, incoming.as_mut().and_then(|i| i.take_restore())).inspect_err(|e| {
+            if let Some(i) = incoming.as_mut() {
+                i.refuse(&format!("{e:#}"));
+            }
+        })?;
     let (vcpus, memory) = (cfg.vcpus, cfg.mem_size);
-    let vm = Vm::new(cfg, &registry())?;
+    let vm = match Vm::new(cfg, &registry()) {
+        Ok(vm) => vm,
+        Err(e) => {
+            if let Some(i) = incoming.as_mut() {
+                i.refuse(&e.to_string());
+            }
+            return Err(e.into());
+        }
+    };
+    if let Some(i) = incoming.as_mut() {
+        // From here the VM is ours: the source stops when it reads this.
+        i.confirm().map_err(anyhow::Error::msg)?;
+        eprintln!("rhyve: migrated VM received; running");
+    }
     let _api = match &api_socket {
         Some(path) => Some(crate::api::serve(
             path,
@@ -310,6 +370,7 @@ pub fn run(a: RunArgs) -> Result<()> {
                 exit: vm.exit_sender(),
                 pause: vm.pause_handle(),
                 snapshots: vm.snapshotter(),
+                migrated: Default::default(),
                 vcpus,
                 memory,
             }),

@@ -1028,3 +1028,109 @@ fn kvm_restore_refuses_damaged_or_mismatched_snapshots() {
         .unwrap();
     bad(&["--restore", s], "1048576 bytes, the snapshot's RAM is");
 }
+
+/// The source VM of the migration tests: NVMe and AHCI, three rounds, an API socket.
+fn migration_source(dir: &Path, nvme: &Path, sata: &Path) -> Live {
+    let sock = dir.join("api.sock");
+    Live::spawn(&[
+        "-m",
+        "128M",
+        "--testdev",
+        "-s",
+        "0,hostbridge",
+        "-s",
+        &format!("4,nvme,{}", nvme.display()),
+        "-s",
+        &format!("5,ahci,hd:{}", sata.display()),
+        "--kernel",
+        guest().to_str().unwrap(),
+        "--cmdline",
+        "rounds=3",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn kvm_live_migration_moves_a_running_guest() {
+    if !kvm() {
+        return;
+    }
+    let dir = scratch("migrate");
+    let nvme = image(&dir, "nvme.img", 64 << 20);
+    let sata = image(&dir, "sata.img", 64 << 20);
+    let url = format!("unix:{}", dir.join("migrate.sock").display());
+    let dst = Live::spawn(&["--migrate-receive", &url]);
+    let src = migration_source(&dir, &nvme, &sata);
+    src.wait_line("KVMTEST: round 1 of 3", 240);
+    // The destination listens by now (it started first and binds at once).
+    let (code, out) = ctl(&dir.join("api.sock"), &["migrate-send", &url]);
+    assert_eq!(code, 0, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let downtime = report["downtime_ms"].as_u64().expect("downtime reported");
+    println!("migration: {out}");
+    let first = src.finish();
+    assert_eq!(first.code, 0, "{}", first.dump());
+    assert!(
+        first.log.contains(&format!(
+            "the guest migrated: now running at {url}; downtime {downtime} ms"
+        )),
+        "{}",
+        first.dump()
+    );
+    assert!(!first.console.contains("KVMTEST: PASS"), "{}", first.dump());
+    let second = dst.finish();
+    assert_eq!(second.code, 0, "{}", second.dump());
+    assert!(
+        !second.console.contains("KVMTEST: start"),
+        "{}",
+        second.dump()
+    );
+    for want in ["KVMTEST: round 3 of 3", "KVMTEST: PASS"] {
+        assert!(
+            second.console.contains(want),
+            "missing {want:?}\n{}",
+            second.dump()
+        );
+    }
+    assert_round_data(&nvme, &sata, 2);
+}
+
+#[test]
+fn kvm_refused_migration_leaves_the_guest_running_at_the_source() {
+    if !kvm() {
+        return;
+    }
+    let dir = scratch("migrate-refused");
+    let nvme = image(&dir, "nvme.img", 64 << 20);
+    let sata = image(&dir, "sata.img", 64 << 20);
+    let url = format!("unix:{}", dir.join("migrate.sock").display());
+    // A destination that cannot take this VM: its NVMe sits in another slot.
+    let other = format!("6,nvme,{}", nvme.display());
+    let dst = Live::spawn(&[
+        "--migrate-receive",
+        &url,
+        "-s",
+        "0,hostbridge",
+        "-s",
+        &other,
+    ]);
+    let src = migration_source(&dir, &nvme, &sata);
+    src.wait_line("KVMTEST: round 1 of 3", 240);
+    let (code, out) = ctl(&dir.join("api.sock"), &["migrate-send", &url]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("the destination refused the VM"), "{out}");
+    let second = dst.finish();
+    assert_eq!(second.code, 2, "{}", second.dump());
+    // The source carries on and finishes the job itself.
+    let first = src.finish();
+    assert_eq!(first.code, 0, "{}", first.dump());
+    for want in ["KVMTEST: round 3 of 3", "KVMTEST: PASS"] {
+        assert!(
+            first.console.contains(want),
+            "missing {want:?}\n{}",
+            first.dump()
+        );
+    }
+    assert_round_data(&nvme, &sata, 2);
+}

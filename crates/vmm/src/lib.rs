@@ -23,6 +23,7 @@ pub mod irq;
 pub mod layout;
 #[allow(unsafe_code)] // KVM memory slots and the memfd
 pub mod memory;
+pub mod migration;
 pub mod pci_host;
 pub mod pvh;
 pub mod serial;
@@ -78,6 +79,8 @@ pub enum VmExit {
     Signal(i32),
     /// Stopped through the API socket (`rhyve ctl shutdown`).
     Stopped,
+    /// The guest now runs in another rhyve (live migration); what it took.
+    Migrated(String),
     /// The VMM itself failed.
     Failed(String),
 }
@@ -88,7 +91,7 @@ impl VmExit {
     /// code for configuration errors, before any guest runs.)
     pub fn code(&self) -> u8 {
         match self {
-            VmExit::PowerOff | VmExit::GuestExit(0) | VmExit::Stopped => 0,
+            VmExit::PowerOff | VmExit::GuestExit(0) | VmExit::Stopped | VmExit::Migrated(_) => 0,
             VmExit::GuestExit(_) => 1,
             VmExit::Reset => 3,
             VmExit::TripleFault { .. } => 4,
@@ -105,6 +108,7 @@ impl VmExit {
             VmExit::Stopped => {
                 "stopped through the API socket (devices flushed; the guest was not asked)".into()
             }
+            VmExit::Migrated(how) => format!("the guest migrated: {how}"),
             VmExit::Reset => {
                 "guest requested a reset (reboot); rhyve exits, restart it to boot again".into()
             }
@@ -464,8 +468,7 @@ impl Vm {
         let entry = match restore {
             Some(r) => {
                 // RAM holds the ACPI tables and the kernel already.
-                snapshot::load_memory(&mem, &r.dir.join(snapshot::MEMORY_FILE))
-                    .map_err(Error::Other)?;
+                snapshot::load_memory(&mem, &r.memory).map_err(Error::Other)?;
                 host.restore(&r.state.pci).map_err(Error::Other)?;
                 None
             }

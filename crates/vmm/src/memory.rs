@@ -78,14 +78,7 @@ pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
     if size < MIN_RAM || !size.is_multiple_of(4096) {
         return Err(MemoryError::BadSize(size));
     }
-    let name = c"rhyve-guest-ram";
-    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked before use.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = anonymous_file("rhyve-guest-ram").map_err(MemoryError::Memfd)?;
     file.set_len(size).map_err(MemoryError::Memfd)?;
     let mut offset = 0;
     let mut regions = Vec::new();
@@ -99,13 +92,43 @@ pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
     Ok((mem, file))
 }
 
+/// An empty memfd named `name` (close-on-exec).
+pub fn anonymous_file(name: &str) -> std::io::Result<File> {
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked before use.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
 /// Register every region of `mem` with KVM as slots 0, 1, ….
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    register_with(vm, mem, 0)
+}
+
+/// Turn KVM's dirty-page logging of guest RAM on or off (live migration). Slot `i` is region
+/// `i` of `mem`, as [`register`] made them.
+pub fn set_dirty_logging(vm: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<(), MemoryError> {
+    register_with(
+        vm,
+        mem,
+        if on {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+    )
+}
+
+fn register_with(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region.as_ptr() as u64;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host,

@@ -129,13 +129,23 @@ impl VmState {
     }
 }
 
-/// Where a restored VM starts: the state and the directory holding its RAM.
+/// Where a restored VM starts: the state and the file holding its RAM.
 #[derive(Debug)]
 pub struct Restore {
     /// The saved state.
     pub state: VmState,
-    /// The snapshot directory.
-    pub dir: PathBuf,
+    /// RAM in memfd order (a snapshot's `memory`, or what a migration received).
+    pub memory: PathBuf,
+}
+
+impl Restore {
+    /// A snapshot directory's state and RAM.
+    pub fn from_dir(dir: &Path) -> Result<Restore, String> {
+        Ok(Restore {
+            state: VmState::load(dir)?,
+            memory: dir.join(MEMORY_FILE),
+        })
+    }
 }
 
 /// What a snapshot took.
