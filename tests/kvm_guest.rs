@@ -1029,9 +1029,11 @@ fn kvm_restore_refuses_damaged_or_mismatched_snapshots() {
     bad(&["--restore", s], "1048576 bytes, the snapshot's RAM is");
 }
 
-/// The source VM of the migration tests: NVMe and AHCI, three rounds, an API socket.
+/// The source VM of the migration tests: NVMe, AHCI and virtio-blk (`vblk.img` in `dir`),
+/// three rounds, an API socket.
 fn migration_source(dir: &Path, nvme: &Path, sata: &Path) -> Live {
     let sock = dir.join("api.sock");
+    let vblk = image(dir, "vblk.img", 64 << 20);
     Live::spawn(&[
         "-m",
         "128M",
@@ -1042,6 +1044,8 @@ fn migration_source(dir: &Path, nvme: &Path, sata: &Path) -> Live {
         &format!("4,nvme,{}", nvme.display()),
         "-s",
         &format!("5,ahci,hd:{}", sata.display()),
+        "-s",
+        &format!("6,virtio-blk,{},queues=2", vblk.display()),
         "--kernel",
         guest().to_str().unwrap(),
         "--cmdline",
@@ -1086,7 +1090,11 @@ fn kvm_live_migration_moves_a_running_guest() {
         "{}",
         second.dump()
     );
-    for want in ["KVMTEST: round 3 of 3", "KVMTEST: PASS"] {
+    for want in [
+        "KVMTEST: round 3 of 3",
+        "KVMTEST: devices tested 3",
+        "KVMTEST: PASS",
+    ] {
         assert!(
             second.console.contains(want),
             "missing {want:?}\n{}",
@@ -1094,6 +1102,7 @@ fn kvm_live_migration_moves_a_running_guest() {
         );
     }
     assert_round_data(&nvme, &sata, 2);
+    assert_pattern_round(&dir.join("vblk.img"), 3, 6144, 256, 2);
 }
 
 #[test]
@@ -1104,7 +1113,13 @@ fn kvm_refused_migration_leaves_the_guest_running_at_the_source() {
     let dir = scratch("migrate-refused");
     let nvme = image(&dir, "nvme.img", 64 << 20);
     let sata = image(&dir, "sata.img", 64 << 20);
-    let url = format!("unix:{}", dir.join("migrate.sock").display());
+    // Over TCP this time (the other test uses a UNIX socket); a port that was free a moment ago.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("tcp:127.0.0.1:{port}");
     // A destination that cannot take this VM: its NVMe sits in another slot.
     let other = format!("6,nvme,{}", nvme.display());
     let dst = Live::spawn(&[
@@ -1125,7 +1140,11 @@ fn kvm_refused_migration_leaves_the_guest_running_at_the_source() {
     // The source carries on and finishes the job itself.
     let first = src.finish();
     assert_eq!(first.code, 0, "{}", first.dump());
-    for want in ["KVMTEST: round 3 of 3", "KVMTEST: PASS"] {
+    for want in [
+        "KVMTEST: round 3 of 3",
+        "KVMTEST: devices tested 3",
+        "KVMTEST: PASS",
+    ] {
         assert!(
             first.console.contains(want),
             "missing {want:?}\n{}",
@@ -1133,4 +1152,5 @@ fn kvm_refused_migration_leaves_the_guest_running_at_the_source() {
         );
     }
     assert_round_data(&nvme, &sata, 2);
+    assert_pattern_round(&dir.join("vblk.img"), 3, 6144, 256, 2);
 }

@@ -177,6 +177,10 @@ int virtio_test(struct pcidev *p)
     if (nq > MAXQ)
         nq = MAXQ;
     for (u32 q = 0; q < nq; q++) {
+        /* A reset empties the device's rings: start ours from 0 in clean memory (an earlier
+         * round, rounds=N, left indexes and entries behind). */
+        avail_idx[q] = used_seen[q] = 0;
+        memset((void *)VQ_DESC(q), 0, 0x3000);
         wr16(common + QSEL, (u16)q);
         wr16(common + QSIZE, QSZ);
         wr16(common + QVEC, (u16)VEC(q));

@@ -89,6 +89,7 @@ impl Shared {
         if st & status::DRIVER_OK == 0
             || st & status::DEVICE_NEEDS_RESET != 0
             || !self.irq.bus_master()
+            || self.paused.load(Ordering::SeqCst)
         {
             // Nothing can be served now: no polling window may stay open for it.
             lock(m).poll_until = None;

@@ -16,6 +16,7 @@
 mod blk;
 pub mod config;
 pub mod spec;
+pub mod state;
 mod transport;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -94,6 +95,8 @@ pub(crate) struct Shared {
     idle: (Mutex<()>, Condvar),
     threads: OnceLock<Vec<IoThread>>,
     counters: Counters,
+    /// Paused for a snapshot: the available rings are not drained.
+    paused: AtomicBool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -174,6 +177,7 @@ impl VirtioBlk {
             idle: (Mutex::new(()), Condvar::new()),
             threads: OnceLock::new(),
             counters: Counters::default(),
+            paused: AtomicBool::new(false),
         });
         let mut threads = Vec::new();
         for i in 0..usize::from(iothreads) {
@@ -358,5 +362,24 @@ impl PciDevice for VirtioBlk {
                 .fetch_add(1, Ordering::Relaxed);
             self.shared.notify(q);
         }
+    }
+
+    fn pause(&self) -> Result<(), pci::StateError> {
+        self.shared.pause()
+    }
+
+    fn resume(&self) {
+        self.shared.unpause();
+    }
+
+    fn save_state(&self) -> Result<serde_json::Value, pci::StateError> {
+        let s = self.shared.save()?;
+        serde_json::to_value(s).map_err(|e| pci::StateError::Invalid(e.to_string()))
+    }
+
+    fn restore_state(&self, v: &serde_json::Value) -> Result<(), pci::StateError> {
+        let s: state::VirtioState = serde::Deserialize::deserialize(v)
+            .map_err(|e| pci::StateError::Invalid(format!("virtio-blk state: {e}")))?;
+        self.shared.restore(&s)
     }
 }

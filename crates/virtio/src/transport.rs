@@ -72,6 +72,28 @@ pub(crate) struct Transport {
     pub resetting: bool,
 }
 
+impl Transport {
+    /// Device/driver feature select, queue select, configuration generation (snapshots).
+    pub fn selects(&self) -> (u32, u32, u16, u8) {
+        (
+            self.device_feature_select,
+            self.driver_feature_select,
+            self.queue_select,
+            self.config_generation,
+        )
+    }
+
+    /// Put back what [`Transport::selects`] returned.
+    pub fn set_selects(&mut self, s: (u32, u32, u16, u8)) {
+        (
+            self.device_feature_select,
+            self.driver_feature_select,
+            self.queue_select,
+            self.config_generation,
+        ) = s;
+    }
+}
+
 impl Default for Transport {
     fn default() -> Self {
         Transport {

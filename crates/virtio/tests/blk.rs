@@ -86,6 +86,17 @@ impl Driver {
         }
     }
 
+    /// A second device over the same guest memory and interrupt recorder, built from `spec`:
+    /// the "new process" a snapshot is restored into.
+    fn twin(&self, spec: &str) -> Box<dyn PciDevice> {
+        let ctx = DeviceContext {
+            mem: GuestMem::new(self.mem.clone()),
+            irq: self.irq.clone(),
+            intx_supported: false,
+        };
+        virtio::create(&SlotSpec::parse(spec).unwrap(), &ctx).unwrap()
+    }
+
     fn cfg16(&self, off: u16) -> u16 {
         let mut b = [0u8; 2];
         self.dev.config_read(off, &mut b);
@@ -935,4 +946,92 @@ fn the_config_space_window_reaches_the_bars() {
     select(0, (COMMON + common::QUEUE_SELECT) as u32, 3);
     d.dev.config_write(c + 16, &1u32.to_le_bytes());
     assert_eq!(d.r(COMMON + common::QUEUE_SELECT, 2), 2);
+}
+
+/// A fresh disk image in the test's scratch area.
+fn image(name: &str, bytes: u64) -> String {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("virtio-state");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(bytes).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn requests_made_while_paused_complete_once_after_restore() {
+    let spec = format!(
+        "6,virtio-blk,{},queues=2,ser=VSNAP",
+        image("snap.img", 4 << 20)
+    );
+    let mut d = Driver::new(&spec);
+    d.bring_up(ALL, 2);
+    let want = d.fill(BUF, 4096, 0x42);
+    assert_eq!(
+        d.request(0, req::OUT, 8, &[(BUF, 4096, false)]),
+        (blk_status::OK, 1)
+    );
+    d.dev.pause().unwrap();
+    // Made available and notified while paused: nothing is served.
+    let new = d.fill(BUF + 0x2000, 4096, 0x99);
+    let (hdr, st) = (BUF + 0x8000, BUF + 0x8100);
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&req::OUT.to_le_bytes());
+    h[8..].copy_from_slice(&64u64.to_le_bytes());
+    d.mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+    d.mem.write_obj(0xffu8, GuestAddress(st)).unwrap();
+    let head = d.push(
+        1,
+        &[(hdr, 16, false), (BUF + 0x2000, 4096, false), (st, 1, true)],
+    );
+    d.notify(1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(d.mem.read_obj::<u8>(GuestAddress(st)).unwrap(), 0xff);
+    let state = d.dev.save_state().unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+
+    // Refused: another version, another queue count; neither changes the fresh device.
+    let fresh = d.twin(&spec);
+    let mut bad = state.clone();
+    bad["version"] = 7.into();
+    assert!(matches!(
+        fresh.restore_state(&bad),
+        Err(pci::StateError::Invalid(_))
+    ));
+    let mut bad = state.clone();
+    bad["vqs"][0]["size"] = 3.into();
+    assert!(matches!(
+        fresh.restore_state(&bad),
+        Err(pci::StateError::Invalid(_))
+    ));
+    let other = d.twin(&spec.replace("queues=2", "queues=1"));
+    assert!(matches!(
+        other.restore_state(&state),
+        Err(pci::StateError::Refused(_))
+    ));
+    fresh.restore_state(&state).unwrap();
+    assert!(fresh.restore_state(&state).is_err(), "restored twice");
+    d.dev = fresh;
+    let before = d.irq.count(2);
+    d.dev.resume();
+    let (id, len) = d.wait_used(1);
+    assert_eq!((id, len), (u32::from(head), 1));
+    assert_eq!(
+        d.mem.read_obj::<u8>(GuestAddress(st)).unwrap(),
+        blk_status::OK
+    );
+    assert!(d.irq.wait_count(2, before + 1) > before, "queue 1's vector");
+    // Both writes are on the disk, and the restored device keeps serving.
+    let rd = BUF + 0x10000;
+    assert_eq!(
+        d.request(0, req::IN, 8, &[(rd, 4096, true)]),
+        (blk_status::OK, 4097)
+    );
+    assert_eq!(d.read(rd, 4096), want);
+    assert_eq!(
+        d.request(1, req::IN, 64, &[(rd, 4096, true)]),
+        (blk_status::OK, 4097)
+    );
+    assert_eq!(d.read(rd, 4096), new);
 }
