@@ -2,7 +2,8 @@
 //! cloud-hypervisor's and Firecracker's, with `rhyve ctl` as its client.
 //!
 //! `GET /api/v1/info` (devices and their options), `GET /api/v1/stats` (per-device counters),
-//! `PUT /api/v1/shutdown`, `PUT /api/v1/pause` and `resume` (`rhyve run`; `rhyve uml` cannot
+//! `PUT /api/v1/shutdown` (`rhyve run`: the ACPI power button, then after `{"timeout_s": N}`,
+//! default 10, a stop with the devices flushed), `PUT /api/v1/pause` and `resume` (`rhyve run`; `rhyve uml` cannot
 //! pause UML and answers 501), `PUT /api/v1/snapshot` with `{"dir": PATH}` (`rhyve run`: the VM
 //! is left paused), `PUT /api/v1/migrate-send` with `{"url": "unix:PATH"|"tcp:HOST:PORT"}`
 //! (live migration to a `rhyve run --migrate-receive`; this VM ends once the other runs). Bad
@@ -25,8 +26,9 @@ pub trait Api: Send + Sync {
     fn info(&self) -> Value;
     /// Per-device counters.
     fn stats(&self) -> Value;
-    /// Stop the VM (or the UML device server) cleanly.
-    fn shutdown(&self);
+    /// Stop the VM (or the UML device server) cleanly: a VM first gets the ACPI power button
+    /// and `grace` to power off on its own, then it is stopped (devices flushed).
+    fn shutdown(&self, grace: Duration);
     /// Stop running the guest (its devices finish what they started); an HTTP status and
     /// message when this frontend cannot.
     fn pause(&self) -> Result<(), (u16, String)> {
@@ -58,6 +60,8 @@ pub const VERBS: &[&str] = &[
     "snapshot",
     "migrate-send",
 ];
+/// How long `shutdown` lets a guest power off after the power button (`{"timeout_s": N}`).
+pub const DEFAULT_SHUTDOWN_S: u64 = 10;
 /// Largest request accepted (headers and body).
 const MAX_REQUEST: usize = 64 << 10;
 /// How long a client may take to send its request or read the answer.
@@ -217,10 +221,21 @@ fn route(method: &str, path: &str, body: &[u8], api: &dyn Api) -> (Answer, After
         ),
         "shutdown" => match want("PUT") {
             Some(e) => (e, None),
-            None => (
-                Answer(202, json!({ "status": "shutting down" })),
-                Some(Box::new(|api: &dyn Api| api.shutdown())),
-            ),
+            None => match body.get("timeout_s").map(Value::as_u64) {
+                Some(None) => (
+                    error(400, "timeout_s must be a whole number of seconds"),
+                    None,
+                ),
+                t => {
+                    let secs = t.flatten().unwrap_or(DEFAULT_SHUTDOWN_S).min(3600);
+                    (
+                        Answer(202, json!({ "status": "shutting down", "timeout_s": secs })),
+                        Some(Box::new(move |api: &dyn Api| {
+                            api.shutdown(Duration::from_secs(secs))
+                        })),
+                    )
+                }
+            },
         },
         "pause" | "resume" => match want("PUT") {
             Some(e) => (e, None),

@@ -64,6 +64,7 @@ struct RunApi {
     exit: vmm::ExitSender,
     pause: vmm::PauseHandle,
     snapshots: vmm::snapshot::Snapshotter,
+    power_button: vmm::PowerButton,
     vcpus: u8,
     memory: u64,
     /// How a finished migration went, for the exit line.
@@ -112,8 +113,20 @@ impl crate::api::Api for RunApi {
         serde_json::json!({ "devices": devs })
     }
 
-    fn shutdown(&self) {
-        let _ = self.exit.send(VmExit::Stopped);
+    fn shutdown(&self, grace: std::time::Duration) {
+        // A paused guest cannot answer the button.
+        if grace.is_zero() || self.pause.is_paused() {
+            let _ = self.exit.send(VmExit::Stopped);
+            return;
+        }
+        // The guest may power off on its own (ACPI S5 ends the run first); if it has not when
+        // the time is up, stop it.
+        self.power_button.press();
+        let exit = self.exit.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(grace);
+            let _ = exit.send(VmExit::Stopped);
+        });
     }
 
     fn pause(&self) -> Result<(), (u16, String)> {
@@ -370,6 +383,7 @@ pub fn run(a: RunArgs) -> Result<()> {
                 exit: vm.exit_sender(),
                 pause: vm.pause_handle(),
                 snapshots: vm.snapshotter(),
+                power_button: vm.power_button(),
                 migrated: Default::default(),
                 vcpus,
                 memory,

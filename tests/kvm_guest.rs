@@ -477,8 +477,15 @@ fn kvm_api_socket_reports_devices_and_counters_and_shuts_down() {
         stats.contains("\"write_commands\":32"),
         "the guest's writes: {stats}"
     );
-    let (code, _) = ctl("shutdown");
-    assert_eq!(code, 0);
+    // The spinning guest ignores the power button: stopped when the second is up.
+    let o = Command::new(env!("CARGO_BIN_EXE_rhyve"))
+        .args(["ctl", "--api-socket", sock.to_str().unwrap(), "shutdown"])
+        .args(["--json", "{\"timeout_s\": 1}"])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{answer}");
+    assert!(answer.contains("\"timeout_s\":1"), "{answer}");
     let drain = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = out.read_to_string(&mut s);
@@ -566,7 +573,12 @@ fn kvm_api_pause_stops_the_guest_and_resume_continues_it() {
     let (code, out) = ctl("resume");
     assert_eq!(code, 0, "{out}");
     wait_for(at_pause + 2);
-    let (code, _) = ctl("shutdown");
+    let o = Command::new(env!("CARGO_BIN_EXE_rhyve"))
+        .args(["ctl", "--api-socket", sock.to_str().unwrap(), "shutdown"])
+        .args(["--json", "{\"timeout_s\": 0}"])
+        .output()
+        .unwrap();
+    let code = o.status.code().unwrap_or(-1);
     assert_eq!(code, 0);
     let status = child.wait().unwrap();
     reader.join().unwrap();
@@ -1153,4 +1165,37 @@ fn kvm_refused_migration_leaves_the_guest_running_at_the_source() {
     }
     assert_round_data(&nvme, &sata, 2);
     assert_pattern_round(&dir.join("vblk.img"), 3, 6144, 256, 2);
+}
+
+#[test]
+fn kvm_shutdown_presses_the_acpi_power_button() {
+    if !kvm() {
+        return;
+    }
+    let dir = scratch("powerbutton");
+    let sock = dir.join("api.sock");
+    let g = Live::spawn(&[
+        "-m",
+        "64M",
+        "--kernel",
+        guest().to_str().unwrap(),
+        "--cmdline",
+        "action=powerbutton",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    g.wait_line("KVMTEST: waiting for the power button", 240);
+    let (code, out) = ctl(&sock, &["shutdown"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"timeout_s\":10"), "{out}");
+    let r = g.finish();
+    // The guest took the Generic Event Device's interrupt and powered off by itself.
+    assert_eq!(r.code, 0, "{}", r.dump());
+    assert!(
+        r.console
+            .contains("KVMTEST: power button pressed, powering off"),
+        "{}",
+        r.dump()
+    );
+    assert!(r.log.contains("rhyve: guest powered off"), "{}", r.dump());
 }

@@ -5,6 +5,15 @@
 
 #define ECAM 0xe0000000UL
 
+/* Route IOAPIC pin `gsi` to `vec` on LAPIC 0: fixed, edge, active high, unmasked. */
+static void ioapic_route(u32 gsi, u8 vec)
+{
+    wr32(0xfec00000UL, 0x10 + 2 * gsi + 1);
+    wr32(0xfec00010UL, 0); /* destination APIC ID 0 */
+    wr32(0xfec00000UL, 0x10 + 2 * gsi);
+    wr32(0xfec00010UL, vec);
+}
+
 /* Ways to end the VM other than the test device (after the device tests), each with its own
  * rhyve exit code. */
 static void lifecycle(void)
@@ -36,6 +45,16 @@ static void lifecycle(void)
             putdec(n);
             putc('\n');
         }
+    } else if (has_arg("action=powerbutton")) {
+        /* The ACPI power button: the Generic Event Device interrupts on GSI 9 (the DSDT says
+         * so); answer it the way an OS does, with S5. */
+        ioapic_route(9, VEC_MSIX0 + 3);
+        u32 seen = irq_count[3];
+        puts("KVMTEST: waiting for the power button\n");
+        while (irq_count[3] == seen)
+            __asm__ volatile("sti; hlt; cli");
+        puts("KVMTEST: power button pressed, powering off\n");
+        outb(0x600, (5 << 2) | 0x20);
     } else if (has_arg("action=spin")) {
         puts("KVMTEST: spinning\n");
         for (;;)

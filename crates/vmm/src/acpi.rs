@@ -5,7 +5,7 @@
 //! gives the guest a clean poweroff (sleep control register, S5) and reset (reset register → 0xCF9)
 //! with no PM1/GPE/SCI emulation. The DSDT describes the host bridge (bus range, I/O and memory
 //! windows, `_PRT` with every slot's INTx → IOAPIC pin), the ECAM window as a motherboard
-//! resource, and COM1. The tables live in the BIOS area at [`ACPI_START`], where Linux also scans
+//! resource, COM1, and a power button behind a Generic Event Device on [`GED_GSI`]. The tables live in the BIOS area at [`ACPI_START`], where Linux also scans
 //! for the RSDP; the zero page carries the address too.
 
 use std::sync::Arc;
@@ -38,6 +38,8 @@ pub const ACPI_END: u64 = 0x100000;
 pub const SLEEP_CONTROL_PORT: u64 = 0x600;
 /// Sleep status register, one byte.
 pub const SLEEP_STATUS_PORT: u64 = 0x601;
+/// The interrupt of the Generic Event Device (ACPI0013), whose only event is the power button.
+pub const GED_GSI: u32 = 9;
 /// Sleep type value of S5 in `\_S5`.
 pub const SLP_TYP_S5: u8 = 5;
 const SLP_EN: u8 = 1 << 5;
@@ -145,6 +147,30 @@ pub fn dsdt() -> Vec<u8> {
                 "_CRS".into(),
                 &aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]),
             ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    // Hardware-reduced ACPI has no fixed power button: a Generic Event Device interrupts and its
+    // _EVT notifies a control-method power button (Linux: evged + the button driver, which
+    // reports KEY_POWER to userspace).
+    let ged_irq = aml::Interrupt::new(true, true, false, false, GED_GSI);
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&pwrb, &0x80u8);
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&ged_irq])),
+            &aml::Method::new("_EVT".into(), 1, true, vec![&notify]),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
         ],
     )
     .to_aml_bytes(&mut body);

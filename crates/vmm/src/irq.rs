@@ -112,7 +112,9 @@ impl IrqRouter {
         let mut entries = Vec::new();
         for gsi in 0..IOAPIC_PINS {
             entries.push(irqchip_entry(gsi, KVM_IRQCHIP_IOAPIC, gsi));
-            if gsi < 16 {
+            // The Generic Event Device (power button) is an IOAPIC interrupt only, as in
+            // hardware-reduced ACPI: a guest that left the 8259 unprogrammed must not get it.
+            if gsi < 16 && gsi != crate::acpi::GED_GSI {
                 let chip = if gsi < 8 {
                     KVM_IRQCHIP_PIC_MASTER
                 } else {

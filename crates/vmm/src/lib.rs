@@ -224,8 +224,22 @@ pub struct Vm {
     vcpu_threads: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
     cmos: Arc<cmos::Cmos>,
     kbd: Arc<i8042::I8042>,
+    power_button: PowerButton,
     saved_config: snapshot::SavedConfig,
     devices_paused: Arc<AtomicBool>,
+}
+
+/// Presses the ACPI power button (an edge on the Generic Event Device's interrupt).
+#[derive(Clone)]
+pub struct PowerButton(Arc<EventFd>);
+
+impl PowerButton {
+    /// Press it: the guest gets a power-button notification (Linux: KEY_POWER).
+    pub fn press(&self) {
+        if let Err(e) = self.0.write(1) {
+            log::warn!("power button: {e}");
+        }
+    }
 }
 
 /// Pauses and resumes a running VM: its vCPUs, and for snapshots its devices too.
@@ -463,6 +477,11 @@ impl Vm {
         } else {
             None
         };
+        let button =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Other(format!("eventfd: {e}")))?;
+        vm.register_irqfd(&button, acpi::GED_GSI)
+            .map_err(|e| Error::Kvm("KVM_IRQFD (power button)", e))?;
+        let power_button = PowerButton(Arc::new(button));
         let acpi_tag = stats.bucket("acpi");
         acpi::add_pm_ports(&pio, exit_tx.clone(), acpi_tag)?;
         let entry = match restore {
@@ -544,6 +563,7 @@ impl Vm {
             vcpu_threads: Arc::default(),
             cmos,
             kbd,
+            power_button,
             saved_config,
             devices_paused: Arc::default(),
         })
@@ -557,6 +577,11 @@ impl Vm {
     /// The PCI host (for inspection in tests).
     pub fn host(&self) -> &Arc<PciHost> {
         &self.host
+    }
+
+    /// The ACPI power button.
+    pub fn power_button(&self) -> PowerButton {
+        self.power_button.clone()
     }
 
     /// Pause and resume this VM while it runs.
