@@ -361,7 +361,15 @@ impl Vm {
             ..Default::default()
         })
         .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
-        let (mem, memfd) = memory::create(cfg.mem_size)?;
+        let restore = cfg.restore.as_ref();
+        let (mem, memfd) = match restore.map(|r| &r.memory) {
+            Some(snapshot::Ram::Ready(m, f)) => (
+                m.clone(),
+                f.try_clone()
+                    .map_err(|e| Error::Other(format!("guest RAM: {e}")))?,
+            ),
+            _ => memory::create(cfg.mem_size)?,
+        };
         memory::register(&vm, &mem)?;
         let guest_mem = GuestMem::new(mem.clone());
         let router = Arc::new(IrqRouter::new(vm.clone())?);
@@ -424,7 +432,6 @@ impl Vm {
         vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
             .map_err(|e| Error::Kvm("KVM_IRQFD (COM1)", e))?;
         let stdin = matches!(cfg.console, ConsoleSink::Stdio);
-        let restore = cfg.restore.as_ref();
         let serial = SerialPort::new(&cfg.console, serial_irq, restore.map(|r| &r.state.com1))
             .map_err(|e| Error::Other(format!("console: {e}")))?;
         pio_insert(
@@ -487,7 +494,9 @@ impl Vm {
         let entry = match restore {
             Some(r) => {
                 // RAM holds the ACPI tables and the kernel already.
-                snapshot::load_memory(&mem, &r.memory).map_err(Error::Other)?;
+                if let snapshot::Ram::File(path) = &r.memory {
+                    snapshot::load_memory(&mem, path).map_err(Error::Other)?;
+                }
                 host.restore(&r.state.pci).map_err(Error::Other)?;
                 None
             }

@@ -129,13 +129,22 @@ impl VmState {
     }
 }
 
-/// Where a restored VM starts: the state and the file holding its RAM.
+/// Where a restored VM starts: the state and its RAM.
 #[derive(Debug)]
 pub struct Restore {
     /// The saved state.
     pub state: VmState,
-    /// RAM in memfd order (a snapshot's `memory`, or what a migration received).
-    pub memory: PathBuf,
+    /// The RAM.
+    pub memory: Ram,
+}
+
+/// A restored VM's RAM.
+#[derive(Debug)]
+pub enum Ram {
+    /// In a file, in memfd order (a snapshot's `memory`): copied in.
+    File(PathBuf),
+    /// Already in guest memory and its memfd (a migration received it there).
+    Ready(GuestMemoryMmap, File),
 }
 
 impl Restore {
@@ -143,7 +152,7 @@ impl Restore {
     pub fn from_dir(dir: &Path) -> Result<Restore, String> {
         Ok(Restore {
             state: VmState::load(dir)?,
-            memory: dir.join(MEMORY_FILE),
+            memory: Ram::File(dir.join(MEMORY_FILE)),
         })
     }
 }
