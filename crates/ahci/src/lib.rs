@@ -593,8 +593,12 @@ impl PciDevice for Ahci {
     fn stats(&self) -> Vec<(String, u64)> {
         let s = &self.shared.stats;
         let interrupts = lock(&self.shared.hba).interrupts;
+        let in_flight: u32 = (0..self.shared.ports.len())
+            .map(|i| self.shared.port(i).port.in_flight)
+            .sum();
         vec![
             ("commands".into(), s.commands.load(Relaxed)),
+            ("in_flight".into(), u64::from(in_flight)),
             ("read_bytes".into(), s.read_bytes.load(Relaxed)),
             ("written_bytes".into(), s.written_bytes.load(Relaxed)),
             ("errors".into(), s.errors.load(Relaxed)),

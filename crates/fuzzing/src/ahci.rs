@@ -261,13 +261,36 @@ impl Host {
     /// Wait (bounded) until `f` holds; false if it never did.
     fn until(&self, limit: Duration, f: impl Fn(&Self) -> bool) -> bool {
         let t = Instant::now();
+        let mut spins = 0u32;
         while t.elapsed() < limit {
             if f(self) {
                 return true;
             }
-            std::thread::yield_now();
+            // Spin briefly, then sleep: on a loaded machine a spinning harness would take the
+            // CPU from the device threads it waits for.
+            spins += 1;
+            if spins < 1000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(100));
+            }
         }
         f(self)
+    }
+
+    /// What a stuck wait reports: GHC, each port's PxCMD/PxCI/PxSACT/PxTFD, the counters.
+    fn describe(&self) -> String {
+        let mut s = format!("GHC {:#x}", self.r(hba::GHC, 4));
+        for p in 0..PORTS {
+            s += &format!(
+                "; port {p}: CMD {:#x} CI {:#x} SACT {:#x} TFD {:#x}",
+                self.pr(p, preg::CMD),
+                self.pr(p, preg::CI),
+                self.pr(p, preg::SACT),
+                self.pr(p, preg::TFD)
+            );
+        }
+        format!("{s}; {:?}", self.dev.stats())
     }
 
     fn start(&mut self) {
@@ -277,7 +300,8 @@ impl Host {
             // run the threads finishing them for a while; a stuck reset never completes.
             self.until(crate::MAX_OP_WALL, |h| h.r(hba::GHC, 4) as u32 & ghc::HR
                 == 0),
-            "HBA reset never completed"
+            "HBA reset never completed: {}",
+            self.describe()
         );
         self.w(hba::GHC, 4, u64::from(ghc::AE | ghc::IE));
         for p in 0..PORTS {
