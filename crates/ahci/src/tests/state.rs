@@ -1,4 +1,4 @@
-//! Pause, save and restore: NCQ commands running when the HBA is paused, more issued while it
+//! Pause, save and restore: NCQ and ATAPI commands running on two ports when the HBA is paused, more issued while it
 //! is paused, the state restored into a fresh HBA; every command runs exactly once, drive
 //! settings and ATAPI sense state carry over, and nothing outside the buffers changes.
 
@@ -15,11 +15,8 @@ use crate::testdrv::{cdrom, disk, pattern, Cmd, Driver, TestBackend, BUF};
 
 const MIB: u64 = 1 << 20;
 
-fn drives(be: &Arc<TestBackend>, cd: &Arc<Ram>) -> Vec<crate::DriveInfo> {
-    vec![
-        disk(be.clone(), 512, 512),
-        cdrom(Some(cd.clone() as Arc<dyn BlockBackend>)),
-    ]
+fn drives(be: &Arc<TestBackend>, cd: &Arc<dyn BlockBackend>) -> Vec<crate::DriveInfo> {
+    vec![disk(be.clone(), 512, 512), cdrom(Some(cd.clone()))]
 }
 
 /// Run a CDB on port 1, slot 2, with no data.
@@ -28,11 +25,14 @@ fn packet(d: &mut Driver, cdb: &[u8]) -> crate::testdrv::Done {
 }
 
 #[test]
-fn save_restore_with_ncq_commands_running() {
+fn save_restore_with_commands_running_on_both_ports() {
     let be = TestBackend::new(8 * MIB, 512);
     let disk_data = pattern(4, MIB as usize);
     be.write_vectored(0, &[IoSlice::new(&disk_data)]).unwrap();
-    let cd = Arc::new(Ram::new(100 * 2048, 512).unwrap());
+    let cd_be = TestBackend::new(100 * 2048, 512);
+    let cd_data = pattern(8, 100 * 2048);
+    cd_be.write_vectored(0, &[IoSlice::new(&cd_data)]).unwrap();
+    let cd = cd_be.clone() as Arc<dyn BlockBackend>;
     let mut d = Driver::started(drives(&be, &cd));
     d.enable_msi(1);
     d.fill_canary();
@@ -44,23 +44,38 @@ fn save_restore_with_ncq_commands_running() {
     d.recover(1);
     assert!(!packet(&mut d, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0]).failed());
 
-    // Eight queued reads held at the backend.
+    // Three queued reads held at the backend (the pool's four workers block at the gate: one
+    // is left for the CD).
+    // And a CD READ(10) of 4 blocks on the other port, held too.
     be.set_gate(false);
-    for tag in 0..8u8 {
+    cd_be.set_gate(false);
+    for tag in 0..3u8 {
         let c = Cmd::fpdma(cmd::READ_FPDMA, tag, u64::from(tag) * 16, 8)
             .buf(BUF + u64::from(tag) * 4096, 4096);
         d.issue(0, tag, &c);
     }
-    d.wait("reads at the gate", |_| *be.waiting.lock().unwrap() > 0);
+    let cd_buf = BUF + 0x80000;
+    d.issue(
+        1,
+        3,
+        &Cmd::packet(&[op::READ_10, 0, 0, 0, 0, 10, 0, 0, 4, 0], true).buf(cd_buf, 4 * 2048),
+    );
+    d.wait("reads at the gates", |_| {
+        *be.waiting.lock().unwrap() > 0 && *cd_be.waiting.lock().unwrap() > 0
+    });
     std::thread::scope(|s| {
         let dev = &d.dev;
         let p = s.spawn(move || dev.pause());
         std::thread::sleep(Duration::from_millis(50));
         be.set_gate(true);
+        cd_be.set_gate(true);
         p.join().unwrap().expect("pause");
     });
     assert_eq!(d.pr(0, preg::SACT), 0, "pause waits for running commands");
+    assert_eq!(d.pr(1, preg::CI), 0, "pause waits for the CD read");
+    assert_eq!(d.read_mem(cd_buf, 4 * 2048), cd_data[10 * 2048..14 * 2048]);
     be.order.lock().unwrap().clear();
+    cd_be.order.lock().unwrap().clear();
     // Issued while paused: stays issued, runs after the restore.
     let new_data = pattern(77, 8192);
     d.write_mem(BUF + 0x10_0000, &new_data);
@@ -86,11 +101,15 @@ fn save_restore_with_ncq_commands_running() {
     });
     // Only the new command ran after the restore: nothing ran twice.
     assert_eq!(*be.order.lock().unwrap(), vec![1000 * 512]);
+    assert!(
+        cd_be.order.lock().unwrap().is_empty(),
+        "the CD read ran twice"
+    );
     let mut on_disk = vec![0u8; 8192];
     be.read_vectored(1000 * 512, &mut [std::io::IoSliceMut::new(&mut on_disk)])
         .unwrap();
     assert_eq!(on_disk, new_data);
-    for tag in 0..8u64 {
+    for tag in 0..3u64 {
         let at = (tag * 16 * 512) as usize;
         assert_eq!(
             d.read_mem(BUF + tag * 4096, 4096),
@@ -111,12 +130,13 @@ fn save_restore_with_ncq_commands_running() {
         Driver::ctrl_region(1),
         (BUF, 0x10_0000 + 8192),
     ]);
+    drop(cd);
 }
 
 #[test]
 fn restore_refuses_damaged_or_foreign_state() {
     let be = TestBackend::new(8 * MIB, 512);
-    let cd = Arc::new(Ram::new(100 * 2048, 512).unwrap());
+    let cd: Arc<dyn BlockBackend> = Arc::new(Ram::new(100 * 2048, 512).unwrap());
     let mut d = Driver::started(drives(&be, &cd));
     assert!(matches!(d.dev.save_state(), Err(StateError::Refused(_))));
     d.dev.pause().unwrap();
@@ -146,10 +166,7 @@ fn restore_refuses_damaged_or_foreign_state() {
     let e = other.restore_state(&good).unwrap_err();
     assert!(e.to_string().contains("port 0"), "{e}");
     // Ports swapped.
-    let swapped = d.twin(vec![
-        cdrom(Some(cd.clone() as Arc<dyn BlockBackend>)),
-        disk(be.clone(), 512, 512),
-    ]);
+    let swapped = d.twin(vec![cdrom(Some(cd.clone())), disk(be.clone(), 512, 512)]);
     assert!(swapped.restore_state(&good).is_err());
     // None of that touched the fresh HBA: the good state still goes in, once.
     fresh.restore_state(&good).unwrap();
