@@ -1,6 +1,7 @@
-//! Pause, save and restore: NCQ and ATAPI commands running on two ports when the HBA is paused, more issued while it
-//! is paused, the state restored into a fresh HBA; every command runs exactly once, drive
-//! settings and ATAPI sense state carry over, and nothing outside the buffers changes.
+//! Pause, save and restore: NCQ and ATAPI commands running on two ports when the HBA is
+//! paused, more issued while it is paused, the state restored into a fresh HBA; every command
+//! runs exactly once, drive settings and ATAPI sense state carry over, and nothing outside the
+//! buffers changes.
 
 use std::io::IoSlice;
 use std::sync::Arc;
