@@ -156,13 +156,13 @@ impl Hba {
             _ if self.per_port_vectors(irq) => {
                 for p in 0..self.nports {
                     if bits & (1 << p) != 0 && irq.trigger(p as u16) {
-                        self.interrupts += 1;
+                        self.interrupts = self.interrupts.wrapping_add(1);
                     }
                 }
             }
             _ => {
                 if irq.trigger(0) {
-                    self.interrupts += 1;
+                    self.interrupts = self.interrupts.wrapping_add(1);
                 }
             }
         }
@@ -182,7 +182,7 @@ impl Hba {
             let mut f = lock(func);
             f.set_intx(level);
             if level && f.mode() == InterruptMode::Intx && f.cfg.interrupt_pin() != 0 {
-                self.interrupts += 1;
+                self.interrupts = self.interrupts.wrapping_add(1);
             }
         }
     }

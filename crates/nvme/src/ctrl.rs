@@ -624,15 +624,18 @@ impl Shared {
         let c = &self.counters;
         let b = &self.smart.base;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // Saturating: the stored base comes from a file (or a snapshot) and may be anything.
         crate::smart::Totals {
             power_cycles: b.power_cycles,
-            power_on_secs: b.power_on_secs + self.started.elapsed().as_secs(),
+            power_on_secs: b
+                .power_on_secs
+                .saturating_add(self.started.elapsed().as_secs()),
             unsafe_shutdowns: b.unsafe_shutdowns,
-            bytes_read: b.bytes_read + g(&c.bytes_read),
-            bytes_written: b.bytes_written + g(&c.bytes_written),
-            read_cmds: b.read_cmds + g(&c.read_cmds),
-            write_cmds: b.write_cmds + g(&c.write_cmds),
-            media_errors: b.media_errors + g(&c.media_errors),
+            bytes_read: b.bytes_read.saturating_add(g(&c.bytes_read)),
+            bytes_written: b.bytes_written.saturating_add(g(&c.bytes_written)),
+            read_cmds: b.read_cmds.saturating_add(g(&c.read_cmds)),
+            write_cmds: b.write_cmds.saturating_add(g(&c.write_cmds)),
+            media_errors: b.media_errors.saturating_add(g(&c.media_errors)),
             clean,
         }
     }

@@ -21,7 +21,8 @@ pub struct Logs {
 impl Logs {
     /// Record a failed command.
     pub fn record_error(&mut self, sqid: u16, cid: u16, status: Status, sqe: &Sqe) {
-        self.error_count += 1;
+        // 64 bits, starting at 1; at the top it goes back to 1 (0 marks an invalid entry).
+        self.error_count = self.error_count.checked_add(1).unwrap_or(1);
         // The LBA field names the failing block for the commands that address one.
         let lba = match IoOpcode(sqe.opcode()) {
             IoOpcode::WRITE

@@ -403,6 +403,16 @@ impl Shared {
             }
         }
         let vectors = usize::from(cfg.maxq) + 1;
+        let f = &s.features;
+        if f.nsqa >= cfg.maxq || f.ncqa >= cfg.maxq || f.power_state & 0x1f != 0 {
+            return Err(invalid(format_args!(
+                "features: {} SQs and {} CQs granted of {}, power state {}",
+                u32::from(f.nsqa) + 1,
+                u32::from(f.ncqa) + 1,
+                cfg.maxq,
+                f.power_state
+            )));
+        }
         if s.features.vector_cd.len() != vectors {
             return Err(invalid(format_args!(
                 "{} interrupt vectors configured, the controller has {vectors}",
@@ -457,6 +467,15 @@ impl Shared {
                 if !page_ok(sq.page) {
                     return Err(invalid(format_args!("SQ {} page size {}", sq.id, sq.page)));
                 }
+            }
+        }
+        if let Some((db, ei)) = s.dbbuf {
+            let len = 8 * (u64::from(cfg.maxq) + 1);
+            let ok = |a: u64| a != 0 && a.is_multiple_of(4096) && a.checked_add(len).is_some();
+            if !ok(db) || !ok(ei) {
+                return Err(invalid(format_args!(
+                    "shadow doorbell buffers {db:#x}/{ei:#x}"
+                )));
             }
         }
         if s.error_log.len() > ERROR_LOG_ENTRIES

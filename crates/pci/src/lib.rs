@@ -11,6 +11,8 @@ pub mod caps;
 pub mod config;
 pub mod function;
 pub mod registry;
+#[cfg(feature = "test-support")]
+pub mod state_testing;
 
 use std::sync::Arc;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
