@@ -1067,6 +1067,20 @@ fn migration_source(dir: &Path, nvme: &Path, sata: &Path) -> Live {
     ])
 }
 
+/// The migration source's guest finished its three rounds (wherever it ran at the end), and
+/// its three disks hold the last round's data.
+fn assert_migration_source_finished(r: &Run, dir: &Path) {
+    for want in [
+        "KVMTEST: round 3 of 3",
+        "KVMTEST: devices tested 3",
+        "KVMTEST: PASS",
+    ] {
+        assert!(r.console.contains(want), "missing {want:?}\n{}", r.dump());
+    }
+    assert_round_data(&dir.join("nvme.img"), &dir.join("sata.img"), 2);
+    assert_pattern_round(&dir.join("vblk.img"), 3, 6144, 256, 2);
+}
+
 #[test]
 fn kvm_live_migration_moves_a_running_guest() {
     if !kvm() {
@@ -1102,19 +1116,7 @@ fn kvm_live_migration_moves_a_running_guest() {
         "{}",
         second.dump()
     );
-    for want in [
-        "KVMTEST: round 3 of 3",
-        "KVMTEST: devices tested 3",
-        "KVMTEST: PASS",
-    ] {
-        assert!(
-            second.console.contains(want),
-            "missing {want:?}\n{}",
-            second.dump()
-        );
-    }
-    assert_round_data(&nvme, &sata, 2);
-    assert_pattern_round(&dir.join("vblk.img"), 3, 6144, 256, 2);
+    assert_migration_source_finished(&second, &dir);
 }
 
 #[test]
@@ -1152,19 +1154,7 @@ fn kvm_refused_migration_leaves_the_guest_running_at_the_source() {
     // The source carries on and finishes the job itself.
     let first = src.finish();
     assert_eq!(first.code, 0, "{}", first.dump());
-    for want in [
-        "KVMTEST: round 3 of 3",
-        "KVMTEST: devices tested 3",
-        "KVMTEST: PASS",
-    ] {
-        assert!(
-            first.console.contains(want),
-            "missing {want:?}\n{}",
-            first.dump()
-        );
-    }
-    assert_round_data(&nvme, &sata, 2);
-    assert_pattern_round(&dir.join("vblk.img"), 3, 6144, 256, 2);
+    assert_migration_source_finished(&first, &dir);
 }
 
 #[test]

@@ -640,14 +640,11 @@ impl PciDevice for Ahci {
     }
 
     fn save_state(&self) -> Result<serde_json::Value, pci::StateError> {
-        let s = self.shared.save()?;
-        serde_json::to_value(s).map_err(|e| pci::StateError::Invalid(e.to_string()))
+        pci::state_to_json(&self.shared.save()?)
     }
 
     fn restore_state(&self, v: &serde_json::Value) -> Result<(), pci::StateError> {
-        use serde::Deserialize;
-        let s = state::AhciState::deserialize(v)
-            .map_err(|e| pci::StateError::Invalid(format!("ahci state: {e}")))?;
+        let s: state::AhciState = pci::state_from_json("ahci", v)?;
         self.shared.restore(&s)
     }
 }

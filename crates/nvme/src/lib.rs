@@ -40,7 +40,6 @@ use pci::{
     BarInfo, BarKind, ConfigError, ConfigSpace, DeviceContext, IoEvent, PciDevice, PciFunction,
     SlotSpec,
 };
-use serde::Deserialize;
 
 use crate::config::CtrlConfig;
 use crate::ctrl::{flag, Ctrl, Shared};
@@ -350,13 +349,11 @@ impl PciDevice for NvmeController {
     }
 
     fn save_state(&self) -> Result<serde_json::Value, pci::StateError> {
-        let s = self.shared.save()?;
-        serde_json::to_value(s).map_err(|e| pci::StateError::Invalid(e.to_string()))
+        pci::state_to_json(&self.shared.save()?)
     }
 
     fn restore_state(&self, v: &serde_json::Value) -> Result<(), pci::StateError> {
-        let s = state::NvmeState::deserialize(v)
-            .map_err(|e| pci::StateError::Invalid(format!("nvme state: {e}")))?;
+        let s: state::NvmeState = pci::state_from_json("nvme", v)?;
         self.shared.restore(&s)
     }
 }

@@ -166,6 +166,19 @@ pub trait PciDevice: Send + Sync {
     }
 }
 
+/// A device's saved state as the JSON [`PciDevice::save_state`] returns.
+pub fn state_to_json<T: serde::Serialize>(state: &T) -> Result<serde_json::Value, StateError> {
+    serde_json::to_value(state).map_err(|e| StateError::Invalid(e.to_string()))
+}
+
+/// A device's state from [`PciDevice::restore_state`]'s JSON; `device` names it in the error.
+pub fn state_from_json<T: serde::de::DeserializeOwned>(
+    device: &str,
+    v: &serde_json::Value,
+) -> Result<T, StateError> {
+    T::deserialize(v).map_err(|e| StateError::Invalid(format!("{device} state: {e}")))
+}
+
 /// Whether an access of `len` bytes at `offset` lies inside a BAR of `size` bytes. Frontends and
 /// devices check guest offsets with this before any arithmetic on them.
 pub fn bar_access_ok(offset: u64, len: usize, size: u64) -> bool {

@@ -373,13 +373,11 @@ impl PciDevice for VirtioBlk {
     }
 
     fn save_state(&self) -> Result<serde_json::Value, pci::StateError> {
-        let s = self.shared.save()?;
-        serde_json::to_value(s).map_err(|e| pci::StateError::Invalid(e.to_string()))
+        pci::state_to_json(&self.shared.save()?)
     }
 
     fn restore_state(&self, v: &serde_json::Value) -> Result<(), pci::StateError> {
-        let s: state::VirtioState = serde::Deserialize::deserialize(v)
-            .map_err(|e| pci::StateError::Invalid(format!("virtio-blk state: {e}")))?;
+        let s: state::VirtioState = pci::state_from_json("virtio-blk", v)?;
         self.shared.restore(&s)
     }
 }
