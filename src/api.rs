@@ -342,3 +342,42 @@ pub fn request(socket: &Path, verb: &str, body: Option<&str>) -> Result<(u16, St
 pub fn counters(list: impl IntoIterator<Item = (String, u64)>) -> Value {
     Value::Object(list.into_iter().map(|(k, v)| (k, json!(v))).collect())
 }
+
+/// One device in `stats`: its counters, its command latency histogram (`latency_us`: bucket
+/// `lt_N` counts commands that took less than N µs, and were not counted in a smaller bucket)
+/// and, once it has done I/O, exits and interrupts per I/O command.
+pub fn device_stats(slot: String, emulation: &str, list: Vec<(String, u64)>) -> Value {
+    let get = |k: &str| list.iter().find(|(n, _)| n == k).map_or(0, |(_, v)| *v);
+    let (latency, plain): (Vec<_>, Vec<_>) = list
+        .iter()
+        .cloned()
+        .partition(|(k, _)| k.starts_with(pci::latency::STAT_PREFIX));
+    let latency: serde_json::Map<String, Value> = latency
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                format!("lt_{}", &k[pci::latency::STAT_PREFIX.len()..]),
+                json!(v),
+            )
+        })
+        .collect();
+    // I/O commands: NVMe reads and writes, AHCI commands, virtio-blk requests.
+    let ios = get("read_commands") + get("write_commands") + get("commands") + get("requests");
+    // Exits: KVM's userspace exits on the device's BARs, or the MMIO messages UML sent.
+    let exits = get("exits") + get("uml_mmio_reads") + get("uml_mmio_writes");
+    let irqs = get("irqfd_msi") + get("signal_msi") + get("intx_asserts") + get("msi_sent");
+    let mut v = json!({
+        "slot": slot,
+        "emulation": emulation,
+        "counters": counters(plain),
+        "latency_us": latency,
+    });
+    if ios > 0 {
+        v["per_io"] = json!({
+            "io_commands": ios,
+            "exits": exits as f64 / ios as f64,
+            "interrupts": irqs as f64 / ios as f64,
+        });
+    }
+    v
+}

@@ -65,6 +65,7 @@ struct RunApi {
     pause: vmm::PauseHandle,
     snapshots: vmm::snapshot::Snapshotter,
     power_button: vmm::PowerButton,
+    exits: std::sync::Arc<vmm::stats::Stats>,
     vcpus: u8,
     memory: u64,
     /// How a finished migration went, for the exit line.
@@ -98,19 +99,12 @@ impl crate::api::Api for RunApi {
     }
 
     fn stats(&self) -> serde_json::Value {
-        let devs: Vec<_> = self
-            .host
-            .slots()
-            .map(|s| {
-                let d = s.lock();
-                serde_json::json!({
-                    "slot": s.address(),
-                    "emulation": d.name(),
-                    "counters": crate::api::counters(d.stats()),
-                })
-            })
+        let exits = self.exits.snapshot();
+        let devs: Vec<_> = vmm::device_reports(&self.host, &exits)
+            .into_iter()
+            .map(|d| crate::api::device_stats(d.address, &d.name, d.counters))
             .collect();
-        serde_json::json!({ "devices": devs })
+        serde_json::json!({ "exits": exits.total(), "devices": devs })
     }
 
     fn shutdown(&self, grace: std::time::Duration) {
@@ -384,6 +378,7 @@ pub fn run(a: RunArgs) -> Result<()> {
                 pause: vm.pause_handle(),
                 snapshots: vm.snapshotter(),
                 power_button: vm.power_button(),
+                exits: vm.exit_stats(),
                 migrated: Default::default(),
                 vcpus,
                 memory,

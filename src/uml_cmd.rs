@@ -71,13 +71,15 @@ impl crate::api::Api for UmlApi {
             .devices
             .iter()
             .map(|(spec, d, access, irq)| {
-                serde_json::json!({
-                    "slot": spec.address(),
-                    "emulation": d.name(),
-                    "counters": crate::api::counters(
-                        d.stats().into_iter().chain(access.snapshot()).chain(irq.stats())
-                    ),
-                })
+                crate::api::device_stats(
+                    spec.address(),
+                    d.name(),
+                    d.stats()
+                        .into_iter()
+                        .chain(access.snapshot())
+                        .chain(irq.stats())
+                        .collect(),
+                )
             })
             .collect();
         serde_json::json!({ "devices": devs })

@@ -477,6 +477,23 @@ fn kvm_api_socket_reports_devices_and_counters_and_shuts_down() {
         stats.contains("\"write_commands\":32"),
         "the guest's writes: {stats}"
     );
+    // Per device: a latency histogram of every I/O command, and exits and interrupts per I/O
+    // (the guest rings its doorbells through shadow buffers and ioeventfd: next to no exits).
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let nvme = &v["devices"][0];
+    assert_eq!(nvme["emulation"], "nvme", "{stats}");
+    let lat: u64 = nvme["latency_us"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(lat, 64, "{stats}");
+    assert_eq!(nvme["per_io"]["io_commands"], 64, "{stats}");
+    let exits = nvme["per_io"]["exits"].as_f64().unwrap();
+    let irqs = nvme["per_io"]["interrupts"].as_f64().unwrap();
+    // (Setup exits included: the register reads of the reset and enable, 33 here.)
+    assert!(exits < 1.0 && (1.0..1.5).contains(&irqs), "{stats}");
     // The spinning guest ignores the power button: stopped when the second is up.
     let o = Command::new(env!("CARGO_BIN_EXE_rhyve"))
         .args(["ctl", "--api-socket", sock.to_str().unwrap(), "shutdown"])

@@ -123,6 +123,8 @@ pub(crate) struct Shared {
     pub(crate) pool: Arc<Executor>,
     pub(crate) threads: OnceLock<Vec<IoThread>>,
     pub(crate) stats: Stats,
+    /// Command latencies.
+    pub(crate) latency: pci::LatencyHistogram,
     /// Port index → drive description (also held by each port).
     pub(crate) drives: Vec<Arc<DriveInfo>>,
     pub(crate) me: Weak<Shared>,
@@ -421,6 +423,7 @@ impl Ahci {
             pool: pool.clone(),
             threads: OnceLock::new(),
             stats: Stats::default(),
+            latency: Default::default(),
             drives,
             me: me.clone(),
         });
@@ -604,6 +607,9 @@ impl PciDevice for Ahci {
             ("errors".into(), s.errors.load(Relaxed)),
             ("interrupts".into(), interrupts),
         ]
+        .into_iter()
+        .chain(self.shared.latency.stats())
+        .collect()
     }
 
     /// PxCI is write-1-to-set and drivers issue one command per write (`1 << slot`), so every

@@ -51,6 +51,8 @@ pub struct Fetched {
     fis: H2dRegisterFis,
     queued: bool,
     generation: u64,
+    /// When it was fetched (latency statistics).
+    started: std::time::Instant,
 }
 
 /// A command running on the backend.
@@ -191,6 +193,7 @@ fn fetch(mem: &Mem, p: &Port, slot: u8) -> Result<Fetched, (u32, u32)> {
         fis,
         queued,
         generation: p.generation,
+        started: std::time::Instant::now(),
     })
 }
 
@@ -549,6 +552,7 @@ fn finish(
     done: Option<(Plan, IoResult, Option<Sg>)>,
 ) {
     let mem = sh.mem.memory();
+    sh.latency.record(f.started.elapsed());
     let p = &mut ps.port;
     p.in_flight = p.in_flight.saturating_sub(1);
     let live = p.generation == f.generation;

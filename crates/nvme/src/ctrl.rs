@@ -190,6 +190,8 @@ pub struct Shared {
     pub shutdown_running: AtomicBool,
     /// Counters.
     pub counters: Counters,
+    /// I/O command latencies.
+    pub latency: pci::LatencyHistogram,
     /// When the controller was created (power-on time, timestamps).
     pub started: Instant,
     /// A handle to ourselves, for work that outlives a call.

@@ -432,11 +432,13 @@ impl Shared {
                     sqe.cid()
                 );
                 work.errors.push((sq.id, sqe, e.status));
+                self.latency.record(Duration::ZERO); // answered at once
                 self.post_io(cq, sq, sqe.cid(), e.status, work);
                 return;
             }
         };
         if matches!(plan, Plan::Nothing) {
+            self.latency.record(Duration::ZERO);
             self.post_io(cq, sq, sqe.cid(), Status::SUCCESS, work);
             return;
         }
@@ -452,6 +454,7 @@ impl Shared {
             chunks: None,
             abort_waiting: false,
             held: false,
+            started: Instant::now(),
         });
         self.begin();
         let t = tag(cq.id, sq.id, sq.epoch, slot);
@@ -1206,6 +1209,7 @@ impl Shared {
             return;
         }
         let Some(mut s) = sq.unpark(slot) else { return };
+        self.latency.record(s.started.elapsed());
         if s.status.is_success() && self.flush_broken(&s.sqe) {
             s.status = Status::WRITE_FAULT;
         }

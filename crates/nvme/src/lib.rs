@@ -171,6 +171,7 @@ impl NvmeController {
             pool: pool.clone(),
             shutdown_running: AtomicBool::new(false),
             counters: Default::default(),
+            latency: Default::default(),
             started: Instant::now(),
             me: me.clone(),
             smart,
@@ -311,6 +312,9 @@ impl PciDevice for NvmeController {
             ("shadow_polls".into(), g(&c.polled)),
             ("inflight_peak".into(), g(&c.inflight_peak)),
         ]
+        .into_iter()
+        .chain(self.shared.latency.stats())
+        .collect()
     }
 
     /// Once the host has configured shadow doorbells (Doorbell Buffer Config, an admin command, so

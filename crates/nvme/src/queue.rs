@@ -59,6 +59,8 @@ pub struct Slot {
     pub abort_waiting: bool,
     /// Finished while Bus Master Enable was clear: the completion waits for BME.
     pub held: bool,
+    /// When it was fetched (latency statistics).
+    pub started: std::time::Instant,
 }
 
 /// A submission queue.

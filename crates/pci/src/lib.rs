@@ -10,6 +10,7 @@
 pub mod caps;
 pub mod config;
 pub mod function;
+pub mod latency;
 pub mod registry;
 #[cfg(feature = "test-support")]
 pub mod state_testing;
@@ -19,6 +20,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use config::{BarKind, ConfigSpace};
 pub use function::{FunctionState, InterruptMode, Interrupts, PciFunction, StateError};
+pub use latency::LatencyHistogram;
 pub use registry::{ConfigError, DeviceRegistry, SlotOption, SlotOptions, SlotSpec};
 
 /// Guest memory as every device model sees it. Atomic so a frontend can install or replace the

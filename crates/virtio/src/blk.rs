@@ -133,6 +133,7 @@ impl Shared {
                         used_len,
                         status_addr,
                     } => {
+                        self.latency.record(std::time::Duration::ZERO); // answered at once
                         used |= self.post(&mut vq, &mem, head, status, used_len, status_addr);
                     }
                     Started::Broken(why) => {
@@ -447,6 +448,7 @@ impl Shared {
                 status: blk_status::OK,
                 used_len,
                 flush_after: false,
+                started: Instant::now(),
             });
         }
     }
@@ -551,6 +553,7 @@ impl Shared {
                     continue;
                 }
                 let p = vq.pending[usize::from(head)].take().expect("present");
+                self.latency.record(p.started.elapsed());
                 used |= self.post(&mut vq, &mem, head, p.status, p.used_len, p.status_addr);
             }
             if used {

@@ -97,6 +97,8 @@ pub(crate) struct Shared {
     counters: Counters,
     /// Paused for a snapshot: the available rings are not drained.
     paused: AtomicBool,
+    /// Request latencies.
+    latency: pci::LatencyHistogram,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -178,6 +180,7 @@ impl VirtioBlk {
             threads: OnceLock::new(),
             counters: Counters::default(),
             paused: AtomicBool::new(false),
+            latency: Default::default(),
         });
         let mut threads = Vec::new();
         for i in 0..usize::from(iothreads) {
@@ -339,6 +342,9 @@ impl PciDevice for VirtioBlk {
             ("notifies".into(), g(&c.notifies)),
             ("interrupts".into(), g(&c.interrupts)),
         ]
+        .into_iter()
+        .chain(self.shared.latency.stats())
+        .collect()
     }
 
     /// Each queue's notification address can be absorbed (token = queue index): the kick

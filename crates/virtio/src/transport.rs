@@ -122,6 +122,8 @@ pub(crate) struct Pending {
     /// Flush once the parts are done, before answering (discard and write zeroes on a
     /// write-through device must be durable when they complete).
     pub flush_after: bool,
+    /// When the request was taken from the ring (latency statistics).
+    pub started: std::time::Instant,
 }
 
 /// One virtqueue and the requests started from it.

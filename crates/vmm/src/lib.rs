@@ -126,6 +126,37 @@ impl VmExit {
     }
 }
 
+/// Each device's counters (its own, plus the exits its BARs caused, ioeventfd kicks and
+/// interrupts sent through KVM), from the exit counters in `exits`.
+pub fn device_reports(host: &PciHost, exits: &Snapshot) -> Vec<DeviceReport> {
+    host.slots()
+        .filter(|s| s.name != "hostbridge")
+        .map(|s| {
+            let mut counters = s.lock().stats();
+            let prefix = format!("slot{}.{} ", s.index / 8, s.index % 8);
+            let bar_exits: u64 = exits
+                .buckets
+                .iter()
+                .filter(|(n, _, _)| n.starts_with(&prefix))
+                .map(|(_, r, w)| r + w)
+                .sum();
+            counters.push(("exits".into(), bar_exits));
+            if let Some(irq) = &s.irq {
+                let c = &irq.counters;
+                counters.push(("irqfd_msi".into(), c.irqfd.load(Ordering::Relaxed)));
+                counters.push(("signal_msi".into(), c.signal_msi.load(Ordering::Relaxed)));
+                counters.push(("intx_asserts".into(), c.intx.load(Ordering::Relaxed)));
+            }
+            counters.push(("ioeventfd_kicks".into(), s.kicks.load(Ordering::Relaxed)));
+            DeviceReport {
+                address: s.address(),
+                name: s.name.clone(),
+                counters,
+            }
+        })
+        .collect()
+}
+
 /// Where devices report terminal events.
 pub type ExitSender = Sender<VmExit>;
 
@@ -588,6 +619,11 @@ impl Vm {
         &self.host
     }
 
+    /// The exit counters (for [`device_reports`] while the VM runs).
+    pub fn exit_stats(&self) -> Arc<Stats> {
+        self.env.stats.clone()
+    }
+
     /// The ACPI power button.
     pub fn power_button(&self) -> PowerButton {
         self.power_button.clone()
@@ -687,26 +723,7 @@ impl Vm {
         }
         self.host.shutdown();
         self.serial.flush();
-        let devices = self
-            .host
-            .slots()
-            .filter(|s| s.name != "hostbridge")
-            .map(|s| {
-                let mut counters = s.lock().stats();
-                if let Some(irq) = &s.irq {
-                    let c = &irq.counters;
-                    counters.push(("irqfd_msi".into(), c.irqfd.load(Ordering::Relaxed)));
-                    counters.push(("signal_msi".into(), c.signal_msi.load(Ordering::Relaxed)));
-                    counters.push(("intx_asserts".into(), c.intx.load(Ordering::Relaxed)));
-                }
-                counters.push(("ioeventfd_kicks".into(), s.kicks.load(Ordering::Relaxed)));
-                DeviceReport {
-                    address: s.address(),
-                    name: s.name.clone(),
-                    counters,
-                }
-            })
-            .collect();
+        let devices = device_reports(&self.host, &self.env.stats.snapshot());
         let phases = self
             .testdev
             .as_ref()
