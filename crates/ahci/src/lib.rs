@@ -109,10 +109,15 @@ pub(crate) struct Shared {
     /// Bit per port: it has an enabled interrupt condition (PxIS & PxIE), kept current by
     /// [`PortGuard`] whenever a port's lock is released.
     pub(crate) pending: AtomicU32,
-    /// A reset (HBA or link) waits for running commands to finish. Requests to settle (an HBA reset to finish, links to bring up), counted: a settle
-    /// clears them only if none arrived while it ran. A flag cleared by a settle that started
-    /// before a reset would lose the reset's request, and GHC.HR would read 1 for ever.
-    pub(crate) settling: AtomicU64,
+    /// A reset (HBA or link) waits for running commands to finish: requests to settle (an HBA
+    /// reset to finish, links to bring up) are numbered, and `settled` is the highest request
+    /// a finished settle had seen when it began. Both only grow, so a settle that began before
+    /// a reset can never mark the reset's request done. (A flag, and then a counter reset to
+    /// zero, both lost a reset that way: the counter when it came back to the value an older
+    /// settle had read; GHC.HR then read 1 for ever.)
+    pub(crate) settle_requested: AtomicU64,
+    /// See [`Shared::settle_requested`].
+    pub(crate) settled: AtomicU64,
     /// Paused for a snapshot: no command is fetched.
     pub(crate) paused: AtomicBool,
     /// Config space and interrupt delivery.
@@ -213,10 +218,36 @@ impl Shared {
                 }
             }
         }
-        if self.settling.load(SeqCst) != 0 {
+        if self.settle_wanted() {
             self.settle();
         }
         self.update_irq();
+    }
+
+    /// Ask for a settle (an HBA reset, a COMRESET released).
+    pub(crate) fn request_settle(&self) {
+        self.settle_requested.fetch_add(1, SeqCst);
+    }
+
+    /// A settle request is not done yet.
+    pub(crate) fn settle_wanted(&self) -> bool {
+        self.settle_requested.load(SeqCst) > self.settled.load(SeqCst)
+    }
+
+    /// GHC.HR: every port resets; GHC.HR reads 1 until running commands finish.
+    pub(crate) fn hba_reset(&self) {
+        {
+            let mut hba = lock(&self.hba);
+            hba.ghc = 0;
+            hba.is = 0;
+            hba.reset_pending = true;
+        }
+        for i in 0..self.ports.len() {
+            let mut ps = self.port(i);
+            ps.port.hba_reset();
+            ps.port.info.flush_failed.store(false, Relaxed);
+        }
+        self.request_settle();
     }
 
     /// Complete reaped requests, one port lock per run of requests on the same port.
@@ -268,7 +299,7 @@ impl Shared {
     /// Finish an HBA reset once no port has a command running, and bring up links whose
     /// reset waits for their port to drain.
     pub(crate) fn settle(&self) {
-        let requests = self.settling.load(SeqCst);
+        let requests = self.settle_requested.load(SeqCst);
         let mut all_idle = true;
         let mut any_waiting = false;
         for i in 0..self.ports.len() {
@@ -301,9 +332,13 @@ impl Shared {
             }
         }
         let _ = any_waiting;
+        #[cfg(test)]
+        if let Some(hook) = tests::BEFORE_SETTLED.with(|h| h.borrow_mut().take()) {
+            hook(self);
+        }
         if !still {
-            // Clear only what this settle saw: a request made meanwhile stays for the next.
-            let _ = self.settling.compare_exchange(requests, 0, SeqCst, SeqCst);
+            // Done only up to what this settle saw: a request made meanwhile stays for the next.
+            self.settled.fetch_max(requests, SeqCst);
         }
         if work.engines != 0 {
             self.run_work(work);
@@ -415,7 +450,8 @@ impl Ahci {
             hba: Mutex::new(Hba::new(n)),
             ports,
             pending: AtomicU32::new(0),
-            settling: AtomicU64::new(1),
+            settle_requested: AtomicU64::new(1),
+            settled: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             func: Mutex::new(func),
             irq,
@@ -464,7 +500,7 @@ impl Ahci {
             let pending = sh.pending.load(Relaxed);
             let fx = lock(&sh.hba).write_global(off, val, mask, pending, &sh.irq, &sh.func);
             if fx.reset {
-                self.hba_reset();
+                sh.hba_reset();
             }
             return;
         }
@@ -482,25 +518,8 @@ impl Ahci {
         }
         drop(ps);
         if fx.settle {
-            sh.settling.fetch_add(1, SeqCst);
+            sh.request_settle();
         }
-    }
-
-    /// GHC.HR: every port resets; GHC.HR reads 1 until running commands finish.
-    fn hba_reset(&self) {
-        let sh = &self.shared;
-        {
-            let mut hba = lock(&sh.hba);
-            hba.ghc = 0;
-            hba.is = 0;
-            hba.reset_pending = true;
-        }
-        for i in 0..sh.ports.len() {
-            let mut ps = sh.port(i);
-            ps.port.hba_reset();
-            ps.port.info.flush_failed.store(false, Relaxed);
-        }
-        sh.settling.fetch_add(1, SeqCst);
     }
 }
 

@@ -113,7 +113,7 @@ impl Shared {
         self.paused.store(true, SeqCst);
         let deadline = Instant::now() + PAUSE_WAIT;
         while !self.quiesced() {
-            if self.settling.load(SeqCst) != 0 {
+            if self.settle_wanted() {
                 self.settle();
                 continue;
             }
@@ -273,7 +273,8 @@ impl Shared {
             c.read_bytes.fetch_add(saved.read_bytes, Relaxed);
             c.written_bytes.fetch_add(saved.written_bytes, Relaxed);
         }
-        self.settling.store(0, SeqCst);
+        self.settled
+            .store(self.settle_requested.load(SeqCst), SeqCst);
         Ok(())
     }
 }

@@ -437,3 +437,41 @@ fn snotification_is_write_one_to_clear() {
     d.pw(0, preg::SNTF, 0xffff);
     assert_eq!(d.pr(0, preg::SNTF), 0);
 }
+
+/// The race the ahci fuzzer found twice (GHC.HR reading 1 for ever, nothing in flight): a
+/// settle that began before an HBA reset, while another settle finished the same request, must
+/// not mark the reset's request done. With a counter cleared back to zero it did when the
+/// count came back to the value the first settle had read.
+#[test]
+fn a_settle_that_began_before_an_hba_reset_does_not_finish_it() {
+    let d = Driver::started(one_disk());
+    let mem = pci::GuestMem::new(d.mem.clone());
+    let ctx = pci::DeviceContext {
+        mem,
+        irq: d.irq.clone(),
+        intx_supported: true,
+    };
+    let ahci = crate::Ahci::new(one_disk(), &ctx);
+    let sh = ahci.shared.clone();
+    // One request outstanding, as a COMRESET release leaves.
+    sh.request_settle();
+    super::BEFORE_SETTLED.with(|h| {
+        *h.borrow_mut() = Some(Box::new(|sh: &crate::Shared| {
+            sh.settle(); // another thread's settle finishes the same request
+            sh.hba_reset(); // then the guest resets the HBA
+        }))
+    });
+    sh.settle();
+    // What the reset's register write does next.
+    sh.run_work(Default::default());
+    let mut b = [0u8; 4];
+    ahci.bar_read(crate::ABAR, hba::GHC, &mut b);
+    assert_eq!(
+        u32::from_le_bytes(b) & ghc::HR,
+        0,
+        "the HBA reset never finished"
+    );
+    let mut b = [0u8; 4];
+    ahci.bar_read(crate::ABAR, hba::PORT_BASE + preg::SSTS, &mut b);
+    assert_eq!(u32::from_le_bytes(b) & 0xf, 3, "the link came back");
+}

@@ -10,3 +10,10 @@ mod hba_regs;
 mod hostile;
 mod ncq;
 mod state;
+
+thread_local! {
+    /// Runs inside the next [`crate::Shared::settle`] on this thread, just before it marks its
+    /// requests done: where a concurrent settle and a reset can slip in.
+    pub(crate) static BEFORE_SETTLED: std::cell::RefCell<Option<Box<dyn FnOnce(&crate::Shared)>>> =
+        const { std::cell::RefCell::new(None) };
+}
