@@ -11,9 +11,12 @@ mod hostile;
 mod ncq;
 mod state;
 
+/// A test's code run inside a settle.
+pub(crate) type SettleHook = Box<dyn FnOnce(&crate::Shared)>;
+
 thread_local! {
     /// Runs inside the next [`crate::Shared::settle`] on this thread, just before it marks its
     /// requests done: where a concurrent settle and a reset can slip in.
-    pub(crate) static BEFORE_SETTLED: std::cell::RefCell<Option<Box<dyn FnOnce(&crate::Shared)>>> =
+    pub(crate) static BEFORE_SETTLED: std::cell::RefCell<Option<SettleHook>> =
         const { std::cell::RefCell::new(None) };
 }
