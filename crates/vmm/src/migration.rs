@@ -581,3 +581,114 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+
+    /// Run `receive` on a fresh UNIX socket and feed it `bytes` from a client; its error.
+    fn receive_from(bytes: Vec<u8>) -> String {
+        let dir = std::env::temp_dir().join(format!(
+            "rhyve-mig-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("m.sock");
+        let url = format!("unix:{}", sock.display());
+        let rx = std::thread::spawn(move || receive(&url).err());
+        let mut c = loop {
+            match UnixStream::connect(&sock) {
+                Ok(c) => break c,
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        let _ = c.write_all(&bytes);
+        drop(c); // end of stream
+        let e = rx.join().unwrap().expect("a bad stream must be refused");
+        let _ = std::fs::remove_dir_all(&dir);
+        e
+    }
+
+    fn header(version: u32, mem: u64) -> Vec<u8> {
+        let cfg = serde_json::to_vec(&SavedConfig {
+            mem_size: mem,
+            vcpus: 1,
+            devices: vec![],
+            testdev: false,
+        })
+        .unwrap();
+        let mut v = MAGIC.to_vec();
+        v.extend_from_slice(&version.to_le_bytes());
+        v.extend_from_slice(&(cfg.len() as u32).to_le_bytes());
+        v.extend_from_slice(&cfg);
+        v
+    }
+
+    fn ram(off: u64, len: u32) -> Vec<u8> {
+        let mut v = vec![TAG_RAM];
+        v.extend_from_slice(&off.to_le_bytes());
+        v.extend_from_slice(&len.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn hostile_streams_are_refused_with_a_reason() {
+        const MIB16: u64 = 16 << 20;
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+                "not a rhyve migration stream",
+            ),
+            (header(99, MIB16), "migration protocol version 99"),
+            (header(VERSION, 12345), "RAM size 12345"),
+            (
+                [header(VERSION, MIB16), ram(MIB16 - 4096, 8192)].concat(),
+                "outside RAM",
+            ),
+            (
+                [header(VERSION, MIB16), ram(u64::MAX - 10, 4096)].concat(),
+                "outside RAM",
+            ),
+            (
+                [header(VERSION, MIB16), ram(0, (RUN_MAX + 1) as u32)].concat(),
+                "outside RAM",
+            ),
+            (
+                [
+                    header(VERSION, MIB16),
+                    vec![TAG_STATE],
+                    u32::MAX.to_le_bytes().to_vec(),
+                ]
+                .concat(),
+                "too large",
+            ),
+            (
+                [
+                    header(VERSION, MIB16),
+                    vec![TAG_STATE],
+                    2u32.to_le_bytes().to_vec(),
+                    b"{}".to_vec(),
+                ]
+                .concat(),
+                "migration state",
+            ),
+            (
+                [header(VERSION, MIB16), vec![7]].concat(),
+                "unknown message 7",
+            ),
+            // Cut off in the middle of a RAM message.
+            (
+                [header(VERSION, MIB16), ram(0, 4096), vec![1; 100]].concat(),
+                "migration stream",
+            ),
+        ];
+        for (bytes, want) in cases {
+            let e = receive_from(bytes);
+            assert!(e.contains(want), "want {want:?}, got {e:?}");
+        }
+    }
+}
