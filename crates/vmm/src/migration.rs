@@ -47,6 +47,8 @@ const MAX_ROUNDS: usize = 8;
 const CONVERGED_PAGES: usize = 256;
 /// Largest header or state message accepted.
 const MAX_JSON: u32 = 64 << 20;
+/// How long the destination waits for the next bytes of a stream that has begun.
+const STALL: Duration = Duration::from_secs(60);
 /// How long the source waits for the destination to say it runs.
 const ACK_WAIT: Duration = Duration::from_secs(120);
 
@@ -465,6 +467,8 @@ pub fn receive(url: &str) -> Result<Incoming, String> {
         }
     }
     .map_err(|e| format!("{url}: {e}"))?;
+    // A source that stalls mid-stream must not hold the destination for ever.
+    conn.set_read_timeout(Some(STALL));
     let mut magic = [0u8; 8];
     conn.read_exact(&mut magic)
         .map_err(|e| format!("migration stream: {e}"))?;
