@@ -493,7 +493,14 @@ impl Shared {
         if self.smart_clean.load(Ordering::Relaxed) {
             self.save_smart(false);
         }
-        c.csts = csts::RDY;
+        // A shutdown notified while this enable waited for a reset to drain is still under
+        // way (or done): its status stays, or the host would wait for it for ever.
+        let shst = if Cc::from_bits(c.cc).shn() != 0 {
+            c.csts & csts::SHST_MASK
+        } else {
+            0
+        };
+        c.csts = csts::RDY | shst;
         self.flags.fetch_or(flag::ACCEPTING, Ordering::AcqRel);
     }
 

@@ -240,3 +240,25 @@ fn mutated_states_are_refused_or_harmless() {
     // The mutated controllers wrote where their queues said: not the test's business.
     d.allow(0, MEM_SIZE);
 }
+
+/// Found by the nvme fuzzer (once in 6.1M runs, on a loaded machine): CC.EN set again while a
+/// reset still waited for a command (the enable is deferred, CSTS.RDY still reads 1), then a
+/// shutdown notification. The deferred enable wiped SHST, and the shutdown never reported
+/// complete.
+#[test]
+fn a_shutdown_requested_while_an_enable_waits_for_a_reset_completes() {
+    let (mut d, backend) = TestDriver::on("4,nvme,ram=1", 1 << 20);
+    d.bring_up();
+    backend.hold();
+    let buf = d.alloc(4096);
+    d.submit(1, rw(IoOpcode::READ, 1, 0, 8).prp(buf, 0));
+    backend.wait_parked(1);
+    let cc = d.reg(0x14);
+    d.set_reg(0x14, cc & !1); // reset: waits for the held read
+    d.set_reg(0x14, cc | 1); // enable again at once: deferred
+    d.set_reg(0x14, cc | 1 | (1 << 14)); // normal shutdown notification
+    backend.release();
+    // SHST must come to 10b (complete).
+    d.wait_csts(0xc, 0x8);
+    d.allow(buf, 4096);
+}
