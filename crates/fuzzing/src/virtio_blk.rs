@@ -221,8 +221,12 @@ impl Host {
 
     fn publish(&mut self, q: u16, heads: &[u16], notify: bool) {
         let (_, avail, _) = ring(q);
+        // A driver never has more entries outstanding than the ring holds: one more would
+        // overwrite an avail slot the device has not read yet.
+        self.reap();
         let (size, mut idx) = (self.q[usize::from(q)].0.max(1), self.q[usize::from(q)].1);
-        for &h in heads.iter().take(usize::from(size)) {
+        let free = size.saturating_sub(self.outstanding(q));
+        for &h in heads.iter().take(usize::from(free)) {
             let h = h % size;
             let _ = self
                 .b
@@ -236,6 +240,12 @@ impl Host {
         if notify {
             self.w(NOTIFY + u64::from(q) * 4, 2, u64::from(q));
         }
+    }
+
+    /// Avail entries published and not yet seen used.
+    fn outstanding(&self, q: u16) -> u16 {
+        let q = &self.q[usize::from(q)];
+        q.1.wrapping_sub(q.2)
     }
 
     /// Take used entries: each must name a head the harness made available.
@@ -255,7 +265,11 @@ impl Host {
                         .and_then(|h| self.q[q].3.get_mut(&h))
                         .filter(|c| **c > 0);
                     let Some(c) = left else {
-                        panic!("queue {q}: used head {id} was not made available");
+                        panic!(
+                            "queue {q}: used head {id} (used entry {seen}, used idx {idx}) \
+                             was not made available; outstanding {:?}",
+                            self.q[q].3
+                        );
                     };
                     *c -= 1;
                 }
@@ -281,6 +295,31 @@ impl Host {
         let size = self.q.get(qi)?.0;
         if size < 4 {
             return None;
+        }
+        let limit = if self.model {
+            std::time::Duration::from_secs(1)
+        } else {
+            std::time::Duration::from_millis(2)
+        };
+        if self.outstanding(q) >= size {
+            // A full ring: kick the device and wait for room, as a driver would.
+            self.w(NOTIFY + u64::from(q) * 4, 2, u64::from(q));
+            let t = std::time::Instant::now();
+            while self.outstanding(q) >= size && t.elapsed() < limit {
+                if self.r(COMMON + 20, 1) & 0x40 != 0 {
+                    break;
+                }
+                std::thread::yield_now();
+                self.reap();
+            }
+            if self.outstanding(q) >= size {
+                let status = self.r(COMMON + 20, 1) as u8;
+                assert!(
+                    !self.model || status & 0x40 != 0,
+                    "queue {q}: a full ring was never consumed (status {status:#x})"
+                );
+                return None;
+            }
         }
         let hdr = WINDOW + 0x10000;
         let data = WINDOW + 0x11000;
@@ -320,11 +359,6 @@ impl Host {
         // Within the model the request must be used (a lost one is a bug: wait long); outside
         // it (raw register writes, no DRIVER_OK) it may rightly never be, and waiting a second
         // for that made most inputs take a second.
-        let limit = if self.model {
-            std::time::Duration::from_secs(1)
-        } else {
-            std::time::Duration::from_millis(2)
-        };
         let t = std::time::Instant::now();
         while t.elapsed() < limit {
             self.reap();
