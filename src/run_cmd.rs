@@ -399,7 +399,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     });
     let out = vm.run();
     if stats {
-        eprintln!("rhyve: exits: {}", out.stats.line());
+        eprintln!(
+            "rhyve: exits: {} coalesced_pio={}",
+            out.stats.line(),
+            out.coalesced_pio
+        );
         for d in &out.devices {
             let c: Vec<String> = d.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
             eprintln!("rhyve: {} {}: {}", d.address, d.name, c.join(" "));

@@ -24,6 +24,15 @@ static void lifecycle(void)
     } else if (has_arg("action=reboot")) {
         puts("KVMTEST: rebooting\n");
         outb(0x64, 0xfe); /* i8042: pulse reset */
+    } else if (has_arg("action=reset-acpi")) {
+        puts("KVMTEST: ACPI reset register\n");
+        outb(0x602, 6); /* the FADT's RESET_REG and RESET_VALUE */
+    } else if (has_arg("action=reset-cf9")) {
+        puts("KVMTEST: reset control register\n");
+        /* KVM buffers this write with CONFIG_ADDRESS's; it takes effect at the next exit,
+         * which the read of the 8042 status is. */
+        outb(0xcf9, 6);
+        (void)inb(0x64);
     } else if (has_arg("action=triplefault")) {
         puts("KVMTEST: triple fault\n");
         struct {

@@ -6,6 +6,7 @@
 //! `RHYVE_UML_KERNEL` / `RHYVE_UML_INITRD` override them.
 #![allow(dead_code)]
 
+pub mod pkgs;
 pub mod process;
 
 use std::io::{BufRead, BufReader, Read, Write};

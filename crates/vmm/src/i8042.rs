@@ -17,6 +17,8 @@ pub const CMD_PORT: u64 = 0x64;
 const STATUS_OBF: u8 = 0x01;
 const STATUS_SYS: u8 = 0x04;
 const STATUS_CMD: u8 = 0x08;
+/// Keyboard not inhibited (the keylock switch is off); without it Linux says "Keylock active".
+const STATUS_UNLOCKED: u8 = 0x10;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct State {
@@ -74,6 +76,7 @@ impl I8042 {
             v
         } else {
             STATUS_SYS
+                | STATUS_UNLOCKED
                 | if st.out.is_some() { STATUS_OBF } else { 0 }
                 | if st.last_cmd { STATUS_CMD } else { 0 }
         }

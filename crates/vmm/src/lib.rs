@@ -17,6 +17,8 @@ pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod cmos;
+#[allow(unsafe_code)] // borrowing the vCPU fd to map the coalesced ring
+pub mod coalesced;
 pub mod i8042;
 pub mod ioevent;
 pub mod irq;
@@ -235,6 +237,9 @@ pub struct Outcome {
     pub devices: Vec<DeviceReport>,
     /// Test-device phases.
     pub phases: Vec<Phase>,
+    /// Port writes KVM buffered instead of exiting (CONFIG_ADDRESS, RTC index; see
+    /// [`coalesced`]).
+    pub coalesced_pio: u64,
 }
 
 /// A built, not yet running, virtual machine.
@@ -499,7 +504,7 @@ impl Vm {
         )?;
         let cmos = Arc::new(cmos::Cmos::new(0));
         if let Some(r) = restore {
-            cmos.restore(r.state.cmos.0, &r.state.cmos.1);
+            cmos.restore(r.state.cmos.0, &r.state.cmos.1, r.state.cmos_offset);
         }
         pio_insert(&pio, cmos::INDEX_PORT, 2, cmos.clone(), stats.bucket("rtc"))?;
         let testdev = if cfg.testdev {
@@ -568,6 +573,10 @@ impl Vm {
             // Devices restored paused; owed interrupts now reach restored LAPICs.
             host.resume_devices();
         }
+        let coalesced = vcpus
+            .first()
+            .and_then(|v| coalesced::CoalescedPio::setup(&kvm, &vm, v, pio.clone()))
+            .map(Arc::new);
         let msrs = kvm
             .get_msr_index_list()
             .map(|l| l.as_slice().to_vec())
@@ -580,6 +589,7 @@ impl Vm {
             stop: Arc::new(AtomicBool::new(false)),
             pause: Arc::new(vcpu::Pause::default()),
             msrs: Arc::new(msrs),
+            coalesced,
         };
         let saved_config = snapshot::SavedConfig {
             mem_size: cfg.mem_size,
@@ -734,6 +744,11 @@ impl Vm {
             stats: self.env.stats.snapshot(),
             devices,
             phases,
+            coalesced_pio: self
+                .env
+                .coalesced
+                .as_ref()
+                .map_or(0, |c| c.writes.load(Ordering::Relaxed)),
         }
     }
 }

@@ -83,6 +83,10 @@ pub struct VmState {
     pub com1: UartState,
     /// RTC index register and CMOS RAM.
     pub cmos: (u8, Vec<u8>),
+    /// Seconds the guest set its RTC ahead of the host clock (`hwclock -w`); 0 in snapshots
+    /// from before the RTC could be set.
+    #[serde(default)]
+    pub cmos_offset: i64,
     /// The i8042.
     pub i8042: serde_json::Value,
 }
@@ -216,6 +220,7 @@ impl Snapshotter {
                 .map_err(|e| format!("KVM_GET_IRQCHIP {id}: {e}"))?;
             irqchips.push(c);
         }
+        let (cmos_index, cmos_ram, cmos_offset) = self.cmos.save();
         Ok(VmState {
             version: SNAPSHOT_VERSION,
             writer: format!("rhyve {}", env!("CARGO_PKG_VERSION")),
@@ -232,7 +237,8 @@ impl Snapshotter {
                 .map_err(|e| format!("KVM_GET_CLOCK: {e}"))?,
             pci: self.host.save()?,
             com1: self.serial.save(),
-            cmos: self.cmos.save(),
+            cmos: (cmos_index, cmos_ram),
+            cmos_offset,
             i8042: self.kbd.save(),
         })
     }

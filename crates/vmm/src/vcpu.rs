@@ -39,6 +39,8 @@ pub struct VcpuEnv {
     pub pause: Arc<Pause>,
     /// The MSRs a snapshot saves (KVM's index list).
     pub msrs: Arc<Vec<u32>>,
+    /// Buffered CONFIG_ADDRESS writes, carried out before any exit is handled.
+    pub coalesced: Option<Arc<crate::coalesced::CoalescedPio>>,
 }
 
 /// vCPUs park at the top of their run loop while [`Pause::paused`] is set, and count
@@ -528,7 +530,13 @@ pub fn run(mut vcpu: VcpuFd, id: u8, env: VcpuEnv) {
         if env.stop.load(Ordering::Acquire) {
             return;
         }
-        let io = match vcpu.run() {
+        let ran = vcpu.run();
+        // Writes KVM buffered come before whatever this exit is (a CONFIG_DATA access must
+        // see its CONFIG_ADDRESS), and before a pause or snapshot reads device state.
+        if let Some(c) = &env.coalesced {
+            c.flush();
+        }
+        let io = match ran {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, _) => Some(Io::In(port)),
                 VcpuExit::IoOut(port, _) => Some(Io::Out(port)),

@@ -1,0 +1,139 @@
+#!/bin/sh
+# The nested tier's L2 scenarios: real Debian Linux under `rhyve run`, one VM per scenario.
+# Runs inside L1 (guest/nested/build-l1.sh puts it there as /l2/run.sh) or straight on a host
+# with VT-x/AMD-V. Environment: RHYVE (the binary), KERNEL and INITRD (L2, from build-l2.sh),
+# WORK (a scratch directory). Prints `NESTED: <scenario> PASS` or `NESTED: <scenario> FAIL
+# <why>` per scenario and `NESTED: stats …` lines; exits 0 if every scenario passed.
+RHYVE=${RHYVE:-rhyve}
+KERNEL=${KERNEL:-/l2/vmlinuz}
+INITRD=${INITRD:-/l2/l2.cpio.gz}
+WORK=${WORK:-/tmp}
+failed=0
+# vm NAME WANT_RC CMDLINE RHYVE_ARGS…: run one L2; its console in $WORK/NAME.out, rhyve's lines
+# in $WORK/NAME.err.
+vm() {
+    name=$1 want=$2 cmdline=$3
+    shift 3
+    # A hang guard only: an L2 boot takes 15-40 s in L1 under TCG.
+    timeout -s KILL "${L2_TIMEOUT:-600}" \
+        "$RHYVE" run -m 512M -l com1,stdio --kernel "$KERNEL" --initrd "$INITRD" \
+        --cmdline "console=ttyS0 panic=-1 quiet loglevel=4 $cmdline" "$@" \
+        >"$WORK/$name.out" 2>"$WORK/$name.err"
+    rc=$?
+    if [ "$rc" != "$want" ]; then
+        why="rhyve exit $rc, wanted $want: $(tail -n 1 "$WORK/$name.err")"
+        return 1
+    fi
+    return 0
+}
+has() { grep -q "$2" "$WORK/$1.out"; }
+verdict() {
+    if [ -z "$why" ]; then
+        echo "NESTED: $1 PASS"
+    else
+        echo "NESTED: $1 FAIL $why"
+        tail -n 20 "$WORK/$1.out" | sed "s/^/NESTED:   | /"
+        failed=1
+    fi
+}
+disks() {
+    rm -f "$WORK/n.img" "$WORK/s.img"
+    truncate -s 64M "$WORK/n.img" "$WORK/s.img"
+}
+# counter FILE ADDR KEY: KEY=value from rhyve's --stats line for the device at ADDR.
+counter() {
+    v=$(grep "^rhyve: $2 " "$1" | tr ' ' '\n' | sed -n "s/^$3=//p")
+    echo "${v:-0}"
+}
+
+for cpus in 1 2; do
+    why=""
+    vm boot-$cpus 0 "l2.scenario=boot l2.now=$(date +%s)" -c $cpus --stats || true
+    [ -z "$why" ] && ! has boot-$cpus "L2: nproc $cpus" && why="nproc is not $cpus"
+    [ -z "$why" ] && ! has boot-$cpus "L2: boot PASS" && why="$(grep 'L2: boot' "$WORK/boot-$cpus.out")"
+    verdict boot-$cpus
+    if [ $cpus = 1 ]; then
+        # The RTC and the legacy devices, judged on the same boot.
+        why=""
+        has boot-1 "L2: rtc PASS" || why="$(grep 'L2: rtc\|L2: dmesg' "$WORK/boot-1.out" | tr '\n' ' ')"
+        verdict rtc
+    fi
+    # Exits of a whole boot (to poweroff), and the PCI config share of them.
+    echo "NESTED: stats boot-$cpus $(grep '^rhyve: exits:' "$WORK/boot-$cpus.err" | cut -d' ' -f3-)"
+done
+
+why=""
+vm reboot 3 "l2.scenario=boot l2.action=reboot" || true
+[ -z "$why" ] && ! has reboot "L2: boot PASS" && why="no PASS from L2"
+verdict reboot
+
+# The pattern build-l2.sh put in L2 as /pattern, made here the same way.
+awk 'BEGIN { for (b = 0; b < 2048; b++) { s = sprintf("rhyve-nested block %06d ", b);
+    while (length(s) < 511) s = s "#"; print s } }' >"$WORK/pattern"
+why=""
+disks
+vm data 0 "l2.scenario=data" -s 4,nvme,"$WORK/n.img" -s 5,ahci,hd:"$WORK/s.img" || true
+[ -z "$why" ] && ! has data "L2: data PASS" && why="$(grep 'L2: data' "$WORK/data.out")"
+for img in n s; do
+    [ -z "$why" ] || break
+    dd if="$WORK/$img.img" of="$WORK/$img.back" bs=4096 skip=1024 count=256 2>/dev/null
+    cmp -s "$WORK/$img.back" "$WORK/pattern" || why="$img.img does not hold the pattern at 4 MiB"
+done
+verdict data
+
+# fio verify with each interrupt mode: MSI-X (NVMe) and MSI (AHCI) by default, INTx through
+# _PRT with pci=nomsi.
+for mode in msi intx; do
+    why=""
+    extra=""
+    [ $mode = intx ] && extra="pci=nomsi"
+    disks
+    vm fio-$mode 0 "l2.scenario=fio l2.size=8 $extra" --stats -c 2 \
+        -s 4,nvme,"$WORK/n.img" -s 5,ahci,hd:"$WORK/s.img" || true
+    [ -z "$why" ] && ! has fio-$mode "L2: fio PASS" && why="$(grep 'L2: fio' "$WORK/fio-$mode.out")"
+    if [ -z "$why" ]; then
+        # What the drivers say they use, and that rhyve sent interrupts that way.
+        if [ $mode = msi ]; then
+            want_n=msix want_a=msi counter_n=irqfd_msi counter_a=irqfd_msi
+        else
+            want_n=intx want_a=intx counter_n=intx_asserts counter_a=intx_asserts
+        fi
+        has fio-$mode "L2: irq nvme ${want_n}[^a-z]*$" || why="nvme not on $want_n: $(grep 'L2: irq nvme' "$WORK/fio-$mode.out")"
+        has fio-$mode "L2: irq ahci ${want_a}[^a-z]*$" || why="${why}ahci not on $want_a: $(grep 'L2: irq ahci' "$WORK/fio-$mode.out")"
+        n=$(counter "$WORK/fio-$mode.err" 0:4.0 $counter_n)
+        a=$(counter "$WORK/fio-$mode.err" 0:5.0 $counter_a)
+        echo "NESTED: stats fio-$mode nvme $counter_n=$n ahci $counter_a=$a"
+        [ "$n" -gt 0 ] && [ "$a" -gt 0 ] || why="${why}no $counter_n counted (nvme $n, ahci $a)"
+    fi
+    verdict fio-$mode
+done
+
+# Exits and interrupts per I/O under real Linux (reported, not judged): NVMe with and without
+# shadow doorbells, AHCI, during the same fio job. The scenario passes when both runs moved
+# their data.
+stats_why=""
+for db in on off; do
+    why=""
+    disks
+    vm stats-$db 0 "l2.scenario=fio l2.size=8" --stats \
+        -s 4,nvme,"$WORK/n.img",dbbuf=$db -s 5,ahci,hd:"$WORK/s.img" || true
+    [ -z "$why" ] && ! has stats-$db "L2: fio PASS" && why="$(grep 'L2: fio' "$WORK/stats-$db.out")"
+    [ -n "$why" ] && stats_why="$stats_why dbbuf=$db: $why"
+    f="$WORK/stats-$db.err"
+    for dev in "0:4.0 nvme" "0:5.0 ahci"; do
+        addr=${dev% *} kind=${dev#* }
+        [ $kind = ahci ] && [ $db = off ] && continue
+        ios=$(( $(counter "$f" "$addr" read_commands) + $(counter "$f" "$addr" write_commands) + $(counter "$f" "$addr" commands) ))
+        exits=$(counter "$f" "$addr" exits)
+        kicks=$(counter "$f" "$addr" ioeventfd_kicks)
+        irqs=$(counter "$f" "$addr" irqfd_msi)
+        [ "$ios" -gt 0 ] 2>/dev/null || { echo "NESTED: stats $kind: no I/O counted"; continue; }
+        echo "NESTED: stats $kind$([ $kind = nvme ] && echo " dbbuf=$db") ios=$ios exits=$exits kicks=$kicks irqs=$irqs" \
+            "exits/io=$(awk "BEGIN { printf \"%.3f\", $exits / $ios }")" \
+            "kicks/io=$(awk "BEGIN { printf \"%.3f\", $kicks / $ios }")" \
+            "irq/io=$(awk "BEGIN { printf \"%.3f\", $irqs / $ios }")"
+    done
+done
+why=$stats_why
+verdict stats
+exit $failed
