@@ -164,7 +164,21 @@ impl Host {
             return;
         }
         self.w(COMMON + 20, 1, 0);
-        self.settle();
+        // Virtio 1.2 §4.1.4.3.2: after writing 0 the driver waits for device_status to read 0
+        // (the device first finishes requests of the old queues). Not waiting raced the
+        // bring-up below against the end of the reset, which then cleared it.
+        let t = std::time::Instant::now();
+        loop {
+            let st = self.r(COMMON + 20, 1);
+            if st == 0 {
+                break;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(1),
+                "a device reset did not complete within a second (status {st:#x})"
+            );
+            std::thread::yield_now();
+        }
         self.w(COMMON + 20, 1, 3);
         let mut offered = 0u64;
         for sel in 0..2u64 {
