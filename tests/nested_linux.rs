@@ -167,12 +167,17 @@ fn run_tier(dir: &Path) -> (String, Vec<String>) {
     (how, nested_lines(&text))
 }
 
-/// The L2 initramfs, cached with the UML kernel and keyed on its script and the kernel.
+/// The L2 initramfs, cached with the UML kernel and keyed on its scripts, the kernel, fio and
+/// busybox.
 fn l2_initramfs(kver: &str) -> PathBuf {
     let script = root().join("guest/nested/build-l2.sh");
     let key = {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(&fs::read(&script).unwrap(), &mut h);
+        std::hash::Hash::hash(
+            &fs::read(root().join("guest/nested/stage.sh")).unwrap(),
+            &mut h,
+        );
         std::hash::Hash::hash(&fs::read("/usr/bin/fio").unwrap_or_default(), &mut h);
         std::hash::Hash::hash(&fs::read("/bin/busybox").unwrap_or_default(), &mut h);
         std::hash::Hasher::finish(&h)

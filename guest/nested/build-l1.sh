@@ -12,43 +12,20 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=../common.sh
 . "$here/../common.sh"
+# shellcheck source=stage.sh
+. "$here/stage.sh"
 TAG=nested-l1
 (($# >= 3)) || { echo "usage: $0 KERNEL_VERSION RHYVE_BINARY OUT.cpio.gz [FILE…]" >&2; exit 2; }
 kver=$1 rhyve=$2 out=$3
 shift 3
 case "$out" in /*) ;; *) out=$PWD/$out ;; esac
 rhyve_ensure_pkgs $TAG busybox-static kmod cpio gzip binutils
-moddir=/lib/modules/$kver
-[[ -f $moddir/modules.dep ]] || rhyve_die $TAG "$moddir/modules.dep missing (is linux-image-$kver installed?)"
-
-stage=$(mktemp -d "${TMPDIR:-/tmp}/rhyve-nested-l1.XXXXXX")
+stage=$(nested_stage $TAG "$kver" l2)
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,modules,l2}
-cp /bin/busybox "$stage/bin/busybox"
-while IFS= read -r applet; do
-    [[ -n "$applet" && "$applet" != bin/busybox && ! -e "$stage/$applet" ]] || continue
-    ln -s /bin/busybox "$stage/$applet"
-done < <(/bin/busybox --list-full)
-
 # Without debug info: a third of the size, and the initramfs is read by a TCG-emulated CPU.
 strip --strip-debug -o "$stage/usr/bin/rhyve" "$rhyve"
-while read -r lib; do
-    mkdir -p "$stage$(dirname "$lib")"
-    cp -L "$lib" "$stage$lib"
-done < <(ldd "$rhyve" | grep -o '/[^ ]*' | sort -u)
-
-: >"$stage/modules/order"
-modprobe --show-depends -S "$kver" kvm_amd | awk '$1 == "insmod" { print $2 }' |
-    awk '!seen[$0]++' | while read -r ko; do
-    name=$(basename "$ko")
-    case "$ko" in
-    *.ko) cp "$ko" "$stage/modules/$name" ;;
-    *.ko.xz) xz -dc "$ko" >"$stage/modules/${name%.xz}"; name=${name%.xz} ;;
-    *.ko.zst) zstd -qdc "$ko" >"$stage/modules/${name%.zst}"; name=${name%.zst} ;;
-    *) rhyve_die $TAG "unknown module format: $ko" ;;
-    esac
-    echo "$name" >>"$stage/modules/order"
-done
+nested_libs "$stage" "$rhyve"
+nested_modules $TAG "$stage" "$kver" kvm_amd
 
 for f in "$@"; do
     cp -L "$f" "$stage/l2/$(basename "$f")"

@@ -18,40 +18,18 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=../common.sh
 . "$here/../common.sh"
+# shellcheck source=stage.sh
+. "$here/stage.sh"
 TAG=nested-l2
 (($# == 2)) || { echo "usage: $0 KERNEL_VERSION OUT.cpio.gz" >&2; exit 2; }
 kver=$1 out=$2
 case "$out" in /*) ;; *) out=$PWD/$out ;; esac
 rhyve_ensure_pkgs $TAG busybox-static fio kmod cpio gzip
-moddir=/lib/modules/$kver
-[[ -f $moddir/modules.dep ]] || rhyve_die $TAG "$moddir/modules.dep missing (is linux-image-$kver installed?)"
-
-stage=$(mktemp -d "${TMPDIR:-/tmp}/rhyve-nested-l2.XXXXXX")
+stage=$(nested_stage $TAG "$kver")
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,modules}
-cp /bin/busybox "$stage/bin/busybox"
-while IFS= read -r applet; do
-    [[ -n "$applet" && "$applet" != bin/busybox && ! -e "$stage/$applet" ]] || continue
-    ln -s /bin/busybox "$stage/$applet"
-done < <(/bin/busybox --list-full)
 cp /usr/bin/fio "$stage/usr/bin/fio"
-while read -r lib; do
-    mkdir -p "$stage$(dirname "$lib")"
-    cp -L "$lib" "$stage$lib"
-done < <(ldd /usr/bin/fio | grep -o '/[^ ]*' | sort -u)
-: >"$stage/modules/order"
-for m in nvme ahci sd_mod; do
-    modprobe --show-depends -S "$kver" "$m" | awk '$1 == "insmod" { print $2 }'
-done | awk '!seen[$0]++' | while read -r ko; do
-    name=$(basename "$ko")
-    case "$ko" in
-    *.ko) cp "$ko" "$stage/modules/$name" ;;
-    *.ko.xz) xz -dc "$ko" >"$stage/modules/${name%.xz}"; name=${name%.xz} ;;
-    *.ko.zst) zstd -qdc "$ko" >"$stage/modules/${name%.zst}"; name=${name%.zst} ;;
-    *) rhyve_die $TAG "unknown module format: $ko" ;;
-    esac
-    echo "$name" >>"$stage/modules/order"
-done
+nested_libs "$stage" /usr/bin/fio
+nested_modules $TAG "$stage" "$kver" nvme ahci sd_mod
 # The data scenario's pattern: 1 MiB, every 512-byte block different.
 awk 'BEGIN { for (b = 0; b < 2048; b++) { s = sprintf("rhyve-nested block %06d ", b);
     while (length(s) < 511) s = s "#"; print s } }' >"$stage/pattern"

@@ -2,7 +2,8 @@
 # The nested tier's L2 scenarios: real Debian Linux under `rhyve run`, one VM per scenario.
 # Runs inside L1 (guest/nested/build-l1.sh puts it there as /l2/run.sh) or straight on a host
 # with VT-x/AMD-V. Environment: RHYVE (the binary), KERNEL and INITRD (L2, from build-l2.sh),
-# WORK (a scratch directory). Prints `NESTED: <scenario> PASS` or `NESTED: <scenario> FAIL
+# WORK (a scratch directory), ONLY (a space-separated subset of "boot reboot data fio stats"),
+# STATS_ROUNDS (repeat the stats runs, dbbuf on and off interleaved). Prints `NESTED: <scenario> PASS` or `NESTED: <scenario> FAIL
 # <why>` per scenario and `NESTED: stats …` lines; exits 0 if every scenario passed.
 RHYVE=${RHYVE:-rhyve}
 KERNEL=${KERNEL:-/l2/vmlinuz}
@@ -46,6 +47,9 @@ counter() {
     echo "${v:-0}"
 }
 
+want() { case " ${ONLY:-boot reboot data fio stats} " in *" $1 "*) return 0 ;; esac; return 1; }
+
+if want boot; then
 for cpus in 1 2; do
     why=""
     vm boot-$cpus 0 "l2.scenario=boot l2.now=$(date +%s)" -c $cpus --stats || true
@@ -62,11 +66,16 @@ for cpus in 1 2; do
     echo "NESTED: stats boot-$cpus $(grep '^rhyve: exits:' "$WORK/boot-$cpus.err" | cut -d' ' -f3-)"
 done
 
+fi
+
+if want reboot; then
 why=""
 vm reboot 3 "l2.scenario=boot l2.action=reboot" || true
 [ -z "$why" ] && ! has reboot "L2: boot PASS" && why="no PASS from L2"
 verdict reboot
+fi
 
+if want data; then
 # The pattern build-l2.sh put in L2 as /pattern, made here the same way.
 awk 'BEGIN { for (b = 0; b < 2048; b++) { s = sprintf("rhyve-nested block %06d ", b);
     while (length(s) < 511) s = s "#"; print s } }' >"$WORK/pattern"
@@ -80,7 +89,9 @@ for img in n s; do
     cmp -s "$WORK/$img.back" "$WORK/pattern" || why="$img.img does not hold the pattern at 4 MiB"
 done
 verdict data
+fi
 
+if want fio; then
 # fio verify with each interrupt mode: MSI-X (NVMe) and MSI (AHCI) by default, INTx through
 # _PRT with pci=nomsi.
 for mode in msi intx; do
@@ -107,11 +118,14 @@ for mode in msi intx; do
     fi
     verdict fio-$mode
 done
+fi
 
 # Exits and interrupts per I/O under real Linux (reported, not judged): NVMe with and without
 # shadow doorbells, AHCI, during the same fio job. The scenario passes when both runs moved
 # their data.
+if want stats; then
 stats_why=""
+for round in $(seq "${STATS_ROUNDS:-1}"); do
 for db in on off; do
     why=""
     disks
@@ -134,6 +148,8 @@ for db in on off; do
             "irq/io=$(awk "BEGIN { printf \"%.3f\", $irqs / $ios }")"
     done
 done
+done
 why=$stats_why
 verdict stats
+fi
 exit $failed
