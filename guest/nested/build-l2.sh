@@ -96,6 +96,7 @@ fio)
     size=$(arg l2.size); size=${size:-16}
     for d in nvme0n1 sda; do
         wait_dev $d || { fail="$fail no-$d"; continue; }
+        echo "L2: fio $d start"
         fio --name=v-$d --filename=/dev/$d --rw=randwrite --bs=4k --size=${size}M \
             --ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 \
             --verify_fatal=1 --output-format=terse >/tmp/fio-$d.log 2>&1 || { fail="$fail fio-$d"; cat /tmp/fio-$d.log; }

@@ -2,7 +2,8 @@
 # The nested tier's L2 scenarios: real Debian Linux under `rhyve run`, one VM per scenario.
 # Runs inside L1 (guest/nested/build-l1.sh puts it there as /l2/run.sh) or straight on a host
 # with VT-x/AMD-V. Environment: RHYVE (the binary), KERNEL and INITRD (L2, from build-l2.sh),
-# WORK (a scratch directory), ONLY (a space-separated subset of "boot reboot data fio stats"),
+# WORK (a scratch directory), ONLY (a space-separated subset of "boot reboot data fio migrate
+# snapshot stats"),
 # STATS_ROUNDS (repeat the stats runs, dbbuf on and off interleaved). Prints `NESTED: <scenario> PASS` or `NESTED: <scenario> FAIL
 # <why>` per scenario and `NESTED: stats …` lines; exits 0 if every scenario passed.
 RHYVE=${RHYVE:-rhyve}
@@ -28,12 +29,13 @@ vm() {
     return 0
 }
 has() { grep -q "$2" "$WORK/$1.out"; }
+# verdict NAME [CONSOLE]: PASS, or FAIL with $why and the tail of CONSOLE (default NAME).
 verdict() {
     if [ -z "$why" ]; then
         echo "NESTED: $1 PASS"
     else
         echo "NESTED: $1 FAIL $why"
-        tail -n 20 "$WORK/$1.out" | sed "s/^/NESTED:   | /"
+        tail -n 20 "$WORK/${2:-$1}.out" | sed "s/^/NESTED:   | /"
         failed=1
     fi
 }
@@ -47,7 +49,7 @@ counter() {
     echo "${v:-0}"
 }
 
-want() { case " ${ONLY:-boot reboot data fio stats} " in *" $1 "*) return 0 ;; esac; return 1; }
+want() { case " ${ONLY:-boot reboot data fio migrate snapshot stats} " in *" $1 "*) return 0 ;; esac; return 1; }
 
 if want boot; then
 for cpus in 1 2; do
@@ -118,6 +120,78 @@ for mode in msi intx; do
     fi
     verdict fio-$mode
 done
+fi
+
+# start NAME CMDLINE RHYVE_ARGS…: an L2 in the background (its pid in $pid), with the API socket
+# $WORK/api.sock.
+start() {
+    name=$1 cmdline=$2
+    shift 2
+    rm -f "$WORK/api.sock"
+    timeout -s KILL "${L2_TIMEOUT:-600}" \
+        "$RHYVE" run -m 512M -l com1,stdio --kernel "$KERNEL" --initrd "$INITRD" \
+        --cmdline "console=ttyS0 panic=-1 quiet loglevel=4 $cmdline" \
+        --api-socket "$WORK/api.sock" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+    pid=$!
+}
+# wait_for NAME TEXT: until TEXT shows on NAME's console (5 minutes at most).
+wait_for() {
+    n=0
+    while ! grep -q "$2" "$WORK/$1.out" && [ $n -lt 300 ]; do sleep 1; n=$((n + 1)); done
+    grep -q "$2" "$WORK/$1.out"
+}
+ctl() { "$RHYVE" ctl --api-socket "$WORK/api.sock" "$@" 2>&1; }
+
+# Live migration between two rhyve processes with fio verifying on both disks: the move
+# happens two seconds into the NVMe job; the destination finishes both jobs, and their verify
+# passes, with nothing run twice or lost.
+if want migrate; then
+    why=""
+    disks
+    rm -f "$WORK/migrate.sock"
+    timeout -s KILL "${L2_TIMEOUT:-600}" "$RHYVE" run --migrate-receive "unix:$WORK/migrate.sock" \
+        >"$WORK/migrate-dst.out" 2>"$WORK/migrate-dst.err" &
+    dst=$!
+    start migrate "l2.scenario=fio l2.size=8" -s 4,nvme,"$WORK/n.img" -s 5,ahci,hd:"$WORK/s.img"
+    src=$pid
+    wait_for migrate "L2: fio nvme0n1 start" || why="fio never started: $(tail -n 3 "$WORK/migrate.out")"
+    sleep 2
+    rep=$(ctl migrate-send "unix:$WORK/migrate.sock") || why="${why}migrate-send failed: $rep"
+    wait $src
+    src_rc=$?
+    wait $dst
+    dst_rc=$?
+    [ -z "$why" ] && [ $src_rc != 0 ] && why="source exit $src_rc: $(tail -n 1 "$WORK/migrate.err")"
+    [ -z "$why" ] && ! grep -q "the guest migrated" "$WORK/migrate.err" && why="source: $(tail -n 1 "$WORK/migrate.err")"
+    [ -z "$why" ] && [ $dst_rc != 0 ] && why="destination exit $dst_rc: $(tail -n 1 "$WORK/migrate-dst.err")"
+    [ -z "$why" ] && ! grep -q "L2: fio PASS" "$WORK/migrate-dst.out" && why="destination: $(grep 'L2: fio' "$WORK/migrate-dst.out" | tr '\n' ' ')"
+    [ -z "$why" ] && grep -q "L2: fio PASS" "$WORK/migrate.out" && why="the source finished the job too"
+    echo "NESTED: stats migrate $(echo "$rep" | tr -d '\n' | sed 's/.*"downtime_ms": *\([0-9]*\).*/downtime_ms=\1/')"
+    verdict migrate migrate-dst
+fi
+
+# Snapshot with fio in flight, stop, and restore in a new process: the job finishes and
+# verifies.
+if want snapshot; then
+    why=""
+    disks
+    rm -rf "$WORK/snap"
+    start snapshot "l2.scenario=fio l2.size=8" -s 4,nvme,"$WORK/n.img" -s 5,ahci,hd:"$WORK/s.img"
+    src=$pid
+    wait_for snapshot "L2: fio nvme0n1 start" || why="fio never started: $(tail -n 3 "$WORK/snapshot.out")"
+    sleep 2
+    rep=$(ctl snapshot "$WORK/snap") || why="${why}snapshot failed: $rep"
+    ctl shutdown --json '{"timeout_s": 0}' >/dev/null
+    wait $src
+    if [ -z "$why" ]; then
+        timeout -s KILL "${L2_TIMEOUT:-600}" "$RHYVE" run --restore "$WORK/snap" \
+            >"$WORK/snapshot-restored.out" 2>"$WORK/snapshot-restored.err"
+        rc=$?
+        [ $rc != 0 ] && why="restored exit $rc: $(tail -n 1 "$WORK/snapshot-restored.err")"
+        [ -z "$why" ] && ! grep -q "L2: fio PASS" "$WORK/snapshot-restored.out" && why="restored: $(grep 'L2: fio' "$WORK/snapshot-restored.out" | tr '\n' ' ')"
+        [ -z "$why" ] && grep -q "L2: fio PASS" "$WORK/snapshot.out" && why="the source finished the job before the snapshot"
+    fi
+    verdict snapshot snapshot-restored
 fi
 
 # Exits and interrupts per I/O under real Linux (reported, not judged): NVMe with and without

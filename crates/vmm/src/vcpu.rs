@@ -309,6 +309,13 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
         vcpu.set_debug_regs(d).map_err(err("KVM_SET_DEBUGREGS"))?;
     }
     vcpu.set_lapic(&s.lapic).map_err(err("KVM_SET_LAPIC"))?;
+    // KVM ignores IA32_TSC_DEADLINE unless the LAPIC timer is in TSC-deadline mode, which it
+    // was not when the MSRs went in above: a guest using the deadline timer (Linux does) would
+    // lose the tick it had armed. Write it again now the LVT says so.
+    if let Some(d) = s.msrs.iter().find(|m| m.index == MSR_IA32_TSC_DEADLINE) {
+        let m = Msrs::from_entries(&[*d]).expect("one MSR");
+        vcpu.set_msrs(&m).map_err(err("KVM_SET_MSRS"))?;
+    }
     vcpu.set_mp_state(s.mp_state)
         .map_err(err("KVM_SET_MP_STATE"))?;
     vcpu.set_vcpu_events(&s.events)
@@ -329,6 +336,7 @@ pub struct VcpuError {
 }
 
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 const APIC_LVT_LINT0: usize = 0x350;
 const APIC_LVT_LINT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 4;
