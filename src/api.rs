@@ -332,6 +332,9 @@ pub fn request(socket: &Path, verb: &str, body: Option<&str>) -> Result<(u16, St
     let mut r = httparse::Response::new(&mut headers);
     let head = match r.parse(&resp)? {
         httparse::Status::Complete(n) => n,
+        httparse::Status::Partial if resp.is_empty() => anyhow::bail!(
+            "the VM ended before answering (see its log: it may have powered off or failed)"
+        ),
         httparse::Status::Partial => anyhow::bail!("incomplete answer from the API socket"),
     };
     let code = r.code.unwrap_or(0);

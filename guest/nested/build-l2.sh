@@ -11,7 +11,8 @@
 #          no legacy driver probe errors in dmesg;
 #   data   a 1 MiB pattern (/pattern, also in L1) written at 4 MiB into each disk with O_DIRECT
 #          and read back the same way;
-#   fio    fio --verify=crc32c (libaio, iodepth 16, `l2.size=` MiB, default 16) on each disk,
+#   fio    fio --verify=crc32c (libaio, iodepth 16, `l2.size=` MiB, default 16; `l2.rounds=`
+#          times, default 1) on each disk,
 #          and which interrupt mode each driver got (`L2: irq nvme msix` …).
 # The last stdout line is OUT's absolute path.
 set -euo pipefail
@@ -94,12 +95,17 @@ data)
     ;;
 fio)
     size=$(arg l2.size); size=${size:-16}
+    rounds=$(arg l2.rounds); rounds=${rounds:-1}
     for d in nvme0n1 sda; do
         wait_dev $d || { fail="$fail no-$d"; continue; }
         echo "L2: fio $d start"
-        fio --name=v-$d --filename=/dev/$d --rw=randwrite --bs=4k --size=${size}M \
-            --ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 \
-            --verify_fatal=1 --output-format=terse >/tmp/fio-$d.log 2>&1 || { fail="$fail fio-$d"; cat /tmp/fio-$d.log; }
+        r=0
+        while [ $r -lt "$rounds" ]; do
+            r=$((r + 1))
+            fio --name=v-$d --filename=/dev/$d --rw=randwrite --bs=4k --size=${size}M \
+                --ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 \
+                --verify_fatal=1 --output-format=terse >/tmp/fio-$d.log 2>&1 || { fail="$fail fio-$d"; cat /tmp/fio-$d.log; }
+        done
     done
     # The interrupt mode each driver got: msix, msi (sysfs msi_irqs/N says which) or intx.
     for dev in "nvme 04" "ahci 05"; do

@@ -142,21 +142,49 @@ wait_for() {
 }
 ctl() { "$RHYVE" ctl --api-socket "$WORK/api.sock" "$@" 2>&1; }
 
+# Nested (rhyve itself in a VM, /proc/cpuinfo says "hypervisor"), the L2s that are migrated
+# or snapshotted run without KVM asynchronous page faults. With them, 3 runs in about 25
+# panicked in the guest's entry code right after an async-PF interrupt, faulting on its own
+# entry stack (twice after a restore, once at a source under dirty logging); with no-kvmapf,
+# none did. Async PFs come with dirty logging and file-backed RAM, and their delivery goes
+# through QEMU's emulated SVM; on hosts with VT-x/AMD-V the guests keep them.
+apf=""
+grep -qw hypervisor /proc/cpuinfo && apf="no-kvmapf"
+
+# A source VM for the migrate and snapshot scenarios: fio on both disks, waited for until the
+# NVMe job runs. Sets $src, or $stalled if L2 printed nothing of it for 5 minutes (seen twice
+# in ~20 runs under nested TCG, always before any migration; the scenario then boots once more
+# and says so).
+fio_source() {
+    stalled=""
+    disks
+    # Three rounds of the NVMe job: the migration (slower with a debug build of rhyve) must
+    # end while it still runs.
+    start "$1" "l2.scenario=fio l2.size=8 l2.rounds=3 $apf" -s 4,nvme,"$WORK/n.img" -s 5,ahci,hd:"$WORK/s.img"
+    src=$pid
+    if ! wait_for "$1" "L2: fio nvme0n1 start"; then
+        stalled="L2 never started fio ($(wc -l <"$WORK/$1.out") console lines)"
+        kill -KILL $src 2>/dev/null
+        wait $src
+    fi
+}
+
 # Live migration between two rhyve processes with fio verifying on both disks: the move
 # happens two seconds into the NVMe job; the destination finishes both jobs, and their verify
 # passes, with nothing run twice or lost.
-if want migrate; then
+migrate_once() {
     why=""
-    disks
+    rep=""
+    fio_source migrate
+    [ -n "$stalled" ] && return
     rm -f "$WORK/migrate.sock"
     timeout -s KILL "${L2_TIMEOUT:-600}" "$RHYVE" run --migrate-receive "unix:$WORK/migrate.sock" \
         >"$WORK/migrate-dst.out" 2>"$WORK/migrate-dst.err" &
     dst=$!
-    start migrate "l2.scenario=fio l2.size=8" -s 4,nvme,"$WORK/n.img" -s 5,ahci,hd:"$WORK/s.img"
-    src=$pid
-    wait_for migrate "L2: fio nvme0n1 start" || why="fio never started: $(tail -n 3 "$WORK/migrate.out")"
-    sleep 2
-    rep=$(ctl migrate-send "unix:$WORK/migrate.sock") || why="${why}migrate-send failed: $rep"
+    n=0
+    while [ ! -S "$WORK/migrate.sock" ] && [ $n -lt 30 ]; do sleep 1; n=$((n + 1)); done
+    sleep 1
+    rep=$(ctl migrate-send "unix:$WORK/migrate.sock") || why="migrate-send failed: $rep"
     wait $src
     src_rc=$?
     wait $dst
@@ -166,30 +194,43 @@ if want migrate; then
     [ -z "$why" ] && [ $dst_rc != 0 ] && why="destination exit $dst_rc: $(tail -n 1 "$WORK/migrate-dst.err")"
     [ -z "$why" ] && ! grep -q "L2: fio PASS" "$WORK/migrate-dst.out" && why="destination: $(grep 'L2: fio' "$WORK/migrate-dst.out" | tr '\n' ' ')"
     [ -z "$why" ] && grep -q "L2: fio PASS" "$WORK/migrate.out" && why="the source finished the job too"
+}
+if want migrate; then
+    migrate_once
+    if [ -n "$stalled" ]; then
+        echo "NESTED: migrate NOTE the source's boot stalled ($stalled); booting it once more"
+        migrate_once
+        [ -n "$stalled" ] && why="$stalled, twice"
+    fi
     echo "NESTED: stats migrate $(echo "$rep" | tr -d '\n' | sed 's/.*"downtime_ms": *\([0-9]*\).*/downtime_ms=\1/')"
     verdict migrate migrate-dst
 fi
 
 # Snapshot with fio in flight, stop, and restore in a new process: the job finishes and
 # verifies.
-if want snapshot; then
+snapshot_once() {
     why=""
-    disks
     rm -rf "$WORK/snap"
-    start snapshot "l2.scenario=fio l2.size=8" -s 4,nvme,"$WORK/n.img" -s 5,ahci,hd:"$WORK/s.img"
-    src=$pid
-    wait_for snapshot "L2: fio nvme0n1 start" || why="fio never started: $(tail -n 3 "$WORK/snapshot.out")"
+    fio_source snapshot
+    [ -n "$stalled" ] && return
     sleep 2
-    rep=$(ctl snapshot "$WORK/snap") || why="${why}snapshot failed: $rep"
+    rep=$(ctl snapshot "$WORK/snap") || why="snapshot failed: $rep"
     ctl shutdown --json '{"timeout_s": 0}' >/dev/null
     wait $src
-    if [ -z "$why" ]; then
-        timeout -s KILL "${L2_TIMEOUT:-600}" "$RHYVE" run --restore "$WORK/snap" \
-            >"$WORK/snapshot-restored.out" 2>"$WORK/snapshot-restored.err"
-        rc=$?
-        [ $rc != 0 ] && why="restored exit $rc: $(tail -n 1 "$WORK/snapshot-restored.err")"
-        [ -z "$why" ] && ! grep -q "L2: fio PASS" "$WORK/snapshot-restored.out" && why="restored: $(grep 'L2: fio' "$WORK/snapshot-restored.out" | tr '\n' ' ')"
-        [ -z "$why" ] && grep -q "L2: fio PASS" "$WORK/snapshot.out" && why="the source finished the job before the snapshot"
+    [ -n "$why" ] && return
+    timeout -s KILL "${L2_TIMEOUT:-600}" "$RHYVE" run --restore "$WORK/snap" \
+        >"$WORK/snapshot-restored.out" 2>"$WORK/snapshot-restored.err"
+    rc=$?
+    [ $rc != 0 ] && why="restored exit $rc: $(tail -n 1 "$WORK/snapshot-restored.err")"
+    [ -z "$why" ] && ! grep -q "L2: fio PASS" "$WORK/snapshot-restored.out" && why="restored: $(grep 'L2: fio' "$WORK/snapshot-restored.out" | tr '\n' ' ')"
+    [ -z "$why" ] && grep -q "L2: fio PASS" "$WORK/snapshot.out" && why="the source finished the job before the snapshot"
+}
+if want snapshot; then
+    snapshot_once
+    if [ -n "$stalled" ]; then
+        echo "NESTED: snapshot NOTE the source's boot stalled ($stalled); booting it once more"
+        snapshot_once
+        [ -n "$stalled" ] && why="$stalled, twice"
     fi
     verdict snapshot snapshot-restored
 fi
