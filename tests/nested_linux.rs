@@ -48,11 +48,14 @@ impl Tier {
         let pass = format!("NESTED: {scenario} PASS");
         if self.lines.contains(&pass) {
             println!("{pass} ({})", self.how);
-            // The scenario's own figures (`NESTED: stats <scenario> …`), the stats scenario's
-            // all of them.
+            // The scenario's own figures (`NESTED: stats <scenario> …`) and notes (a retried
+            // boot), the stats scenario's all figures.
             let mine = format!("NESTED: stats {scenario} ");
+            let note = format!("NESTED: {scenario} NOTE");
             for l in self.lines.iter().filter(|l| {
-                l.starts_with(&mine) || (scenario == "stats" && l.starts_with("NESTED: stats"))
+                l.starts_with(&mine)
+                    || l.starts_with(&note)
+                    || (scenario == "stats" && l.starts_with("NESTED: stats"))
             }) {
                 println!("{l}");
             }

@@ -226,6 +226,18 @@ pub fn run_input(input: &Input) {
 }
 
 impl Host {
+    /// Rewrite every port's command list and FIS base that is not a window address.
+    fn steer_bases(&mut self) {
+        for p in 0..PORTS {
+            for (lo, hi) in [(preg::CLB, preg::CLBU), (preg::FB, preg::FBU)] {
+                let a = u64::from(self.pr(p, lo)) | (u64::from(self.pr(p, hi)) << 32);
+                if steer(a) != a || a >> 32 != 0 {
+                    self.pw(p, lo, steer(a & 0xffff_ffff) as u32);
+                    self.pw(p, hi, 0);
+                }
+            }
+        }
+    }
     fn bus_master(&self) -> bool {
         let mut b = [0u8; 2];
         self.dev.config_read(4, &mut b);
@@ -505,21 +517,13 @@ impl Host {
                 if off >= hba::PORT_BASE || off == hba::GHC {
                     self.running = [false; PORTS];
                 }
+                // List and FIS bases stay in the window, however a write landed (any width, any
+                // byte of the two 64-bit registers), and also after an HBA reset zeroed them:
+                // a raw PxCMD write turning FRE on would otherwise have the port post its FISes
+                // at guest address 0, which the guest named but the canary does not know.
+                self.steer_bases();
                 self.w(off, width(*w), *value);
-                if let Some(o) = off.checked_sub(hba::PORT_BASE) {
-                    // List and FIS bases stay in the window, however the write landed (any
-                    // width, any byte of the two 64-bit registers).
-                    let p = (o / hba::PORT_STRIDE) as usize;
-                    if p < PORTS && o % hba::PORT_STRIDE < 0x10 {
-                        for (lo, hi) in [(preg::CLB, preg::CLBU), (preg::FB, preg::FBU)] {
-                            let a = u64::from(self.pr(p, lo)) | (u64::from(self.pr(p, hi)) << 32);
-                            if steer(a) != a || a >> 32 != 0 {
-                                self.pw(p, lo, steer(a & 0xffff_ffff) as u32);
-                                self.pw(p, hi, 0);
-                            }
-                        }
-                    }
-                }
+                self.steer_bases();
             }
             Op::RegRead { off, width: w } => {
                 self.r(u64::from(*off) % 0x200, width(*w));

@@ -786,7 +786,9 @@ impl Host {
             Op::Reset => self.reset(),
             Op::Shutdown => {
                 let c = self.r32(reg::CC);
-                let enabled = self.r32(reg::CSTS) & csts::RDY != 0;
+                // Enabled: CC.EN set as well as CSTS.RDY. RDY with EN clear is a reset still
+                // draining, and a shutdown notified then has nothing to shut down.
+                let enabled = c & cc::EN != 0 && self.r32(reg::CSTS) & csts::RDY != 0;
                 self.w32(
                     reg::CC,
                     (c & !(cc::SHN_MASK << cc::SHN_SHIFT)) | (1 << cc::SHN_SHIFT),
