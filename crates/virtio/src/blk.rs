@@ -102,6 +102,7 @@ impl Shared {
             vq.poll_until = None;
             return;
         }
+        let epoch = vq.epoch;
         let mut used = false;
         let mut taken = 0;
         // Why the queue cannot go on, if it cannot: reported after what was started is
@@ -178,7 +179,9 @@ impl Shared {
         engine.commit_and_reap(&mut done);
         self.complete(&mut done);
         if let Some(why) = broken {
-            self.break_queue(q, &why);
+            #[cfg(feature = "test-support")]
+            crate::test_hooks::queue_broken();
+            self.break_queue(q, epoch, &why);
         }
     }
 
@@ -220,17 +223,26 @@ impl Shared {
         true
     }
 
-    /// Queue `q` cannot go on: stop it and ask the driver for a reset.
-    fn break_queue(&self, q: u16, why: &str) {
+    /// Queue `q`, as it was in `epoch`, cannot go on: stop it and ask the driver for a reset.
+    /// Nothing happens if the queue was reset since (its error went with it).
+    fn break_queue(&self, q: u16, epoch: u32, why: &str) {
         log::debug!(
             "virtio-blk {}: queue {q}: {why}; device needs reset",
             self.opts.serial
         );
-        if let Some(m) = self.queues.get(usize::from(q)) {
-            let mut vq = lock(m);
-            vq.broken = true;
-            vq.poll_until = None;
+        // DEVICE_NEEDS_RESET is set with the queue still locked (lock order: a queue, then the
+        // transport): a reset the driver starts meanwhile waits for this queue, so the flag
+        // lands before the reset clears the status, never after it (when it would outlive
+        // the reset and device_status would never read 0 again).
+        let Some(m) = self.queues.get(usize::from(q)) else {
+            return;
+        };
+        let mut vq = lock(m);
+        if vq.epoch != epoch {
+            return;
         }
+        vq.broken = true;
+        vq.poll_until = None;
         self.needs_reset();
     }
 

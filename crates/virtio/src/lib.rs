@@ -387,3 +387,24 @@ impl PciDevice for VirtioBlk {
         self.shared.restore(&s)
     }
 }
+
+/// Points where a test can run code inside the device (feature `test-support`).
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub mod test_hooks {
+    use std::cell::RefCell;
+
+    /// A hook run once, on the thread that reaches its point.
+    pub type Hook = Box<dyn FnOnce()>;
+
+    thread_local! {
+        /// Run when a queue was found broken, before it is reported (its lock released).
+        pub static QUEUE_BROKEN: RefCell<Option<Hook>> = RefCell::new(None);
+    }
+
+    pub(crate) fn queue_broken() {
+        if let Some(h) = QUEUE_BROKEN.with(|c| c.borrow_mut().take()) {
+            h();
+        }
+    }
+}
