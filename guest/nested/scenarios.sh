@@ -169,6 +169,17 @@ fio_source() {
     fi
 }
 
+# retried NAME FN: run FN (a scenario whose source VM comes from fio_source); if that source's
+# boot stalled, say so and run it once more.
+retried() {
+    "$2"
+    if [ -n "$stalled" ]; then
+        echo "NESTED: $1 NOTE the source's boot stalled ($stalled); booting it once more"
+        "$2"
+        [ -n "$stalled" ] && why="$stalled, twice"
+    fi
+}
+
 # Live migration between two rhyve processes with fio verifying on both disks: the move
 # happens two seconds into the NVMe job; the destination finishes both jobs, and their verify
 # passes, with nothing run twice or lost.
@@ -196,12 +207,7 @@ migrate_once() {
     [ -z "$why" ] && grep -q "L2: fio PASS" "$WORK/migrate.out" && why="the source finished the job too"
 }
 if want migrate; then
-    migrate_once
-    if [ -n "$stalled" ]; then
-        echo "NESTED: migrate NOTE the source's boot stalled ($stalled); booting it once more"
-        migrate_once
-        [ -n "$stalled" ] && why="$stalled, twice"
-    fi
+    retried migrate migrate_once
     echo "NESTED: stats migrate $(echo "$rep" | tr -d '\n' | sed 's/.*"downtime_ms": *\([0-9]*\).*/downtime_ms=\1/')"
     verdict migrate migrate-dst
 fi
@@ -226,12 +232,7 @@ snapshot_once() {
     [ -z "$why" ] && grep -q "L2: fio PASS" "$WORK/snapshot.out" && why="the source finished the job before the snapshot"
 }
 if want snapshot; then
-    snapshot_once
-    if [ -n "$stalled" ]; then
-        echo "NESTED: snapshot NOTE the source's boot stalled ($stalled); booting it once more"
-        snapshot_once
-        [ -n "$stalled" ] && why="$stalled, twice"
-    fi
+    retried snapshot snapshot_once
     verdict snapshot snapshot-restored
 fi
 
