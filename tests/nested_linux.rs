@@ -342,16 +342,6 @@ fn nested_fio_verify_intx() {
 }
 
 #[test]
-fn nested_live_migration_with_fio_in_flight() {
-    tier().check("migrate");
-}
-
-#[test]
-fn nested_snapshot_and_restore_with_fio_in_flight() {
-    tier().check("snapshot");
-}
-
-#[test]
 fn nested_exits_and_interrupts_per_io() {
     let t = tier();
     t.check("stats");
