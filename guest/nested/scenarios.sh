@@ -156,7 +156,9 @@ fio_source() {
     if ! wait_for "$1" "L2: fio nvme0n1 start"; then
         # Stop it with SIGTERM (rhyve then prints its exit counters: did the guest run, did
         # it write to COM1?) for whoever looks into these stalls next.
-        pkill -TERM -P $src 2>/dev/null
+        # ($src is rhyve under busybox's timeout, which execs it; GNU timeout passes the
+        # signal on.)
+        kill -TERM $src 2>/dev/null
         sleep 3
         kill -KILL $src 2>/dev/null
         wait $src
