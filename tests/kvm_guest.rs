@@ -520,24 +520,14 @@ fn kvm_api_socket_reports_devices_and_counters_and_shuts_down() {
         line.clear();
     }
     assert!(console.contains("KVMTEST: spinning"), "{console}");
-    let ctl = |verb: &str| {
-        let o = Command::new(env!("CARGO_BIN_EXE_rhyve"))
-            .args(["ctl", "--api-socket", sock.to_str().unwrap(), verb])
-            .output()
-            .unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-        )
-    };
-    let (code, info) = ctl("info");
+    let (code, info) = ctl(&sock, &["info"]);
     assert_eq!(code, 0, "{info}");
     assert!(
         info.contains("\"frontend\":\"kvm\"") && info.contains("\"vcpus\":2"),
         "{info}"
     );
     assert!(info.contains("\"emulation\":\"nvme\""), "{info}");
-    let (code, stats) = ctl("stats");
+    let (code, stats) = ctl(&sock, &["stats"]);
     assert_eq!(code, 0);
     assert!(
         stats.contains("\"write_commands\":32"),
@@ -561,13 +551,8 @@ fn kvm_api_socket_reports_devices_and_counters_and_shuts_down() {
     // (Setup exits included: the register reads of the reset and enable, 33 here.)
     assert!(exits < 1.0 && (1.0..1.5).contains(&irqs), "{stats}");
     // The spinning guest ignores the power button: stopped when the second is up.
-    let o = Command::new(env!("CARGO_BIN_EXE_rhyve"))
-        .args(["ctl", "--api-socket", sock.to_str().unwrap(), "shutdown"])
-        .args(["--json", "{\"timeout_s\": 1}"])
-        .output()
-        .unwrap();
-    let answer = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{answer}");
+    let (code, answer) = ctl(&sock, &["shutdown", "--json", "{\"timeout_s\": 1}"]);
+    assert_eq!(code, 0, "{answer}");
     assert!(answer.contains("\"timeout_s\":1"), "{answer}");
     let drain = std::thread::spawn(move || {
         let mut s = String::new();
@@ -633,35 +618,20 @@ fn kvm_api_pause_stops_the_guest_and_resume_continues_it() {
         }
     };
     wait_for(3);
-    let ctl = |verb: &str| {
-        let o = Command::new(env!("CARGO_BIN_EXE_rhyve"))
-            .args(["ctl", "--api-socket", sock.to_str().unwrap(), verb])
-            .output()
-            .unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-        )
-    };
-    let (code, out) = ctl("pause");
+    let (code, out) = ctl(&sock, &["pause"]);
     assert_eq!(code, 0, "{out}");
     let at_pause = ticks();
-    let (_, info) = ctl("info");
+    let (_, info) = ctl(&sock, &["info"]);
     assert!(info.contains("\"state\":\"paused\""), "{info}");
-    let (code, out) = ctl("pause");
+    let (code, out) = ctl(&sock, &["pause"]);
     assert_eq!(code, 1, "pausing twice is a conflict: {out}");
     // Paused for longer than several ticks: the guest prints nothing.
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert_eq!(ticks(), at_pause, "the guest ran while paused");
-    let (code, out) = ctl("resume");
+    let (code, out) = ctl(&sock, &["resume"]);
     assert_eq!(code, 0, "{out}");
     wait_for(at_pause + 2);
-    let o = Command::new(env!("CARGO_BIN_EXE_rhyve"))
-        .args(["ctl", "--api-socket", sock.to_str().unwrap(), "shutdown"])
-        .args(["--json", "{\"timeout_s\": 0}"])
-        .output()
-        .unwrap();
-    let code = o.status.code().unwrap_or(-1);
+    let (code, _) = ctl(&sock, &["shutdown", "--json", "{\"timeout_s\": 0}"]);
     assert_eq!(code, 0);
     let status = child.wait().unwrap();
     reader.join().unwrap();
