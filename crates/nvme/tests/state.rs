@@ -192,7 +192,7 @@ fn restore_checks_everything_before_changing_anything() {
 /// it or gives a controller that keeps working without a panic (in any thread) or a hang.
 #[test]
 fn mutated_states_are_refused_or_harmless() {
-    let panics = pci::state_testing::count_panics();
+    pci::state_testing::count_panics();
     let (mut d, backend) = TestDriver::on(SPEC, 4 << 20);
     d.bring_up();
     d.create_pair(2, 32);
@@ -201,15 +201,10 @@ fn mutated_states_are_refused_or_harmless() {
     assert_ok(&d.admin(doorbell_buffer_config(db, ei)));
     d.dev.pause().unwrap();
     let good = d.dev.save_state().unwrap();
-    let (mut refused, mut taken) = (0, 0);
     let log_buf = d.alloc(4096);
-    for (_what, bad) in pci::state_testing::mutations(&good) {
+    pci::state_testing::campaign(&good, |bad| {
         let fresh = d.twin(SPEC, vec![backend.clone() as Arc<dyn BlockBackend>]);
-        if fresh.restore_state(&bad).is_err() {
-            refused += 1;
-            continue;
-        }
-        taken += 1;
+        fresh.restore_state(bad).ok()?;
         let old = std::mem::replace(&mut d.dev, fresh);
         let (sqs, cqs) = (d.sqs.clone(), d.cqs.clone());
         d.dev.resume();
@@ -232,11 +227,8 @@ fn mutated_states_are_refused_or_harmless() {
         for db in 0..10u64 {
             fresh.bar_write(0, 0x1000 + 4 * db, &1u32.to_le_bytes());
         }
-        fresh.pause().expect("pauses again");
-    }
-    println!("{refused} refused, {taken} taken");
-    assert!(refused > 0 && taken > 0);
-    assert_eq!(panics.load(std::sync::atomic::Ordering::SeqCst), 0);
+        Some(fresh)
+    });
     // The mutated controllers wrote where their queues said: not the test's business.
     d.allow(0, MEM_SIZE);
 }

@@ -79,3 +79,29 @@ pub fn count_panics() -> &'static std::sync::atomic::AtomicUsize {
     });
     &PANICS
 }
+
+/// A damaged-state campaign over `good`, a device's saved state. For each of its
+/// [`mutations`], `restore` builds a fresh device and restores the mutated state into it,
+/// answering None when the device refuses; one that took it is resumed and used as a guest
+/// would, then returned, and must pause again. Panics unless some mutations were refused and
+/// some taken, and unless no thread panicked since [`count_panics`] was first called (a
+/// campaign calls it before building its first device). Returns (refused, taken).
+pub fn campaign(
+    good: &Value,
+    mut restore: impl FnMut(&Value) -> Option<Box<dyn crate::PciDevice>>,
+) -> (usize, usize) {
+    let panics = count_panics();
+    let (mut refused, mut taken) = (0, 0);
+    for (what, bad) in mutations(good) {
+        let Some(dev) = restore(&bad) else {
+            refused += 1;
+            continue;
+        };
+        taken += 1;
+        dev.pause().unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    println!("{refused} refused, {taken} taken");
+    assert!(refused > 0 && taken > 0);
+    assert_eq!(panics.load(std::sync::atomic::Ordering::SeqCst), 0);
+    (refused, taken)
+}

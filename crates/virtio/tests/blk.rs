@@ -1076,7 +1076,7 @@ fn requests_made_while_paused_complete_once_after_restore() {
 /// it or gives a device that keeps working without a panic (in any thread) or a hang.
 #[test]
 fn mutated_states_are_refused_or_harmless() {
-    let panics = pci::state_testing::count_panics();
+    pci::state_testing::count_panics();
     let spec = format!(
         "6,virtio-blk,{},queues=2,ser=VMUT",
         image("mut.img", 4 << 20)
@@ -1090,14 +1090,9 @@ fn mutated_states_are_refused_or_harmless() {
     );
     d.dev.pause().unwrap();
     let good = d.dev.save_state().unwrap();
-    let (mut refused, mut taken) = (0, 0);
-    for (what, bad) in pci::state_testing::mutations(&good) {
+    pci::state_testing::campaign(&good, |bad| {
         let fresh = d.twin(&spec);
-        if fresh.restore_state(&bad).is_err() {
-            refused += 1;
-            continue;
-        }
-        taken += 1;
+        fresh.restore_state(bad).ok()?;
         fresh.resume();
         let mut b = [0u8; 4];
         for off in (0..0x40).step_by(4) {
@@ -1106,9 +1101,6 @@ fn mutated_states_are_refused_or_harmless() {
         for q in 0..2u64 {
             fresh.bar_write(0, NOTIFY + q * u64::from(NOTIFY_MULTIPLIER), &[q as u8, 0]);
         }
-        fresh.pause().unwrap_or_else(|e| panic!("{what}: {e}"));
-    }
-    println!("{refused} refused, {taken} taken");
-    assert!(refused > 0 && taken > 0);
-    assert_eq!(panics.load(std::sync::atomic::Ordering::SeqCst), 0);
+        Some(fresh)
+    });
 }

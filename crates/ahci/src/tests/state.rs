@@ -185,7 +185,7 @@ fn restore_refuses_damaged_or_foreign_state() {
 /// it or gives an HBA that keeps working without a panic (in any thread) or a hang.
 #[test]
 fn mutated_states_are_refused_or_harmless() {
-    let panics = pci::state_testing::count_panics();
+    pci::state_testing::count_panics();
     let be = TestBackend::new(8 * MIB, 512);
     let cd: Arc<dyn BlockBackend> = Arc::new(Ram::new(100 * 2048, 512).unwrap());
     let mut d = Driver::started(drives(&be, &cd));
@@ -195,14 +195,9 @@ fn mutated_states_are_refused_or_harmless() {
     d.wait("the read", |d| d.pr(0, preg::SACT) == 0);
     d.dev.pause().unwrap();
     let good = d.dev.save_state().unwrap();
-    let (mut refused, mut taken) = (0, 0);
-    for (what, bad) in pci::state_testing::mutations(&good) {
+    pci::state_testing::campaign(&good, |bad| {
         let fresh = d.twin(drives(&be, &cd));
-        if fresh.restore_state(&bad).is_err() {
-            refused += 1;
-            continue;
-        }
-        taken += 1;
+        fresh.restore_state(bad).ok()?;
         fresh.resume();
         // What a driver does next: read every register, issue a command on each port.
         let mut b = [0u8; 4];
@@ -213,9 +208,6 @@ fn mutated_states_are_refused_or_harmless() {
             let ci = hba::PORT_BASE + p * hba::PORT_STRIDE + preg::CI;
             fresh.bar_write(crate::ABAR, ci, &1u32.to_le_bytes());
         }
-        fresh.pause().unwrap_or_else(|e| panic!("{what}: {e}"));
-    }
-    println!("{refused} refused, {taken} taken");
-    assert!(refused > 0 && taken > 0);
-    assert_eq!(panics.load(std::sync::atomic::Ordering::SeqCst), 0);
+        Some(fresh)
+    });
 }
