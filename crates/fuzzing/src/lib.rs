@@ -193,6 +193,18 @@ pub fn timed<T>(what: &'static str, f: impl FnOnce() -> T) -> T {
     })
 }
 
+/// One step of a harness wait that started at `t`: spin for 5 ms (completions take
+/// microseconds), then sleep, so that on a loaded machine the device's own threads, in the same
+/// scheduling group, get the CPU this thread would otherwise spin away (a yield loop starved
+/// them for over a second once, under nice 19 beside two busy cores).
+pub fn wait_step(t: Instant) {
+    if t.elapsed() < Duration::from_millis(5) {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
 /// How often the watchdog looks at the operations in progress.
 pub const WATCH_EVERY: Duration = Duration::from_millis(50);
 

@@ -239,11 +239,7 @@ impl Host {
             if f(s) || s & csts::CFS != 0 {
                 return f(s);
             }
-            if t.elapsed() < Duration::from_millis(5) {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
+            crate::wait_step(t);
         }
         assert!(!must, "{what}: CSTS stuck at {:#x}", self.r32(reg::CSTS));
         false

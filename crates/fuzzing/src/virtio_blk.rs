@@ -148,18 +148,6 @@ pub fn run_input(input: &Input) {
     alloc::check_peak("virtio-blk", base_heap, HEAP_BOUND);
 }
 
-/// One step of a wait that started at `t`: spin for 5 ms (completions take microseconds), then
-/// sleep, so that on a loaded machine the device's own threads, in the same scheduling group,
-/// get the CPU this thread would otherwise spin away (a yield loop starved them for over a
-/// second once, under nice 19 beside two busy cores).
-fn pause(t: std::time::Instant) {
-    if t.elapsed() < std::time::Duration::from_millis(5) {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(std::time::Duration::from_micros(50));
-    }
-}
-
 impl Host {
     fn w(&self, off: u64, len: usize, v: u64) {
         self.b.bar_write(0, off, len, v);
@@ -189,7 +177,7 @@ impl Host {
                 t.elapsed() < std::time::Duration::from_secs(1),
                 "a device reset did not complete within a second (status {st:#x})"
             );
-            pause(t);
+            crate::wait_step(t);
         }
         self.w(COMMON + 20, 1, 3);
         let mut offered = 0u64;
@@ -335,7 +323,7 @@ impl Host {
                 if self.r(COMMON + 20, 1) & 0x40 != 0 {
                     break;
                 }
-                pause(t);
+                crate::wait_step(t);
                 self.reap();
             }
             if self.outstanding(q) >= size {
@@ -394,7 +382,7 @@ impl Host {
             if self.r(COMMON + 20, 1) & 0x40 != 0 {
                 break; // DEVICE_NEEDS_RESET: nothing more is served until a reset
             }
-            pause(t);
+            crate::wait_step(t);
         }
         let status = self.r(COMMON + 20, 1) as u8;
         assert!(
