@@ -332,18 +332,21 @@ pub fn threads() -> usize {
 /// Interrupts a device sent, for harnesses that check them.
 #[derive(Default)]
 pub struct Recorder {
-    /// MSI/MSI-X messages, in order.
-    pub msis: Mutex<Vec<MsiMessage>>,
+    /// MSI/MSI-X messages sent so far, counted by message data (a list of every message
+    /// made each harness scan linear in the messages of the whole run).
+    pub msis: Mutex<std::collections::HashMap<u32, usize>>,
     /// INTx level changes.
     pub intx: AtomicUsize,
 }
 
 impl InterruptSink for Recorder {
     fn msi(&self, msg: MsiMessage) {
-        self.msis
+        *self
+            .msis
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(msg);
+            .entry(msg.data)
+            .or_default() += 1;
     }
     fn intx(&self, _pin: u8, _asserted: bool) {
         self.intx.fetch_add(1, Ordering::Relaxed);

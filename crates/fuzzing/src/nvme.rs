@@ -458,20 +458,14 @@ impl Host {
 
     /// MSI-X messages sent so far, per vector.
     fn msi_counts(&self) -> HashMap<u16, usize> {
-        let mut n = HashMap::new();
-        for m in self
-            .b
+        self.b
             .irq
             .msis
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-        {
-            if let Ok(v) = u16::try_from(m.data) {
-                *n.entry(v).or_insert(0) += 1;
-            }
-        }
-        n
+            .filter_map(|(&data, &n)| Some((u16::try_from(data).ok()?, n)))
+            .collect()
     }
 
     /// New completions on interrupting CQs must be announced: an MSI-X message for each vector
@@ -491,9 +485,9 @@ impl Host {
                     .msis
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .filter(|m| m.data == u32::from(v))
-                    .count()
+                    .get(&u32::from(v))
+                    .copied()
+                    .unwrap_or(0)
             };
             let seen = self.irqs_seen.get(&v).copied().unwrap_or(0);
             let t = Instant::now();
@@ -521,7 +515,7 @@ impl Host {
     /// RAM backends complete at once or on a pool thread within microseconds; a queue the
     /// controller stopped serving makes no progress at all).
     fn settle(&mut self) {
-        self.settle_for(Duration::from_millis(1));
+        self.settle_for(Duration::from_micros(50));
     }
 
     fn settle_for(&mut self, quiet: Duration) {

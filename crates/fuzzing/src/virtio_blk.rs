@@ -298,7 +298,7 @@ impl Host {
         // RAM disks complete inline; requests on the pool finish within microseconds. (A
         // request still running is reaped later; checks that need it done wait for it.)
         let t = std::time::Instant::now();
-        while t.elapsed() < std::time::Duration::from_micros(50) {
+        while t.elapsed() < std::time::Duration::from_micros(10) {
             std::thread::yield_now();
         }
     }
@@ -313,7 +313,7 @@ impl Host {
         let limit = if self.model {
             std::time::Duration::from_secs(1)
         } else {
-            std::time::Duration::from_millis(2)
+            std::time::Duration::from_micros(300)
         };
         if self.outstanding(q) >= size {
             // A full ring: kick the device and wait for room, as a driver would.
