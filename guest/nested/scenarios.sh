@@ -10,6 +10,8 @@ RHYVE=${RHYVE:-rhyve}
 KERNEL=${KERNEL:-/l2/vmlinuz}
 INITRD=${INITRD:-/l2/l2.cpio.gz}
 WORK=${WORK:-/tmp}
+# rhyve's warnings, and the vCPU state it saves when it pauses a VM (vcpu_notes below).
+export RUST_LOG="${RUST_LOG:-warn,vmm::vcpu=debug}"
 failed=0
 # vm NAME WANT_RC CMDLINE RHYVE_ARGS…: run one L2; its console in $WORK/NAME.out, rhyve's lines
 # in $WORK/NAME.err.
@@ -204,8 +206,16 @@ migrate_once() {
     [ -z "$why" ] && ! grep -q "L2: fio PASS" "$WORK/migrate-dst.out" && why="destination: $(grep 'L2: fio' "$WORK/migrate-dst.out" | tr '\n' ' ')"
     [ -z "$why" ] && grep -q "L2: fio PASS" "$WORK/migrate.out" && why="the source finished the job too"
 }
+# What the source saw of each vCPU when it paused it (CPL, GS bases), and any MSR the
+# destination did not take back: for the open restore panic (guest/nested/README.md).
+vcpu_notes() {
+    local l
+    l=$(cat "$@" 2>/dev/null | grep -h 'saved at CPL\|after restore\|refused on restore' | sed 's/^.*vCPU/vCPU/' | tr '\n' ';')
+    [ -n "$l" ] && echo "NESTED: $SCEN NOTE $l"
+}
 if want migrate; then
     retried migrate migrate_once
+    SCEN=migrate vcpu_notes "$WORK/migrate.err" "$WORK/migrate-dst.err"
     echo "NESTED: stats migrate $(echo "$rep" | tr -d '\n' | sed 's/.*"downtime_ms": *\([0-9]*\).*/downtime_ms=\1/')"
     verdict migrate migrate-dst
 fi
@@ -231,6 +241,7 @@ snapshot_once() {
 }
 if want snapshot; then
     retried snapshot snapshot_once
+    SCEN=snapshot vcpu_notes "$WORK/snapshot.err" "$WORK/snapshot-restored.err"
     verdict snapshot snapshot-restored
 fi
 

@@ -257,11 +257,22 @@ pub fn save(vcpu: &VcpuFd, id: u8, msr_index: &[u32]) -> Result<VcpuState, Strin
         }
         list.remove(n);
     };
+    let regs = vcpu.get_regs().map_err(e("KVM_GET_REGS"))?;
+    let sregs = vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+    log::debug!(
+        "vCPU {id} saved at CPL {} RIP {:#x}: GS.base {:#x}, KERNEL_GS_BASE {:#x}",
+        sregs.cs.selector & 3,
+        regs.rip,
+        sregs.gs.base,
+        msrs.iter()
+            .find(|m| m.index == MSR_KERNEL_GS_BASE)
+            .map_or(0, |m| m.data)
+    );
     Ok(VcpuState {
         id,
         mp_state: vcpu.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?,
-        regs: vcpu.get_regs().map_err(e("KVM_GET_REGS"))?,
-        sregs: vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?,
+        regs,
+        sregs,
         xsave,
         fpu,
         xcrs: vcpu.get_xcrs().ok(),
@@ -272,8 +283,13 @@ pub fn save(vcpu: &VcpuFd, id: u8, msr_index: &[u32]) -> Result<VcpuState, Strin
     })
 }
 
-/// Load saved state into a new vCPU whose CPUID is already set (same order as KVM's own
-/// migration users: MSRs, registers, FPU, LAPIC, then MP state and pending events).
+/// Load saved state into a new vCPU whose CPUID is already set.
+///
+/// The order matters: segment and control registers first (EFER, CR4 and the APIC base decide
+/// what later state means), then registers, FPU, the LAPIC (before the MSRs: KVM drops
+/// IA32_TSC_DEADLINE unless the LVT timer is already in TSC-deadline mode, so a Linux guest would
+/// lose the tick it had armed), the MSRs, and last the MP state and pending events. QEMU's
+/// `kvm_arch_put_registers` uses the same order for the parts both have.
 pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
     let err = |what| {
         move |err| VcpuError {
@@ -282,19 +298,8 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
             err,
         }
     };
-    // MSRs KVM refuses to set (host-specific ones) are skipped one by one.
-    let mut list = s.msrs.clone();
-    while !list.is_empty() {
-        let m = Msrs::from_entries(&list).expect("MSR count within KVM's limit");
-        let n = vcpu.set_msrs(&m).map_err(err("KVM_SET_MSRS"))?;
-        if n >= list.len() {
-            break;
-        }
-        log::debug!("vCPU {}: MSR {:#x} not restored", s.id, list[n].index);
-        list.drain(..=n);
-    }
-    vcpu.set_regs(&s.regs).map_err(err("KVM_SET_REGS"))?;
     vcpu.set_sregs(&s.sregs).map_err(err("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&s.regs).map_err(err("KVM_SET_REGS"))?;
     if let Some(x) = &s.xsave {
         // SAFETY: `x` is a whole kvm_xsave (4 KiB) as KVM_GET_XSAVE returned it; KVM reads no
         // more than that from it.
@@ -305,22 +310,64 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
     if let Some(x) = &s.xcrs {
         vcpu.set_xcrs(x).map_err(err("KVM_SET_XCRS"))?;
     }
+    vcpu.set_lapic(&s.lapic).map_err(err("KVM_SET_LAPIC"))?;
+    // KVM applies MSRs in order and stops at the first it refuses (host-specific ones): skip that
+    // one and go on with the rest.
+    let mut list = s.msrs.clone();
+    while !list.is_empty() {
+        let m = Msrs::from_entries(&list).expect("MSR count within KVM's limit");
+        let n = vcpu.set_msrs(&m).map_err(err("KVM_SET_MSRS"))?;
+        if n >= list.len() {
+            break;
+        }
+        log::warn!(
+            "vCPU {}: MSR {:#x} = {:#x} refused on restore",
+            s.id,
+            list[n].index,
+            list[n].data
+        );
+        list.drain(..=n);
+    }
     if let Some(d) = &s.debugregs {
         vcpu.set_debug_regs(d).map_err(err("KVM_SET_DEBUGREGS"))?;
-    }
-    vcpu.set_lapic(&s.lapic).map_err(err("KVM_SET_LAPIC"))?;
-    // KVM ignores IA32_TSC_DEADLINE unless the LAPIC timer is in TSC-deadline mode, which it
-    // was not when the MSRs went in above: a guest using the deadline timer (Linux does) would
-    // lose the tick it had armed. Write it again now the LVT says so.
-    if let Some(d) = s.msrs.iter().find(|m| m.index == MSR_IA32_TSC_DEADLINE) {
-        let m = Msrs::from_entries(&[*d]).expect("one MSR");
-        vcpu.set_msrs(&m).map_err(err("KVM_SET_MSRS"))?;
     }
     vcpu.set_mp_state(s.mp_state)
         .map_err(err("KVM_SET_MP_STATE"))?;
     vcpu.set_vcpu_events(&s.events)
         .map_err(err("KVM_SET_VCPU_EVENTS"))?;
+    for (index, want, got) in restore_mismatches(vcpu, s) {
+        log::warn!(
+            "vCPU {}: MSR {index:#x} is {got:#x} after restore, saved {want:#x}",
+            s.id
+        );
+    }
     Ok(())
+}
+
+/// MSRs whose value KVM reports differently from the saved one right after a restore, as
+/// (index, saved, now). The time stamp counter has moved on and is left out; so are MSRs KVM
+/// no longer lets us read.
+pub fn restore_mismatches(vcpu: &VcpuFd, s: &VcpuState) -> Vec<(u32, u64, u64)> {
+    let saved: Vec<kvm_msr_entry> = s
+        .msrs
+        .iter()
+        .filter(|m| m.index != MSR_IA32_TSC)
+        .map(|m| kvm_msr_entry {
+            index: m.index,
+            ..Default::default()
+        })
+        .collect();
+    let Ok(mut now) = Msrs::from_entries(&saved) else {
+        return Vec::new();
+    };
+    let n = vcpu.get_msrs(&mut now).unwrap_or(0);
+    now.as_slice()[..n]
+        .iter()
+        .filter_map(|m| {
+            let want = s.msrs.iter().find(|w| w.index == m.index)?.data;
+            (want != m.data).then_some((m.index, want, m.data))
+        })
+        .collect()
 }
 
 /// Errors configuring a vCPU.
@@ -336,7 +383,8 @@ pub struct VcpuError {
 }
 
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
-const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const APIC_LVT_LINT0: usize = 0x350;
 const APIC_LVT_LINT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 4;
@@ -676,5 +724,80 @@ mod tests {
         assert_ne!(e[0].ecx & (1 << 31), 0);
         assert_ne!(e[0].edx & (1 << 28), 0);
         assert_eq!(e[1].edx, 3);
+    }
+
+    /// A vCPU of a fresh VM with the in-kernel irqchip and KVM's supported CPUID.
+    fn kvm_vcpu(kvm: &kvm_ioctls::Kvm) -> (kvm_ioctls::VmFd, VcpuFd) {
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
+        let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        let base = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .expect("KVM_GET_SUPPORTED_CPUID");
+        vcpu.set_cpuid2(&cpuid_for(&base, 0, 1))
+            .expect("KVM_SET_CPUID2");
+        (vm, vcpu)
+    }
+
+    fn msr(vcpu: &VcpuFd, index: u32) -> u64 {
+        let mut m = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(vcpu.get_msrs(&mut m).unwrap(), 1, "MSR {index:#x}");
+        m.as_slice()[0].data
+    }
+
+    /// A vCPU stopped in user mode: its KERNEL_GS_BASE is the per-CPU base the next interrupt's
+    /// `swapgs` loads, and its LAPIC timer is armed in TSC-deadline mode. All of it must come
+    /// back in the new vCPU, and KVM must report every saved MSR as saved. (IA32_TSC_DEADLINE
+    /// was once written before the LAPIC and silently dropped.)
+    #[test]
+    fn restore_brings_back_user_mode_msrs_and_an_armed_tsc_deadline() {
+        const KERNEL_GS_BASE: u32 = MSR_KERNEL_GS_BASE;
+        const LSTAR: u32 = 0xc000_0082;
+        const SFMASK: u32 = 0xc000_0084;
+        const LVTT: usize = 0x320;
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            println!("SKIPPED (no /dev/kvm): vCPU restore");
+            return;
+        };
+        let index = kvm.get_msr_index_list().unwrap().as_slice().to_vec();
+        let (_vm, a) = kvm_vcpu(&kvm);
+        let mut sregs = a.get_sregs().unwrap();
+        sregs.gs.base = 0x7f00_1234_0000; // the user's GS base
+        a.set_sregs(&sregs).unwrap();
+        let mut lapic = a.get_lapic().unwrap();
+        let lvtt = (0x40u32 | (2 << 17)).to_le_bytes(); // vector 0x40, TSC-deadline mode
+        for (i, b) in lvtt.iter().enumerate() {
+            lapic.regs[LVTT + i] = *b as _;
+        }
+        a.set_lapic(&lapic).unwrap();
+        let deadline = msr(&a, MSR_IA32_TSC) + (1 << 50);
+        let entries = [
+            (KERNEL_GS_BASE, 0xffff_8880_7fc0_0000),
+            (LSTAR, 0xffff_ffff_8100_0040),
+            (SFMASK, 0x47700),
+            (0x6e0, deadline),
+        ]
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        });
+        assert_eq!(
+            a.set_msrs(&Msrs::from_entries(&entries).unwrap()).unwrap(),
+            4
+        );
+        let saved = save(&a, 0, &index).unwrap();
+
+        let (_vm2, b) = kvm_vcpu(&kvm);
+        restore(&b, &saved).unwrap();
+        assert_eq!(restore_mismatches(&b, &saved), vec![]);
+        assert_eq!(msr(&b, KERNEL_GS_BASE), 0xffff_8880_7fc0_0000);
+        assert_eq!(msr(&b, LSTAR), 0xffff_ffff_8100_0040);
+        assert_eq!(b.get_sregs().unwrap().gs.base, 0x7f00_1234_0000);
+        assert_eq!(msr(&b, 0x6e0), deadline, "the armed TSC deadline");
     }
 }
