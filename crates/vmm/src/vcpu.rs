@@ -345,13 +345,19 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
 }
 
 /// MSRs whose value KVM reports differently from the saved one right after a restore, as
-/// (index, saved, now). The time stamp counter has moved on and is left out; so are MSRs KVM
-/// no longer lets us read.
+/// (index, saved, now). Counters that move on by themselves (the TSC, Hyper-V's reference time
+/// counter) are left out, and so are MSRs KVM no longer lets us read. On AMD, KVM keeps only
+/// the low 32 bits of SYSENTER_ESP/EIP written by userspace (the source may report all 64 that
+/// the guest wrote; only the SYSENTER instruction uses them, which long mode does not allow on
+/// AMD), so those compare on their low half.
 pub fn restore_mismatches(vcpu: &VcpuFd, s: &VcpuState) -> Vec<(u32, u64, u64)> {
+    const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+    const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+    const HV_X64_MSR_TIME_REF_COUNT: u32 = 0x4000_0020;
     let saved: Vec<kvm_msr_entry> = s
         .msrs
         .iter()
-        .filter(|m| m.index != MSR_IA32_TSC)
+        .filter(|m| ![MSR_IA32_TSC, HV_X64_MSR_TIME_REF_COUNT].contains(&m.index))
         .map(|m| kvm_msr_entry {
             index: m.index,
             ..Default::default()
@@ -365,7 +371,9 @@ pub fn restore_mismatches(vcpu: &VcpuFd, s: &VcpuState) -> Vec<(u32, u64, u64)> 
         .iter()
         .filter_map(|m| {
             let want = s.msrs.iter().find(|w| w.index == m.index)?.data;
-            (want != m.data).then_some((m.index, want, m.data))
+            let low_half = [MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP].contains(&m.index);
+            let same = want == m.data || (low_half && want as u32 == m.data as u32);
+            (!same).then_some((m.index, want, m.data))
         })
         .collect()
 }
