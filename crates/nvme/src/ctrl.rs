@@ -450,7 +450,11 @@ impl Shared {
         if !old.en() && new_cc.en() && !c.resetting {
             self.enable(&mut c);
         }
-        if new_cc.shn() != 0 && old.shn() == 0 && Csts::from_bits(c.csts).rdy() {
+        // A notification is a write of SHN: a change from 00b, or one in the write that enables
+        // the controller (SHN may already have held a value written while it was disabled,
+        // which notified nothing then; a host waiting for SHST would otherwise wait for ever).
+        let enabling = !old.en() && new_cc.en();
+        if new_cc.shn() != 0 && (old.shn() == 0 || enabling) && Csts::from_bits(c.csts).rdy() {
             c.csts = Csts::from_bits(c.csts)
                 .with_shst(csts::SHST_OCCURRING as u8)
                 .into_bits();

@@ -254,3 +254,17 @@ fn a_shutdown_requested_while_an_enable_waits_for_a_reset_completes() {
     d.wait_csts(0xc, 0x8);
     d.allow(buf, 4096);
 }
+
+/// SHN written while the controller is disabled notifies nothing; the write that then enables
+/// it with SHN still set does, and the shutdown must complete (the fuzzer's host waited for
+/// SHST for ever, session 6).
+#[test]
+fn a_shutdown_notified_in_the_enabling_write_completes() {
+    let (mut d, _backend) = TestDriver::on("4,nvme,ram=1", 1 << 20);
+    d.bring_up();
+    let cc = d.reg(0x14);
+    d.set_reg(0x14, (cc & !1) | (1 << 14)); // reset, SHN=01 while disabling
+    d.wait_csts(0x1, 0x0);
+    d.set_reg(0x14, cc | 1 | (1 << 14)); // enable, SHN still 01
+    d.wait_csts(0xd, 0x9); // RDY and SHST complete
+}
