@@ -341,6 +341,29 @@ fn nested_fio_verify_intx() {
     tier().check("fio-intx");
 }
 
+/// Live migration to a second `rhyve run` two seconds into a fio verify job on NVMe and AHCI:
+/// the destination finishes both jobs and they verify, the source stops, and the downtime is
+/// reported.
+#[test]
+fn nested_live_migration_with_fio_in_flight() {
+    let t = tier();
+    t.check("migrate");
+    assert!(
+        t.lines.iter().any(|l| l
+            .strip_prefix("NESTED: stats migrate downtime_ms=")
+            .is_some_and(|ms| ms.parse::<u64>().is_ok())),
+        "no downtime reported: {:?}",
+        t.lines
+    );
+}
+
+/// A snapshot two seconds into the same job, the VM stopped, and `rhyve run --restore` in a new
+/// process: the restored guest finishes both jobs and they verify.
+#[test]
+fn nested_snapshot_restore_with_fio_in_flight() {
+    tier().check("snapshot");
+}
+
 #[test]
 fn nested_exits_and_interrupts_per_io() {
     let t = tier();

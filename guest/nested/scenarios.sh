@@ -2,8 +2,8 @@
 # The nested tier's L2 scenarios: real Debian Linux under `rhyve run`, one VM per scenario.
 # Runs inside L1 (guest/nested/build-l1.sh puts it there as /l2/run.sh) or straight on a host
 # with VT-x/AMD-V. Environment: RHYVE (the binary), KERNEL and INITRD (L2, from build-l2.sh),
-# WORK (a scratch directory), ONLY (a space-separated subset of "boot reboot data fio stats",
-# the default, and "migrate snapshot", which are not in it: see guest/nested/README.md),
+# WORK (a scratch directory), ONLY (a space-separated subset of the default,
+# "boot reboot data fio migrate snapshot stats"),
 # STATS_ROUNDS (repeat the stats runs, dbbuf on and off interleaved). Prints `NESTED: <scenario> PASS` or `NESTED: <scenario> FAIL
 # <why>` per scenario and `NESTED: stats …` lines; exits 0 if every scenario passed.
 RHYVE=${RHYVE:-rhyve}
@@ -51,7 +51,7 @@ counter() {
     echo "${v:-0}"
 }
 
-want() { case " ${ONLY:-boot reboot data fio stats} " in *" $1 "*) return 0 ;; esac; return 1; }
+want() { case " ${ONLY:-boot reboot data fio migrate snapshot stats} " in *" $1 "*) return 0 ;; esac; return 1; }
 
 if want boot; then
 for cpus in 1 2; do
@@ -181,8 +181,7 @@ retried() {
 
 # Live migration between two rhyve processes with fio verifying on both disks: the move
 # happens two seconds into the NVMe job; the destination finishes both jobs, and their verify
-# passes, with nothing run twice or lost. Not in the default set: the migrated (or restored)
-# guest sometimes panics (guest/nested/README.md, "Open").
+# passes, with nothing run twice or lost.
 migrate_once() {
     why=""
     rep=""
