@@ -346,18 +346,24 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
 
 /// MSRs whose value KVM reports differently from the saved one right after a restore, as
 /// (index, saved, now). Counters that move on by themselves (the TSC, Hyper-V's reference time
-/// counter) are left out, and so are MSRs KVM no longer lets us read. On AMD, KVM keeps only
+/// counter and vCPU run time) are left out, and so are MSRs KVM no longer lets us read. On AMD, KVM keeps only
 /// the low 32 bits of SYSENTER_ESP/EIP written by userspace (the source may report all 64 that
 /// the guest wrote; only the SYSENTER instruction uses them, which long mode does not allow on
 /// AMD), so those compare on their low half.
 pub fn restore_mismatches(vcpu: &VcpuFd, s: &VcpuState) -> Vec<(u32, u64, u64)> {
     const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
     const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+    const HV_X64_MSR_VP_RUNTIME: u32 = 0x4000_0010;
     const HV_X64_MSR_TIME_REF_COUNT: u32 = 0x4000_0020;
+    const COUNTERS: [u32; 3] = [
+        MSR_IA32_TSC,
+        HV_X64_MSR_VP_RUNTIME,
+        HV_X64_MSR_TIME_REF_COUNT,
+    ];
     let saved: Vec<kvm_msr_entry> = s
         .msrs
         .iter()
-        .filter(|m| ![MSR_IA32_TSC, HV_X64_MSR_TIME_REF_COUNT].contains(&m.index))
+        .filter(|m| !COUNTERS.contains(&m.index))
         .map(|m| kvm_msr_entry {
             index: m.index,
             ..Default::default()
