@@ -206,7 +206,7 @@ migrate_once() {
     [ -z "$why" ] && grep -q "L2: fio PASS" "$WORK/migrate.out" && why="the source finished the job too"
 }
 # What the source saw of each vCPU when it paused it (CPL, GS bases), and any MSR the
-# destination did not take back: for the open restore panic (guest/nested/README.md).
+# destination did not take back (guest/nested/README.md: the restore panic of session 5).
 vcpu_notes() {
     local l
     l=$(cat "$@" 2>/dev/null | grep -h 'saved at CPL\|after restore\|refused on restore' | sed 's/^.*vCPU/vCPU/' | tr '\n' ';')

@@ -241,9 +241,9 @@ impl Host {
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(10) {
             let s = self.r32(reg::CSTS);
-            let cfs = s & csts::CFS != 0;
-            if f(s) || (cfs && cfs_ends) {
-                return f(s) && !cfs;
+            let (done, cfs) = (f(s), s & csts::CFS != 0);
+            if done || (cfs && cfs_ends) {
+                return done && !cfs;
             }
             crate::wait_step(t);
         }

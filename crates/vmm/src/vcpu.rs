@@ -230,6 +230,30 @@ pub struct VcpuState {
     pub debugregs: Option<kvm_debugregs>,
 }
 
+/// The MSRs `indices` names that KVM lets us read, in order. KVM reads MSRs in order and stops
+/// at the first it refuses: that one is dropped and the rest read again.
+fn read_msrs(
+    vcpu: &VcpuFd,
+    indices: impl Iterator<Item = u32>,
+) -> Result<Vec<kvm_msr_entry>, String> {
+    let mut list: Vec<kvm_msr_entry> = indices
+        .map(|index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    loop {
+        let mut m = Msrs::from_entries(&list).map_err(|err| format!("MSR list: {err:?}"))?;
+        let n = vcpu
+            .get_msrs(&mut m)
+            .map_err(|err| format!("KVM_GET_MSRS: {err}"))?;
+        if n >= list.len() {
+            return Ok(m.as_slice().to_vec());
+        }
+        list.remove(n);
+    }
+}
+
 /// Read vCPU `id`'s state (on its own thread, with no exit half handled).
 pub fn save(vcpu: &VcpuFd, id: u8, msr_index: &[u32]) -> Result<VcpuState, String> {
     let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("vCPU {id}: {what}: {err}");
@@ -240,23 +264,8 @@ pub fn save(vcpu: &VcpuFd, id: u8, msr_index: &[u32]) -> Result<VcpuState, Strin
             &vcpu.get_fpu().map_err(e("KVM_GET_FPU"))?,
         )),
     };
-    // KVM reads MSRs in order and stops at the first it refuses: drop that one and go on.
-    let mut list: Vec<u32> = msr_index.to_vec();
-    let msrs = loop {
-        let entries: Vec<kvm_msr_entry> = list
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut m = Msrs::from_entries(&entries).map_err(|err| format!("MSR list: {err:?}"))?;
-        let n = vcpu.get_msrs(&mut m).map_err(e("KVM_GET_MSRS"))?;
-        if n >= list.len() {
-            break m.as_slice().to_vec();
-        }
-        list.remove(n);
-    };
+    let msrs =
+        read_msrs(vcpu, msr_index.iter().copied()).map_err(|err| format!("vCPU {id}: {err}"))?;
     let regs = vcpu.get_regs().map_err(e("KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
     log::debug!(
@@ -346,10 +355,10 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
 
 /// MSRs whose value KVM reports differently from the saved one right after a restore, as
 /// (index, saved, now). Counters that move on by themselves (the TSC, Hyper-V's reference time
-/// counter and vCPU run time) are left out, and so are MSRs KVM no longer lets us read. On AMD, KVM keeps only
-/// the low 32 bits of SYSENTER_ESP/EIP written by userspace (the source may report all 64 that
-/// the guest wrote; only the SYSENTER instruction uses them, which long mode does not allow on
-/// AMD), so those compare on their low half.
+/// counter and vCPU run time) are left out, and so are MSRs KVM no longer lets us read. On
+/// AMD, KVM keeps only the low 32 bits of SYSENTER_ESP/EIP written by userspace (the source may
+/// report all 64 that the guest wrote; only the SYSENTER instruction uses them, which long mode
+/// does not allow on AMD), so those compare on their low half.
 pub fn restore_mismatches(vcpu: &VcpuFd, s: &VcpuState) -> Vec<(u32, u64, u64)> {
     const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
     const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
@@ -360,21 +369,9 @@ pub fn restore_mismatches(vcpu: &VcpuFd, s: &VcpuState) -> Vec<(u32, u64, u64)> 
         HV_X64_MSR_VP_RUNTIME,
         HV_X64_MSR_TIME_REF_COUNT,
     ];
-    let saved: Vec<kvm_msr_entry> = s
-        .msrs
-        .iter()
-        .filter(|m| !COUNTERS.contains(&m.index))
-        .map(|m| kvm_msr_entry {
-            index: m.index,
-            ..Default::default()
-        })
-        .collect();
-    let Ok(mut now) = Msrs::from_entries(&saved) else {
-        return Vec::new();
-    };
-    let n = vcpu.get_msrs(&mut now).unwrap_or(0);
-    now.as_slice()[..n]
-        .iter()
+    let indices = s.msrs.iter().map(|m| m.index);
+    let now = read_msrs(vcpu, indices.filter(|i| !COUNTERS.contains(i))).unwrap_or_default();
+    now.iter()
         .filter_map(|m| {
             let want = s.msrs.iter().find(|w| w.index == m.index)?.data;
             let low_half = [MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP].contains(&m.index);
