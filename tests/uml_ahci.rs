@@ -69,6 +69,10 @@ grep -q 'Queue depth: 32' /tmp/i && echo NCQ=32
 grep -q 'TRIM supported' /tmp/i && echo TRIM=yes
 smartctl -H /dev/sda | tee /tmp/h
 grep -q PASSED /tmp/h && echo SMART=passed
+smartctl -t short /dev/sda > /dev/null && echo SELFTEST_START=ok
+smartctl -l selftest /dev/sda | tee /tmp/st
+grep -q '^# 1  Short offline  *Completed without error' /tmp/st && echo SELFTEST=completed
+smartctl -l error /dev/sda | grep -q 'No Errors Logged' && echo ERRLOG=empty
 "#,
         120,
     );
@@ -95,6 +99,9 @@ grep -q PASSED /tmp/h && echo SMART=passed
         ("NCQ", "32"),
         ("TRIM", "yes"),
         ("SMART", "passed"),
+        ("SELFTEST_START", "ok"),
+        ("SELFTEST", "completed"),
+        ("ERRLOG", "empty"),
     ] {
         assert_eq!(run.value(k).as_deref(), Some(v), "{k}; console:\n{c}");
     }

@@ -40,6 +40,9 @@ for c in /sys/class/nvme/nvme*; do
   done
   nvme list | grep -q "$s"
 done
+nvme supported-log-pages /dev/nvme0 | grep -c 'supports 0x1' | sed 's/^/LOGPAGES=/'
+nvme device-self-test /dev/nvme0 -n 1 -s 1 -w > /dev/null && echo SELFTEST_WAIT=ok
+nvme self-test-log /dev/nvme0 -o json | tr -d ' \n' | grep -o '"Selftestresult":[0-9]*,"Selftestcode":[0-9]*' | head -1 | sed 's/^/SELFTEST=/'
 "#,
         120,
     );
@@ -59,6 +62,19 @@ done
     assert!(
         c.contains("critical_warning") && c.contains("temperature"),
         "smart-log output missing:\n{c}"
+    );
+    // LIDs 00h-06h; a short self-test that nvme-cli waits for (it needs to see progress)
+    // and then finds "completed without error" in the log.
+    assert_eq!(run.value("LOGPAGES").as_deref(), Some("7"), "console:\n{c}");
+    assert_eq!(
+        run.value("SELFTEST_WAIT").as_deref(),
+        Some("ok"),
+        "console:\n{c}"
+    );
+    assert_eq!(
+        run.value("SELFTEST").as_deref(),
+        Some("\"Selftestresult\":0,\"Selftestcode\":1"),
+        "console:\n{c}"
     );
 }
 

@@ -8,7 +8,7 @@
 //! malformed commands abort with ABRT, range errors report IDNF, as ACS-4 §6.2 prescribes.
 
 use crate::atapi;
-use crate::drive::{DriveInfo, DriveKind, DriveState, PowerMode, MAX_MULTIPLE};
+use crate::drive::{DriveInfo, DriveKind, DriveState, PowerMode, SelfTestEntry, MAX_MULTIPLE};
 use crate::fis::{H2dRegisterFis, TaskFile};
 use crate::identify::{self, DSM_MAX_BLOCKS, IDENTIFY_BYTES};
 use crate::logpage;
@@ -302,8 +302,8 @@ fn set_features(st: &mut DriveState, fis: &H2dRegisterFis) -> Plan {
     nd(ok())
 }
 
-/// SMART: READ DATA, READ THRESHOLDS, READ LOG (directory), AUTOSAVE, ENABLE, DISABLE,
-/// RETURN STATUS.
+/// SMART: READ DATA, READ THRESHOLDS, EXECUTE OFF-LINE IMMEDIATE, READ LOG (directory, error
+/// and self-test logs), AUTOSAVE, ENABLE, DISABLE, RETURN STATUS.
 fn smart_cmd(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis) -> Plan {
     let nd = |tf| Plan::done(tf, Proto::NonData);
     if fis.lba1 != smart::LBA_MID || fis.lba2 != smart::LBA_HIGH {
@@ -313,13 +313,16 @@ fn smart_cmd(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis) -> Pla
         return nd(abort());
     }
     match fis.features {
-        smart::READ_DATA => data_in(logpage::smart_data(&info.counters), pio_in(512)),
+        smart::READ_DATA => data_in(
+            logpage::smart_data(&info.counters, &st.self_tests),
+            pio_in(512),
+        ),
         smart::READ_THRESHOLDS => data_in(logpage::smart_thresholds(&info.counters), pio_in(512)),
-        // The SMART log directory (log address 0, one page) is the only SMART log: error and
-        // self-test logging are not offered (SMART READ DATA says so), so others abort.
-        smart::READ_LOG if fis.lba0 == 0 && fis.count == 1 => {
-            data_in(logpage::smart_log_directory(), pio_in(512))
-        }
+        smart::EXEC_OFFLINE => nd(exec_offline(info, st, fis.lba0)),
+        smart::READ_LOG => match logpage::smart_read_log(&st.self_tests, fis.lba0, fis.count) {
+            Some(d) => data_in(d, pio_in(512)),
+            None => nd(abort()),
+        },
         smart::AUTOSAVE => match fis.count {
             smart::AUTOSAVE_ON => {
                 st.autosave = true;
@@ -346,6 +349,31 @@ fn smart_cmd(info: &DriveInfo, st: &mut DriveState, fis: &H2dRegisterFis) -> Pla
         }),
         _ => nd(abort()),
     }
+}
+
+/// SMART EXECUTE OFF-LINE IMMEDIATE: the off-line routine and the short and extended
+/// self-tests, in off-line or captive mode, finish before the command completes (an image has
+/// no heads to seek or surface to scan); conveyance and selective self-tests are not offered
+/// (SMART data byte 367) and abort, as do reserved subcommands.
+fn exec_offline(info: &DriveInfo, st: &mut DriveState, sub: u8) -> TaskFile {
+    use smart::offline;
+    use smart::selftest_status::COMPLETED;
+    match sub {
+        // Off-line data collection "completed without error".
+        offline::ROUTINE => st.self_tests.offline_status = 0x02,
+        offline::SHORT | offline::EXTENDED | offline::SHORT_CAPTIVE | offline::EXTENDED_CAPTIVE => {
+            let hours = info.counters.created.elapsed().as_secs() / 3600;
+            st.self_tests.record(SelfTestEntry {
+                subcommand: sub,
+                status: COMPLETED << 4,
+                hours: hours.min(u64::from(u16::MAX)) as u16,
+            });
+        }
+        // Nothing runs in the background to abort.
+        offline::ABORT => {}
+        _ => return abort(),
+    }
+    ok()
 }
 
 /// ATA commands a PACKET device accepts (ACS-4 §4.3): IDENTIFY PACKET DEVICE, PACKET, DEVICE

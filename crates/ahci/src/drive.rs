@@ -178,6 +178,69 @@ pub(crate) struct DriveState {
     pub srst: bool,
     /// ATAPI state (sense data, medium, tray lock).
     pub atapi: AtapiState,
+    /// SMART self-tests and off-line data collection run so far (absent in older snapshots).
+    #[serde(default)]
+    pub self_tests: SelfTests,
+}
+
+/// Descriptors the SMART self-test log holds (ACS-4 §A.20); the extended log's single page
+/// holds 19 of them.
+pub(crate) const SELF_TEST_LOG_ENTRIES: usize = 21;
+
+/// One self-test the guest ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SelfTestEntry {
+    /// The EXECUTE OFF-LINE IMMEDIATE subcommand that started it.
+    pub subcommand: u8,
+    /// Its self-test execution status byte (result in bits 7:4).
+    pub status: u8,
+    /// Power-on hours when it ran.
+    pub hours: u16,
+}
+
+/// SMART off-line data collection and self-test results. Self-tests of an image have nothing
+/// to wear out, so they complete as soon as they are started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SelfTests {
+    /// Off-line data collection status (SMART data byte 362).
+    pub offline_status: u8,
+    /// Self-test execution status of the last self-test (SMART data byte 363).
+    pub exec_status: u8,
+    /// Self-tests run since power-on: numbers the descriptors in the logs' circular buffers.
+    pub count: u32,
+    /// The latest self-tests, oldest first, at most [`SELF_TEST_LOG_ENTRIES`].
+    pub recent: Vec<SelfTestEntry>,
+}
+
+impl SelfTests {
+    /// Records a finished self-test.
+    pub fn record(&mut self, e: SelfTestEntry) {
+        self.exec_status = e.status;
+        self.count = self.count.wrapping_add(1);
+        self.recent.push(e);
+        let excess = self.recent.len().saturating_sub(SELF_TEST_LOG_ENTRIES);
+        self.recent.drain(..excess);
+    }
+
+    /// The latest `slots` self-tests with their 1-based position in a circular buffer of
+    /// `slots` descriptors, and the position of the newest (0 when there is none). Robust to
+    /// a restored state whose count disagrees with its list.
+    pub fn placed(&self, slots: usize) -> (Vec<(usize, SelfTestEntry)>, usize) {
+        let n = self.recent.len().min(slots);
+        let total = (self.count as usize).max(self.recent.len());
+        let first = total - n;
+        let placed = self.recent[self.recent.len() - n..]
+            .iter()
+            .enumerate()
+            .map(|(i, e)| ((first + i) % slots + 1, *e))
+            .collect();
+        let newest = if total == 0 {
+            0
+        } else {
+            (total - 1) % slots + 1
+        };
+        (placed, newest)
+    }
 }
 
 /// Largest READ/WRITE MULTIPLE block (IDENTIFY word 47).
@@ -197,6 +260,7 @@ impl DriveState {
             ncq_error: None,
             srst: false,
             atapi: AtapiState::new(info.backend.is_some()),
+            self_tests: SelfTests::default(),
         }
     }
 

@@ -125,6 +125,8 @@ mod bit {
     pub const WWN: u16 = 1 << 8;
     pub const FUA: u16 = 1 << 6;
     pub const GPL: u16 = 1 << 5;
+    pub const SMART_SELF_TEST: u16 = 1 << 1;
+    pub const SMART_ERROR_LOG: u16 = 1 << 0;
     // word 119/120
     pub const READ_LOG_DMA: u16 = 1 << 3;
     // word 106
@@ -263,7 +265,8 @@ pub fn identify_device(info: &DriveInfo, state: &DriveState) -> [u16; IDENTIFY_W
     let supported = bit::LOOK_AHEAD | bit::WRITE_CACHE | bit::POWER_MGMT | bit::SMART;
     words[w::CMD_SET_SUPPORTED] = supported;
     words[w::CMD_SET_SUPPORTED2] = bit::VALID | bit::FLUSH_EXT | bit::FLUSH | bit::LBA48;
-    words[w::CMD_SET_SUPPORTED_EXT] = bit::VALID | bit::WWN | bit::FUA | bit::GPL;
+    let smart_logs = bit::SMART_SELF_TEST | bit::SMART_ERROR_LOG;
+    words[w::CMD_SET_SUPPORTED_EXT] = bit::VALID | bit::WWN | bit::FUA | bit::GPL | smart_logs;
     let mut enabled = bit::POWER_MGMT;
     if state.look_ahead {
         enabled |= bit::LOOK_AHEAD;
@@ -277,7 +280,7 @@ pub fn identify_device(info: &DriveInfo, state: &DriveState) -> [u16; IDENTIFY_W
     words[w::CMD_SET_ENABLED] = enabled;
     words[w::CMD_SET_ENABLED2] =
         bit::WORDS_119_120_VALID | bit::FLUSH_EXT | bit::FLUSH | bit::LBA48;
-    words[w::CMD_SET_DEFAULT] = bit::VALID | bit::WWN | bit::FUA | bit::GPL;
+    words[w::CMD_SET_DEFAULT] = bit::VALID | bit::WWN | bit::FUA | bit::GPL | smart_logs;
 
     put_u64(&mut words, w::LBA48, sectors);
     words[w::DSM_MAX] = if info.trim { DSM_MAX_BLOCKS } else { 0 };

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use crate::drive::{DriveCounters, DriveInfo, DriveState};
+use crate::drive::{DriveCounters, DriveInfo, DriveState, SelfTests};
 use crate::identify;
 
 /// Size of one log page.
@@ -15,8 +15,16 @@ pub const PAGE: usize = 512;
 
 /// Log addresses this device implements.
 pub mod addr {
-    /// General Purpose Log Directory.
+    /// General Purpose Log Directory (and, through SMART READ LOG, the SMART Log Directory).
     pub const DIRECTORY: u8 = 0x00;
+    /// Summary SMART Error log (SMART READ LOG only).
+    pub const SMART_ERROR: u8 = 0x01;
+    /// Extended Comprehensive SMART Error log (GPL only).
+    pub const EXT_ERROR: u8 = 0x03;
+    /// SMART Self-Test log (SMART READ LOG only).
+    pub const SMART_SELF_TEST: u8 = 0x06;
+    /// Extended SMART Self-Test log (GPL only).
+    pub const EXT_SELF_TEST: u8 = 0x07;
     /// NCQ Command Error log.
     pub const NCQ_ERROR: u8 = 0x10;
     /// NCQ Send and Receive log.
@@ -37,10 +45,14 @@ pub mod id_page {
     pub const COUNT: u16 = 3;
 }
 
-/// Pages in each log this device implements (0 = not implemented).
+/// Pages in each General Purpose log this device implements (0 = not implemented).
 pub fn log_pages(log: u8) -> u16 {
     match log {
-        addr::DIRECTORY | addr::NCQ_ERROR | addr::NCQ_SEND_RECV => 1,
+        addr::DIRECTORY
+        | addr::EXT_ERROR
+        | addr::EXT_SELF_TEST
+        | addr::NCQ_ERROR
+        | addr::NCQ_SEND_RECV => 1,
         addr::IDENTIFY => id_page::COUNT,
         _ => 0,
     }
@@ -57,11 +69,88 @@ fn directory() -> Vec<u8> {
     p
 }
 
-/// The SMART Log Directory (SMART READ LOG address 00h): version 1 and no SMART logs, since
-/// error logging and self-tests are not offered.
-pub fn smart_log_directory() -> Vec<u8> {
+/// Pages in each log SMART READ LOG reads (0 = not implemented).
+fn smart_log_pages(log: u8) -> u8 {
+    match log {
+        addr::DIRECTORY | addr::SMART_ERROR | addr::SMART_SELF_TEST => 1,
+        _ => 0,
+    }
+}
+
+/// SMART READ LOG data: `count` pages of `log` from its first page, or `None` when the log is
+/// not implemented or shorter (the command then aborts).
+pub fn smart_read_log(tests: &SelfTests, log: u8, count: u8) -> Option<Vec<u8>> {
+    if count == 0 || count > smart_log_pages(log) {
+        return None;
+    }
+    Some(match log {
+        addr::DIRECTORY => {
+            // The SMART Log Directory: version 1, then the page count of every SMART log.
+            let mut p = vec![0u8; PAGE];
+            p[0] = 1;
+            for l in 1..=255u8 {
+                p[usize::from(l) * 2] = smart_log_pages(l);
+            }
+            p
+        }
+        addr::SMART_ERROR => summary_error_log(),
+        addr::SMART_SELF_TEST => self_test_log(tests),
+        _ => return None,
+    })
+}
+
+/// Summary SMART Error log (ACS-4 §A.21): version 1 and no entries. Commands that abort
+/// (unsupported features, out-of-range LBAs) are the host's errors, not the device's, and an
+/// image has no media errors of its own, so nothing is ever logged here.
+fn summary_error_log() -> Vec<u8> {
     let mut p = vec![0u8; PAGE];
     p[0] = 1;
+    smart_checksum(&mut p);
+    p
+}
+
+/// Extended Comprehensive SMART Error log (ACS-4 §9.5), page 0: version 1 and no entries.
+fn ext_error_log() -> Vec<u8> {
+    let mut p = vec![0u8; PAGE];
+    p[0] = 1;
+    smart_checksum(&mut p);
+    p
+}
+
+/// SMART Self-Test log (ACS-4 §A.20): revision 1, 21 descriptors of 24 bytes from byte 2 used
+/// as a circular buffer, the newest descriptor's index in byte 508.
+fn self_test_log(tests: &SelfTests) -> Vec<u8> {
+    const SLOTS: usize = crate::drive::SELF_TEST_LOG_ENTRIES;
+    let mut p = vec![0u8; PAGE];
+    p[0..2].copy_from_slice(&1u16.to_le_bytes());
+    let (placed, newest) = tests.placed(SLOTS);
+    for (slot, e) in placed {
+        let d = &mut p[2 + (slot - 1) * 24..2 + slot * 24];
+        d[0] = e.subcommand;
+        d[1] = e.status;
+        d[2..4].copy_from_slice(&e.hours.to_le_bytes());
+        // Checkpoint and failing LBA stay 0: no test has failed.
+    }
+    p[508] = newest as u8;
+    smart_checksum(&mut p);
+    p
+}
+
+/// Extended SMART Self-Test log (ACS-4 §9.24), page 0: revision 1, the newest descriptor's
+/// index in bytes 3:2, 19 descriptors of 26 bytes from byte 4.
+fn ext_self_test_log(tests: &SelfTests) -> Vec<u8> {
+    const SLOTS: usize = 19;
+    let mut p = vec![0u8; PAGE];
+    p[0] = 1;
+    let (placed, newest) = tests.placed(SLOTS);
+    for (slot, e) in placed {
+        let d = &mut p[4 + (slot - 1) * 26..4 + slot * 26];
+        d[0] = e.subcommand;
+        d[1] = e.status;
+        d[2..4].copy_from_slice(&e.hours.to_le_bytes());
+    }
+    p[2..4].copy_from_slice(&(newest as u16).to_le_bytes());
+    smart_checksum(&mut p);
     p
 }
 
@@ -134,6 +223,8 @@ pub fn read_log(
     for pg in page..page + count {
         out.extend(match log {
             addr::DIRECTORY => directory(),
+            addr::EXT_ERROR => ext_error_log(),
+            addr::EXT_SELF_TEST => ext_self_test_log(&state.self_tests),
             addr::NCQ_SEND_RECV => ncq_send_recv(info),
             addr::IDENTIFY => identify_page(info, state, pg as u8),
             _ => return None,
@@ -188,8 +279,18 @@ fn smart_checksum(p: &mut [u8]) {
 /// SMART data structure revision.
 const SMART_REVISION: u16 = 0x0010;
 
-/// SMART READ DATA: attribute table plus capability bytes (ACS-3 SMART data structure).
-pub fn smart_data(c: &DriveCounters) -> Vec<u8> {
+/// Off-line data collection capability (SMART data byte 367): EXECUTE OFF-LINE IMMEDIATE and
+/// the short and extended self-tests; no automatic off-line collection, surface scan,
+/// conveyance or selective self-test.
+const OFFLINE_CAPABILITY: u8 = 0x01 | 0x10;
+
+/// Recommended polling time of the short and extended self-tests, in minutes (bytes 372, 373
+/// and 376:375). They finish at once; one minute is the smallest non-zero value.
+const SELF_TEST_MINUTES: u8 = 1;
+
+/// SMART READ DATA: attribute table plus status and capability bytes (ACS-3 SMART data
+/// structure).
+pub fn smart_data(c: &DriveCounters, tests: &SelfTests) -> Vec<u8> {
     let mut p = vec![0u8; PAGE];
     p[0..2].copy_from_slice(&SMART_REVISION.to_le_bytes());
     for (i, (id, flags, raw, _)) in attributes(c).into_iter().enumerate() {
@@ -200,10 +301,15 @@ pub fn smart_data(c: &DriveCounters) -> Vec<u8> {
         e[4] = 100; // worst
         e[5..11].copy_from_slice(&raw.to_le_bytes()[..6]);
     }
-    // 362: off-line data collection never started; 363: no self-test run; 367: no off-line
-    // collection or self-tests; 368–369: saves data before power saving, supports autosave;
-    // 370: no error logging.
+    p[362] = tests.offline_status;
+    p[363] = tests.exec_status;
+    p[367] = OFFLINE_CAPABILITY;
+    // 368–369: saves data before power saving, supports autosave; 370: error logging.
     p[368..370].copy_from_slice(&0x0003u16.to_le_bytes());
+    p[370] = 1;
+    p[372] = SELF_TEST_MINUTES;
+    p[373] = SELF_TEST_MINUTES;
+    p[375..377].copy_from_slice(&u16::from(SELF_TEST_MINUTES).to_le_bytes());
     smart_checksum(&mut p);
     p
 }
@@ -243,11 +349,41 @@ mod tests {
     fn smart_checksums() {
         let c = DriveCounters::default();
         c.written_bytes.store(4096, Relaxed);
-        for p in [smart_data(&c), smart_thresholds(&c)] {
+        for p in [smart_data(&c, &SelfTests::default()), smart_thresholds(&c)] {
             assert_eq!(p.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         }
-        let d = smart_data(&c);
+        let d = smart_data(&c, &SelfTests::default());
         assert_eq!(d[2 + 4 * 12], attr::LBAS_WRITTEN);
         assert_eq!(d[2 + 4 * 12 + 5], 8);
+    }
+
+    #[test]
+    fn a_restored_self_test_record_that_disagrees_with_itself_still_reads() {
+        use crate::drive::SelfTestEntry;
+        let e = SelfTestEntry {
+            subcommand: 1,
+            status: 0,
+            hours: 7,
+        };
+        for count in [0, 3, 40, u32::MAX] {
+            let t = SelfTests {
+                offline_status: 0xff,
+                exec_status: 0xff,
+                count,
+                recent: vec![e; 40],
+            };
+            let p = smart_read_log(&t, addr::SMART_SELF_TEST, 1).unwrap();
+            assert!(
+                (1..=21).contains(&p[508]),
+                "count {count}: index {}",
+                p[508]
+            );
+            let x = ext_self_test_log(&t);
+            assert!(
+                (1..=19).contains(&x[2]),
+                "count {count}: ext index {}",
+                x[2]
+            );
+        }
     }
 }

@@ -171,6 +171,8 @@ pub mod smart {
     pub const READ_THRESHOLDS: u8 = 0xd1;
     /// SMART ENABLE/DISABLE ATTRIBUTE AUTOSAVE.
     pub const AUTOSAVE: u8 = 0xd2;
+    /// SMART EXECUTE OFF-LINE IMMEDIATE (subcommand in LBA 7:0).
+    pub const EXEC_OFFLINE: u8 = 0xd4;
     /// SMART READ LOG.
     pub const READ_LOG: u8 = 0xd5;
     /// SMART ENABLE OPERATIONS.
@@ -185,6 +187,31 @@ pub mod smart {
     pub const LBA_HIGH: u8 = 0xc2;
     /// AUTOSAVE Count: enable.
     pub const AUTOSAVE_ON: u8 = 0xf1;
+
+    /// EXECUTE OFF-LINE IMMEDIATE subcommands (ACS-4 Table 133).
+    pub mod offline {
+        /// Run the SMART off-line routine in off-line mode.
+        pub const ROUTINE: u8 = 0x00;
+        /// Short self-test in off-line mode.
+        pub const SHORT: u8 = 0x01;
+        /// Extended self-test in off-line mode.
+        pub const EXTENDED: u8 = 0x02;
+        /// Abort the off-line mode self-test.
+        pub const ABORT: u8 = 0x7f;
+        /// Short self-test in captive mode.
+        pub const SHORT_CAPTIVE: u8 = 0x81;
+        /// Extended self-test in captive mode.
+        pub const EXTENDED_CAPTIVE: u8 = 0x82;
+    }
+
+    /// Self-test execution status values (bits 7:4 of SMART data byte 363 and of a self-test
+    /// log descriptor's status byte).
+    pub mod selftest_status {
+        /// Completed without error, or no self-test has run.
+        pub const COMPLETED: u8 = 0x0;
+        /// Aborted by the host.
+        pub const ABORTED_BY_HOST: u8 = 0x1;
+    }
 }
 
 // ---- ATAPI: SCSI primary (SPC-4) and multimedia (MMC-6) commands ----

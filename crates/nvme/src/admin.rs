@@ -11,6 +11,7 @@ use crate::ctrl::{flag, lock, AsyncEvent, Ctrl, HeldAbort, Outcome, Shared};
 use crate::error::{NvmeError, Reason};
 use crate::features::{Features, AEC_SUPPORTED, COMPOSITE_TEMP};
 use crate::identify::{self, ACL, AERL};
+use crate::logpage::RunningSelfTest;
 use crate::namespace::Namespace;
 use crate::namespace::LBA_FORMATS;
 use crate::prp;
@@ -21,7 +22,7 @@ use crate::spec::dw::{
     Cdw11CreateIoSubmissionQueue, Cdw11GetLogPage, Cdw11Identify, Cdw11InterruptVectorConfig,
     Cdw11NumberOfQueues, Cdw11TemperatureThreshold, Cdw14GetLogPage,
 };
-use crate::spec::{aer, cns, fid, lid, AdminOpcode, SmartLog, Sqe, Status, NSID_ALL};
+use crate::spec::{aer, cns, fid, lid, self_test, AdminOpcode, SmartLog, Sqe, Status, NSID_ALL};
 
 /// What an admin command handler returns: its outcome, or why it failed.
 type CmdResult = Result<Outcome, NvmeError>;
@@ -100,6 +101,7 @@ impl Shared {
                 Ok(Outcome::Deferred)
             }
             AdminOpcode::FORMAT_NVM => self.format(c, sqe),
+            AdminOpcode::DEVICE_SELF_TEST => self.device_self_test(c, sqe),
             AdminOpcode::DOORBELL_BUFFER_CONFIG => self.doorbell_buffer_config(c, sqe),
             // In the table but without a handler: a bug, answered as the spec allows.
             _ => Err(NvmeError::new(Status::INVALID_OPCODE, Reason::Opcode)),
@@ -727,9 +729,13 @@ impl Shared {
                 }
                 (commands::effects_log(&self.cfg), None)
             }
+            lid::SUPPORTED_LOG_PAGES => (crate::logpage::supported_log_pages(), None),
+            lid::DEVICE_SELF_TEST => (c.logs.self_test_log(Instant::now()), None),
+            // Base 2.0 §5.16: an unsupported Log Identifier is aborted with Invalid Field in
+            // Command (not the older Invalid Log Page).
             _ => {
                 return Err(NvmeError::new(
-                    Status::INVALID_LOG_PAGE,
+                    Status::INVALID_FIELD,
                     Reason::LogPage { lid: lid_ },
                 ))
             }
@@ -761,6 +767,43 @@ impl Shared {
             }
         }
         Ok(Outcome::status(s))
+    }
+
+    /// Device Self-test (§5.9). An image has no media or electronics to exercise; the short
+    /// and extended operations run for a few seconds in the background (see
+    /// [`crate::logpage::RunningSelfTest`]) and end "completed without error".
+    fn device_self_test(&self, c: &mut Ctrl, sqe: &Sqe) -> CmdResult {
+        let stc = (sqe.cdw10 & 0xf) as u8;
+        let nsid = sqe.nsid;
+        if nsid != 0 && nsid != NSID_ALL {
+            self.active(c, nsid)?;
+        }
+        let now = Instant::now();
+        c.logs.settle_self_test(now);
+        match stc {
+            self_test::SHORT | self_test::EXTENDED => {
+                if c.logs.self_test_running.is_some() {
+                    return Err(NvmeError::new(
+                        Status::SELF_TEST_IN_PROGRESS,
+                        Reason::Sequence("a device self-test is already running"),
+                    ));
+                }
+                c.logs.self_test_running = Some(RunningSelfTest {
+                    stc,
+                    nsid,
+                    started: now,
+                    hours: self.smart_totals(false).power_on_secs / 3600,
+                });
+                ok()
+            }
+            self_test::ABORT => {
+                c.logs.abort_self_test(self_test::ABORTED_BY_COMMAND);
+                ok()
+            }
+            _ => Err(NvmeError::field(
+                "reserved or vendor specific self-test code",
+            )),
+        }
     }
 
     /// Doorbell Buffer Config (§5.8): the host keeps I/O queue doorbells in memory and rings
@@ -839,6 +882,13 @@ impl Shared {
         }
         let backends: Vec<_> = targets.iter().map(|&i| ns[i].backend.clone()).collect();
         drop(ns);
+        // A self-test that covers a formatted namespace is aborted (§5.9).
+        c.logs.settle_self_test(Instant::now());
+        if c.logs.self_test_running.is_some_and(|t| {
+            t.nsid == NSID_ALL || sqe.nsid == NSID_ALL || (t.nsid != 0 && t.nsid == sqe.nsid)
+        }) {
+            c.logs.abort_self_test(self_test::ABORTED_BY_FORMAT);
+        }
         // Namespace Attribute Notices announce a changed Identify Namespace; a format that keeps
         // the LBA format changes nothing the host could re-read.
         if any_changed && c.features.async_event_config & (1 << 8) != 0 {

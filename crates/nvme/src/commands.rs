@@ -21,6 +21,8 @@ pub mod effects {
 pub mod oacs {
     /// Format NVM supported.
     pub const FORMAT: u16 = 1 << 1;
+    /// Device Self-test supported.
+    pub const DEVICE_SELF_TEST: u16 = 1 << 4;
     /// Doorbell Buffer Config supported.
     pub const DOORBELL_BUFFER_CONFIG: u16 = 1 << 8;
 }
@@ -119,6 +121,12 @@ pub const ADMIN: &[Command<AdminOpcode>] = &[
         op: AdminOpcode::ASYNC_EVENT_REQUEST,
         effects: CSUPP,
         advertised_by: 0,
+        enabled: always,
+    },
+    Command {
+        op: AdminOpcode::DEVICE_SELF_TEST,
+        effects: CSUPP,
+        advertised_by: oacs::DEVICE_SELF_TEST,
         enabled: always,
     },
     Command {

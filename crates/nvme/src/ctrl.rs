@@ -531,6 +531,15 @@ impl Shared {
         c.aer_pending.clear();
         c.aer_masked = [false; 8];
         c.held_aborts.clear();
+        // A Controller Level Reset aborts a short device self-test; an extended one goes on.
+        c.logs.settle_self_test(Instant::now());
+        if c.logs
+            .self_test_running
+            .is_some_and(|t| t.stc == crate::spec::self_test::SHORT)
+        {
+            c.logs
+                .abort_self_test(crate::spec::self_test::ABORTED_BY_RESET);
+        }
         c.dbbuf = None;
         c.features.reset_volatile(self.cfg.io_queues());
         self.sync_features(&c.features);

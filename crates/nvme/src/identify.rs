@@ -62,6 +62,10 @@ pub fn controller(cfg: &CtrlConfig, namespaces: &[Namespace]) -> IdentifyControl
     id.aerl = AERL;
     id.frmw = (1 << 1) | 1; // one slot, slot 1 read-only
     id.lpa = (1 << 1) | (1 << 2); // commands supported & effects log, extended data
+                                  // Self-tests of an image finish at once; one minute is the smallest extended time, and
+                                  // one operation at a time runs in the subsystem.
+    id.edstt = 1;
+    id.dsto = 1;
     id.elpe = (crate::logpage::ERROR_LOG_ENTRIES - 1) as u8;
     id.npss = 0;
     id.wctemp = WCTEMP;

@@ -135,6 +135,8 @@ open_enum! {
         GET_FEATURES = 0x0a,
         /// Asynchronous Event Request.
         ASYNC_EVENT_REQUEST = 0x0c,
+        /// Device Self-test.
+        DEVICE_SELF_TEST = 0x14,
         /// Keep Alive (not supported: no keep-alive timer on PCIe).
         KEEP_ALIVE = 0x18,
         /// Doorbell Buffer Config.
@@ -249,6 +251,8 @@ impl Status {
     pub const INVALID_INTERRUPT_VECTOR: Status = Status::new(1, 0x08);
     /// Invalid Log Page (command specific 09h).
     pub const INVALID_LOG_PAGE: Status = Status::new(1, 0x09);
+    /// Device Self-test in Progress (command specific 1Dh).
+    pub const SELF_TEST_IN_PROGRESS: Status = Status::new(1, 0x1d);
     /// Invalid Format (command specific 0Ah).
     pub const INVALID_FORMAT: Status = Status::new(1, 0x0a);
     /// Invalid Queue Deletion (command specific 0Ch).
@@ -271,7 +275,7 @@ impl Status {
 impl Status {
     /// The spec's name for a status this controller reports.
     pub fn name(self) -> &'static str {
-        const ALL: [(Status, &str); 33] = [
+        const ALL: [(Status, &str); 34] = [
             (Status::SUCCESS, "SUCCESS"),
             (Status::INVALID_OPCODE, "INVALID_OPCODE"),
             (Status::INVALID_FIELD, "INVALID_FIELD"),
@@ -297,6 +301,7 @@ impl Status {
             (Status::AER_LIMIT_EXCEEDED, "AER_LIMIT_EXCEEDED"),
             (Status::INVALID_INTERRUPT_VECTOR, "INVALID_INTERRUPT_VECTOR"),
             (Status::INVALID_LOG_PAGE, "INVALID_LOG_PAGE"),
+            (Status::SELF_TEST_IN_PROGRESS, "SELF_TEST_IN_PROGRESS"),
             (Status::INVALID_FORMAT, "INVALID_FORMAT"),
             (Status::INVALID_QUEUE_DELETION, "INVALID_QUEUE_DELETION"),
             (Status::FEATURE_NOT_SAVEABLE, "FEATURE_NOT_SAVEABLE"),
@@ -347,6 +352,8 @@ pub mod fid {
 
 /// Log page identifiers.
 pub mod lid {
+    /// Supported Log Pages (LID 00h).
+    pub const SUPPORTED_LOG_PAGES: u8 = 0x00;
     /// Error Information (LID 01h).
     pub const ERROR_INFORMATION: u8 = 0x01;
     /// SMART / Health Information (LID 02h).
@@ -357,6 +364,32 @@ pub mod lid {
     pub const CHANGED_NAMESPACES: u8 = 0x04;
     /// Commands Supported and Effects (LID 05h).
     pub const COMMANDS_SUPPORTED_EFFECTS: u8 = 0x05;
+    /// Device Self-test (LID 06h).
+    pub const DEVICE_SELF_TEST: u8 = 0x06;
+}
+
+/// Device Self-test command and log values (Base spec §5.9, Figures 213–215).
+pub mod self_test {
+    /// Self-test Code: short device self-test operation.
+    pub const SHORT: u8 = 0x1;
+    /// Self-test Code: extended device self-test operation.
+    pub const EXTENDED: u8 = 0x2;
+    /// Self-test Code: abort the device self-test operation.
+    pub const ABORT: u8 = 0xf;
+    /// Result: operation completed without error.
+    pub const COMPLETED: u8 = 0x0;
+    /// Result: aborted by a Device Self-test command.
+    pub const ABORTED_BY_COMMAND: u8 = 0x1;
+    /// Result: aborted by a Controller Level Reset.
+    pub const ABORTED_BY_RESET: u8 = 0x2;
+    /// Result: aborted by a Format NVM command.
+    pub const ABORTED_BY_FORMAT: u8 = 0x4;
+    /// Result: entry not used (does not contain a valid test result).
+    pub const UNUSED: u8 = 0xf;
+    /// Valid Diagnostic Information: the NSID field is valid.
+    pub const NSIDV: u8 = 1 << 0;
+    /// Self-test results the log holds, newest first.
+    pub const RESULTS: usize = 20;
 }
 
 /// Identify CNS values.
@@ -891,6 +924,33 @@ pub struct ErrorLogEntry {
     pub rsvd42: [u8; 22],
 }
 const _: () = assert!(std::mem::size_of::<ErrorLogEntry>() == 64);
+
+/// One Self-test Result Data Structure of the Device Self-test log (LID 06h, 28 bytes).
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C, packed)]
+pub struct SelfTestResult {
+    /// Device Self-test Status: Self-test Code (7:4) and Result (3:0).
+    pub status: u8,
+    /// Segment Number of the first failed segment (0: none failed).
+    pub segment: u8,
+    /// Valid Diagnostic Information (NSIDV, FLBAV, SCTV, SCV).
+    pub valid: u8,
+    /// Reserved.
+    pub rsvd3: u8,
+    /// Power On Hours when the operation completed.
+    pub power_on_hours: u64,
+    /// Namespace Identifier the operation covered (valid with NSIDV).
+    pub nsid: u32,
+    /// Failing LBA (valid with FLBAV).
+    pub failing_lba: u64,
+    /// Status Code Type (valid with SCTV).
+    pub sct: u8,
+    /// Status Code (valid with SCV).
+    pub sc: u8,
+    /// Vendor Specific.
+    pub vendor: u16,
+}
+const _: () = assert!(std::mem::size_of::<SelfTestResult>() == 28);
 
 /// SGL descriptor (16 bytes).
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]

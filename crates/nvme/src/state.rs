@@ -19,11 +19,11 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::ctrl::{flag, lock, AsyncEvent, Shared};
 use crate::features::Features;
-use crate::logpage::ERROR_LOG_ENTRIES;
+use crate::logpage::{RunningSelfTest, ERROR_LOG_ENTRIES};
 use crate::namespace::LBA_FORMATS;
 use crate::queue::{CompQueue, Group, SubQueue};
 use crate::spec::dw::{Cc, Csts};
-use crate::spec::{csts, ErrorLogEntry};
+use crate::spec::{csts, self_test, ErrorLogEntry, SelfTestResult};
 
 /// Version of [`NvmeState`]; a state of another version is refused.
 pub const STATE_VERSION: u32 = 1;
@@ -68,6 +68,13 @@ pub struct NvmeState {
     pub error_count: u64,
     /// Changed Namespace List entries.
     pub changed_ns: Vec<u32>,
+    /// Device self-test results, newest first, 28 bytes each (absent in older snapshots).
+    #[serde(default)]
+    pub self_tests: Vec<Vec<u8>>,
+    /// The device self-test under way: (self-test code, NSID, milliseconds run, power-on
+    /// hours at its start).
+    #[serde(default)]
+    pub self_test_running: Option<(u8, u32, u64, u64)>,
     /// The host-set timestamp's current value (ms), if it set one.
     pub timestamp_ms: Option<u64>,
     /// Shutdown notifications seen.
@@ -348,6 +355,16 @@ impl Shared {
                 .collect(),
             error_count: c.logs.error_count,
             changed_ns: c.logs.changed_ns.clone(),
+            self_tests: c
+                .logs
+                .self_tests
+                .iter()
+                .map(|r| r.as_bytes().to_vec())
+                .collect(),
+            self_test_running: c.logs.self_test_running.map(|t| {
+                let ms = t.started.elapsed().as_millis();
+                (t.stc, t.nsid, ms.min(u128::from(u64::MAX)) as u64, t.hours)
+            }),
             timestamp_ms: c
                 .timestamp
                 .map(|(ms, at)| ms + at.elapsed().as_millis() as u64),
@@ -485,6 +502,18 @@ impl Shared {
         {
             return Err(invalid(format_args!("error log entries")));
         }
+        if s.self_tests.len() > self_test::RESULTS
+            || s.self_tests
+                .iter()
+                .any(|e| e.len() != std::mem::size_of::<SelfTestResult>())
+        {
+            return Err(invalid(format_args!("device self-test results")));
+        }
+        if let Some((stc, ..)) = s.self_test_running {
+            if stc != self_test::SHORT && stc != self_test::EXTENDED {
+                return Err(invalid(format_args!("running self-test code {stc}")));
+            }
+        }
         if s.aer.cids.len() > 16 || s.aer.pending.len() > 64 || s.changed_ns.len() > 1024 {
             return Err(invalid(format_args!("asynchronous event lists too long")));
         }
@@ -524,6 +553,21 @@ impl Shared {
             .collect();
         c.logs.error_count = s.error_count;
         c.logs.changed_ns = s.changed_ns.clone();
+        c.logs.self_tests = s
+            .self_tests
+            .iter()
+            .filter_map(|b| SelfTestResult::read_from_bytes(b).ok())
+            .collect();
+        c.logs.self_test_running = s.self_test_running.map(|(stc, nsid, ms, hours)| {
+            // A test longer than its duration is simply finished when next looked at.
+            let ran = Duration::from_millis(ms.min(60_000));
+            RunningSelfTest {
+                stc,
+                nsid,
+                started: Instant::now().checked_sub(ran).unwrap_or_else(Instant::now),
+                hours,
+            }
+        });
         c.timestamp = s.timestamp_ms.map(|ms| (ms, Instant::now()));
         c.shutdown_seq = s.shutdown_seq;
         {

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::time::{Duration, Instant};
 
 /// Interrupt counts here are exact: coalescing only as the host asks (feature 08h).
 const SPEC: &str = "4,nvme,ram=16,ram=8,ser=TESTSER1,coalesce=host";
@@ -59,8 +60,8 @@ fn identify_controller_into_buffer_straddling_a_page() {
     assert_eq!(id[111], 1, "CNTRLTYPE I/O controller");
     assert_eq!(
         u16_at(&id, 256),
-        (1 << 1) | (1 << 8),
-        "OACS: Format NVM, Doorbell Buffer Config"
+        (1 << 1) | (1 << 4) | (1 << 8),
+        "OACS: Format NVM, Device Self-test, Doorbell Buffer Config"
     );
     assert_eq!(id[258], 3, "ACL");
     assert_eq!(id[259], 3, "AERL");
@@ -501,9 +502,23 @@ fn firmware_slot_effects_and_invalid_log_pages() {
     let mut s = get_log_page(lid::COMMANDS_SUPPORTED_EFFECTS, 1023).prp(buf, 0);
     s.cdw14 = dw::Cdw14GetLogPage::new().with_csi(2).into_bits();
     assert_status(&d.admin(s), 0, 0x02);
-    // Unknown log page.
-    assert_status(&d.get_log(0x7f, 0, 512, 0, false).0, 1, 0x09);
-    assert_status(&d.get_log(0xc0, 0, 512, 0, false).0, 1, 0x09);
+    // Unknown log page: Invalid Field in Command (Base 2.0 §5.16), not Invalid Log Page.
+    assert_status(&d.get_log(0x7f, 0, 512, 0, false).0, 0, 0x02);
+    assert_status(&d.get_log(0xc0, 0, 512, 0, false).0, 0, 0x02);
+    // Supported Log Pages lists exactly the logs that answer.
+    let (c, sl) = d.get_log(0x00, 0, 1024, 0, false);
+    assert_ok(&c);
+    let listed: Vec<u8> = (0..=255u8)
+        .filter(|&l| u32_at(&sl, usize::from(l) * 4) != 0)
+        .collect();
+    assert_eq!(listed, [0, 1, 2, 3, 4, 5, 6]);
+    assert!(
+        listed.iter().all(|&l| u32_at(&sl, usize::from(l) * 4) == 1),
+        "LSUPP only"
+    );
+    for l in listed {
+        assert_ok(&d.get_log(l, 0, 4, 0, true).0);
+    }
     // Offsets: beyond the page, and not dword aligned.
     assert_status(&d.get_log(0x03, 0, 4, 512, false).0, 0, 0x02);
     assert_status(&d.get_log(0x03, 0, 4, 2, false).0, 0, 0x02);
@@ -859,4 +874,140 @@ fn format_raises_a_namespace_notice_only_when_the_namespace_changes() {
     assert_ok(&d.set_features(0x0b, 1 << 8));
     assert_ok(&d.admin(format_nvm(1, 0, 0)));
     assert_eq!(d.wait_cid(0, aer).dw0, 0x04_00_02);
+}
+
+fn self_test(stc: u32, nsid: u32) -> nvme::spec::Sqe {
+    let mut s = sqe(AdminOpcode::DEVICE_SELF_TEST.0, nsid);
+    s.cdw10 = stc;
+    s
+}
+
+/// The Device Self-test log.
+fn self_test_log(d: &mut TestDriver) -> Vec<u8> {
+    let (c, log) = d.get_log(0x06, 0, 564, 0, false);
+    assert_ok(&c);
+    log
+}
+
+/// Result structure `i` (0 = newest) of a Device Self-test log.
+fn dst_entry(log: &[u8], i: usize) -> &[u8] {
+    &log[4 + i * 28..4 + (i + 1) * 28]
+}
+
+/// Polls the Device Self-test log until no operation is in progress, checking that the
+/// completion it reports never goes backwards, as a host waiting on it would.
+fn wait_self_test(d: &mut TestDriver) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = 0;
+    loop {
+        let log = self_test_log(d);
+        if log[0] == 0 {
+            return log;
+        }
+        assert!(
+            log[1] >= last && log[1] < 100,
+            "completion {} after {last}",
+            log[1]
+        );
+        last = log[1];
+        assert!(Instant::now() < deadline, "self-test never finished");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn device_self_tests_run_abort_and_are_logged_newest_first() {
+    let mut d = TestDriver::ready(SPEC);
+    let id = d.identify_ok(cns::CONTROLLER, 0);
+    assert_eq!(
+        u16_at(&id, 256) & (1 << 4),
+        1 << 4,
+        "OACS: Device Self-test"
+    );
+    assert_eq!(u16_at(&id, 316), 1, "EDSTT: one minute");
+    assert_eq!(id[318], 1, "DSTO: one operation at a time");
+    let (c, fx) = d.get_log(0x05, 0, 4096, 0, false);
+    assert_ok(&c);
+    assert_eq!(
+        u32_at(&fx, 0x14 * 4),
+        1,
+        "Device Self-test in the effects log"
+    );
+    let log = self_test_log(&mut d);
+    assert_eq!(log[0], 0, "no operation in progress");
+    assert!(
+        (0..20).all(|i| dst_entry(&log, i)[0] == 0x0f),
+        "every entry unused"
+    );
+
+    // Bad codes and namespaces are refused before anything starts.
+    for stc in [0x0, 0x3, 0xe] {
+        assert_status(&d.admin(self_test(stc, 0)), 0, 0x02);
+    }
+    assert_status(&d.admin(self_test(1, 9)), 0, 0x0b);
+    assert_ok(&d.admin(self_test(0xf, 0))); // abort, with nothing running: no entry
+    assert_eq!(dst_entry(&self_test_log(&mut d), 0)[0], 0x0f);
+
+    // One operation at a time; an abort ends it with result 1h.
+    assert_ok(&d.admin(self_test(1, 1)));
+    assert_status(&d.admin(self_test(2, 0)), 1, 0x1d);
+    let log = self_test_log(&mut d);
+    assert_eq!(log[0], 1, "short test in progress");
+    assert_ok(&d.admin(self_test(0xf, 0)));
+    let log = self_test_log(&mut d);
+    assert_eq!(log[0], 0);
+    let e = dst_entry(&log, 0);
+    assert_eq!(e[0], 0x11, "short, aborted by a Device Self-test command");
+    assert_eq!((e[2] & 1, u32_at(e, 12)), (1, 1), "NSID 1 valid");
+
+    // A format of a namespace the test covers aborts it with result 4h.
+    assert_ok(&d.admin(self_test(2, 0xffff_ffff)));
+    assert_ok(&d.admin(format_nvm(1, 0, 0)));
+    let e = dst_entry(&self_test_log(&mut d), 0).to_vec();
+    assert_eq!(e[0], 0x24, "extended, aborted by Format NVM");
+    assert_eq!(u32_at(&e, 12), 0xffff_ffff);
+
+    // A controller reset aborts a short test (2h) but not an extended one.
+    assert_ok(&d.admin(self_test(1, 0)));
+    d.disable();
+    d.bring_up();
+    let log = self_test_log(&mut d);
+    assert_eq!((log[0], dst_entry(&log, 0)[0]), (0, 0x12));
+    assert_eq!(
+        dst_entry(&log, 0)[2] & 1,
+        0,
+        "controller only: NSID not valid"
+    );
+    assert_ok(&d.admin(self_test(2, 0)));
+    d.disable();
+    d.bring_up();
+    assert_eq!(
+        self_test_log(&mut d)[0],
+        2,
+        "extended test survives the reset"
+    );
+    let log = wait_self_test(&mut d);
+    assert_eq!(
+        dst_entry(&log, 0)[0],
+        0x20,
+        "extended, completed without error"
+    );
+    assert_ok(&d.admin(self_test(1, 1)));
+    let log = wait_self_test(&mut d);
+    assert_eq!(
+        dst_entry(&log, 0)[0],
+        0x10,
+        "short, completed without error"
+    );
+    let order: Vec<u8> = (0..5).map(|i| dst_entry(&log, i)[0]).collect();
+    assert_eq!(order, [0x10, 0x20, 0x12, 0x24, 0x11], "newest first");
+    assert_eq!(dst_entry(&log, 5)[0], 0x0f);
+
+    // Twenty results at most: the oldest fall off.
+    for _ in 0..30 {
+        assert_ok(&d.admin(self_test(2, 0)));
+        assert_ok(&d.admin(self_test(0xf, 0)));
+    }
+    let log = self_test_log(&mut d);
+    assert!((0..20).all(|i| dst_entry(&log, i)[0] == 0x21));
 }

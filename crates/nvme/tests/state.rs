@@ -268,3 +268,31 @@ fn a_shutdown_notified_in_the_enabling_write_completes() {
     d.set_reg(0x14, cc | 1 | (1 << 14)); // enable, SHN still 01
     d.wait_csts(0xd, 0x9); // RDY and SHST complete
 }
+
+#[test]
+fn device_self_test_results_and_a_running_test_survive_save_and_restore() {
+    let (mut d, backend) = TestDriver::on(SPEC, 4 << 20);
+    d.bring_up();
+    let mut dst = sqe(AdminOpcode::DEVICE_SELF_TEST.0, 1);
+    dst.cdw10 = 1;
+    assert_ok(&d.admin(dst));
+    dst.cdw10 = 0xf;
+    assert_ok(&d.admin(dst)); // result: short, aborted by command
+    dst.cdw10 = 2;
+    assert_ok(&d.admin(dst)); // an extended test left running
+    d.dev.pause().expect("pause");
+    let state = d.dev.save_state().expect("save");
+    let text = serde_json::to_string(&state).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let fresh = d.twin(SPEC, vec![backend.clone() as Arc<dyn BlockBackend>]);
+    fresh.restore_state(&state).expect("restore");
+    d.dev = fresh;
+    d.dev.resume();
+    let (c, log) = d.get_log(0x06, 0, 564, 0, false);
+    assert_ok(&c);
+    assert_eq!(log[0], 2, "the extended test is still in progress");
+    assert_eq!(log[4], 0x11, "the earlier result came along");
+    // And it still refuses a second one.
+    dst.cdw10 = 1;
+    assert_status(&d.admin(dst), 1, 0x1d);
+}

@@ -457,16 +457,22 @@ fn smart_operations() {
         16
     );
     ok(&d.exec(0, 0, &smart_cmd(smart::READ_THRESHOLDS).buf(BUF, 512)));
-    // SMART READ LOG: the directory (address 0) exists and lists no SMART logs.
-    let mut dir = smart_cmd(smart::READ_LOG).count(1).buf(BUF, 512);
-    dir.fis.lba0 = 0;
-    ok(&d.exec(0, 0, &dir));
-    let data = d.read_mem(BUF, 512);
+    // SMART READ LOG: the directory lists the error and self-test logs, one page each.
+    let data = smart_log(&mut d, 0);
     assert_eq!(data[0..2], [1, 0], "directory version 1");
-    assert!(data[2..].iter().all(|&b| b == 0), "no SMART logs listed");
-    let mut errlog = smart_cmd(smart::READ_LOG).count(1).buf(BUF, 512);
-    errlog.fis.lba0 = 1;
-    aborted(&d.exec(0, 0, &errlog), error::ABRT);
+    assert_eq!((data[2], data[12]), (1, 1), "logs 01h and 06h");
+    let listed: Vec<usize> = (1..256).filter(|&l| data[l * 2] != 0).collect();
+    assert_eq!(listed, [1, 6]);
+    let errlog = smart_log(&mut d, 1);
+    assert_eq!((errlog[0], errlog[1]), (1, 0), "version 1, no entries");
+    assert_eq!(errlog.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+    let mut absent = smart_cmd(smart::READ_LOG).count(1).buf(BUF, 512);
+    absent.fis.lba0 = 2;
+    aborted(&d.exec(0, 0, &absent), error::ABRT);
+    d.recover(0);
+    let mut two = smart_cmd(smart::READ_LOG).count(2).buf(BUF, 1024);
+    two.fis.lba0 = 6;
+    aborted(&d.exec(0, 0, &two), error::ABRT);
     d.recover(0);
     ok(&d.exec(0, 0, &smart_cmd(smart::AUTOSAVE).count(0xf1)));
     ok(&d.exec(0, 0, &smart_cmd(smart::DISABLE)));
@@ -483,7 +489,96 @@ fn smart_operations() {
     bad.fis.lba1 = 0;
     aborted(&d.exec(0, 0, &bad), error::ABRT);
     d.recover(0);
-    aborted(&d.exec(0, 0, &smart_cmd(0xd4)), error::ABRT);
+    // EXECUTE OFF-LINE IMMEDIATE with a reserved subcommand.
+    aborted(&d.exec(0, 0, &offline(0x40)), error::ABRT);
+}
+
+/// One page of a SMART log, read with SMART READ LOG.
+fn smart_log(d: &mut Driver, log: u8) -> Vec<u8> {
+    let mut c = smart_cmd(smart::READ_LOG).count(1).buf(BUF, 512);
+    c.fis.lba0 = log;
+    ok(&d.exec(0, 0, &c));
+    d.read_mem(BUF, 512)
+}
+
+/// SMART EXECUTE OFF-LINE IMMEDIATE with subcommand `sub`.
+fn offline(sub: u8) -> Cmd {
+    let mut c = smart_cmd(smart::EXEC_OFFLINE);
+    c.fis.lba0 = sub;
+    c
+}
+
+#[test]
+fn smart_self_tests_complete_and_are_logged() {
+    let (mut d, _) = drv(512, 512);
+    let (_, w) = d.identify(0, cmd::IDENTIFY);
+    assert_eq!(w[84] & 3, 3, "SMART error logging and self-test supported");
+    assert_eq!(w[87] & 3, 3);
+    ok(&d.exec(0, 0, &smart_cmd(smart::READ_DATA).buf(BUF, 512)));
+    let data = d.read_mem(BUF, 512);
+    assert_eq!((data[362], data[363]), (0, 0), "nothing run yet");
+    assert_eq!(data[367], 0x11, "off-line immediate and self-tests");
+    assert_eq!(data[370], 1, "error logging");
+    assert_eq!((data[372], data[373]), (1, 1), "polling minutes");
+    assert_eq!(smart_log(&mut d, 6)[508], 0, "empty self-test log");
+
+    ok(&d.exec(0, 0, &offline(0x00)));
+    ok(&d.exec(0, 0, &offline(0x01)));
+    ok(&d.exec(0, 0, &offline(0x82)));
+    ok(&d.exec(0, 0, &offline(0x7f)));
+    for sub in [0x03, 0x04, 0x83, 0x84] {
+        aborted(&d.exec(0, 0, &offline(sub)), error::ABRT);
+        d.recover(0);
+    }
+    ok(&d.exec(0, 0, &smart_cmd(smart::READ_DATA).buf(BUF, 512)));
+    let data = d.read_mem(BUF, 512);
+    assert_eq!(
+        data[362], 0x02,
+        "off-line collection completed without error"
+    );
+    assert_eq!(data[363], 0x00, "last self-test completed without error");
+
+    let log = smart_log(&mut d, 6);
+    assert_eq!(log.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+    assert_eq!(log[0..2], [1, 0]);
+    assert_eq!(log[508], 2, "the newest is the second descriptor");
+    assert_eq!((log[2], log[3]), (0x01, 0x00), "short, completed");
+    assert_eq!(
+        (log[26], log[27]),
+        (0x82, 0x00),
+        "extended captive, completed"
+    );
+
+    // The same through READ LOG EXT 07h, and the empty extended error log 03h.
+    let mut ext = Cmd::ata(cmd::READ_LOG_EXT).count(1).buf(BUF, 512);
+    ext.fis.lba0 = 0x07;
+    ok(&d.exec(0, 0, &ext));
+    let x = d.read_mem(BUF, 512);
+    assert_eq!(x[0], 1);
+    assert_eq!(x[2..4], [2, 0]);
+    assert_eq!((x[4], x[30]), (0x01, 0x82));
+    assert_eq!(x.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+    ext.fis.lba0 = 0x03;
+    ok(&d.exec(0, 0, &ext));
+    let x = d.read_mem(BUF, 512);
+    assert_eq!((x[0], x[2], x[3], x[500], x[501]), (1, 0, 0, 0, 0));
+    ext.fis.lba0 = 0x00;
+    ok(&d.exec(0, 0, &ext));
+    let dir = d.read_mem(BUF, 512);
+    assert_eq!((dir[6], dir[14]), (1, 1), "GP directory lists 03h and 07h");
+
+    // 25 more: the SMART log wraps its 21 descriptors, the extended one its 19.
+    for _ in 0..25 {
+        ok(&d.exec(0, 0, &offline(0x01)));
+    }
+    let log = smart_log(&mut d, 6);
+    assert_eq!(log[508], (27 - 1) % 21 + 1);
+    assert!((0..21).all(|i| log[2 + i * 24] == 0x01 || log[2 + i * 24] == 0x82));
+    assert_eq!(log.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+    ext.fis.lba0 = 0x07;
+    ok(&d.exec(0, 0, &ext));
+    let x = d.read_mem(BUF, 512);
+    assert_eq!(x[2..4], [(27 - 1) % 19 + 1, 0]);
 }
 
 #[test]
