@@ -93,24 +93,18 @@ pub fn smart_read_log(tests: &SelfTests, log: u8, count: u8) -> Option<Vec<u8>> 
             }
             p
         }
-        addr::SMART_ERROR => summary_error_log(),
+        addr::SMART_ERROR => empty_error_log(),
         addr::SMART_SELF_TEST => self_test_log(tests),
         _ => return None,
     })
 }
 
-/// Summary SMART Error log (ACS-4 §A.21): version 1 and no entries. Commands that abort
+/// An error log with no entries: the Summary SMART Error log (ACS-4 §A.21) and page 0 of the
+/// Extended Comprehensive SMART Error log (§9.5) both start with version 1 and, empty, read as
+/// zeroes (index, entries, device error count) up to the checksum. Commands that abort
 /// (unsupported features, out-of-range LBAs) are the host's errors, not the device's, and an
-/// image has no media errors of its own, so nothing is ever logged here.
-fn summary_error_log() -> Vec<u8> {
-    let mut p = vec![0u8; PAGE];
-    p[0] = 1;
-    smart_checksum(&mut p);
-    p
-}
-
-/// Extended Comprehensive SMART Error log (ACS-4 §9.5), page 0: version 1 and no entries.
-fn ext_error_log() -> Vec<u8> {
+/// image has no media errors of its own, so nothing is ever logged.
+fn empty_error_log() -> Vec<u8> {
     let mut p = vec![0u8; PAGE];
     p[0] = 1;
     smart_checksum(&mut p);
@@ -223,7 +217,7 @@ pub fn read_log(
     for pg in page..page + count {
         out.extend(match log {
             addr::DIRECTORY => directory(),
-            addr::EXT_ERROR => ext_error_log(),
+            addr::EXT_ERROR => empty_error_log(),
             addr::EXT_SELF_TEST => ext_self_test_log(&state.self_tests),
             addr::NCQ_SEND_RECV => ncq_send_recv(info),
             addr::IDENTIFY => identify_page(info, state, pg as u8),

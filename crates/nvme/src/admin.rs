@@ -679,7 +679,12 @@ impl Shared {
         let numd = ((u64::from(d11.numdu()) << 16) | u64::from(d10.numdl())) + 1;
         let len = numd * 4;
         let offset = u64::from(sqe.cdw12) | (u64::from(sqe.cdw13) << 32);
-        let csi = Cdw14GetLogPage::from_bits(sqe.cdw14).csi();
+        let d14 = Cdw14GetLogPage::from_bits(sqe.cdw14);
+        let csi = d14.csi();
+        // No log takes an index offset (IOS clear in Supported Log Pages): OT=1 is refused.
+        if d14.ot() {
+            return Err(NvmeError::field("index offsets are not supported"));
+        }
         if offset & 3 != 0 {
             return Err(NvmeError::field("log page offset not dword aligned"));
         }
@@ -729,7 +734,12 @@ impl Shared {
                 }
                 (commands::effects_log(&self.cfg), None)
             }
-            lid::SUPPORTED_LOG_PAGES => (crate::logpage::supported_log_pages(), None),
+            lid::SUPPORTED_LOG_PAGES => {
+                if csi != 0 {
+                    return Err(NvmeError::field("only the NVM command set (CSI 0)"));
+                }
+                (crate::logpage::supported_log_pages(), None)
+            }
             lid::DEVICE_SELF_TEST => (c.logs.self_test_log(Instant::now()), None),
             // Base 2.0 §5.16: an unsupported Log Identifier is aborted with Invalid Field in
             // Command (not the older Invalid Log Page).
@@ -792,7 +802,7 @@ impl Shared {
                     stc,
                     nsid,
                     started: now,
-                    hours: self.smart_totals(false).power_on_secs / 3600,
+                    poh_secs: self.smart_totals(false).power_on_secs,
                 });
                 ok()
             }
@@ -884,8 +894,9 @@ impl Shared {
         drop(ns);
         // A self-test that covers a formatted namespace is aborted (§5.9).
         c.logs.settle_self_test(Instant::now());
+        // (NSID 0: the test covers the controller only, no namespace.)
         if c.logs.self_test_running.is_some_and(|t| {
-            t.nsid == NSID_ALL || sqe.nsid == NSID_ALL || (t.nsid != 0 && t.nsid == sqe.nsid)
+            t.nsid != 0 && (t.nsid == NSID_ALL || sqe.nsid == NSID_ALL || t.nsid == sqe.nsid)
         }) {
             c.logs.abort_self_test(self_test::ABORTED_BY_FORMAT);
         }

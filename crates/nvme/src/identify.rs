@@ -61,9 +61,10 @@ pub fn controller(cfg: &CtrlConfig, namespaces: &[Namespace]) -> IdentifyControl
     id.acl = ACL;
     id.aerl = AERL;
     id.frmw = (1 << 1) | 1; // one slot, slot 1 read-only
-    id.lpa = (1 << 1) | (1 << 2); // commands supported & effects log, extended data
-                                  // Self-tests of an image finish at once; one minute is the smallest extended time, and
-                                  // one operation at a time runs in the subsystem.
+                            // Commands Supported and Effects log, extended data for Get Log Page.
+    id.lpa = (1 << 1) | (1 << 2);
+    // An extended self-test takes 8 s (within the smallest EDSTT, one minute); one operation
+    // at a time runs in the subsystem.
     id.edstt = 1;
     id.dsto = 1;
     id.elpe = (crate::logpage::ERROR_LOG_ENTRIES - 1) as u8;

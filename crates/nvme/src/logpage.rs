@@ -37,8 +37,8 @@ pub struct RunningSelfTest {
     pub nsid: u32,
     /// When it started.
     pub started: Instant,
-    /// Power-on hours at the start.
-    pub hours: u64,
+    /// Power-on time at the start, in seconds.
+    pub poh_secs: u64,
 }
 
 impl RunningSelfTest {
@@ -51,13 +51,13 @@ impl RunningSelfTest {
         }
     }
 
-    /// The result structure it leaves with `result` (completed or why it was aborted).
-    fn result(&self, result: u8) -> SelfTestResult {
+    /// The result structure it leaves with `result` (completed or why it was aborted) after
+    /// running for `ran`. The NSID field names where a failing LBA was found (valid only with
+    /// NSIDV): nothing fails here, so no diagnostic field is valid.
+    fn result(&self, result: u8, ran: Duration) -> SelfTestResult {
         SelfTestResult {
             status: (self.stc << 4) | result,
-            valid: if self.nsid != 0 { self_test::NSIDV } else { 0 },
-            power_on_hours: self.hours,
-            nsid: self.nsid,
+            power_on_hours: self.poh_secs.saturating_add(ran.as_secs()) / 3600,
             ..Default::default()
         }
     }
@@ -129,7 +129,7 @@ impl Logs {
         if let Some(t) = self.self_test_running {
             if now.saturating_duration_since(t.started) >= t.duration() {
                 self.self_test_running = None;
-                self.record_self_test(t.result(self_test::COMPLETED));
+                self.record_self_test(t.result(self_test::COMPLETED, t.duration()));
             }
         }
     }
@@ -137,7 +137,7 @@ impl Logs {
     /// Ends the running self-test, if any, with `result` (one of the "aborted" codes).
     pub fn abort_self_test(&mut self, result: u8) {
         if let Some(t) = self.self_test_running.take() {
-            self.record_self_test(t.result(result));
+            self.record_self_test(t.result(result, t.started.elapsed()));
         }
     }
 

@@ -251,8 +251,6 @@ impl Status {
     pub const INVALID_INTERRUPT_VECTOR: Status = Status::new(1, 0x08);
     /// Invalid Log Page (command specific 09h).
     pub const INVALID_LOG_PAGE: Status = Status::new(1, 0x09);
-    /// Device Self-test in Progress (command specific 1Dh).
-    pub const SELF_TEST_IN_PROGRESS: Status = Status::new(1, 0x1d);
     /// Invalid Format (command specific 0Ah).
     pub const INVALID_FORMAT: Status = Status::new(1, 0x0a);
     /// Invalid Queue Deletion (command specific 0Ch).
@@ -261,6 +259,8 @@ impl Status {
     pub const FEATURE_NOT_SAVEABLE: Status = Status::new(1, 0x0d);
     /// Feature Not Namespace Specific (command specific 0Fh).
     pub const FEATURE_NOT_NS_SPECIFIC: Status = Status::new(1, 0x0f);
+    /// Device Self-test in Progress (command specific 1Dh).
+    pub const SELF_TEST_IN_PROGRESS: Status = Status::new(1, 0x1d);
     /// Attempted Write to Read Only Range (command specific 82h).
     pub const WRITE_TO_RO_RANGE: Status = Status::new(1, 0x82);
 

@@ -72,7 +72,7 @@ pub struct NvmeState {
     #[serde(default)]
     pub self_tests: Vec<Vec<u8>>,
     /// The device self-test under way: (self-test code, NSID, milliseconds run, power-on
-    /// hours at its start).
+    /// seconds at its start).
     #[serde(default)]
     pub self_test_running: Option<(u8, u32, u64, u64)>,
     /// The host-set timestamp's current value (ms), if it set one.
@@ -363,7 +363,12 @@ impl Shared {
                 .collect(),
             self_test_running: c.logs.self_test_running.map(|t| {
                 let ms = t.started.elapsed().as_millis();
-                (t.stc, t.nsid, ms.min(u128::from(u64::MAX)) as u64, t.hours)
+                (
+                    t.stc,
+                    t.nsid,
+                    ms.min(u128::from(u64::MAX)) as u64,
+                    t.poh_secs,
+                )
             }),
             timestamp_ms: c
                 .timestamp
@@ -558,14 +563,14 @@ impl Shared {
             .iter()
             .filter_map(|b| SelfTestResult::read_from_bytes(b).ok())
             .collect();
-        c.logs.self_test_running = s.self_test_running.map(|(stc, nsid, ms, hours)| {
+        c.logs.self_test_running = s.self_test_running.map(|(stc, nsid, ms, poh_secs)| {
             // A test longer than its duration is simply finished when next looked at.
             let ran = Duration::from_millis(ms.min(60_000));
             RunningSelfTest {
                 stc,
                 nsid,
                 started: Instant::now().checked_sub(ran).unwrap_or_else(Instant::now),
-                hours,
+                poh_secs: poh_secs.min(u64::MAX / 2),
             }
         });
         c.timestamp = s.timestamp_ms.map(|ms| (ms, Instant::now()));

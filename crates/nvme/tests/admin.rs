@@ -519,6 +519,15 @@ fn firmware_slot_effects_and_invalid_log_pages() {
     for l in listed {
         assert_ok(&d.get_log(l, 0, 4, 0, true).0);
     }
+    // No log takes an index offset (IOS clear), and Supported Log Pages is for CSI 0.
+    for cdw14 in [
+        dw::Cdw14GetLogPage::new().with_ot(true),
+        dw::Cdw14GetLogPage::new().with_csi(2),
+    ] {
+        let mut s = get_log_page(lid::SUPPORTED_LOG_PAGES, 255).prp(buf, 0);
+        s.cdw14 = cdw14.into_bits();
+        assert_status(&d.admin(s), 0, 0x02);
+    }
     // Offsets: beyond the page, and not dword aligned.
     assert_status(&d.get_log(0x03, 0, 4, 512, false).0, 0, 0x02);
     assert_status(&d.get_log(0x03, 0, 4, 2, false).0, 0, 0x02);
@@ -958,14 +967,19 @@ fn device_self_tests_run_abort_and_are_logged_newest_first() {
     assert_eq!(log[0], 0);
     let e = dst_entry(&log, 0);
     assert_eq!(e[0], 0x11, "short, aborted by a Device Self-test command");
-    assert_eq!((e[2] & 1, u32_at(e, 12)), (1, 1), "NSID 1 valid");
+    assert_eq!(e[2], 0, "nothing failed: no diagnostic field is valid");
 
-    // A format of a namespace the test covers aborts it with result 4h.
+    // A format of a namespace the test covers aborts it with result 4h; a test of the
+    // controller alone (NSID 0) is not affected.
     assert_ok(&d.admin(self_test(2, 0xffff_ffff)));
     assert_ok(&d.admin(format_nvm(1, 0, 0)));
     let e = dst_entry(&self_test_log(&mut d), 0).to_vec();
     assert_eq!(e[0], 0x24, "extended, aborted by Format NVM");
-    assert_eq!(u32_at(&e, 12), 0xffff_ffff);
+    assert_ok(&d.admin(self_test(2, 0)));
+    assert_ok(&d.admin(format_nvm(0xffff_ffff, 0, 0)));
+    assert_eq!(self_test_log(&mut d)[0], 2, "controller-only test goes on");
+    assert_ok(&d.admin(self_test(0xf, 0)));
+    assert_eq!(dst_entry(&self_test_log(&mut d), 0)[0], 0x21);
 
     // A controller reset aborts a short test (2h) but not an extended one.
     assert_ok(&d.admin(self_test(1, 0)));
@@ -999,9 +1013,9 @@ fn device_self_tests_run_abort_and_are_logged_newest_first() {
         0x10,
         "short, completed without error"
     );
-    let order: Vec<u8> = (0..5).map(|i| dst_entry(&log, i)[0]).collect();
-    assert_eq!(order, [0x10, 0x20, 0x12, 0x24, 0x11], "newest first");
-    assert_eq!(dst_entry(&log, 5)[0], 0x0f);
+    let order: Vec<u8> = (0..6).map(|i| dst_entry(&log, i)[0]).collect();
+    assert_eq!(order, [0x10, 0x20, 0x12, 0x21, 0x24, 0x11], "newest first");
+    assert_eq!(dst_entry(&log, 6)[0], 0x0f);
 
     // Twenty results at most: the oldest fall off.
     for _ in 0..30 {
