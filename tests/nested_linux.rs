@@ -138,6 +138,8 @@ fn run_tier(dir: &Path) -> (String, Vec<String>) {
         return (how, nested_lines(&text));
     }
     ensure_pkgs(&["qemu-system-x86"]);
+    // Installing it may have removed a newer qemu-utils from backports (tests/run-all.sh).
+    ensure_pkgs(&["qemu-utils"]);
     let how = format!(
         "nested: no VT-x here, L1 = Debian {kver} in QEMU TCG -cpu max -smp 1, L2 = the same kernel under rhyve run"
     );

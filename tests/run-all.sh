@@ -5,6 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# shellcheck source=../guest/common.sh
+source guest/common.sh
+
+# Every package a test installs, installed here before any test runs, so no test changes the
+# machine under another. Debian's qemu-system-x86 (the nested tier) can remove a newer
+# qemu-utils that a machine image carries from backports (their common files conflict): seen
+# taking qemu-img away from the NBD tests mid-run. So qemu-utils is ensured after it, which
+# puts back the version that matches.
+rhyve_ensure_pkgs run-all qemu-system-x86 linux-image-amd64 busybox-static fio kmod cpio xz-utils
+rhyve_ensure_pkgs run-all qemu-utils
+
 # The UML kernel + guest tools (apt installs happen inside, once).
 RHYVE_UML_KERNEL=$(bash guest/build-uml.sh | tail -n 1)
 export RHYVE_UML_KERNEL
