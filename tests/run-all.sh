@@ -12,7 +12,8 @@ source guest/common.sh
 # machine under another. Debian's qemu-system-x86 (the nested tier) can remove a newer
 # qemu-utils that a machine image carries from backports (their common files conflict): seen
 # taking qemu-img away from the NBD tests mid-run. So qemu-utils is ensured after it, which
-# puts back the version that matches.
+# puts back the version that matches. The list is the nested tier's (tests/nested_linux.rs,
+# run_tier), which keeps its own calls for when it runs alone.
 rhyve_ensure_pkgs run-all qemu-system-x86 linux-image-amd64 busybox-static fio kmod cpio xz-utils
 rhyve_ensure_pkgs run-all qemu-utils
 
